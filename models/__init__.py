@@ -1,0 +1,19 @@
+"""Transformer models with logical axis names on every parameter."""
+
+from __future__ import annotations
+
+from flax import nnx
+
+from models.config import ModelConfig
+
+
+def build_model(cfg: ModelConfig, seed: int) -> nnx.Module:
+    """Constructs the model of ``cfg.family`` (concretely, or abstractly under ``nnx.eval_shape``).
+
+    Eager sharding is off: shardings are applied by the caller from the logical names.
+    """
+    from models.decoder import DecoderLM
+
+    families = {"decoder": DecoderLM}
+    with nnx.use_eager_sharding(False):
+        return families[cfg.family](cfg, rngs=nnx.Rngs(params=seed))

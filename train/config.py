@@ -1,0 +1,244 @@
+"""Run configuration: typed dataclasses per section, loaded from YAML plus dotted overrides.
+
+``load_config(path, ["train.steps=100", "mesh.fsdp=-1"])`` returns a validated ``Config``;
+anything wrong raises ``ConfigError`` with one sentence naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import pathlib
+import types
+import typing
+from typing import Any, Literal, Optional
+
+import yaml
+
+from models.config import ModelConfig
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.yaml"
+
+
+class ConfigError(ValueError):
+    """A user mistake in the configuration; the message names the key and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    dir: str = "runs/default"  # everything the run writes goes here; reused => resume
+    name: str = ""  # free-form label for logs
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    train_files: str = "data/shakespeare/*.txt"  # glob(s), comma-separated; relative to the cwd
+    val_files: str = ""  # glob(s) of held-out documents; empty: split off val_fraction of documents
+    format: Literal["text", "jsonl"] = "text"  # text: one document per file; jsonl: one per line
+    text_field: str = "text"  # the JSONL field that holds the text
+    val_fraction: float = 0.05  # fraction of whole documents held out when val_files is empty
+    tokenizer: str = "byte"  # 'byte' or a directory holding a Hugging Face tokenizer
+    shuffle: bool = True
+    num_workers: int = 0  # grain worker processes (0: in the main process)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    lr: float = 1e-3  # peak learning rate
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio (cosine, linear, wsd)
+    schedule: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
+    warmup_steps: int = 100
+    decay_fraction: float = 0.2  # wsd: fraction of steps spent in the final decay
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # applied to matrices only, never to norms or biases
+    clip_norm: float = 1.0  # global-norm clipping; 0 disables
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 32  # global, in sequences
+    seq_len: int = 256
+    grad_accum: int = 1  # micro-batches per step, accumulated inside the jitted step
+    log_every: int = 10
+    eval_every: int = 200  # 0 disables periodic eval (a final eval still runs)
+    eval_batches: int = 8
+    sample_every: int = 0  # 0: one sample at the end only
+    sample_prompt: str = "ROMEO.\n"
+    sample_tokens: int = 200
+    progress_bar: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    data: int = 1  # -1: take the devices left over
+    fsdp: int = -1
+    tensor: int = 1
+    dcn_data: int = 1  # slices / hosts along data (multi-slice); multiplies `data`
+    dcn_fsdp: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 500  # steps between saves; 0: only at the end
+    keep: int = 3  # newest checkpoints kept
+    keep_every: int = 0  # also keep every Nth step forever; 0: off
+    async_save: bool = True
+    init_from: str = ""  # start a new run from another run's parameters
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    seed: int = 0
+    run: RunConfig = RunConfig()
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    train: TrainConfig = TrainConfig()
+    mesh: MeshConfig = MeshConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --- loading --------------------------------------------------------------------------------
+
+
+def _close_match(word: str, options) -> str:
+    match = difflib.get_close_matches(word, list(options), n=1)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Checks ``value`` against the field type ``hint``; ints are accepted for floats."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        options = typing.get_args(hint)
+        if value not in options:
+            choices = ", ".join(repr(o) for o in options)
+            raise ConfigError(f"{key}={value!r} is not one of {choices}{_close_match(str(value), map(str, options))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return None if value is None else _coerce(value, args[0], key)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}; quote it in YAML")
+        return value
+    raise TypeError(f"unsupported config type {hint} for {key}")
+
+
+def _build(cls, values: dict, prefix: str):
+    """Builds dataclass ``cls`` from a (possibly partial) dict, rejecting unknown keys."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix or 'the config'} must be a mapping of keys to values, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        path = f"{prefix}{key}"
+        if key not in fields:
+            raise ConfigError(f"unknown config key '{path}'{_close_match(key, fields)}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value or {}, f"{path}.")
+        else:
+            kwargs[key] = _coerce(value, hint, path)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted}' goes inside '{part}', which is not a section")
+    node[leaf] = value
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_yaml(path: str | pathlib.Path) -> dict:
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist; pass a YAML file from configs/")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file '{path}' is not valid YAML ({str(e).splitlines()[0]}); fix the syntax") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping of sections")
+    return tree
+
+
+def load_config(path: Optional[str | pathlib.Path] = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
+    """Reads ``path`` (default: the shipped default run), applies overrides, validates."""
+    tree = load_yaml(path or DEFAULT_CONFIG)
+    for text in overrides:
+        key, value = _parse_override(text)
+        _set_dotted(tree, key, value)
+    config = _build(Config, tree, "")
+    problems = validate(config)
+    if problems:
+        raise ConfigError(problems[0])
+    return config
+
+
+def validate(config: Config) -> list[str]:
+    """Problems that need no devices or data to see; each one sentence with its fix."""
+    out = list(config.model.problems())
+    t, m, o = config.train, config.mesh, config.optimizer
+    for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_batches"):
+        if getattr(t, name) <= 0:
+            out.append(f"train.{name} must be positive, got {getattr(t, name)}")
+    if t.seq_len > config.model.max_seq_len:
+        out.append(
+            f"train.seq_len={t.seq_len} is longer than model.max_seq_len={config.model.max_seq_len}; "
+            "lower train.seq_len or raise model.max_seq_len"
+        )
+    if t.batch_size % t.grad_accum:
+        out.append(f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
+    for name in ("data", "fsdp", "tensor"):
+        if getattr(m, name) == 0 or getattr(m, name) < -1:
+            out.append(f"mesh.{name} must be a positive size or -1 (fill), got {getattr(m, name)}")
+    if [m.data, m.fsdp, m.tensor].count(-1) > 1:
+        out.append("only one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+    if m.dcn_data < 1 or m.dcn_fsdp < 1:
+        out.append("mesh.dcn_data and mesh.dcn_fsdp must be >= 1")
+    if o.lr <= 0 or o.warmup_steps < 0 or not 0 <= o.min_lr_ratio <= 1:
+        out.append("optimizer.lr must be > 0, warmup_steps >= 0 and min_lr_ratio in [0, 1]")
+    if not 0 <= config.data.val_fraction < 1:
+        out.append(f"data.val_fraction must be in [0, 1), got {config.data.val_fraction}")
+    if config.checkpoint.every < 0 or config.checkpoint.keep < 1:
+        out.append("checkpoint.every must be >= 0 and checkpoint.keep >= 1")
+    return out
+
+
+def save_config(config: Config, path: pathlib.Path) -> None:
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -1,0 +1,105 @@
+"""Pure train and eval steps, jitted with explicit in/out shardings and a donated state.
+
+A batch is ``{'inputs': int32[B, T], 'targets': int32[B, T]}`` (optionally ``'weights':
+float32[B, T]``), sharded over the data-parallel axes on its leading (batch) axis.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from sharding.rules import activation_context, batch_sharding, replicated
+from train.state import StateSpec, TrainState
+
+Batch = dict[str, jax.Array]
+
+
+def token_weights(batch: Batch) -> jax.Array:
+    return batch["weights"] if "weights" in batch else jnp.ones(batch["targets"].shape, jnp.float32)
+
+
+def summed_loss(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """Sum over tokens of the fp32 cross-entropy, and the summed token weight."""
+    logits = nnx.merge(graphdef, params)(batch["inputs"])  # [B, T, vocab] float32
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])  # [B, T]
+    weights = token_weights(batch)
+    return jnp.sum(losses * weights), jnp.sum(weights)
+
+
+def _micro_batches(batch: Batch, n: int, mesh: Mesh) -> Batch:
+    """[B, ...] -> [n, B/n, ...] with each micro-batch still spread over all data shards."""
+
+    def split(x):
+        x = x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)
+        spec = jax.sharding.PartitionSpec(None, *batch_sharding(mesh).spec)
+        return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, spec))
+
+    return jax.tree.map(split, batch)
+
+
+def make_train_step(spec: StateSpec, mesh: Mesh, grad_accum: int) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+    """``step(state, batch) -> (state, {'loss', 'grad_norm'})``; the state is donated."""
+
+    def loss_and_grads(params, batch, total_weight):
+        def scaled(p, b):
+            total, _ = summed_loss(spec.graphdef, p, b)
+            return total / total_weight
+
+        return jax.value_and_grad(scaled)(params, batch)
+
+    def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+        total_weight = jnp.sum(token_weights(batch))
+        if grad_accum == 1:
+            loss, grads = loss_and_grads(state.params, batch, total_weight)
+        else:
+
+            def accumulate(carry, micro):
+                loss, grads = loss_and_grads(state.params, micro, total_weight)
+                return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+            zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
+            (loss, grads), _ = jax.lax.scan(accumulate, zeros, _micro_batches(batch, grad_accum, mesh))
+        updates, opt_state = spec.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+
+    jitted = jax.jit(
+        step,
+        in_shardings=(spec.shardings, batch_sharding(mesh)),
+        out_shardings=(spec.shardings, replicated(mesh)),
+        donate_argnums=0,
+    )
+    return _under_mesh(jitted, mesh)
+
+
+def make_eval_step(spec: StateSpec, mesh: Mesh) -> Callable[[nnx.State, Batch], tuple[jax.Array, jax.Array]]:
+    """``eval_step(params, batch) -> (summed loss, summed weight)``."""
+    jitted = jax.jit(
+        lambda params, batch: summed_loss(spec.graphdef, params, batch),
+        in_shardings=(spec.shardings.params, batch_sharding(mesh)),
+        out_shardings=replicated(mesh),
+    )
+    return _under_mesh(jitted, mesh)
+
+
+def _under_mesh(fn, mesh: Mesh):
+    """Traces and runs ``fn`` with the model's activation constraints bound to ``mesh``."""
+
+    def wrapped(*args):
+        with activation_context(mesh):
+            return fn(*args)
+
+    wrapped.lower = lambda *args: _lower(fn, mesh, *args)
+    return wrapped
+
+
+def _lower(fn, mesh, *args):
+    with activation_context(mesh):
+        return fn.lower(*args)

@@ -1,0 +1,104 @@
+"""Tokenizers: raw UTF-8 bytes, or a Hugging Face tokenizer saved in a local directory.
+
+Both map text to int32 id arrays and back and name an end-of-document id (``eos_id``) that
+the packer puts after every document. ``load_tokenizer(cfg.tokenizer)`` picks one.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Protocol, Sequence
+
+import numpy as np
+
+from train.config import ConfigError
+
+
+class Tokenizer(Protocol):
+    vocab_size: int
+    eos_id: int
+
+    def encode(self, text: str) -> np.ndarray: ...
+
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]: ...
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str: ...
+
+
+class ByteTokenizer:
+    """Ids 0..255 are the UTF-8 bytes of the text; 256 is end-of-document."""
+
+    vocab_size = 257
+    eos_id = 256
+
+    def encode(self, text: str) -> np.ndarray:
+        """Returns int32[len(text.encode())], no eos."""
+        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        """Drops eos and any id above 255; invalid UTF-8 becomes U+FFFD."""
+        ids = np.asarray(ids).reshape(-1)
+        return bytes(ids[(ids >= 0) & (ids < 256)].astype(np.uint8)).decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+    """A ``transformers`` tokenizer read from ``path``; no special tokens are added on encode."""
+
+    def __init__(self, path: str):
+        import transformers  # deferred: slow to import and unneeded for the byte tokenizer
+
+        self.path = path
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        if self.tokenizer.eos_token_id is None:
+            raise ConfigError(
+                f"data.tokenizer='{path}' has no eos token; save the tokenizer with an eos_token "
+                "(python -m train.train_tokenizer sets <|endoftext|>)"
+            )
+        self.eos_id: int = int(self.tokenizer.eos_token_id)
+        self.vocab_size: int = len(self.tokenizer)
+        # The Rust tokenizer behind a fast tokenizer encodes batches in parallel and skips
+        # the Python-side length warnings; slow tokenizers go through __call__.
+        self._fast = getattr(self.tokenizer, "backend_tokenizer", None) if self.tokenizer.is_fast else None
+
+    def encode(self, text: str) -> np.ndarray:
+        """Returns int32[num_tokens], no eos."""
+        return self.encode_batch([text])[0]
+
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+        if self._fast is not None:
+            encodings = self._fast.encode_batch(list(texts), add_special_tokens=False)
+            return [np.asarray(e.ids, dtype=np.int32) for e in encodings]
+        ids = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        return [np.asarray(i, dtype=np.int32) for i in ids]
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        """Drops special tokens (eos) and ids outside the vocabulary."""
+        ids = [int(i) for i in np.asarray(ids).reshape(-1) if 0 <= i < self.vocab_size]
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def load_tokenizer(spec: str) -> ByteTokenizer | HFTokenizer:
+    """``'byte'`` -> ``ByteTokenizer``; a directory saved by ``save_pretrained`` -> ``HFTokenizer``."""
+    if spec == "byte":
+        return ByteTokenizer()
+    path = pathlib.Path(spec)
+    has_tokenizer = path.is_dir() and any(
+        (path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    )
+    if not has_tokenizer:
+        raise ConfigError(
+            f"data.tokenizer='{spec}' is not 'byte' or a directory holding a Hugging Face tokenizer; "
+            "train one with python -m train.train_tokenizer --out DIR"
+        )
+    try:
+        return HFTokenizer(str(path))
+    except (OSError, ValueError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(
+            f"data.tokenizer='{spec}' could not be loaded as a Hugging Face tokenizer ({e}); "
+            "train one with python -m train.train_tokenizer --out DIR"
+        ) from None
