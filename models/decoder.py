@@ -37,6 +37,10 @@ class DecoderLM(nnx.Module):
                 nnx.with_partitioning(init, ("embed", "vocab"))(rngs.params(), (cfg.d_model, cfg.vocab_size))
             )
 
+    def forward(self, batch: dict[str, jax.Array]) -> jax.Array:
+        """The training interface every family shares: batch -> logits for ``batch['targets']``."""
+        return self(batch["inputs"], batch.get("positions"))
+
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
         cfg = self.cfg
         x = self.embed(tokens)  # [B, T, embed]

@@ -97,7 +97,7 @@ def _read_text(path: str) -> str:
     except UnicodeDecodeError:
         raise ConfigError(f"data file '{path}' is not UTF-8 text; convert it or leave it out of the globs") from None
     except OSError as e:
-        raise ConfigError(f"data file '{path}' cannot be read ({e.strerror}); fix its permissions or the glob") from None
+        raise ConfigError(f"data file '{path}' cannot be read ({e.strerror}); fix its permissions") from None
 
 
 def match_files(patterns: str, key: str) -> list[str]:

@@ -1,7 +1,8 @@
 """Pure train and eval steps, jitted with explicit in/out shardings and a donated state.
 
-A batch is ``{'inputs': int32[B, T], 'targets': int32[B, T]}`` (optionally ``'weights':
-float32[B, T]``), sharded over the data-parallel axes on its leading (batch) axis.
+A batch is a dict of arrays with a leading batch axis, sharded over the data-parallel axes:
+``targets`` (int32 [B, T] or [B]), optional ``weights`` (float32, same shape), and whatever
+the model family's ``forward(batch)`` reads (``inputs`` for decoders).
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ def token_weights(batch: Batch) -> jax.Array:
 
 def summed_loss(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch) -> tuple[jax.Array, jax.Array]:
     """Sum over tokens of the fp32 cross-entropy, and the summed token weight."""
-    logits = nnx.merge(graphdef, params)(batch["inputs"])  # [B, T, vocab] float32
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])  # [B, T]
+    logits = nnx.merge(graphdef, params).forward(batch)  # [*targets.shape, classes] float32
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
     weights = token_weights(batch)
     return jnp.sum(losses * weights), jnp.sum(weights)
 

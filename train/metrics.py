@@ -1,0 +1,98 @@
+"""Model FLOPs utilisation: analytic training FLOPs per token, peak FLOP/s per device kind, MFU.
+
+MFU = achieved model FLOP/s / peak FLOP/s, with model FLOPs counted analytically (as in
+PaLM / nanoGPT): recomputation under remat and padding do not count as useful work.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+
+from models.attention import attention_flops_per_token
+from models.config import ModelConfig
+
+# bf16 dense peak FLOP/s of one device, by a substring of ``device.device_kind``.
+# Ordered: the first match wins, so the longer names come before their prefixes.
+PEAK_FLOPS: tuple[tuple[str, float], ...] = (
+    ("TPU v5 lite", 197e12),  # v5e
+    ("TPU v6 lite", 918e12),  # v6e (Trillium)
+    ("TPU v5p", 459e12),
+    ("TPU v5", 459e12),  # v5p reports itself as plain 'TPU v5'
+    ("TPU v4", 275e12),
+    ("H200", 989e12),
+    ("H100", 989e12),
+    ("A100", 312e12),
+)
+
+
+def matmul_params(cfg: ModelConfig) -> int:
+    """Weights that take part in a matmul per token: attention and MLP projections + LM head.
+
+    The embedding lookup, learned positions, norms and biases are not counted.
+    """
+    hd = cfg.dim_per_head
+    attn = cfg.d_model * hd * (2 * cfg.n_heads + 2 * cfg.kv_heads)  # q, o: heads; k, v: kv_heads
+    mlp = (3 if cfg.mlp == "swiglu" else 2) * cfg.d_model * cfg.d_ff
+    return cfg.n_layers * (attn + mlp) + cfg.d_model * cfg.vocab_size  # the head, tied or not
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training (forward + backward) FLOPs per token: 6 × matmul weights + attention scores/values.
+
+    ``cfg.vocab_size`` must be resolved (not 0).
+    """
+    if cfg.vocab_size <= 0:
+        raise ValueError("flops_per_token needs a resolved vocab_size; set model.vocab_size first")
+    return 6.0 * matmul_params(cfg) + attention_flops_per_token(cfg, seq_len)
+
+
+def device_peak_flops(device_kind: str) -> float | None:
+    """bf16 dense peak FLOP/s of one accelerator of this kind, or None when not in the table."""
+    for name, peak in PEAK_FLOPS:
+        if name in device_kind:
+            return peak
+    return None
+
+
+@functools.cache
+def cpu_matmul_peak(size: int = 1536, repeats: int = 5) -> float:
+    """FLOP/s of the host's best fp32 square matmul (measured once per process, about 1 s).
+
+    This is the whole host's peak: fake CPU devices share the same cores.
+    """
+    device = jax.devices("cpu")[0]
+    a = jax.device_put(jnp.ones((size, size), jnp.float32), device)
+    b = jax.device_put(jnp.ones((size, size), jnp.float32), device)
+    dot = jax.jit(jnp.dot)
+    dot(a, b).block_until_ready()  # compile + warm the thread pool
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dot(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * size**3 / best
+
+
+def peak_flops(devices: list | None = None) -> tuple[float, str]:
+    """Total peak FLOP/s of ``devices`` (default: all) and where the number comes from.
+
+    Accelerators: the bf16 table × the device count. CPU: one measured fp32 matmul probe for
+    the host, whatever the (fake) device count. Unknown accelerators: 0.0.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    kind = devices[0].device_kind
+    if devices[0].platform == "cpu":
+        return cpu_matmul_peak(), "cpu fp32 matmul probe"
+    peak = device_peak_flops(kind)
+    if peak is None:
+        return 0.0, f"unknown device kind {kind!r}"
+    return peak * len(devices), f"table bf16: {len(devices)} x {kind}"
+
+
+def mfu(tokens_per_sec: float, flops_per_token: float, peak: float) -> float:
+    """Fraction of ``peak`` FLOP/s achieved; 0.0 when the peak is unknown (<= 0)."""
+    return tokens_per_sec * flops_per_token / peak if peak > 0 else 0.0
