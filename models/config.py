@@ -13,9 +13,13 @@ class ModelConfig:
     GPT-2 style: ``position='learned', norm='layernorm', mlp='gelu', use_bias=True,
     tie_embeddings=True``. Llama style: ``position='rope', norm='rmsnorm', mlp='swiglu',
     use_bias=False, tie_embeddings=False`` with ``n_kv_heads < n_heads`` for GQA.
+    BERT (``family='encoder'``): ``position='learned', norm='layernorm', norm_eps=1e-12,
+    mlp='gelu_exact', post_norm=True, type_vocab_size=2``. T5 (``family='encoder_decoder'``):
+    ``position='relative', norm='rmsnorm', norm_eps=1e-6, use_bias=False, scale_attention=False``
+    with ``mlp='relu', tie_embeddings=True`` (v1.0) or ``mlp='gated_gelu', tie_embeddings=False`` (v1.1).
     """
 
-    family: Literal["decoder"] = "decoder"
+    family: Literal["decoder", "encoder", "encoder_decoder"] = "decoder"
     vocab_size: int = 0  # 0: the tokenizer's size rounded up to a multiple of 128
     d_model: int = 256
     n_layers: int = 4
@@ -24,11 +28,13 @@ class ModelConfig:
     head_dim: int = 0  # 0: d_model // n_heads
     d_ff: int = 1024
     max_seq_len: int = 1024
-    position: Literal["learned", "rope"] = "learned"
+    position: Literal["learned", "rope", "relative"] = "learned"  # relative: T5 buckets
     rope_theta: float = 10000.0
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     norm_eps: float = 1e-5
-    mlp: Literal["gelu", "swiglu"] = "gelu"
+    # gelu: tanh approximation (GPT-2, HF 'gelu_new'); gelu_exact: erf (BERT, HF 'gelu');
+    # relu (T5 v1.0); gated_gelu: gelu_new(wg x) * wi x (T5 v1.1); swiglu: silu(wg x) * wi x (Llama)
+    mlp: Literal["gelu", "gelu_exact", "relu", "gated_gelu", "swiglu"] = "gelu"
     use_bias: bool = True
     tie_embeddings: bool = True
     init_std: float = 0.02
@@ -36,6 +42,15 @@ class ModelConfig:
     scan_layers: bool = True
     remat: Literal["none", "full", "save_dots"] = "none"
     attention: Literal["xla", "cudnn"] = "xla"
+    # encoder / encoder-decoder families (defaults leave the decoder unchanged)
+    post_norm: bool = False  # x = norm(x + f(x)) as BERT, instead of x + f(norm(x))
+    scale_attention: bool = True  # False: no 1/sqrt(head_dim) on scores (T5 folds it into the query init)
+    type_vocab_size: int = 0  # encoder: token-type (segment) embeddings; 0: none
+    relative_buckets: int = 32  # position='relative': T5 relative_attention_num_buckets
+    relative_max_distance: int = 128  # position='relative': T5 relative_attention_max_distance
+    n_decoder_layers: int = 0  # encoder_decoder: decoder depth; 0: same as n_layers
+    head: Literal["lm", "classification"] = "lm"  # encoder: MLM logits [B, T, V] or class logits [B, C]
+    num_labels: int = 2  # head='classification': number of classes
 
     @property
     def kv_heads(self) -> int:
@@ -44,6 +59,10 @@ class ModelConfig:
     @property
     def dim_per_head(self) -> int:
         return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def decoder_layers(self) -> int:
+        return self.n_decoder_layers or self.n_layers
 
     def problems(self) -> list[str]:
         """Impossible combinations, each as 'what is wrong; how to fix it'."""
@@ -65,4 +84,26 @@ class ModelConfig:
             )
         if self.position == "rope" and self.dim_per_head % 2:
             out.append("rotary positions need an even head dimension; change model.head_dim")
+        if (self.position == "relative") != (self.family == "encoder_decoder"):
+            out.append(
+                f"model.position='{self.position}' does not fit model.family='{self.family}'; "
+                "use position='relative' for encoder_decoder (T5) and 'learned' or 'rope' otherwise"
+            )
+        if self.position == "relative" and self.relative_buckets < 4:
+            out.append(f"model.relative_buckets={self.relative_buckets} must be >= 4; T5 uses 32")
+        if self.position == "relative" and self.relative_max_distance <= self.relative_buckets // 2:
+            out.append(
+                f"model.relative_max_distance={self.relative_max_distance} must exceed relative_buckets // 2 = "
+                f"{self.relative_buckets // 2}; T5 uses 128"
+            )
+        if self.n_decoder_layers < 0:
+            out.append("model.n_decoder_layers must be >= 0 (0 takes model.n_layers)")
+        if self.type_vocab_size < 0:
+            out.append("model.type_vocab_size must be >= 0 (0: no token-type embeddings)")
+        if self.type_vocab_size and self.family != "encoder":
+            out.append("model.type_vocab_size is only used by family='encoder'; set it to 0")
+        if self.head == "classification" and self.family != "encoder":
+            out.append("model.head='classification' needs family='encoder'; set model.head='lm'")
+        if self.head == "classification" and self.num_labels < 2:
+            out.append(f"model.num_labels={self.num_labels} must be >= 2 for cross-entropy classification")
         return out

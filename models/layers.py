@@ -1,7 +1,7 @@
 """Building blocks with logical axis names on every parameter.
 
 Logical names used here (mapped to mesh axes in ``sharding/rules.py``):
-parameters ``vocab, embed, heads, kv_heads, mlp, norm, layers``; activations
+parameters ``vocab, embed, heads, kv_heads, mlp, norm, layers, relpos_buckets``; activations
 ``batch, length, act_embed, act_heads, act_mlp, act_vocab``.
 """
 
@@ -54,21 +54,33 @@ def residual_std(cfg: ModelConfig) -> float:
     return cfg.init_std / math.sqrt(2 * cfg.n_layers)
 
 
+ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=True),  # GPT-2, HF 'gelu_new'
+    "gelu_exact": lambda x: jax.nn.gelu(x, approximate=False),  # BERT, HF 'gelu'
+    "relu": jax.nn.relu,  # T5 v1.0
+    "gated_gelu": lambda x: jax.nn.gelu(x, approximate=True),  # T5 v1.1 (HF 'gated-gelu' = gelu_new)
+    "swiglu": jax.nn.silu,  # Llama
+}
+GATED = ("gated_gelu", "swiglu")
+
+
 class MLP(nnx.Module):
-    """GELU MLP (GPT-2) or SwiGLU (Llama): [B, T, embed] -> [B, T, embed]."""
+    """wo(act(wi x)), or gated wo(act(wg x) * wi x): [B, T, embed] -> [B, T, embed].
+
+    ``cfg.mlp``: gelu (GPT-2), gelu_exact (BERT), relu (T5 v1.0), gated_gelu (T5 v1.1), swiglu (Llama).
+    """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        self.gated = cfg.mlp == "swiglu"
+        self.gated = cfg.mlp in GATED
+        self.activation = cfg.mlp
         self.wi = dense(cfg, cfg.d_model, cfg.d_ff, ("embed", "mlp"), rngs=rngs)
         if self.gated:
             self.wg = dense(cfg, cfg.d_model, cfg.d_ff, ("embed", "mlp"), rngs=rngs)
         self.wo = dense(cfg, cfg.d_ff, cfg.d_model, ("mlp", "embed"), rngs=rngs, std=residual_std(cfg))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        if self.gated:
-            h = jax.nn.silu(self.wg(x)) * self.wi(x)
-        else:
-            h = jax.nn.gelu(self.wi(x), approximate=True)
+        act = ACTIVATIONS[self.activation]
+        h = act(self.wg(x)) * self.wi(x) if self.gated else act(self.wi(x))
         h = constrain(h, ("batch", "length", "act_mlp"))
         return self.wo(h)
 
@@ -85,3 +97,22 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x.dtype)
+
+
+def embedding(cfg: ModelConfig, num: int, *, rngs: nnx.Rngs) -> nnx.Embed:
+    """Token embedding table [num, embed] with logical axes ``('vocab', 'embed')``."""
+    init = nnx.initializers.normal(cfg.init_std)
+    return nnx.Embed(
+        num,
+        cfg.d_model,
+        embedding_init=nnx.with_partitioning(init, ("vocab", "embed")),
+        dtype=DTYPES[cfg.compute_dtype],
+        param_dtype=jnp.float32,
+        rngs=rngs,
+    )
+
+
+def table(cfg: ModelConfig, shape: tuple[int, ...], axes: tuple, *, rngs: nnx.Rngs, std: float | None = None) -> nnx.Param:
+    """A normal-initialised fp32 parameter of ``shape`` carrying logical ``axes`` (position tables, heads)."""
+    init = nnx.initializers.normal(cfg.init_std if std is None else std)
+    return nnx.Param(nnx.with_partitioning(init, axes)(rngs.params(), shape))

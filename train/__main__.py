@@ -1,0 +1,34 @@
+"""``python -m train [CONFIG.yaml] [section.key=value ...]``: train (or resume) a model.
+
+No CONFIG runs the shipped default (configs/default.yaml). User mistakes print one
+``error:`` line and exit with status 2, before anything is written.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from train.config import ConfigError, load_config
+
+USAGE = "usage: python -m train [CONFIG.yaml] [section.key=value ...]"
+
+
+def main(argv: list[str]) -> int:
+    if argv and argv[0] in ("-h", "--help"):
+        print(USAGE + "\n\n" + __doc__.strip())
+        return 0
+    path = argv[0] if argv and "=" not in argv[0] else None
+    overrides = argv[1:] if path else argv
+    try:
+        config = load_config(path, overrides)
+        from train.loop import run  # imports jax: after the config is known to be valid
+
+        run(config)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
