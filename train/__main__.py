@@ -21,8 +21,10 @@ def main(argv: list[str]) -> int:
     overrides = argv[1:] if path else argv
     try:
         config = load_config(path, overrides)
-        from train.loop import run  # imports jax: after the config is known to be valid
+        from train.distributed import initialize  # imports jax: after the config is known to be valid
+        from train.loop import run
 
+        initialize(config.run)
         run(config)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

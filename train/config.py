@@ -29,6 +29,11 @@ class ConfigError(ValueError):
 class RunConfig:
     dir: str = "runs/default"  # everything the run writes goes here; reused => resume
     name: str = ""  # free-form label for logs
+    coordinator: str = ""  # host:port of process 0 for multi-process runs; empty: one process
+    num_processes: int = 1  # processes taking part (one per host, usually)
+    process_id: int = -1  # this process's index; -1: from the cluster environment
+    auto_distributed: bool = False  # Cloud TPU / SLURM: let JAX discover the cluster itself
+    coordinator_timeout_s: int = 120  # give up reaching the coordinator after this long
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,6 +240,9 @@ def validate(config: Config) -> list[str]:
         out.append("optimizer.lr must be > 0, warmup_steps >= 0 and min_lr_ratio in [0, 1]")
     if not 0 <= config.data.val_fraction < 1:
         out.append(f"data.val_fraction must be in [0, 1), got {config.data.val_fraction}")
+    r = config.run
+    if r.num_processes < 1 or (r.num_processes > 1 and not r.coordinator and not r.auto_distributed):
+        out.append("run.num_processes > 1 needs run.coordinator=host:port (or run.auto_distributed=true)")
     if config.checkpoint.every < 0 or config.checkpoint.keep < 1:
         out.append("checkpoint.every must be >= 0 and checkpoint.keep >= 1")
     return out

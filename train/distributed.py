@@ -1,0 +1,35 @@
+"""Multi-process start-up: ``jax.distributed.initialize`` once, early, only when asked for."""
+
+from __future__ import annotations
+
+import jax
+
+from train.config import ConfigError, RunConfig
+
+
+def initialize(cfg: RunConfig) -> None:
+    """Joins the cluster described by ``cfg`` (a no-op for a single process).
+
+    Must run before anything touches the devices. On CPU, cross-process collectives go
+    through gloo.
+    """
+    if not cfg.auto_distributed and cfg.num_processes == 1 and not cfg.coordinator:
+        return
+    if jax.config.jax_platforms in (None, "", "cpu") or "cpu" in str(jax.config.jax_platforms):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    kwargs = {}
+    if not cfg.auto_distributed:
+        kwargs = dict(
+            coordinator_address=cfg.coordinator,
+            num_processes=cfg.num_processes,
+            process_id=None if cfg.process_id < 0 else cfg.process_id,
+        )
+    try:
+        jax.distributed.initialize(**kwargs, initialization_timeout=cfg.coordinator_timeout_s)
+    except Exception as e:  # noqa: BLE001 - any failure to join is reported as one line
+        where = cfg.coordinator or "the auto-detected coordinator"
+        raise ConfigError(
+            f"could not join the cluster at {where} within {cfg.coordinator_timeout_s} s "
+            f"({str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__}); "
+            "check run.coordinator and that process 0 is running"
+        ) from None
