@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import socket
+import time
+
 import jax
 
 from train.config import ConfigError, RunConfig
@@ -24,6 +27,8 @@ def initialize(cfg: RunConfig) -> None:
             num_processes=cfg.num_processes,
             process_id=None if cfg.process_id < 0 else cfg.process_id,
         )
+    if cfg.coordinator and cfg.process_id != 0:
+        _wait_for_coordinator(cfg.coordinator, cfg.coordinator_timeout_s)
     try:
         jax.distributed.initialize(**kwargs, initialization_timeout=cfg.coordinator_timeout_s)
     except Exception as e:  # noqa: BLE001 - any failure to join is reported as one line
@@ -33,3 +38,26 @@ def initialize(cfg: RunConfig) -> None:
             f"({str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__}); "
             "check run.coordinator and that process 0 is running"
         ) from None
+
+
+def _wait_for_coordinator(address: str, timeout_s: float) -> None:
+    """Polls ``host:port`` until it accepts a TCP connection.
+
+    XLA's coordination client aborts the whole process when it cannot connect, so the
+    unreachable case is caught here, where it can still be reported as one line.
+    """
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"run.coordinator='{address}' is not host:port; e.g. run.coordinator=10.0.0.2:1234")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=min(5.0, timeout_s)):
+                return
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise ConfigError(
+                    f"could not reach the coordinator at {address} within {timeout_s} s ({e.strerror or e}); "
+                    "check run.coordinator and that process 0 is running"
+                ) from None
+            time.sleep(0.5)

@@ -92,6 +92,13 @@ class Preemption:
             signal.signal(sig, handler)
 
 
+def process_rows(batch: dict) -> dict:
+    """This process's rows of a global host batch (rows ``[p*local, (p+1)*local)``)."""
+    local = len(next(iter(batch.values()))) // jax.process_count()
+    start = jax.process_index() * local
+    return {k: v[start : start + local] for k, v in batch.items()}
+
+
 def global_batch(local: dict, mesh) -> dict:
     sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
@@ -127,7 +134,9 @@ def run(config: Config) -> dict:
         train_tokens, train_cfg.seq_len, train_cfg.batch_size, config.seed, config.data.shuffle,
         jax.process_index(), jax.process_count(), config.data.num_workers,
     )
-    eval_set = eval_batches(val_tokens, train_cfg.seq_len, train_cfg.batch_size // jax.process_count(), train_cfg.eval_batches)
+    eval_set = [
+        process_rows(b) for b in eval_batches(val_tokens, train_cfg.seq_len, train_cfg.batch_size, train_cfg.eval_batches)
+    ]
     bytes_per_token = val_tokens.num_bytes / val_tokens.num_tokens
 
     spec = make_state_spec(model_cfg, config.optimizer, train_cfg.steps, mesh)
@@ -218,8 +227,10 @@ def run(config: Config) -> dict:
         if start < train_cfg.steps or not last_eval:
             last_eval = record_eval(train_cfg.steps)
             print(f"final: eval_loss {last_eval['eval_loss']:.4f}, eval_bpb {last_eval['eval_bpb']:.4f}", flush=True)
-        if is_main and model_cfg.family == "decoder" and train_cfg.sample_tokens > 0:
-            print_sample(spec.graphdef, state.params, tokenizer, train_cfg, config.seed)
+        if model_cfg.family == "decoder" and train_cfg.sample_tokens > 0:
+            sample = sample_text(spec.graphdef, state.params, tokenizer, train_cfg, config.seed)
+            if is_main:
+                print("sample:\n" + train_cfg.sample_prompt + sample, flush=True)
         checkpoints.wait()
         if is_main:
             plot_losses(run_dir)
@@ -231,7 +242,7 @@ def run(config: Config) -> dict:
     return {"train": last_train, "eval": last_eval}
 
 
-def print_sample(graphdef, params, tokenizer, train_cfg, seed: int) -> None:
+def sample_text(graphdef, params, tokenizer, train_cfg, seed: int) -> str:
+    """A continuation of ``train.sample_prompt`` (every process runs it; the arrays are global)."""
     prompt = tokenizer.encode(train_cfg.sample_prompt)
-    tokens = generate(graphdef, params, prompt, train_cfg.sample_tokens, train_cfg.seq_len, seed=seed)
-    print("sample:\n" + train_cfg.sample_prompt + tokenizer.decode(tokens), flush=True)
+    return tokenizer.decode(generate(graphdef, params, prompt, train_cfg.sample_tokens, train_cfg.seq_len, seed=seed))
