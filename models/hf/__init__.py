@@ -4,31 +4,39 @@
 our parameter tree (per-layer weights stacked on the leading ``layers`` axis, torch [out, in]
 weights transposed to our [in, out]); with a mesh every array is placed directly with the
 ``NamedSharding`` our logical axis rules give it. ``export(model, cfg, path)`` writes a
-directory that ``transformers.AutoModelForCausalLM.from_pretrained(path)`` loads.
-One module per family (``gpt2``, ``llama``) holds the name and layout mapping.
+directory that transformers' ``from_pretrained`` loads (``AutoModelForCausalLM`` for GPT-2 and
+Llama, ``AutoModelForMaskedLM``/``...SequenceClassification`` for BERT, ``AutoModelForSeq2SeqLM``
+for T5).
+
+One module per family holds the name and layout mapping, with the same few names:
+``MODEL_TYPES``, ``PREFIXES`` (base-model prefixes dropped from HF names), ``IGNORE`` (buffers
+that are not parameters), ``config_from_hf(hf, weights)``, ``params_from_hf(weights, cfg, hf)``
+(yields ``(our path, array)``), ``matches(cfg)``, ``config_to_hf(cfg)``, ``params_to_hf(params, cfg)``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import pathlib
+from collections.abc import Iterable
 from types import ModuleType
-from typing import Any, Iterable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from models import build_model
 from models.config import ModelConfig
-from models.hf import gpt2, llama
+from models.hf import bert, gpt2, llama, t5
 from models.hf.common import ConversionError, Params, Path, Weights, read_config
 
 __all__ = ["ConversionError", "export", "load", "load_config", "params_to_numpy"]
 
-FAMILIES: tuple[ModuleType, ...] = (gpt2, llama)
+FAMILIES: tuple[ModuleType, ...] = (gpt2, llama, bert, t5)
 
 
 def _family_of_hf(hf: dict) -> ModuleType:
@@ -47,14 +55,18 @@ def _family_of(cfg: ModelConfig) -> ModuleType:
     raise ConversionError(
         f"no Hugging Face architecture matches this model (position={cfg.position}, norm={cfg.norm}, "
         f"mlp={cfg.mlp}, use_bias={cfg.use_bias}); GPT-2 needs learned/layernorm/gelu with biases, "
-        "Llama needs rope/rmsnorm/swiglu"
+        "Llama rope/rmsnorm/swiglu, BERT an encoder with post_norm, T5 relative/rmsnorm without biases"
     )
 
 
 def load_config(path: str | pathlib.Path, **overrides: Any) -> ModelConfig:
     """Our ``ModelConfig`` for the HF directory ``path``; ``overrides`` replace fields (e.g. compute_dtype)."""
     hf = read_config(pathlib.Path(path))
-    cfg = dataclasses.replace(_family_of_hf(hf).config_from_hf(hf), **overrides)
+    return _config(_family_of_hf(hf), hf, None, overrides, path)
+
+
+def _config(family: ModuleType, hf: dict, weights: Weights | None, overrides: dict, path) -> ModelConfig:
+    cfg = dataclasses.replace(family.config_from_hf(hf, weights), **overrides)
     problems = cfg.problems()
     if problems:
         raise ConversionError(f"{path}: {problems[0]}")
@@ -64,18 +76,21 @@ def load_config(path: str | pathlib.Path, **overrides: Any) -> ModelConfig:
 def load(path: str | pathlib.Path, mesh: Mesh | None = None, **overrides: Any) -> tuple[nnx.Module, ModelConfig]:
     """Reads the HF directory ``path`` (config.json + safetensors) into our model.
 
-    Returns ``(model, cfg)``; ``model(tokens [B, T] int) -> logits [B, T, vocab] float32``.
+    Returns ``(model, cfg)``. Decoders: ``model(tokens [B, T] int) -> logits [B, T, vocab]
+    float32``; BERT: ``model(tokens, attention_mask, token_types)`` (``bert.hidden_states`` for
+    the encoder output); T5: ``model.decode(decoder_tokens, model.encode(tokens, mask), mask)``.
     Parameters are float32 whatever the checkpoint stores. ``overrides`` replace ModelConfig
     fields that do not change parameter shapes (``compute_dtype='float32'``, ``remat``, ...).
-    With ``mesh``, each parameter is created directly with its sharding; without, on the
-    default device.
+    With ``mesh``, each parameter is created directly with the sharding our logical axis
+    rules give it (a mesh axis that does not divide a dimension, such as an odd vocabulary
+    over ``tensor``, is dropped for that dimension); without, on the default device.
     """
     path = pathlib.Path(path)
     hf = read_config(path)
     family = _family_of_hf(hf)
-    cfg = load_config(path, **overrides)
     weights = Weights(path, family.PREFIXES, family.IGNORE)
-    model = assemble(cfg, family.params_from_hf(weights, cfg), mesh)
+    cfg = _config(family, hf, weights, overrides, path)
+    model = assemble(cfg, family.params_from_hf(weights, cfg, hf), mesh)
     unused = weights.unused()
     if unused:
         raise ConversionError(
@@ -83,6 +98,12 @@ def load(path: str | pathlib.Path, mesh: Mesh | None = None, **overrides: Any) -
             "its config.json describes a different architecture"
         )
     return model, cfg
+
+
+def _abstract_params(cfg: ModelConfig) -> tuple[nnx.GraphDef, dict[Path, jax.ShapeDtypeStruct], nnx.State]:
+    """The model's graph, its flat {path: ShapeDtypeStruct}, and its abstract state (with logical axes)."""
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: build_model(cfg, seed=0)))
+    return graphdef, traverse_util.flatten_dict(nnx.to_pure_dict(state)), state
 
 
 def assemble(cfg: ModelConfig, params: Iterable[tuple[Path, np.ndarray]], mesh: Mesh | None = None) -> nnx.Module:
@@ -93,8 +114,7 @@ def assemble(cfg: ModelConfig, params: Iterable[tuple[Path, np.ndarray]], mesh: 
     """
     from sharding.rules import logical_to_mesh
 
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: build_model(cfg, seed=0)))
-    abstract = traverse_util.flatten_dict(nnx.to_pure_dict(state))
+    graphdef, abstract, state = _abstract_params(cfg)
     shardings = None
     if mesh is not None:
         shardings = traverse_util.flatten_dict(nnx.to_pure_dict(logical_to_mesh(nnx.get_partition_spec(state), mesh)))
@@ -112,12 +132,26 @@ def assemble(cfg: ModelConfig, params: Iterable[tuple[Path, np.ndarray]], mesh: 
         if shardings is None:
             values[p] = jnp.asarray(array)
         else:
-            values[p] = jax.make_array_from_callback(array.shape, shardings[p], lambda index, a=array: a[index])
+            sharding = fit_sharding(shardings[p], array.shape)
+            values[p] = jax.make_array_from_callback(array.shape, sharding, lambda index, a=array: a[index])
     missing = sorted(".".join(p) for p in abstract if p not in values)
     if missing:
         raise ConversionError(f"the checkpoint gives no value for {missing[0]} (and {len(missing) - 1} more)")
     nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(values))
     return nnx.merge(graphdef, state)
+
+
+def fit_sharding(sharding: NamedSharding, shape: tuple[int, ...]) -> NamedSharding:
+    """``sharding`` without the mesh axes that do not divide their dimension (it stays replicated there).
+
+    Hugging Face vocabularies are often odd (GPT-2: 50257), and jax needs even shards.
+    """
+    spec = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
+    for i, axes in enumerate(spec):
+        names = () if axes is None else axes if isinstance(axes, tuple) else (axes,)
+        if shape[i] % math.prod(sharding.mesh.shape[n] for n in names):
+            spec[i] = None
+    return NamedSharding(sharding.mesh, PartitionSpec(*spec))
 
 
 def params_to_numpy(model_or_params: Any) -> Params:
@@ -150,6 +184,8 @@ def export(
 ) -> pathlib.Path:
     """Writes ``path/config.json`` + ``path/model.safetensors`` (float32) for transformers.
 
+    Raises ConversionError when no HF architecture computes what ``cfg`` does.
+
     ``model_or_params``: our model, its ``nnx.State`` or a nested dict of arrays. With
     ``tokenizer`` (a directory AutoTokenizer reads) its files are written too and the config
     takes its bos/eos/pad ids. Every process must call this; only process 0 writes.
@@ -157,8 +193,6 @@ def export(
     from safetensors.numpy import save_file
 
     family = _family_of(cfg)
-    params = params_to_numpy(model_or_params)
-    tensors = {name: np.ascontiguousarray(a, dtype=np.float32) for name, a in family.params_to_hf(params, cfg)}
     hf_config = family.config_to_hf(cfg)
     tok = None
     if tokenizer is not None:
@@ -172,6 +206,17 @@ def export(
             )
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             setattr(hf_config, name, getattr(tok, name))
+        if cfg.family == "encoder_decoder":
+            hf_config.decoder_start_token_id = tok.pad_token_id
+    params = params_to_numpy(model_or_params)
+    expected = {p: tuple(a.shape) for p, a in _abstract_params(cfg)[1].items()}
+    got = {p: tuple(a.shape) for p, a in params.items()}
+    if got != expected:
+        wrong = min(set(got.items()) ^ set(expected.items()))
+        raise ConversionError(
+            f"the parameters do not match the config (first difference: {'.'.join(wrong[0])} {wrong[1]})"
+        )
+    tensors = {name: np.ascontiguousarray(a, dtype=np.float32) for name, a in family.params_to_hf(params, cfg)}
     if jax.process_index() != 0:
         return pathlib.Path(path)
     path = pathlib.Path(path)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import pathlib
 import re
-from typing import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import ml_dtypes  # noqa: F401 - registers bfloat16 with numpy, so bf16 safetensors read as numpy
 import numpy as np
@@ -53,7 +53,7 @@ class Weights:
         self._handles = {f: safe_open(str(path / f), framework="numpy") for f in files}
         self._where: dict[str, tuple[str, str]] = {}  # short name -> (file, stored name)
         for f, handle in self._handles.items():
-            for stored in handle.keys():
+            for stored in handle.keys():  # noqa: SIM118 - a safe_open handle is not a dict
                 short = stored
                 for prefix in prefixes:
                     if short.startswith(prefix):
@@ -66,28 +66,34 @@ class Weights:
     def __contains__(self, name: str) -> bool:
         return name in self._where
 
-    def get(self, name: str) -> np.ndarray:
+    def get(self, name: str, transpose: bool = False) -> np.ndarray:
+        """The tensor as float32; ``transpose`` turns a torch Linear weight [out, in] into our [in, out]."""
         if name not in self._where:
             raise ConversionError(f"the checkpoint has no tensor '{name}'; its config.json does not match its weights")
         f, stored = self._where[name]
         self._read.add(name)
-        return np.asarray(self._handles[f].get_tensor(stored), dtype=np.float32)
+        array = np.asarray(self._handles[f].get_tensor(stored), dtype=np.float32)
+        return array.T if transpose else array
 
     def unused(self) -> list[str]:
-        return sorted(
-            n for n in self._where if n not in self._read and not any(p.search(n) for p in self._ignore)
-        )
-
-
-def stack(n_layers: int, tensor: Callable[[int], np.ndarray]) -> np.ndarray:
-    """[layers, ...]: ``tensor(i)`` for every layer, stacked along a new leading axis."""
-    return np.stack([tensor(i) for i in range(n_layers)])
+        return sorted(n for n in self._where if n not in self._read and not any(p.search(n) for p in self._ignore))
 
 
 def unstack(name: str, array: np.ndarray) -> Iterator[tuple[str, np.ndarray]]:
     """``name`` with ``{i}`` filled in, paired with ``array[i]`` for every layer."""
     for i, layer in enumerate(array):
         yield name.format(i=i), layer
+
+
+def is_causal_lm(cfg) -> bool:
+    """A pre-norm decoder with the usual scaled attention and an LM head (what GPT-2 and Llama share)."""
+    return (
+        cfg.family == "decoder"
+        and not cfg.post_norm
+        and cfg.scale_attention
+        and not cfg.type_vocab_size
+        and cfg.head == "lm"
+    )
 
 
 def require(condition: bool, message: str) -> None:

@@ -6,12 +6,12 @@ query, key and value projections are one fused ``c_attn`` [embed, 3 * embed] tha
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
 from models.config import ModelConfig
-from models.hf.common import Params, Path, Weights, require, stack, unstack
+from models.hf.common import Params, Path, Weights, is_causal_lm, require, unstack
 
 MODEL_TYPES = ("gpt2",)
 PREFIXES = ("transformer.",)
@@ -34,7 +34,7 @@ LAYER_WEIGHTS = (
 BLOCKS = ("stack", "blocks")
 
 
-def config_from_hf(hf: dict) -> ModelConfig:
+def config_from_hf(hf: dict, w: Weights | None = None) -> ModelConfig:
     act = hf.get("activation_function", "gelu_new")
     require(act in TANH_GELUS, f"GPT-2 activation_function '{act}' is not supported; we implement {TANH_GELUS}")
     require(hf.get("scale_attn_weights", True), "GPT-2 with scale_attn_weights=false is not supported")
@@ -62,25 +62,31 @@ def config_from_hf(hf: dict) -> ModelConfig:
     )
 
 
-def params_from_hf(w: Weights, cfg: ModelConfig) -> Iterator[tuple[Path, np.ndarray]]:
+def params_from_hf(w: Weights, cfg: ModelConfig, hf: dict) -> Iterator[tuple[Path, np.ndarray]]:
     """Our parameters one at a time (stacked [layers, ...]), so at most one is on the host at once."""
     L, d = cfg.n_layers, cfg.d_model
     yield ("embed", "embedding"), w.get("wte.weight")  # [vocab, embed]
     yield ("pos_embed",), w.get("wpe.weight")  # [max_seq_len, embed]
     for ours, theirs in LAYER_WEIGHTS:
-        yield BLOCKS + ours, stack(L, lambda i: w.get(f"h.{i}.{theirs}"))
+        yield BLOCKS + ours, np.stack([w.get(f"h.{i}.{theirs}") for i in range(L)])
     for j, name in enumerate("qkv"):  # c_attn: [embed, 3 * embed] = [q | k | v]
-        yield BLOCKS + ("attn", name, "kernel"), stack(L, lambda i: w.get(f"h.{i}.attn.c_attn.weight")[:, j * d : (j + 1) * d])
-        yield BLOCKS + ("attn", name, "bias"), stack(L, lambda i: w.get(f"h.{i}.attn.c_attn.bias")[j * d : (j + 1) * d])
+        yield (
+            BLOCKS + ("attn", name, "kernel"),
+            np.stack([w.get(f"h.{i}.attn.c_attn.weight")[:, j * d : (j + 1) * d] for i in range(L)]),
+        )
+        yield (
+            BLOCKS + ("attn", name, "bias"),
+            np.stack([w.get(f"h.{i}.attn.c_attn.bias")[j * d : (j + 1) * d] for i in range(L)]),
+        )
     yield ("final_norm", "scale"), w.get("ln_f.weight")
     yield ("final_norm", "bias"), w.get("ln_f.bias")
     if not cfg.tie_embeddings:
-        yield ("head",), w.get("lm_head.weight").T  # torch Linear [vocab, embed] -> [embed, vocab]
+        yield ("head",), w.get("lm_head.weight", transpose=True)  # torch Linear [vocab, embed] -> [embed, vocab]
 
 
 def matches(cfg: ModelConfig) -> bool:
     return (
-        cfg.family == "decoder"
+        is_causal_lm(cfg)
         and (cfg.position, cfg.norm, cfg.mlp, cfg.use_bias) == ("learned", "layernorm", "gelu", True)
         and cfg.kv_heads == cfg.n_heads
         and cfg.dim_per_head * cfg.n_heads == cfg.d_model

@@ -7,12 +7,12 @@ query and key weights need no permutation.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
 from models.config import ModelConfig
-from models.hf.common import Params, Path, Weights, require, stack, unstack
+from models.hf.common import Params, Path, Weights, is_causal_lm, require, unstack
 
 MODEL_TYPES = ("llama",)
 PREFIXES = ("model.",)
@@ -31,7 +31,9 @@ LAYER_WEIGHTS = (
     (("mlp", "wo", "kernel"), "mlp.down_proj.weight", True),
 )
 LAYER_BIASES = tuple(
-    (ours[:-1] + ("bias",), theirs.replace(".weight", ".bias"), False) for ours, theirs, linear in LAYER_WEIGHTS if linear
+    (ours[:-1] + ("bias",), theirs.replace(".weight", ".bias"), False)
+    for ours, theirs, linear in LAYER_WEIGHTS
+    if linear
 )
 BLOCKS = ("stack", "blocks")
 
@@ -48,7 +50,7 @@ def _rope_theta(hf: dict) -> float:
     return float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
 
 
-def config_from_hf(hf: dict) -> ModelConfig:
+def config_from_hf(hf: dict, w: Weights | None = None) -> ModelConfig:
     act = hf.get("hidden_act", "silu")
     require(act == "silu", f"Llama hidden_act '{act}' is not supported; we implement SwiGLU with silu")
     bias = hf.get("attention_bias", False)
@@ -83,18 +85,18 @@ def _layer_weights(cfg: ModelConfig):
     return LAYER_WEIGHTS + (LAYER_BIASES if cfg.use_bias else ())
 
 
-def params_from_hf(w: Weights, cfg: ModelConfig) -> Iterator[tuple[Path, np.ndarray]]:
+def params_from_hf(w: Weights, cfg: ModelConfig, hf: dict) -> Iterator[tuple[Path, np.ndarray]]:
     """Our parameters one at a time (stacked [layers, ...]), so at most one is on the host at once."""
     yield ("embed", "embedding"), w.get("embed_tokens.weight")  # [vocab, embed]
     for ours, theirs, linear in _layer_weights(cfg):
-        yield BLOCKS + ours, stack(cfg.n_layers, lambda i: w.get(f"layers.{i}.{theirs}").T if linear else w.get(f"layers.{i}.{theirs}"))
+        yield BLOCKS + ours, np.stack([w.get(f"layers.{i}.{theirs}", transpose=linear) for i in range(cfg.n_layers)])
     yield ("final_norm", "scale"), w.get("norm.weight")
     if not cfg.tie_embeddings:
-        yield ("head",), w.get("lm_head.weight").T  # [vocab, embed] -> [embed, vocab]
+        yield ("head",), w.get("lm_head.weight", transpose=True)  # [vocab, embed] -> [embed, vocab]
 
 
 def matches(cfg: ModelConfig) -> bool:
-    return cfg.family == "decoder" and (cfg.position, cfg.norm, cfg.mlp) == ("rope", "rmsnorm", "swiglu")
+    return is_causal_lm(cfg) and (cfg.position, cfg.norm, cfg.mlp) == ("rope", "rmsnorm", "swiglu")
 
 
 def config_to_hf(cfg: ModelConfig):
