@@ -1,0 +1,307 @@
+"""Will this run fit on that TPU slice? Compile the real train step for it, from any host.
+
+    python -m sharding.plan CONFIG.yaml topology=v5p-256 [slices=N] [section.key=value ...]
+
+Builds the mesh, the abstract train state and the jitted train step with the same functions
+training uses, lowers the step against ShapeDtypeStructs (state + a batch of int32
+[train.batch_size, train.seq_len]) and compiles it with libtpu for compile-only devices of the
+topology (names: see ``sharding.topology``). Prints a per-chip memory table and a verdict.
+The compiler is the authority: a plan fits when XLA compiles it, and does not when XLA
+answers RESOURCE_EXHAUSTED for HBM.
+
+``slices=N`` plans a multi-slice run (N copies of the topology joined over DCN): the mesh's
+``dcn_data * dcn_fsdp`` must equal N; when both are 1, ``dcn_data`` is set to N. Without
+``slices=``, the config's own ``dcn_data * dcn_fsdp`` is the number of slices.
+
+Exit status: 0 fits, 1 does not fit, 2 bad input (one ``error:`` line on stderr).
+Needs libtpu (``pip install -e '.[tpu]'``) but no TPU; the host's own devices are not used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+import os
+import re
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+from sharding.mesh import make_mesh
+from sharding.rules import batch_sharding
+from sharding.topology import Topology, abstract_devices, parse_topology
+from train.config import Config, ConfigError, load_config
+from train.state import count_params, make_state_spec
+from train.step import make_train_step
+
+GIB = 2**30
+USAGE = "usage: python -m sharding.plan CONFIG.yaml topology=NAME [slices=N] [section.key=value ...]"
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What one compile says about a run on a topology; byte counts are per device (chip)."""
+
+    topology: Topology
+    slices: int
+    mesh_shape: dict[str, int]
+    num_params: int
+    param_bytes: int  # the fp32 master weights held by one chip
+    opt_bytes: int  # optimizer state held by one chip
+    batch_bytes: int  # one chip's slice of the input batch
+    lower_s: float
+    compile_s: float
+    memory: object | None  # compiled.memory_analysis() when it compiled
+    oom_message: str = ""  # the compiler's RESOURCE_EXHAUSTED text when it did not
+
+    @property
+    def fits(self) -> bool:
+        return self.memory is not None
+
+    @property
+    def temp_bytes(self) -> int | None:
+        """Temporaries (activations, gradients, workspace) per chip; when it did not fit, what XLA asked for."""
+        if self.memory is not None:
+            return self.memory.temp_size_in_bytes
+        return _bytes_in(r"HLO temporaries \(([\d.]+)([KMGT])", self.oom_message)
+
+    @property
+    def total_bytes(self) -> int | None:
+        """Peak HBM of the step: arguments + outputs - donated aliases + temporaries + code.
+
+        When it did not fit: what XLA reported as used, else state + batch + requested temporaries.
+        """
+        if self.memory is None:
+            used = _bytes_in(r"Used ([\d.]+)([KMGT]) of", self.oom_message)
+            if used is None and self.temp_bytes is not None:
+                used = self.param_bytes + self.opt_bytes + self.batch_bytes + self.temp_bytes
+            return used
+        m = self.memory
+        return (
+            m.argument_size_in_bytes
+            + m.output_size_in_bytes
+            - m.alias_size_in_bytes
+            + m.temp_size_in_bytes
+            + m.generated_code_size_in_bytes
+        )
+
+
+def abstract_batch(cfg: Config) -> dict[str, jax.ShapeDtypeStruct]:
+    """The training batch's shapes: ``{'inputs', 'targets'}: int32[batch_size, seq_len]``."""
+    tokens = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.train.seq_len), jnp.int32)
+    return {"inputs": tokens, "targets": tokens}
+
+
+def per_device_bytes(abstract, shardings) -> int:
+    """Bytes one device holds of a tree of ShapeDtypeStructs laid out by a matching tree of shardings."""
+    sizes = jax.tree.map(
+        lambda a, s: math.prod(s.shard_shape(a.shape)) * jnp.dtype(a.dtype).itemsize, abstract, shardings
+    )
+    return sum(jax.tree.leaves(sizes))
+
+
+def multislice_mesh(cfg: Config, slices: int) -> Config:
+    """The config with its DCN mesh axes checked against (or set from) the number of slices."""
+    m = cfg.mesh
+    if m.dcn_data * m.dcn_fsdp == slices:
+        return cfg
+    if m.dcn_data == m.dcn_fsdp == 1:
+        return dataclasses.replace(cfg, mesh=dataclasses.replace(m, dcn_data=slices))
+    raise ConfigError(
+        f"mesh.dcn_data * mesh.dcn_fsdp = {m.dcn_data * m.dcn_fsdp} but slices={slices}; "
+        "make their product the number of slices"
+    )
+
+
+def check_batch(cfg: Config, mesh_shape: dict[str, int]) -> None:
+    dp = mesh_shape["data"] * mesh_shape["fsdp"]
+    t = cfg.train
+    if t.batch_size % (dp * t.grad_accum):
+        raise ConfigError(
+            f"train.batch_size={t.batch_size} cannot be split into {t.grad_accum} micro-batch(es) over {dp} "
+            f"data-parallel shards (mesh data * fsdp); make it a multiple of {dp * t.grad_accum}"
+        )
+
+
+def make_plan(cfg: Config, topology: Topology, slices: int = 1) -> Plan:
+    """Compiles the train step of ``cfg`` for ``slices`` x ``topology``; raises ConfigError on bad input."""
+    if cfg.model.family != "decoder":
+        raise ConfigError(
+            f"plans support model.family='decoder' only (got '{cfg.model.family}'): its batch shapes are not described yet"
+        )
+    if cfg.model.vocab_size <= 0:
+        raise ConfigError("model.vocab_size must be set for a plan (no tokenizer is loaded); set model.vocab_size=N")
+    if slices < 1:
+        raise ConfigError(f"slices must be a positive integer, got {slices}")
+    cfg = multislice_mesh(cfg, slices)
+    try:
+        devices = abstract_devices(topology, slices)
+    except jax.errors.JaxRuntimeError as e:
+        raise ConfigError(f"libtpu cannot lay out topology '{topology.name}' ({_first_line(e)})") from None
+    mesh = make_mesh(cfg.mesh, devices)
+    mesh_shape = dict(mesh.shape)
+    check_batch(cfg, mesh_shape)
+
+    spec = make_state_spec(cfg.model, cfg.optimizer, cfg.train.steps, mesh)
+    step = make_train_step(spec, mesh, cfg.train.grad_accum)
+    batch = abstract_batch(cfg)
+    batch_shardings = jax.tree.map(lambda _: batch_sharding(mesh), batch)
+
+    start = time.perf_counter()
+    lowered = step.lower(spec.abstract, batch)
+    lower_s = time.perf_counter() - start
+    start = time.perf_counter()
+    memory, oom = None, ""
+    try:
+        memory = lowered.compile().memory_analysis()
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        oom = str(e)
+    return Plan(
+        topology=topology,
+        slices=slices,
+        mesh_shape=mesh_shape,
+        num_params=count_params(spec.abstract.params),
+        param_bytes=per_device_bytes(spec.abstract.params, spec.shardings.params),
+        opt_bytes=per_device_bytes(spec.abstract.opt_state, spec.shardings.opt_state),
+        batch_bytes=per_device_bytes(batch, batch_shardings),
+        lower_s=lower_s,
+        compile_s=time.perf_counter() - start,
+        memory=memory,
+        oom_message=oom,
+    )
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.3f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def _bytes_in(pattern: str, message: str) -> int | None:
+    """The first XLA size ('113.00G': GiB, binary units) captured by ``pattern`` as (number, unit)."""
+    match = re.search(pattern, message)
+    return None if match is None else int(float(match[1]) * 1024 ** (1 + "KMGT".index(match[2])))
+
+
+def format_plan(plan: Plan, cfg: Config, config_name: str) -> str:
+    """The human-readable report: setup, compile time, per-chip memory table, verdict."""
+    topo, t, m = plan.topology, cfg.train, cfg.model
+    dp = plan.mesh_shape["data"] * plan.mesh_shape["fsdp"]  # global: ICI sizes times DCN sizes
+    mesh = " ".join(f"{k}={v}" for k, v in plan.mesh_shape.items())
+    slices = (
+        f" x {plan.slices} slices (dcn_data={cfg.mesh.dcn_data}, dcn_fsdp={cfg.mesh.dcn_fsdp})"
+        if plan.slices > 1
+        else ""
+    )
+    where = f"{topo.cloud_name}, layout {topo.layout}, {topo.chips * plan.slices} chips"
+    lines = [
+        f"plan: {config_name} on {topo.name}{slices}: {where}",
+        f"model: {_count(plan.num_params)} parameters, remat={m.remat}, compute {m.compute_dtype}",
+        (
+            f"mesh: {mesh}; batch {t.batch_size} x {t.seq_len} tokens, grad_accum {t.grad_accum}, "
+            f"{t.batch_size // max(dp, 1)} sequences per chip"
+        ),
+        f"compile: lowered in {plan.lower_s:.1f} s, compiled in {plan.compile_s:.1f} s",
+        "",
+        f"{'per chip':<34}{'GiB':>8}",
+    ]
+
+    def row(label: str, nbytes: int | None, note: str = "") -> None:
+        value = "?" if nbytes is None else f"{nbytes / GIB:.2f}"
+        lines.append(f"  {label:<32}{value:>8}{'   ' + note if note else ''}")
+
+    row("parameters (fp32)", plan.param_bytes, "from the state's shardings")
+    row("optimizer state", plan.opt_bytes, "from the state's shardings")
+    row("batch", plan.batch_bytes)
+    usable = topo.hbm_bytes
+    if plan.fits:
+        mem = plan.memory
+        row("arguments", mem.argument_size_in_bytes, "compiler: state + batch")
+        row("outputs", mem.output_size_in_bytes, "compiler")
+        row("aliased (donated state)", -mem.alias_size_in_bytes, "compiler: outputs reusing arguments")
+        row("temporaries", mem.temp_size_in_bytes, "compiler: activations, gradients, workspace")
+        row("generated code", mem.generated_code_size_in_bytes, "compiler")
+    else:
+        row("temporaries", plan.temp_bytes, "compiler: requested, RESOURCE_EXHAUSTED")
+    total = plan.total_bytes
+    if total is None:
+        share = "(the compiler did not say)"
+    else:
+        share = f"({'at least ' if not plan.fits else ''}{total / usable:.0%} of usable)"
+    row("total", total, share)
+    row(f"usable HBM ({topo.generation})", usable)
+    lines.append("")
+    if plan.fits:
+        lines.append(f"verdict: fits ({(usable - total) / GIB:.2f} GiB headroom per chip)")
+    else:
+        lines.append("verdict: does not fit")
+        detail = re.search(r"Used [\d.]+[KMGT] of [\d.]+[KMGT] hbm[^\n]*", plan.oom_message)
+        lines.append(f"compiler: {detail[0] if detail else _first_line(Exception(plan.oom_message))}")
+    return "\n".join(lines)
+
+
+def _parse_args(argv: list[str]) -> tuple[str, str, int | None, list[str]]:
+    if not argv or argv[0] in ("-h", "--help") or "=" in argv[0]:
+        raise ConfigError(f"the first argument must be a config file; {USAGE}")
+    path, topology, slices, overrides = argv[0], "", None, []
+    for arg in argv[1:]:
+        key, _, value = arg.partition("=")
+        if key == "topology":
+            topology = value
+        elif key == "slices":
+            if not value.isdigit() or int(value) < 1:
+                raise ConfigError(f"slices must be a positive integer, got '{value}'")
+            slices = int(value)
+        else:
+            overrides.append(arg)
+    if not topology:
+        raise ConfigError(f"no topology given; add topology=NAME (e.g. topology=v5e-8); {USAGE}")
+    return path, topology, slices, overrides
+
+
+def _has_libtpu() -> bool:
+    try:
+        return importlib.util.find_spec("libtpu") is not None
+    except (ImportError, ValueError):  # blocked (sys.modules entry None) or broken
+        return False
+
+
+def _compile_only_environment(topology: Topology) -> None:
+    """Keeps jax off the host's own accelerators and lets libtpu start without a TPU or metadata server."""
+    if "JAX_PLATFORMS" not in os.environ:
+        jax.config.update("jax_platforms", "cpu")
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    # Without these, libtpu logs warnings about a TPU host it does not need to find.
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", topology.cloud_name)
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        path, name, slices, overrides = _parse_args(sys.argv[1:] if argv is None else argv)
+        cfg = load_config(path, overrides)
+        topology = parse_topology(name)
+        if slices is None:  # the config's own multi-slice layout
+            slices = cfg.mesh.dcn_data * cfg.mesh.dcn_fsdp
+        if not _has_libtpu():
+            raise ConfigError("libtpu is not installed, and TPU plans compile with it; run pip install -e '.[tpu]'")
+        _compile_only_environment(topology)
+        plan = make_plan(cfg, topology, slices)
+        cfg = multislice_mesh(cfg, slices)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_plan(plan, cfg, path))
+    return 0 if plan.fits else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
