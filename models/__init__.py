@@ -13,7 +13,9 @@ def build_model(cfg: ModelConfig, seed: int) -> nnx.Module:
     Eager sharding is off: shardings are applied by the caller from the logical names.
     """
     from models.decoder import DecoderLM
+    from models.encoder import EncoderLM
+    from models.encoder_decoder import EncoderDecoderLM
 
-    families = {"decoder": DecoderLM}
+    families = {"decoder": DecoderLM, "encoder": EncoderLM, "encoder_decoder": EncoderDecoderLM}
     with nnx.use_eager_sharding(False):
         return families[cfg.family](cfg, rngs=nnx.Rngs(params=seed))

@@ -1,48 +1,140 @@
-"""Multi-head self-attention with grouped-query heads, through ``jax.nn.dot_product_attention``."""
+"""Multi-head attention through ``jax.nn.dot_product_attention``, and T5's relative position bias.
+
+``Attention`` is self-attention (causal or bidirectional, GQA, optional rope) or, given a
+``context``, cross-attention; an optional boolean ``mask`` (padding) and additive ``bias``
+(relative positions) go straight to ``dot_product_attention``.
+"""
 
 from __future__ import annotations
 
+import math
+
 import jax
+import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from models.config import ModelConfig
-from models.layers import constrain, dense, residual_std, rope
+from models.layers import constrain, dense, residual_std, rope, table
 
 
-class SelfAttention(nnx.Module):
-    """Causal (decoder) or bidirectional self-attention: [B, T, embed] -> [B, T, embed].
+class Attention(nnx.Module):
+    """[B, T, embed] queries attending to [B, S, embed] keys/values (``context``, default the queries).
 
     Query heads ``n_heads``, key/value heads ``kv_heads`` (GQA when fewer); projections are
-    stored flat ([embed, heads * head_dim]) as Hugging Face stores them.
+    stored flat ([embed, heads * head_dim]) as Hugging Face stores them. With
+    ``scale_attention=False`` (T5) scores are not divided by sqrt(head_dim); the query init
+    is scaled down by that factor instead, as T5 does.
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         hd = cfg.dim_per_head
-        self.q = dense(cfg, cfg.d_model, cfg.n_heads * hd, ("embed", "heads"), rngs=rngs)
+        q_std = cfg.init_std if cfg.scale_attention else cfg.init_std / math.sqrt(hd)
+        self.q = dense(cfg, cfg.d_model, cfg.n_heads * hd, ("embed", "heads"), rngs=rngs, std=q_std)
         self.k = dense(cfg, cfg.d_model, cfg.kv_heads * hd, ("embed", "kv_heads"), rngs=rngs)
         self.v = dense(cfg, cfg.d_model, cfg.kv_heads * hd, ("embed", "kv_heads"), rngs=rngs)
         self.o = dense(cfg, cfg.n_heads * hd, cfg.d_model, ("heads", "embed"), rngs=rngs, std=residual_std(cfg))
 
-    def __call__(self, x: jax.Array, positions: jax.Array, *, causal: bool = True) -> jax.Array:
+    def __call__(
+        self,
+        x: jax.Array,
+        positions: jax.Array | None = None,
+        *,
+        causal: bool = True,
+        mask: jax.Array | None = None,
+        bias: jax.Array | None = None,
+        context: jax.Array | None = None,
+    ) -> jax.Array:
+        """x: [B, T, embed]; positions: [B, T] int (rope only); context: [B, S, embed] for cross-attention.
+
+        mask: bool broadcastable to [B, heads, T, S], True where a query may attend (e.g. key
+        padding [B, 1, 1, S]); bias: float [1 or B, heads, T, S] added to the scores.
+        Returns [B, T, embed].
+        """
         cfg = self.cfg
+        kv = x if context is None else context
         b, t, _ = x.shape
+        s = kv.shape[1]
         hd = cfg.dim_per_head
         q = self.q(x).reshape(b, t, cfg.n_heads, hd)  # [B, T, heads, head_dim]
-        k = self.k(x).reshape(b, t, cfg.kv_heads, hd)  # [B, T, kv_heads, head_dim]
-        v = self.v(x).reshape(b, t, cfg.kv_heads, hd)
-        if cfg.position == "rope":
+        k = self.k(kv).reshape(b, s, cfg.kv_heads, hd)  # [B, S, kv_heads, head_dim]
+        v = self.v(kv).reshape(b, s, cfg.kv_heads, hd)
+        if cfg.position == "rope" and context is None:
             q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
         q = constrain(q, ("batch", "length", "act_heads", None))
         k = constrain(k, ("batch", "length", "act_kv_heads", None))
         v = constrain(v, ("batch", "length", "act_kv_heads", None))
         implementation = "cudnn" if cfg.attention == "cudnn" else None
-        out = jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=implementation)
+        out = jax.nn.dot_product_attention(
+            q,
+            k,
+            v,
+            bias=bias,
+            mask=mask,
+            scale=None if cfg.scale_attention else 1.0,
+            is_causal=causal,
+            implementation=implementation,
+        )
         out = constrain(out, ("batch", "length", "act_heads", None))
         return self.o(out.reshape(b, t, cfg.n_heads * hd).astype(x.dtype))
+
+
+SelfAttention = Attention  # the decoder-era name
+
+
+def relative_position_bucket(
+    relative_position: np.ndarray, bidirectional: bool, num_buckets: int, max_distance: int
+) -> np.ndarray:
+    """T5's bucket of each ``key_pos - query_pos`` (int array) -> int32 buckets in [0, num_buckets).
+
+    Half the buckets (per direction when bidirectional) are exact distances, the rest grow
+    logarithmically up to ``max_distance``. Float32 arithmetic as Hugging Face T5, so bucket
+    edges agree exactly.
+    """
+    rel = np.asarray(relative_position, np.int64)
+    buckets = np.zeros_like(rel)
+    if bidirectional:
+        num_buckets //= 2
+        buckets += (rel > 0) * num_buckets
+        rel = np.abs(rel)
+    else:
+        rel = -np.minimum(rel, 0)
+    max_exact = num_buckets // 2
+    is_small = rel < max_exact
+    with np.errstate(divide="ignore"):
+        scaled = (
+            np.log(rel.astype(np.float32) / np.float32(max_exact))
+            / np.float32(math.log(max_distance / max_exact))
+            * np.float32(num_buckets - max_exact)
+        )
+    large = max_exact + np.where(is_small, 0, scaled).astype(np.int64)
+    large = np.minimum(large, num_buckets - 1)
+    return (buckets + np.where(is_small, rel, large)).astype(np.int32)
+
+
+class RelativePositionBias(nnx.Module):
+    """T5's learned per-head score bias by bucketed relative position: (T, S) -> [1, heads, T, S] float32.
+
+    ``embedding`` [buckets, heads] is Hugging Face's ``relative_attention_bias.weight`` of the
+    first layer; T5 computes the bias once and every layer of that stack adds it.
+    Bidirectional in the encoder, causal (only keys at or before the query) in the decoder.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, bidirectional: bool, rngs: nnx.Rngs):
+        self.bidirectional = bidirectional
+        self.num_buckets = cfg.relative_buckets
+        self.max_distance = cfg.relative_max_distance
+        self.embedding = table(cfg, (cfg.relative_buckets, cfg.n_heads), ("relpos_buckets", "heads"), rngs=rngs)
+
+    def __call__(self, q_len: int, k_len: int) -> jax.Array:
+        rel = np.arange(k_len)[None, :] - np.arange(q_len)[:, None]  # [T, S]: key pos - query pos
+        buckets = relative_position_bucket(rel, self.bidirectional, self.num_buckets, self.max_distance)
+        values = jnp.take(self.embedding[...], jnp.asarray(buckets), axis=0)  # [T, S, heads]
+        bias = jnp.transpose(values, (2, 0, 1))[None]  # [1, heads, T, S]
+        return constrain(bias, (None, "act_heads", None, None))
 
 
 def attention_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token of the score and value matmuls (forward + backward, no causal saving)."""
     return 12.0 * cfg.n_layers * cfg.n_heads * cfg.dim_per_head * seq_len
-

@@ -112,7 +112,9 @@ def embedding(cfg: ModelConfig, num: int, *, rngs: nnx.Rngs) -> nnx.Embed:
     )
 
 
-def table(cfg: ModelConfig, shape: tuple[int, ...], axes: tuple, *, rngs: nnx.Rngs, std: float | None = None) -> nnx.Param:
+def table(
+    cfg: ModelConfig, shape: tuple[int, ...], axes: tuple, *, rngs: nnx.Rngs, std: float | None = None
+) -> nnx.Param:
     """A normal-initialised fp32 parameter of ``shape`` carrying logical ``axes`` (position tables, heads)."""
     init = nnx.initializers.normal(cfg.init_std if std is None else std)
     return nnx.Param(nnx.with_partitioning(init, axes)(rngs.params(), shape))

@@ -1,6 +1,6 @@
 """The one table that maps logical axis names onto mesh axes, and its helpers.
 
-Parameters: ``vocab embed heads kv_heads mlp norm layers``. Activations: ``batch length
+Parameters: ``vocab embed heads kv_heads mlp norm layers relpos_buckets``. Activations: ``batch length
 act_embed act_heads act_kv_heads act_mlp act_vocab``. Mesh axes: ``data fsdp tensor``.
 Changing the parallelism strategy means editing this table, not the model.
 """
@@ -25,6 +25,7 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("mlp", "tensor"),
     ("norm", None),
     ("layers", None),
+    ("relpos_buckets", None),  # T5 relative-position bias table rows
     # activations
     ("batch", BATCH_AXES),
     ("length", None),

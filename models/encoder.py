@@ -1,0 +1,120 @@
+"""Encoder-only Transformer (BERT) with a masked-LM or a sequence-classification head.
+
+Hugging Face correspondence (``BertForMaskedLM`` / ``BertForSequenceClassification``).
+Block parameters are stacked, ``[layers, ...]`` = ``bert.encoder.layer.{0..L-1}``; our
+kernels are ``[in, out]`` (HF ``Linear.weight`` transposed), LayerNorm ``scale`` is HF ``weight``.
+
+    embed.embedding            bert.embeddings.word_embeddings.weight
+    pos_embed                  bert.embeddings.position_embeddings.weight
+    type_embed                 bert.embeddings.token_type_embeddings.weight
+    embed_norm.{scale,bias}    bert.embeddings.LayerNorm.{weight,bias}
+    stack.blocks.attn.q/k/v    bert.encoder.layer.i.attention.self.query/key/value
+    stack.blocks.attn.o        bert.encoder.layer.i.attention.output.dense
+    stack.blocks.attn_norm     bert.encoder.layer.i.attention.output.LayerNorm
+    stack.blocks.mlp.wi        bert.encoder.layer.i.intermediate.dense
+    stack.blocks.mlp.wo        bert.encoder.layer.i.output.dense
+    stack.blocks.mlp_norm      bert.encoder.layer.i.output.LayerNorm
+    mlm.dense                  cls.predictions.transform.dense              (head='lm')
+    mlm.norm                   cls.predictions.transform.LayerNorm
+    mlm.bias                   cls.predictions.bias (= decoder.bias; decoder.weight is tied to
+                               word_embeddings; ``mlm.decoder`` [embed, vocab] only when untied)
+    pooler                     bert.pooler.dense                            (head='classification')
+    classifier                 classifier
+
+HF's ``position_ids`` buffer is not a parameter. Dropout is not implemented (identity, as eval).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.config import ModelConfig
+from models.layers import ACTIVATIONS, constrain, dense, embedding, norm, table
+from models.transformer import Stack
+
+
+class MLMHead(nnx.Module):
+    """BertLMPredictionHead: [B, T, embed] -> logits [B, T, vocab] float32."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.activation = cfg.mlp  # HF: config.hidden_act
+        self.tied = cfg.tie_embeddings
+        self.dense = dense(cfg, cfg.d_model, cfg.d_model, ("embed", "mlp"), rngs=rngs)
+        self.norm = norm(cfg, rngs=rngs)
+        if not self.tied:
+            self.decoder = table(cfg, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), rngs=rngs)
+        zeros = nnx.with_partitioning(nnx.initializers.zeros, ("vocab",))
+        self.bias = nnx.Param(zeros(rngs.params(), (cfg.vocab_size,)))
+
+    def __call__(self, x: jax.Array, word_embeddings: jax.Array) -> jax.Array:
+        """word_embeddings: [vocab, embed], the tied decoder weight."""
+        h = self.norm(ACTIVATIONS[self.activation](self.dense(x)))
+        weight = word_embeddings.T if self.tied else self.decoder[...]  # [embed, vocab]
+        logits = jnp.einsum("btd,dv->btv", h, weight.astype(h.dtype), preferred_element_type=jnp.float32)
+        logits = logits + self.bias[...]
+        return constrain(logits, ("batch", "length", "act_vocab"))
+
+
+class EncoderLM(nnx.Module):
+    """BERT: tokens [B, T] int -> MLM logits [B, T, vocab] or class logits [B, num_labels], float32."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = embedding(cfg, cfg.vocab_size, rngs=rngs)
+        if cfg.position == "learned":
+            self.pos_embed = table(cfg, (cfg.max_seq_len, cfg.d_model), (None, "embed"), rngs=rngs)
+        if cfg.type_vocab_size:
+            self.type_embed = table(cfg, (cfg.type_vocab_size, cfg.d_model), (None, "embed"), rngs=rngs)
+        self.embed_norm = norm(cfg, rngs=rngs)
+        self.stack = Stack(cfg, rngs=rngs)
+        if not cfg.post_norm:  # a pre-norm stack ends un-normalised
+            self.final_norm = norm(cfg, rngs=rngs)
+        if cfg.head == "lm":
+            self.mlm = MLMHead(cfg, rngs=rngs)
+        else:
+            self.pooler = dense(cfg, cfg.d_model, cfg.d_model, ("embed", "mlp"), rngs=rngs)
+            self.classifier = dense(cfg, cfg.d_model, cfg.num_labels, ("mlp", None), rngs=rngs)
+
+    def forward(self, batch: dict[str, jax.Array]) -> jax.Array:
+        """Reads ``inputs`` [B, T] and optional ``attention_mask`` [B, T] (1 = token, 0 = padding),
+        ``token_types`` [B, T] and ``positions`` [B, T]."""
+        return self(batch["inputs"], batch.get("attention_mask"), batch.get("token_types"), batch.get("positions"))
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        attention_mask: jax.Array | None = None,
+        token_types: jax.Array | None = None,
+        positions: jax.Array | None = None,
+    ) -> jax.Array:
+        x = self.encode(tokens, attention_mask, token_types, positions)
+        if self.cfg.head == "lm":
+            return self.mlm(x, self.embed.embedding[...])
+        pooled = jnp.tanh(self.pooler(x[:, 0]))  # [B, embed]: the first ([CLS]) token
+        logits = self.classifier(pooled).astype(jnp.float32)  # [B, num_labels]
+        return constrain(logits, ("batch", None))
+
+    def encode(
+        self,
+        tokens: jax.Array,
+        attention_mask: jax.Array | None = None,
+        token_types: jax.Array | None = None,
+        positions: jax.Array | None = None,
+    ) -> jax.Array:
+        """tokens [B, T] -> hidden states [B, T, embed] (HF BertModel's ``last_hidden_state``)."""
+        cfg = self.cfg
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        x = self.embed(tokens)  # [B, T, embed]
+        if cfg.type_vocab_size:
+            types = jnp.zeros_like(tokens) if token_types is None else token_types
+            x = x + self.type_embed[...][types].astype(x.dtype)
+        if cfg.position == "learned":
+            x = x + self.pos_embed[...][positions].astype(x.dtype)
+        x = self.embed_norm(x)
+        x = constrain(x, ("batch", "length", "act_embed"))
+        mask = None if attention_mask is None else attention_mask.astype(bool)[:, None, None, :]  # [B, 1, 1, T]
+        x = self.stack(x, positions, causal=False, mask=mask)
+        return x if cfg.post_norm else self.final_norm(x)

@@ -1,0 +1,106 @@
+"""Encoder-decoder Transformer (T5 v1.0 / v1.1) with relative position buckets.
+
+Hugging Face correspondence (``T5ForConditionalGeneration``). Block parameters are stacked,
+``[layers, ...]`` = ``{encoder,decoder}.block.{0..L-1}``; our kernels are ``[in, out]`` (HF
+``Linear.weight`` transposed), RMSNorm ``scale`` is ``T5LayerNorm.weight``.
+
+    embed.embedding              shared.weight (= encoder/decoder.embed_tokens.weight)
+    encoder_relpos.embedding     encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight
+    encoder.blocks.attn_norm     encoder.block.i.layer.0.layer_norm
+    encoder.blocks.attn.q/k/v/o  encoder.block.i.layer.0.SelfAttention.q/k/v/o
+    encoder.blocks.mlp_norm      encoder.block.i.layer.1.layer_norm
+    encoder.blocks.mlp.wi/wo     encoder.block.i.layer.1.DenseReluDense.wi/wo          (mlp='relu')
+    encoder.blocks.mlp.wg/wi/wo  encoder.block.i.layer.1.DenseReluDense.wi_0/wi_1/wo   (mlp='gated_gelu')
+    encoder_norm                 encoder.final_layer_norm
+    decoder_relpos.embedding     decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight
+    decoder.blocks.attn_norm     decoder.block.i.layer.0.layer_norm
+    decoder.blocks.attn.q/k/v/o  decoder.block.i.layer.0.SelfAttention.q/k/v/o
+    decoder.blocks.cross_norm    decoder.block.i.layer.1.layer_norm
+    decoder.blocks.cross.q/k/v/o decoder.block.i.layer.1.EncDecAttention.q/k/v/o
+    decoder.blocks.mlp_norm      decoder.block.i.layer.2.layer_norm
+    decoder.blocks.mlp.*         decoder.block.i.layer.2.DenseReluDense.*   (as the encoder)
+    decoder_norm                 decoder.final_layer_norm
+    head                         lm_head.weight.T   (only when untied, v1.1)
+
+With ``tie_embeddings`` (v1.0) the decoder output is scaled by d_model**-0.5 before the tied
+head, as HF does when ``scale_decoder_outputs``. Scores are not scaled (``scale_attention``
+false in the presets). Dropout is not implemented (identity, as eval).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.attention import RelativePositionBias
+from models.config import ModelConfig
+from models.layers import constrain, embedding, norm, table
+from models.transformer import Stack
+
+
+def _key_mask(mask: jax.Array | None) -> jax.Array | None:
+    """[B, S] (1 = token, 0 = padding) -> bool [B, 1, 1, S] for ``dot_product_attention``."""
+    return None if mask is None else mask.astype(bool)[:, None, None, :]
+
+
+def _positions(tokens: jax.Array) -> jax.Array:
+    return jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+
+
+class EncoderDecoderLM(nnx.Module):
+    """T5: encoder tokens [B, S] and decoder tokens [B, T] int -> logits [B, T, vocab] float32."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = embedding(cfg, cfg.vocab_size, rngs=rngs)
+        self.encoder_relpos = RelativePositionBias(cfg, bidirectional=True, rngs=rngs)
+        self.encoder = Stack(cfg, rngs=rngs)
+        self.encoder_norm = norm(cfg, rngs=rngs)
+        self.decoder_relpos = RelativePositionBias(cfg, bidirectional=False, rngs=rngs)
+        self.decoder = Stack(cfg, n_layers=cfg.decoder_layers, cross=True, rngs=rngs)
+        self.decoder_norm = norm(cfg, rngs=rngs)
+        if not cfg.tie_embeddings:
+            self.head = table(cfg, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), rngs=rngs)
+
+    def forward(self, batch: dict[str, jax.Array]) -> jax.Array:
+        """Reads ``encoder_inputs`` [B, S], ``decoder_inputs`` [B, T] (targets shifted right) and
+        optional ``encoder_mask`` [B, S], ``decoder_mask`` [B, T] (1 = token, 0 = padding)."""
+        encoded = self.encode(batch["encoder_inputs"], batch.get("encoder_mask"))
+        return self.decode(batch["decoder_inputs"], encoded, batch.get("encoder_mask"), batch.get("decoder_mask"))
+
+    def encode(self, tokens: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        """tokens [B, S] -> encoder states [B, S, embed] (after the final norm)."""
+        x = constrain(self.embed(tokens), ("batch", "length", "act_embed"))
+        bias = self.encoder_relpos(tokens.shape[1], tokens.shape[1])  # [1, heads, S, S]
+        x = self.encoder(x, _positions(tokens), causal=False, mask=_key_mask(mask), bias=bias)
+        return self.encoder_norm(x)
+
+    def decode(
+        self,
+        tokens: jax.Array,
+        encoded: jax.Array,
+        encoder_mask: jax.Array | None = None,
+        decoder_mask: jax.Array | None = None,
+    ) -> jax.Array:
+        """tokens [B, T], encoded [B, S, embed] -> logits [B, T, vocab] float32."""
+        cfg = self.cfg
+        x = constrain(self.embed(tokens), ("batch", "length", "act_embed"))
+        bias = self.decoder_relpos(tokens.shape[1], tokens.shape[1])  # [1, heads, T, T]
+        x = self.decoder(
+            x,
+            _positions(tokens),
+            causal=True,
+            mask=_key_mask(decoder_mask),
+            bias=bias,
+            context=encoded,
+            context_mask=_key_mask(encoder_mask),
+        )
+        x = self.decoder_norm(x)
+        if cfg.tie_embeddings:
+            x = x * (cfg.d_model**-0.5)
+            head = self.embed.embedding[...].T  # [embed, vocab]
+        else:
+            head = self.head[...]
+        logits = jnp.einsum("btd,dv->btv", x, head.astype(x.dtype), preferred_element_type=jnp.float32)
+        return constrain(logits, ("batch", "length", "act_vocab"))
