@@ -1,23 +1,42 @@
-"""Orbax checkpoints of the whole run: train state, data-iterator position and config.
+"""Orbax checkpoints of the whole run: train state, data-iterator position, config, manifest.
 
-Layout: ``run.dir/checkpoints/<step>/{state,data,config}``. Orbax writes each step into a
-temporary directory and renames it on commit, so a crash mid-save leaves only older steps
-visible. A committed step that fails to restore is moved aside to ``<step>.damaged`` (never
-deleted) and the next older one is tried.
+Layout: ``run.dir/checkpoints/<step>/{state,data,config,manifest}``. Orbax writes each step
+into ``<step>.orbax-checkpoint-tmp*`` and renames it on commit, so a process killed mid-save
+leaves only older steps visible (the leftover temporary directory is removed on the next start).
+
+Orbax does not notice a flipped byte in array data: it restores garbage. ``manifest`` holds a
+fingerprint of every array (computed where the arrays live, independent of the mesh) and a
+SHA-256 of the ``data`` and ``config`` items; a restore that does not match is damaged.
+When the newest steps are damaged and an older one restores, the damaged ones are moved aside
+to ``<step>.damaged`` (never deleted) with a ``warning:`` line each. When none restores, nothing
+is moved and the run stops with an error.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import pathlib
 import sys
-from typing import Any
+from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from train.config import CheckpointConfig, ConfigError
 from train.state import TrainState
+
+MANIFEST_FORMAT = 1
+
+
+class CheckpointError(ConfigError):
+    """No checkpoint can be used; the message names the newest one, why, and what to do."""
+
+
+class DamagedCheckpoint(Exception):
+    """A committed step whose files do not read back as they were written."""
 
 
 @dataclasses.dataclass
@@ -37,6 +56,10 @@ def restore_target(abstract: TrainState, shardings: TrainState) -> TrainState:
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
+# Fields that change how the model runs, not what its parameters are.
+RESTORE_TOLERANT_FIELDS = frozenset({"compute_dtype", "scan_layers", "remat", "attention", "max_seq_len"})
+
+
 def config_mismatch(saved_model: dict, current_model: dict) -> list[str]:
     """Model fields whose values differ, as 'name: saved -> current'."""
     return [
@@ -46,14 +69,118 @@ def config_mismatch(saved_model: dict, current_model: dict) -> list[str]:
     ]
 
 
-# Fields that change how the model runs, not what its parameters are.
-RESTORE_TOLERANT_FIELDS = frozenset({"compute_dtype", "scan_layers", "remat", "attention", "max_seq_len"})
+# --- integrity ------------------------------------------------------------------------------
+
+
+def _path_name(path) -> str:
+    """'params/stack/blocks/mlp/wi/kernel/value': the same for a TrainState and a {'params': ...} dict."""
+    parts = []
+    for key in path:
+        for attr in ("name", "key", "idx"):
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+        else:
+            parts.append(str(key))
+    return "/".join(parts)
+
+
+def _fmix32(h: jax.Array) -> jax.Array:
+    """MurmurHash3's finaliser: a bijection of uint32 that mixes every input bit into every output bit."""
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * jnp.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def _words(x: jax.Array) -> jax.Array:
+    """The bits of ``x`` as uint32 (one word per element; 64-bit dtypes add a trailing axis of 2)."""
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    bits = jnp.dtype(x.dtype).itemsize * 8
+    u = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{bits}"))
+    if bits == 64:
+        return jax.lax.bitcast_convert_type(u, jnp.uint32)
+    return u.astype(jnp.uint32)
+
+
+def _fingerprint(x: jax.Array) -> jax.Array:
+    """uint32[]: the wrapping sum over elements of a hash of (bits, position).
+
+    Integer sums wrap exactly in any order, so the value does not depend on the sharding; a
+    change to any single element always changes it (the hash is a bijection of the bits).
+    """
+    u = _words(x)
+    index = jnp.zeros(u.shape, jnp.uint32)
+    stride = 1
+    for axis in reversed(range(u.ndim)):
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, u.shape, axis) * jnp.uint32(stride % 2**32)
+        stride *= u.shape[axis]
+    return jnp.sum(_fmix32(u + index * jnp.uint32(0x9E3779B9)), dtype=jnp.uint32)
+
+
+@jax.jit
+def _fingerprints(arrays: list) -> list:
+    return [_fingerprint(x) for x in arrays]
+
+
+def fingerprints(tree: Any) -> dict[str, str]:
+    """Path -> 'dtype[shape]:8 hex digits' for every array leaf of ``tree`` (waits for them)."""
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+    arrays = [x if isinstance(x, jax.Array) else jnp.asarray(x) for _, x in leaves]
+    sums = jax.device_get(_fingerprints(arrays))
+    return {
+        _path_name(path): f"{jnp.dtype(x.dtype).name}{list(x.shape)}:{int(s):08x}"
+        for (path, _), x, s in zip(leaves, arrays, sums)
+    }
+
+
+def json_digest(obj: Any) -> str:
+    """SHA-256 of ``obj`` as canonical JSON (what a JSON item reads back as)."""
+    canonical = json.dumps(json.loads(json.dumps(obj)), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def verify(manifest: dict | None, arrays: Any = None, **items: Any) -> None:
+    """Raises DamagedCheckpoint when restored ``arrays`` or JSON ``items`` differ from ``manifest``.
+
+    Only the arrays present in ``arrays`` are checked (partial restores); ``None`` skips the check
+    (checkpoints written before manifests existed).
+    """
+    if manifest is None:
+        return
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise DamagedCheckpoint(f"manifest format {manifest.get('format')!r} is not {MANIFEST_FORMAT}")
+    for name, value in items.items():
+        if name in manifest["items"] and json_digest(value) != manifest["items"][name]:
+            raise DamagedCheckpoint(f"item '{name}' does not match its SHA-256")
+    if arrays is not None:
+        saved = manifest["arrays"]
+        for path, fingerprint in fingerprints(arrays).items():
+            kind, _, value = fingerprint.rpartition(":")
+            saved_kind, _, saved_value = saved.get(path, "").rpartition(":")
+            if kind == saved_kind and value != saved_value:  # a cast on restore is not damage
+                raise DamagedCheckpoint(f"array '{path}' does not match its fingerprint")
+
+
+def _reason(error: Exception) -> str:
+    """'Type: first line of the message', without TensorStore's multi-kilobyte spec dump."""
+    while error.__cause__ is not None:  # Orbax wraps the TensorStore error that says what is wrong
+        error = error.__cause__
+    text = str(error).strip().split(" See full TensorStore details")[0]
+    return f"{type(error).__name__}: {text.splitlines()[0][:200]}" if text else type(error).__name__
+
+
+# --- the run's checkpoints ------------------------------------------------------------------
 
 
 class Checkpoints:
     """Saves and restores a run's checkpoints under ``directory``."""
 
-    def __init__(self, directory: pathlib.Path, cfg: CheckpointConfig):
+    def __init__(self, directory: pathlib.Path, cfg: CheckpointConfig, read_only: bool = False):
         self.directory = pathlib.Path(directory).absolute()
         self.cfg = cfg
         self.manager = ocp.CheckpointManager(
@@ -62,23 +189,37 @@ class Checkpoints:
                 max_to_keep=cfg.keep,
                 keep_period=cfg.keep_every or None,
                 enable_async_checkpointing=cfg.async_save,
-                create=True,
+                create=not read_only,
+                read_only=read_only,
+                cleanup_tmp_directories=not read_only,
             ),
         )
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
+    def path(self, step: int) -> pathlib.Path:
+        return self.directory / str(step)
+
     def save(self, step: int, state: TrainState, data_state: dict, config: dict) -> None:
-        """Starts saving ``step`` (asynchronously unless configured otherwise)."""
+        """Starts saving ``step`` (asynchronously unless configured otherwise).
+
+        Returns once the arrays are copied off the devices, so ``state`` may be donated next.
+        """
         if step in self.manager.all_steps():
             return
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "arrays": fingerprints(state),
+            "items": {"data": json_digest(data_state), "config": json_digest(config)},
+        }
         self.manager.save(
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
                 data=ocp.args.JsonSave(data_state),
                 config=ocp.args.JsonSave(config),
+                manifest=ocp.args.JsonSave(manifest),
             ),
             force=True,
         )
@@ -90,70 +231,147 @@ class Checkpoints:
         self.manager.wait_until_finished()
         self.manager.close()
 
+    def read_manifest(self, step: int) -> dict | None:
+        if not (self.path(step) / "manifest").is_dir():
+            return None
+        return self.manager.restore(step, args=ocp.args.Composite(manifest=ocp.args.JsonRestore())).manifest
+
     def read_config(self, step: int) -> dict:
-        return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+        """The run config saved with ``step``, checked against the manifest."""
+        config = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+        verify(self.read_manifest(step), config=config)
+        return config
 
     def restore_latest(self, target: TrainState, model_config: dict) -> Restored | None:
-        """The newest step that restores cleanly onto ``target`` (arrays placed with its shardings).
+        """The newest step that restores intact onto ``target`` (arrays placed with its shardings).
 
-        Raises ConfigError when the newest readable checkpoint holds a different model.
+        None when there are no checkpoints. Raises ConfigError when the newest readable step
+        holds a different model, and CheckpointError when no step restores.
         """
+        failed: list[tuple[int, str]] = []
         for step in reversed(self.steps()):
             try:
                 config = self.read_config(step)
-            except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is skipped, not fatal
-                self._set_aside(step, e)
+            except Exception as e:  # noqa: BLE001 - unreadable means damaged; judged below
+                failed.append((step, _reason(e)))
                 continue
             mismatch = config_mismatch(config.get("model", {}), model_config)
             if mismatch:
                 raise ConfigError(
-                    f"checkpoint {self.directory / str(step)} holds a different model ({'; '.join(mismatch)}); "
+                    f"checkpoint {self.path(step)} holds a different model ({'; '.join(mismatch)}); "
                     "use the saved model settings or a new run.dir"
                 )
             try:
                 restored = self.manager.restore(
                     step,
-                    args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()
-                    ),
+                    args=ocp.args.Composite(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()),
                 )
+                verify(self.read_manifest(step), restored.state, data=restored.data)
             except Exception as e:  # noqa: BLE001
-                self._set_aside(step, e)
+                failed.append((step, _reason(e)))
                 continue
+            for bad, reason in failed:
+                self._set_aside(bad, reason, step)
             return Restored(step, restored.state, restored.data, config)
+        if failed:
+            step, reason = failed[0]
+            raise CheckpointError(
+                f"no checkpoint under {self.directory} restores; the newest, {self.path(step)}, fails with "
+                f"{reason}; fix the cause, or move the step directories away to start fresh"
+            )
         return None
 
-    def _set_aside(self, step: int, error: Exception) -> None:
-        path = self.directory / str(step)
+    def _set_aside(self, step: int, reason: str, used: int) -> None:
+        path = self.path(step)
         aside = path.with_name(f"{step}.damaged")
-        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-        _warn(f"checkpoint {path} is damaged ({reason}); moved it to {aside.name} and trying an older one")
-        if path.exists() and not aside.exists():
+        n = 1
+        while aside.exists():
+            aside, n = path.with_name(f"{step}.damaged.{n}"), n + 1
+        if jax.process_index() == 0:
             path.rename(aside)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"meshlm_set_aside_{step}")
+        _warn(f"checkpoint {path} is damaged ({reason}); moved it to {aside.name} and resumed from step {used}")
         self.manager.reload()
 
 
-def params_only(directory: pathlib.Path, target_params: Any) -> Any:
-    """The parameters of the newest checkpoint under a run's ``checkpoints`` dir (for init_from)."""
+# --- parameters of another run ---------------------------------------------------------------
+
+
+def _checkpoints_dir(directory: pathlib.Path, what: str) -> pathlib.Path:
     directory = pathlib.Path(directory).absolute()
     if (directory / "checkpoints").is_dir():
         directory = directory / "checkpoints"
     if not directory.is_dir():
-        raise ConfigError(f"checkpoint.init_from='{directory}' is not a run or checkpoints directory")
-    with ocp.CheckpointManager(directory) as manager:
-        step = manager.latest_step()
-        if step is None:
-            raise ConfigError(f"checkpoint.init_from='{directory}' holds no complete checkpoint")
-        restored = manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.PyTreeRestore(
-                    {"params": target_params},
-                    restore_args=jax.tree.map(
-                        lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding), {"params": target_params}
-                    ),
-                    partial_restore=True,
+        raise ConfigError(f"{what}='{directory}' is not a run or checkpoints directory; point it at a run.dir")
+    return directory
+
+
+def newest_params(
+    directory: pathlib.Path,
+    target_params: Callable[[dict], Any],
+    model_config: dict | None = None,
+    what: str = "checkpoint.init_from",
+) -> tuple[int, Any, dict]:
+    """(step, params, config) of the newest intact checkpoint of another run; nothing is moved.
+
+    ``directory`` is a run dir or its ``checkpoints`` dir; ``target_params(saved_config)`` gives
+    the shapes and shardings to restore onto. Raises ConfigError when the saved model differs
+    from ``model_config`` or no step restores.
+    """
+    directory = _checkpoints_dir(directory, what)
+    checkpoints = Checkpoints(directory, CheckpointConfig(), read_only=True)
+    try:
+        steps = checkpoints.steps()
+        if not steps:
+            raise ConfigError(f"{what}='{directory}' holds no complete checkpoint; point it at a run that saved one")
+        reasons = []
+        for step in reversed(steps):
+            try:
+                config = checkpoints.read_config(step)
+            except Exception as e:  # noqa: BLE001
+                reasons.append((step, _reason(e)))
+                continue
+            mismatch = config_mismatch(config.get("model", {}), model_config or {})
+            if mismatch:
+                raise ConfigError(
+                    f"{what}: checkpoint {checkpoints.path(step)} holds a different model ({'; '.join(mismatch)}); "
+                    "use the same model settings as that run"
                 )
-            ),
-        )
-    return restored.state["params"]
+            target = target_params(config)
+            try:
+                params = _restore_params(checkpoints, step, target)
+            except Exception as e:  # noqa: BLE001
+                reasons.append((step, _reason(e)))
+                continue
+            for bad, reason in reasons:
+                _warn(f"checkpoint {checkpoints.path(bad)} is damaged ({reason}); using step {step}")
+            return step, params, config
+        step, reason = reasons[0]
+        raise ConfigError(f"{what}: no checkpoint under {directory} restores; the newest, step {step}, fails with {reason}")
+    finally:
+        checkpoints.close()
+
+
+def _restore_params(checkpoints: Checkpoints, step: int, target_params: Any) -> Any:
+    tree = {"params": target_params}
+    restored = checkpoints.manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(
+                tree,
+                restore_args=jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding), tree),
+                partial_restore=True,
+            )
+        ),
+    ).state
+    verify(checkpoints.read_manifest(step), restored)
+    return restored["params"]
+
+
+def params_only(directory: pathlib.Path, target_params: Any, model_config: dict | None = None) -> Any:
+    """The parameters of another run's newest intact checkpoint (for ``checkpoint.init_from``)."""
+    return newest_params(directory, lambda _: target_params, model_config)[1]
+

@@ -68,6 +68,10 @@ class TrainConfig:
     batch_size: int = 32  # global, in sequences
     seq_len: int = 256
     grad_accum: int = 1  # micro-batches per step, accumulated inside the jitted step
+    objective: Literal["causal_lm", "masked_lm", "span_corruption"] = "causal_lm"
+    mask_rate: float = 0.15  # masked_lm: share of tokens chosen (80% [MASK], 10% random, 10% kept)
+    noise_density: float = 0.15  # span_corruption: share of tokens in noise spans
+    mean_span: float = 3.0  # span_corruption: mean noise-span length
     log_every: int = 10
     eval_every: int = 200  # 0 disables periodic eval (a final eval still runs)
     eval_batches: int = 8
@@ -240,6 +244,9 @@ def validate(config: Config) -> list[str]:
         out.append("optimizer.lr must be > 0, warmup_steps >= 0 and min_lr_ratio in [0, 1]")
     if not 0 <= config.data.val_fraction < 1:
         out.append(f"data.val_fraction must be in [0, 1), got {config.data.val_fraction}")
+    family = {"causal_lm": "decoder", "masked_lm": "encoder", "span_corruption": "encoder_decoder"}[t.objective]
+    if config.model.family != family:
+        out.append(f"train.objective={t.objective} trains model.family={family}, not {config.model.family}; change one")
     r = config.run
     if r.num_processes < 1 or (r.num_processes > 1 and not r.coordinator and not r.auto_distributed):
         out.append("run.num_processes > 1 needs run.coordinator=host:port (or run.auto_distributed=true)")

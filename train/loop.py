@@ -25,6 +25,7 @@ from train import metrics as perf
 from train.checkpoint import Checkpoints, params_only, restore_target
 from train.config import Config, ConfigError, save_config
 from train.data import PackedTokens, eval_batches, read_documents, train_iterator
+from train.objectives import raw_length, text_objective
 from train.optimizer import schedule
 from train.state import count_params, init_state, make_state_spec
 from train.step import make_eval_step, make_train_step
@@ -92,6 +93,30 @@ class Preemption:
             signal.signal(sig, handler)
 
 
+EVAL_SEED_OFFSET = 2**31  # eval batches draw objective randomness apart from any train step
+
+
+def make_objective(config: Config, model: ModelConfig, tokenizer):
+    """``objective(local_windows, step) -> batch`` turning pipeline windows into the objective's batch."""
+    t = config.train
+    mask_id = getattr(tokenizer, "mask_id", None) or tokenizer.vocab_size
+    if t.objective == "masked_lm" and mask_id >= model.vocab_size:
+        raise ConfigError(
+            f"masked_lm needs a [MASK] id below model.vocab_size={model.vocab_size}; "
+            "set model.vocab_size=0 (padded) or use a tokenizer with a mask token"
+        )
+    transform = text_objective(
+        t.objective, vocab_size=model.vocab_size, eos_id=tokenizer.eos_id, mask_id=mask_id, seed=config.seed,
+        rate=t.mask_rate, noise_density=t.noise_density, mean_span=t.mean_span,
+    )
+
+    def objective(local: dict, step: int) -> dict:
+        rows = np.concatenate([local["inputs"][:, :1], local["targets"]], axis=1)  # the raw windows
+        return transform(rows, step, jax.process_index() * len(rows))
+
+    return objective
+
+
 def process_rows(batch: dict) -> dict:
     """This process's rows of a global host batch (rows ``[p*local, (p+1)*local)``)."""
     local = len(next(iter(batch.values()))) // jax.process_count()
@@ -104,12 +129,14 @@ def global_batch(local: dict, mesh) -> dict:
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
 
 
-def evaluate(eval_step, params, batches, mesh, bytes_per_token: float) -> dict:
+def evaluate(eval_step, params, batches, mesh, bytes_per_token: float | None) -> dict:
     total, weight = 0.0, 0.0
     for batch in batches:
         s, w = eval_step(params, global_batch(batch, mesh))
         total, weight = total + float(s), weight + float(w)
     loss = total / weight
+    if bytes_per_token is None:  # bits per byte only means something for next-token prediction
+        return {"eval_loss": loss}
     return {"eval_loss": loss, "eval_bpb": loss / math.log(2) / bytes_per_token}
 
 
@@ -130,14 +157,17 @@ def run(config: Config) -> dict:
     mesh = make_mesh(config.mesh)
     check_fits_mesh(config, model_cfg, mesh)
     train_tokens, val_tokens = PackedTokens(train_docs, tokenizer), PackedTokens(val_docs, tokenizer)
+    window = raw_length(train_cfg.objective, train_cfg.seq_len, train_cfg.noise_density, train_cfg.mean_span) - 1
     batches = train_iterator(
-        train_tokens, train_cfg.seq_len, train_cfg.batch_size, config.seed, config.data.shuffle,
+        train_tokens, window, train_cfg.batch_size, config.seed, config.data.shuffle,
         jax.process_index(), jax.process_count(), config.data.num_workers,
     )
+    objective = make_objective(config, model_cfg, tokenizer)
     eval_set = [
-        process_rows(b) for b in eval_batches(val_tokens, train_cfg.seq_len, train_cfg.batch_size, train_cfg.eval_batches)
+        objective(process_rows(b), EVAL_SEED_OFFSET + i)
+        for i, b in enumerate(eval_batches(val_tokens, window, train_cfg.batch_size, train_cfg.eval_batches))
     ]
-    bytes_per_token = val_tokens.num_bytes / val_tokens.num_tokens
+    bytes_per_token = val_tokens.num_bytes / val_tokens.num_tokens if train_cfg.objective == "causal_lm" else None
 
     spec = make_state_spec(model_cfg, config.optimizer, train_cfg.steps, mesh)
     resolved = dataclasses.replace(config, model=model_cfg)
@@ -175,7 +205,7 @@ def run(config: Config) -> dict:
         return result
 
     compile_start = time.perf_counter()
-    first = global_batch(next(batches), mesh)
+    first = global_batch(objective(next(batches), start), mesh)
     train_step = make_train_step(spec, mesh, train_cfg.grad_accum)
     compiled_step = train_step.lower(state, first).compile()
     eval_step = make_eval_step(spec, mesh)
@@ -212,7 +242,7 @@ def run(config: Config) -> dict:
                 interval_start, interval_steps = time.perf_counter(), 0
             if train_cfg.eval_every and step % train_cfg.eval_every == 0 and step < train_cfg.steps:
                 last_eval = record_eval(step)
-                progress.write(f"step {step}: eval_loss {last_eval['eval_loss']:.4f}, eval_bpb {last_eval['eval_bpb']:.4f}")
+                progress.write(f"step {step}: {describe(last_eval)}")
                 interval_start = time.perf_counter()
             save_due = config.checkpoint.every and step % config.checkpoint.every == 0
             if save_due or step == train_cfg.steps or preemption.requested:
@@ -222,11 +252,11 @@ def run(config: Config) -> dict:
                 print(f"preempted: saved checkpoint at step {step} to {checkpoints.directory / str(step)}", flush=True)
                 return {"train": last_train, "eval": last_eval, "preempted_at": step}
             if step < train_cfg.steps:
-                batch = global_batch(next(batches), mesh)
+                batch = global_batch(objective(next(batches), step), mesh)
         progress.close()
         if start < train_cfg.steps or not last_eval:
             last_eval = record_eval(train_cfg.steps)
-            print(f"final: eval_loss {last_eval['eval_loss']:.4f}, eval_bpb {last_eval['eval_bpb']:.4f}", flush=True)
+            print(f"final: {describe(last_eval)}", flush=True)
         if model_cfg.family == "decoder" and train_cfg.sample_tokens > 0:
             sample = sample_text(spec.graphdef, state.params, tokenizer, train_cfg, config.seed)
             if is_main:
@@ -240,6 +270,10 @@ def run(config: Config) -> dict:
         checkpoints.close()
         writer.close()
     return {"train": last_train, "eval": last_eval}
+
+
+def describe(record: dict) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "step")
 
 
 def sample_text(graphdef, params, tokenizer, train_cfg, seed: int) -> str:

@@ -59,22 +59,22 @@ def device_peak_flops(device_kind: str) -> float | None:
 
 
 @functools.cache
-def cpu_matmul_peak(size: int = 1536, repeats: int = 5) -> float:
-    """FLOP/s of the host's best fp32 square matmul (measured once per process, about 1 s).
+def cpu_matmul_peak(size: int = 1536, seconds: float = 1.0) -> float:
+    """FLOP/s of the host's fastest fp32 [size, size] matmul over about ``seconds`` of tries.
 
-    This is the whole host's peak: fake CPU devices share the same cores.
+    Measured once per process. This is the whole host's peak: fake CPU devices share the cores.
     """
     device = jax.devices("cpu")[0]
     a = jax.device_put(jnp.ones((size, size), jnp.float32), device)
-    b = jax.device_put(jnp.ones((size, size), jnp.float32), device)
     dot = jax.jit(jnp.dot)
-    dot(a, b).block_until_ready()  # compile + warm the thread pool
-    best = float("inf")
-    for _ in range(repeats):
+    dot(a, a).block_until_ready()  # compile + wake the thread pool
+    best, deadline = float("inf"), time.perf_counter() + seconds
+    while True:
         start = time.perf_counter()
-        dot(a, b).block_until_ready()
+        dot(a, a).block_until_ready()
         best = min(best, time.perf_counter() - start)
-    return 2.0 * size**3 / best
+        if start > deadline:
+            return 2.0 * size**3 / best
 
 
 def peak_flops(devices: list | None = None) -> tuple[float, str]:

@@ -259,3 +259,36 @@ def classification(
         "targets": targets,
         "weights": np.ones(len(rows), np.float32),
     }
+
+
+# --- objectives over the packed text stream -------------------------------------------------
+
+
+def raw_length(objective: str, seq_len: int, noise_density: float, mean_span: float) -> int:
+    """Tokens per row the text pipeline must supply so the objective's inputs are ``seq_len`` long."""
+    if objective == "span_corruption":
+        return span_corruption_lengths(seq_len, noise_density, mean_span)[0]
+    return seq_len + 1 if objective == "causal_lm" else seq_len
+
+
+def text_objective(objective: str, *, vocab_size: int, eos_id: int, mask_id: int, seed: int, rate: float,
+                   noise_density: float, mean_span: float):
+    """``transform(rows, step, first_row) -> batch`` for rows of the packed token stream.
+
+    ``rows``: int32 [local_B, raw_length]; ``first_row`` is the global index of ``rows[0]``.
+    Random choices are seeded by (seed, step, global row), so a global batch does not depend
+    on how many processes share it, and resuming at a step reproduces it.
+    """
+
+    def per_row(fn, rows, step, first_row):
+        parts = [fn(rows[i : i + 1], (seed, step, first_row + i)) for i in range(len(rows))]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    if objective == "causal_lm":
+        return lambda rows, step, first_row: {"inputs": rows[:, :-1], "targets": rows[:, 1:]}
+    if objective == "masked_lm":
+        fn = lambda row, s: masked_lm(row, mask_id=mask_id, vocab_size=vocab_size, seed=s, rate=rate, special_ids=(eos_id,))  # noqa: E731
+    else:
+        fn = lambda row, s: span_corruption(row, vocab_size=vocab_size, seed=s, noise_density=noise_density,  # noqa: E731
+                                            mean_span=mean_span, eos_id=eos_id)
+    return lambda rows, step, first_row: per_row(fn, rows, step, first_row)
