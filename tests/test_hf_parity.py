@@ -243,9 +243,15 @@ def test_pretrained_minilm_matches_transformers_bert_hidden_states():
     assert (cfg.n_layers, cfg.d_model, cfg.vocab_size) == (6, 384, 30522)
     ours = hidden_states(model, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
     reference = transformers.BertModel.from_pretrained(path).eval()
+    inputs = {k: torch.tensor(v) for k, v in batch.items()}
     with torch.no_grad():
-        theirs = reference(**{k: torch.tensor(v) for k, v in batch.items()}).last_hidden_state.numpy()
-    np.testing.assert_allclose(np.asarray(ours), theirs, atol=TOL, rtol=0)
+        theirs = reference(**inputs).last_hidden_state.numpy()
+        exact = reference.double()(**inputs).last_hidden_state.numpy()
+    real = batch["attention_mask"].astype(bool)
+    np.testing.assert_allclose(np.asarray(ours)[real], theirs[real], atol=TOL, rtol=0)
+    # At padding positions torch's own fp32 result is ~1e-4 from its float64 one (ours: ~4e-6),
+    # so every position is held to the float64 computation of the same weights.
+    np.testing.assert_allclose(np.asarray(ours), exact, atol=TOL / 10, rtol=0)
 
 
 def test_sharded_bfloat16_checkpoint_imports_as_float32_parameters(tmp_path):

@@ -14,12 +14,14 @@ is moved and the run stops with an error.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import json
 import pathlib
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -56,16 +58,18 @@ def restore_target(abstract: TrainState, shardings: TrainState) -> TrainState:
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
-# Fields that change how the model runs, not what its parameters are.
+# Fields that change how the model runs, not what its parameters are (max_seq_len: unless
+# positions are learned, when it is the position table's length).
 RESTORE_TOLERANT_FIELDS = frozenset({"compute_dtype", "scan_layers", "remat", "attention", "max_seq_len"})
 
 
 def config_mismatch(saved_model: dict, current_model: dict) -> list[str]:
     """Model fields whose values differ, as 'name: saved -> current'."""
+    tolerant = RESTORE_TOLERANT_FIELDS - ({"max_seq_len"} if current_model.get("position") == "learned" else set())
     return [
         f"{k}: {saved_model.get(k)!r} -> {v!r}"
         for k, v in current_model.items()
-        if k in saved_model and saved_model[k] != v and k not in RESTORE_TOLERANT_FIELDS
+        if k in saved_model and saved_model[k] != v and k not in tolerant
     ]
 
 
@@ -127,15 +131,19 @@ def _fingerprints(arrays: list) -> list:
     return [_fingerprint(x) for x in arrays]
 
 
-def fingerprints(tree: Any) -> dict[str, str]:
-    """Path -> 'dtype[shape]:8 hex digits' for every array leaf of ``tree`` (waits for them)."""
+def start_fingerprints(tree: Any) -> Callable[[], dict[str, str]]:
+    """Starts fingerprinting every array leaf of ``tree`` on its devices; returns a function that
+    waits for the result: path -> 'dtype[shape]:8 hex digits'."""
     leaves = jax.tree_util.tree_leaves_with_path(tree)
     arrays = [x if isinstance(x, jax.Array) else jnp.asarray(x) for _, x in leaves]
-    sums = jax.device_get(_fingerprints(arrays))
-    return {
-        _path_name(path): f"{jnp.dtype(x.dtype).name}{list(x.shape)}:{int(s):08x}"
-        for (path, _), x, s in zip(leaves, arrays, sums)
-    }
+    names = [(_path_name(path), f"{jnp.dtype(x.dtype).name}{list(x.shape)}") for (path, _), x in zip(leaves, arrays)]
+    sums = _fingerprints(arrays)  # dispatched; the devices compute it before any later donation
+    return lambda: {path: f"{kind}:{int(s):08x}" for (path, kind), s in zip(names, jax.device_get(sums))}
+
+
+def fingerprints(tree: Any) -> dict[str, str]:
+    """Path -> 'dtype[shape]:8 hex digits' for every array leaf of ``tree``."""
+    return start_fingerprints(tree)()
 
 
 def json_digest(obj: Any) -> str:
@@ -174,6 +182,34 @@ def _reason(error: Exception) -> str:
     return f"{type(error).__name__}: {text.splitlines()[0][:200]}" if text else type(error).__name__
 
 
+class ManifestHandler(ocp.handlers.JsonCheckpointHandler):
+    """Writes the manifest as JSON inside the step's atomic commit, from a background thread.
+
+    The array fingerprints are still being computed when ``save`` returns; waiting for them
+    here keeps them out of the time a save blocks training.
+    """
+
+    async def async_save(self, directory, item=None, args=None):
+        async def write() -> None:
+            manifest = await asyncio.to_thread(args.item)
+            if jax.process_index() == 0:
+                (directory / "metadata").write_text(json.dumps(manifest))
+
+        return [ocp.future.CommitFutureAwaitingContractedSignals(write(), name="meshlm_manifest")]
+
+
+@ocp.args.register_with_handler(ManifestHandler, for_save=True)
+@dataclasses.dataclass
+class ManifestSave(ocp.args.CheckpointArgs):
+    item: Callable[[], dict]  # returns the manifest; called in the background
+
+
+@ocp.args.register_with_handler(ManifestHandler, for_restore=True)
+@dataclasses.dataclass
+class ManifestRestore(ocp.args.CheckpointArgs):
+    pass
+
+
 # --- the run's checkpoints ------------------------------------------------------------------
 
 
@@ -204,22 +240,20 @@ class Checkpoints:
     def save(self, step: int, state: TrainState, data_state: dict, config: dict) -> None:
         """Starts saving ``step`` (asynchronously unless configured otherwise).
 
-        Returns once the arrays are copied off the devices, so ``state`` may be donated next.
+        ``state`` may be donated as soon as this returns. The files, and the manifest once the
+        array fingerprints are computed, are written in the background and committed atomically.
         """
         if step in self.manager.all_steps():
             return
-        manifest = {
-            "format": MANIFEST_FORMAT,
-            "arrays": fingerprints(state),
-            "items": {"data": json_digest(data_state), "config": json_digest(config)},
-        }
+        arrays = start_fingerprints(state)
+        items = {"data": json_digest(data_state), "config": json_digest(config)}
         self.manager.save(
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
                 data=ocp.args.JsonSave(data_state),
                 config=ocp.args.JsonSave(config),
-                manifest=ocp.args.JsonSave(manifest),
+                manifest=ManifestSave(lambda: {"format": MANIFEST_FORMAT, "arrays": arrays(), "items": items}),
             ),
             force=True,
         )
@@ -234,7 +268,7 @@ class Checkpoints:
     def read_manifest(self, step: int) -> dict | None:
         if not (self.path(step) / "manifest").is_dir():
             return None
-        return self.manager.restore(step, args=ocp.args.Composite(manifest=ocp.args.JsonRestore())).manifest
+        return self.manager.restore(step, args=ocp.args.Composite(manifest=ManifestRestore())).manifest
 
     def read_config(self, step: int) -> dict:
         """The run config saved with ``step``, checked against the manifest."""
@@ -293,7 +327,8 @@ class Checkpoints:
             from jax.experimental import multihost_utils
 
             multihost_utils.sync_global_devices(f"meshlm_set_aside_{step}")
-        _warn(f"checkpoint {path} is damaged ({reason}); moved it to {aside.name} and resumed from step {used}")
+        if jax.process_index() == 0:
+            _warn(f"checkpoint {path} is damaged ({reason}); moved it to {aside.name} and resumed from step {used}")
         self.manager.reload()
 
 
@@ -350,7 +385,9 @@ def newest_params(
                 _warn(f"checkpoint {checkpoints.path(bad)} is damaged ({reason}); using step {step}")
             return step, params, config
         step, reason = reasons[0]
-        raise ConfigError(f"{what}: no checkpoint under {directory} restores; the newest, step {step}, fails with {reason}")
+        raise ConfigError(
+            f"{what}: no checkpoint under {directory} restores; the newest, step {step}, fails with {reason}"
+        )
     finally:
         checkpoints.close()
 
@@ -374,4 +411,3 @@ def _restore_params(checkpoints: Checkpoints, step: int, target_params: Any) -> 
 def params_only(directory: pathlib.Path, target_params: Any, model_config: dict | None = None) -> Any:
     """The parameters of another run's newest intact checkpoint (for ``checkpoint.init_from``)."""
     return newest_params(directory, lambda _: target_params, model_config)[1]
-

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import pathlib
+import re
 import types
 import typing
 from typing import Any, Literal, Optional
@@ -182,12 +183,27 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, but ``3e-4`` is a float (YAML 1.2) rather than a string (YAML 1.1)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
+
+
 def _parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override '{text}' is not of the form section.key=value")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw else ""
+        value = _yaml(raw) if raw else ""
     except yaml.YAMLError:
         value = raw
     return key.strip(), value
@@ -198,7 +214,7 @@ def load_yaml(path: str | pathlib.Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file '{path}' does not exist; pass a YAML file from configs/")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = _yaml(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"config file '{path}' is not valid YAML ({str(e).splitlines()[0]}); fix the syntax") from None
     if not isinstance(tree, dict):

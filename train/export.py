@@ -23,7 +23,9 @@ def _model_config(saved: dict, where: str):
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     unknown = sorted(set(saved) - fields)
     if unknown:
-        raise ConfigError(f"{where} has model fields this version does not know ({', '.join(unknown)}); use a matching meshlm")
+        raise ConfigError(
+            f"{where} has model fields this version does not know ({', '.join(unknown)}); use a matching meshlm"
+        )
     return ModelConfig(**saved)
 
 

@@ -1,0 +1,211 @@
+"""``python -m train CONFIG key=value ...`` end to end, in subprocesses on 8 fake CPU devices.
+
+Good runs: the tiny GPT-2 (twice, same seed) and the tiny Llama presets, 30 steps each.
+Bad input: exit status 2, one ``error:`` line on stderr, and nothing written to run.dir.
+All processes of a kind start together, so the file costs about one run's wall time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from train.config import load_config
+from train.loop import resolve_model
+from train.optimizer import schedule
+from train.tokenizer import ByteTokenizer
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+GPT2 = "configs/tiny-gpt2.yaml"
+LLAMA = "configs/tiny-llama.yaml"
+TRAIN_KEYS = {"step", "loss", "lr", "grad_norm", "tokens_per_sec", "mfu"}
+EVAL_KEYS = {"step", "eval_loss", "eval_bpb"}
+ENV = {
+    **os.environ,
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+    "JAX_PLATFORMS": "cpu",  # an installed libtpu otherwise logs TPU probing to stderr
+    "PYTHONPATH": str(REPO),
+}
+TIMEOUT_S = 300
+
+
+def start(*args: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", "train", *args]
+    return subprocess.Popen(command, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(process: subprocess.Popen) -> subprocess.CompletedProcess:
+    stdout, stderr = process.communicate(timeout=TIMEOUT_S)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def read_records(run_dir: pathlib.Path) -> tuple[list[dict], list[dict]]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    return [r for r in records if "loss" in r], [r for r in records if "eval_loss" in r]
+
+
+GOOD_RUNS = {  # name: (config, extra arguments)
+    "gpt2": (GPT2, []),
+    "gpt2-again": (GPT2, ["train.sample_tokens=0"]),  # sampling happens after training
+    "llama": (LLAMA, []),
+}
+BAD_INPUTS = {
+    # name: (arguments after the config path, what the one error line must say)
+    "misspelt key": (["train.stpes=5"], "unknown config key 'train.stpes' (did you mean 'steps'?)"),
+    "wrong type": (["train.batch_size=sixteen"], "train.batch_size must be an integer, got 'sixteen'"),
+    "missing data path": (
+        ["data.train_files=data/no_such_corpus/*.txt"],
+        "data.train_files='data/no_such_corpus/*.txt' matches no file",
+    ),
+    "empty corpus": (["data.train_files={empty}/*.txt"], "holds only empty documents"),
+    "mesh does not divide devices": (
+        ["mesh.data=3", "mesh.fsdp=1"],
+        "mesh sizes data=3, fsdp=1, tensor=1 use 3 devices but 8 are available",
+    ),
+    "batch not divisible by data parallel": (
+        ["train.batch_size=12"],
+        "train.batch_size=12 is not divisible by the data-parallel size 8",
+    ),
+    "seq_len over max_seq_len": (["train.seq_len=128"], "train.seq_len=128 is longer than model.max_seq_len=64"),
+}
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    """Every process of this file, started at once: name -> (run dir, Popen)."""
+    root = tmp_path_factory.mktemp("cli")
+    empty = root / "empty_corpus"
+    empty.mkdir()
+    (empty / "blank.txt").write_text("")
+    out = {}
+    for name, (path, extra) in GOOD_RUNS.items():
+        out[name] = (root / name, start(path, f"run.dir={root / name}", *extra))
+    for name, (args, _) in BAD_INPUTS.items():
+        run_dir = root / name.replace(" ", "-")
+        out[name] = (run_dir, start(GPT2, f"run.dir={run_dir}", *(a.format(empty=empty) for a in args)))
+    yield out
+    for _, process in out.values():
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+# --- good runs ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def runs(launched):
+    """name -> (run dir, CompletedProcess) for the good runs."""
+    return {name: (launched[name][0], finish(launched[name][1])) for name in GOOD_RUNS}
+
+
+def check_ok(result: subprocess.CompletedProcess) -> None:
+    output = f"stdout:\n{result.stdout[-2000:]}\nstderr:\n{result.stderr[-4000:]}"
+    assert result.returncode == 0, f"exit {result.returncode}\n{output}"
+
+
+@pytest.mark.parametrize("name, preset", [("gpt2", GPT2), ("llama", LLAMA)])
+def test_run_writes_train_and_eval_records_with_every_metric(runs, name, preset):
+    run_dir, result = runs[name]
+    check_ok(result)
+    config = load_config(REPO / preset)
+    train, evals = read_records(run_dir)
+    assert [r["step"] for r in train] == list(range(5, 31, 5))  # log_every 5, 30 steps
+    assert [r["step"] for r in evals] == [10, 20, 30]  # eval_every 10, and the final eval
+    lr_at = schedule(config.optimizer, config.train.steps)
+    for r in train:
+        assert TRAIN_KEYS <= r.keys(), r
+        assert r["lr"] == pytest.approx(float(lr_at(r["step"] - 1)), rel=1e-6)
+        assert math.isfinite(r["loss"]) and 0 < r["grad_norm"] < 100
+        assert r["tokens_per_sec"] > 0 and r["mfu"] > 0
+    # mfu = tokens_per_sec * flops_per_token / peak: the same ratio on every record of a run.
+    ratios = [r["mfu"] / r["tokens_per_sec"] for r in train]
+    assert max(ratios) == pytest.approx(min(ratios), rel=1e-9)
+    for r in evals:
+        assert EVAL_KEYS <= r.keys(), r
+        # Byte tokenizer: one token per byte plus one eos per document, so bits per byte is the
+        # loss in bits times (bytes + 1) / bytes, which for Hamlet is within 1e-5 of the loss in bits.
+        assert r["eval_bpb"] == pytest.approx(r["eval_loss"] / math.log(2), rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_loss_falls(runs, name):
+    run_dir, result = runs[name]
+    check_ok(result)
+    train, evals = read_records(run_dir)
+    assert train[0]["loss"] > 4.5  # about ln(384) = 5.95 at step 1
+    assert train[-1]["loss"] < 0.8 * train[0]["loss"]
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] < 0.8 * math.log(384)
+
+
+@pytest.mark.parametrize("name, preset", [("gpt2", GPT2), ("llama", LLAMA)])
+def test_run_dir_holds_resolved_config_checkpoint_and_plot(runs, name, preset):
+    run_dir, result = runs[name]
+    check_ok(result)
+    saved = load_config(run_dir / "config.yaml")  # the saved config loads and validates as it is
+    given = load_config(REPO / preset, [f"run.dir={run_dir}"])
+    expected = dataclasses.replace(given, model=resolve_model(given.model, ByteTokenizer.vocab_size))
+    assert saved == expected
+    assert saved.model.vocab_size == 384  # 257 byte ids rounded up to a multiple of 128
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if not p.name.startswith(".")) == ["30"]
+    assert (run_dir / "loss.png").stat().st_size > 0
+    assert "final: eval_loss" in result.stdout
+
+
+def test_sample_is_printed_after_training(runs):
+    _, result = runs["gpt2"]
+    check_ok(result)
+    assert "sample:\nROMEO.\n" in result.stdout
+
+
+def test_same_seed_in_another_run_dir_gives_identical_losses(runs):
+    (dir_a, a), (dir_b, b) = runs["gpt2"], runs["gpt2-again"]
+    check_ok(a)
+    check_ok(b)
+    train_a, eval_a = read_records(dir_a)
+    train_b, eval_b = read_records(dir_b)
+    assert [r["loss"] for r in train_a] == [r["loss"] for r in train_b]
+    assert [r["grad_norm"] for r in train_a] == [r["grad_norm"] for r in train_b]
+    assert [r["eval_loss"] for r in eval_a] == [r["eval_loss"] for r in eval_b]
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bad_runs(launched):
+    """name -> (run dir that must stay absent, CompletedProcess)."""
+    return {name: (launched[name][0], finish(launched[name][1])) for name in BAD_INPUTS}
+
+
+@pytest.mark.parametrize("name", BAD_INPUTS)
+def test_bad_input_exits_2_with_one_error_line_and_writes_nothing(bad_runs, name):
+    run_dir, result = bad_runs[name]
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, f"exit {result.returncode}\nstderr:\n{result.stderr[-4000:]}"
+    assert len(lines) == 1, f"stderr should be one line:\n{result.stderr[-4000:]}"
+    assert lines[0].startswith("error: ")
+    assert BAD_INPUTS[name][1] in lines[0]
+    assert "Traceback" not in result.stdout
+    assert not run_dir.exists(), f"{name}: wrote {sorted(p.name for p in run_dir.rglob('*'))}"
+
+
+def test_help_exits_0_and_shows_usage():
+    result = subprocess.run(
+        [sys.executable, "-m", "train", "--help"],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0
+    assert result.stdout.startswith("usage: python -m train [CONFIG.yaml]")
