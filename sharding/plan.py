@@ -206,7 +206,7 @@ def format_plan(plan: Plan, cfg: Config, config_name: str) -> str:
         f"model: {_count(plan.num_params)} parameters, remat={m.remat}, compute {m.compute_dtype}",
         (
             f"mesh: {mesh}; batch {t.batch_size} x {t.seq_len} tokens, grad_accum {t.grad_accum}, "
-            f"{t.batch_size // max(dp, 1)} sequences per chip"
+            f"{t.batch_size // max(dp, 1)} sequences per data-parallel shard"
         ),
         f"compile: lowered in {plan.lower_s:.1f} s, compiled in {plan.compile_s:.1f} s",
         "",
