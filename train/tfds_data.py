@@ -103,7 +103,8 @@ def open_tfds(cfg: DataConfig) -> TfdsCorpus:
             raise ConfigError(
                 f"TFDS dataset '{cfg.tfds_name}' under '{data_dir}' is stored as {info.file_format.value}, which "
                 "tfds.data_source cannot read; set data.tfds_reader=tf_data (pip install -e '.[tf]') or convert it "
-                f"with tfds convert_format --dataset_version_dir={builder.data_dir} --out_file_format=array_record"
+                f"with tfds convert_format --dataset_version_dir={builder.data_dir} --out_file_format=array_record "
+                "(needs tensorflow and apache-beam)"
             )
     return TfdsCorpus(cfg, builder)
 
