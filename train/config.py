@@ -41,12 +41,17 @@ class RunConfig:
 class DataConfig:
     train_files: str = "data/shakespeare/*.txt"  # glob(s), comma-separated; relative to the cwd
     val_files: str = ""  # glob(s) of held-out documents; empty: split off val_fraction of documents
-    format: Literal["text", "jsonl"] = "text"  # text: one document per file; jsonl: one per line
-    text_field: str = "text"  # the JSONL field that holds the text
+    format: Literal["text", "jsonl", "tfds"] = "text"  # text: a document per file; jsonl: per line; tfds: by name
+    text_field: str = "text"  # the JSONL field (or TFDS feature) that holds the text
     val_fraction: float = 0.05  # fraction of whole documents held out when val_files is empty
     tokenizer: str = "byte"  # 'byte' or a directory holding a Hugging Face tokenizer
     shuffle: bool = True
     num_workers: int = 0  # grain worker processes (0: in the main process)
+    tfds_name: str = ""  # format=tfds: dataset[/config][:version], e.g. c4/en:3.1.0 (see train/tfds_data.py)
+    tfds_data_dir: str = ""  # directory (or gs:// path) holding prepared TFDS datasets; empty: TFDS's default
+    tfds_train_split: str = "train"
+    tfds_val_split: str = "validation"
+    tfds_reader: Literal["data_source", "tf_data"] = "data_source"  # tf_data needs TensorFlow: pip install -e '.[tf]'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,6 +265,8 @@ def validate(config: Config) -> list[str]:
         out.append("optimizer.lr must be > 0, warmup_steps >= 0 and min_lr_ratio in [0, 1]")
     if not 0 <= config.data.val_fraction < 1:
         out.append(f"data.val_fraction must be in [0, 1), got {config.data.val_fraction}")
+    if config.data.format == "tfds" and not config.data.tfds_name:
+        out.append("data.format=tfds needs data.tfds_name, e.g. data.tfds_name=c4/en:3.1.0")
     family = {"causal_lm": "decoder", "masked_lm": "encoder", "span_corruption": "encoder_decoder"}[t.objective]
     if config.model.family != family:
         out.append(f"train.objective={t.objective} trains model.family={family}, not {config.model.family}; change one")

@@ -29,6 +29,7 @@ from train.objectives import raw_length, text_objective
 from train.optimizer import schedule
 from train.state import count_params, init_state, make_state_spec
 from train.step import make_eval_step, make_train_step
+from train.tfds_data import open_tfds
 from train.tokenizer import load_tokenizer
 from train.writers import MetricsWriter, plot_losses
 
@@ -152,16 +153,26 @@ def run(config: Config) -> dict:
 
     # Everything that can be wrong with the input is checked before anything is written.
     tokenizer = load_tokenizer(config.data.tokenizer)
-    train_docs, val_docs = read_documents(config.data)
+    tfds_corpus = open_tfds(config.data) if config.data.format == "tfds" else None  # streamed, not read here
+    train_docs, val_docs = read_documents(config.data) if tfds_corpus is None else ([], [])
     model_cfg = resolve_model(config.model, tokenizer.vocab_size)
     mesh = make_mesh(config.mesh)
     check_fits_mesh(config, model_cfg, mesh)
-    train_tokens, val_tokens = PackedTokens(train_docs, tokenizer), PackedTokens(val_docs, tokenizer)
     window = raw_length(train_cfg.objective, train_cfg.seq_len, train_cfg.noise_density, train_cfg.mean_span) - 1
-    batches = train_iterator(
-        train_tokens, window, train_cfg.batch_size, config.seed, config.data.shuffle,
-        jax.process_index(), jax.process_count(), config.data.num_workers,
-    )
+    if tfds_corpus is None:
+        train_tokens, val_tokens = PackedTokens(train_docs, tokenizer), PackedTokens(val_docs, tokenizer)
+        batches = train_iterator(
+            train_tokens, window, train_cfg.batch_size, config.seed, config.data.shuffle,
+            jax.process_index(), jax.process_count(), config.data.num_workers,
+        )
+        train_size = f"{train_tokens.num_tokens:,} train tokens"
+    else:
+        val_tokens = tfds_corpus.val_tokens(tokenizer, window, train_cfg.batch_size, train_cfg.eval_batches)
+        batches = tfds_corpus.train_iterator(
+            tokenizer, window, train_cfg.batch_size, config.seed, config.data.shuffle,
+            jax.process_index(), jax.process_count(), config.data.num_workers,
+        )
+        train_size = f"{tfds_corpus.num_records(config.data.tfds_train_split):,} train records (streamed)"
     objective = make_objective(config, model_cfg, tokenizer)
     eval_set = [
         objective(process_rows(b), EVAL_SEED_OFFSET + i)
@@ -194,7 +205,7 @@ def run(config: Config) -> dict:
     if is_main:
         print(
             f"model: {n_params / 1e6:.2f}M params, mesh {dict(mesh.shape)}, {model_cfg.compute_dtype} compute; "
-            f"data: {train_tokens.num_tokens:,} train / {val_tokens.num_tokens:,} val tokens; "
+            f"data: {train_size} / {val_tokens.num_tokens:,} val tokens; "
             f"peak {peak / 1e12:.2f} TFLOP/s ({peak_source})",
             flush=True,
         )
