@@ -52,6 +52,12 @@ class DataConfig:
     tfds_train_split: str = "train"
     tfds_val_split: str = "validation"
     tfds_reader: Literal["data_source", "tf_data"] = "data_source"  # tf_data needs TensorFlow: pip install -e '.[tf]'
+    # classification / seq2seq examples (train/examples.py): one JSONL row per example
+    label_field: str = "label"  # classification: the field holding the label (a string or an integer)
+    labels: str = ""  # classification: label names in id order, comma-separated; empty: sorted labels of the data
+    input_field: str = "input"  # seq2seq: the field holding the input text
+    target_field: str = "target"  # seq2seq: the field holding the target text
+    group_field: str = ""  # hold out whole groups of rows sharing this field's value (val_fraction of groups)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,14 +80,15 @@ class TrainConfig:
     batch_size: int = 32  # global, in sequences
     seq_len: int = 256
     grad_accum: int = 1  # micro-batches per step, accumulated inside the jitted step
-    objective: Literal["causal_lm", "masked_lm", "span_corruption"] = "causal_lm"
+    objective: Literal["causal_lm", "masked_lm", "span_corruption", "seq2seq", "classification"] = "causal_lm"
+    target_len: int = 64  # seq2seq: target tokens (the encoder reads seq_len tokens)
     mask_rate: float = 0.15  # masked_lm: share of tokens chosen (80% [MASK], 10% random, 10% kept)
     noise_density: float = 0.15  # span_corruption: share of tokens in noise spans
     mean_span: float = 3.0  # span_corruption: mean noise-span length
     log_every: int = 10
     eval_every: int = 200  # 0 disables periodic eval (a final eval still runs)
     eval_batches: int = 8
-    sample_every: int = 0  # 0: one sample at the end only
+    sample_every: int = 0  # decoders: print a sample every this many steps too; 0: only at the end
     sample_prompt: str = "ROMEO.\n"
     sample_tokens: int = 200
     progress_bar: bool = True
@@ -247,6 +254,9 @@ def validate(config: Config) -> list[str]:
     for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_batches"):
         if getattr(t, name) <= 0:
             out.append(f"train.{name} must be positive, got {getattr(t, name)}")
+    for name in ("eval_every", "sample_every", "sample_tokens"):
+        if getattr(t, name) < 0:
+            out.append(f"train.{name} must be >= 0 (0: off), got {getattr(t, name)}")
     if t.seq_len > config.model.max_seq_len:
         out.append(
             f"train.seq_len={t.seq_len} is longer than model.max_seq_len={config.model.max_seq_len}; "
@@ -267,14 +277,50 @@ def validate(config: Config) -> list[str]:
         out.append(f"data.val_fraction must be in [0, 1), got {config.data.val_fraction}")
     if config.data.format == "tfds" and not config.data.tfds_name:
         out.append("data.format=tfds needs data.tfds_name, e.g. data.tfds_name=c4/en:3.1.0")
-    family = {"causal_lm": "decoder", "masked_lm": "encoder", "span_corruption": "encoder_decoder"}[t.objective]
-    if config.model.family != family:
-        out.append(f"train.objective={t.objective} trains model.family={family}, not {config.model.family}; change one")
+    out += objective_problems(config)
     r = config.run
     if r.num_processes < 1 or (r.num_processes > 1 and not r.coordinator and not r.auto_distributed):
         out.append("run.num_processes > 1 needs run.coordinator=host:port (or run.auto_distributed=true)")
     if config.checkpoint.every < 0 or config.checkpoint.keep < 1:
         out.append("checkpoint.every must be >= 0 and checkpoint.keep >= 1")
+    return out
+
+
+def split_labels(text: str) -> list[str]:
+    """``data.labels`` ('comedy, history,tragedy') -> ['comedy', 'history', 'tragedy']."""
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+EXAMPLE_OBJECTIVES = ("seq2seq", "classification")  # read JSONL examples, not a packed token stream
+OBJECTIVE_FAMILY = {
+    "causal_lm": "decoder",
+    "masked_lm": "encoder",
+    "span_corruption": "encoder_decoder",
+    "seq2seq": "encoder_decoder",
+    "classification": "encoder",
+}
+
+
+def objective_problems(config: Config) -> list[str]:
+    """train.objective against the model family and head and the data format."""
+    t, model, data = config.train, config.model, config.data
+    family = OBJECTIVE_FAMILY[t.objective]
+    if model.family != family:
+        return [f"train.objective={t.objective} trains model.family={family}, not {model.family}; change one"]
+    out = []
+    head = "classification" if t.objective == "classification" else "lm"
+    if family == "encoder" and model.head != head:
+        out.append(f"train.objective={t.objective} needs model.head={head}, not {model.head}; set model.head={head}")
+    if t.objective in EXAMPLE_OBJECTIVES and data.format != "jsonl":
+        out.append(f"train.objective={t.objective} reads one example per JSONL row; set data.format=jsonl")
+    labels = split_labels(data.labels)
+    if t.objective == "classification" and labels and len(labels) != model.num_labels:
+        out.append(
+            f"data.labels names {len(labels)} labels but model.num_labels={model.num_labels}; "
+            f"set model.num_labels={len(labels)}"
+        )
+    if t.target_len <= 0:
+        out.append(f"train.target_len must be positive, got {t.target_len}")
     return out
 
 

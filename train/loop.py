@@ -9,28 +9,24 @@ from __future__ import annotations
 import dataclasses
 import math
 import pathlib
-import signal
-import sys
 import time
 
 import jax
-import numpy as np
 from tqdm import tqdm
 
 from models.config import ModelConfig
 from models.generate import generate
 from sharding.mesh import make_mesh
-from sharding.rules import batch_sharding
 from train import metrics as perf
-from train.checkpoint import Checkpoints, params_only, restore_target
+from train.checkpoint import Checkpoints, restore_target
 from train.config import Config, ConfigError, save_config
-from train.data import PackedTokens, eval_batches, read_documents, train_iterator
-from train.objectives import raw_length, text_objective
 from train.optimizer import schedule
+from train.preemption import Preemption
 from train.state import count_params, init_state, make_state_spec
-from train.step import make_eval_step, make_train_step
-from train.tfds_data import open_tfds
+from train.step import make_train_step
+from train.tasks import global_batch, make_task, vocab_needed
 from train.tokenizer import load_tokenizer
+from train.warm_start import warm_start
 from train.writers import MetricsWriter, plot_losses
 
 VOCAB_MULTIPLE = 128
@@ -71,76 +67,6 @@ def check_fits_mesh(config: Config, model: ModelConfig, mesh: jax.sharding.Mesh)
             raise ConfigError(f"{name}={size} does not divide over {axis}={axis_size}; choose sizes that divide")
 
 
-class Preemption:
-    """SIGTERM/SIGINT ask the loop to save and stop after the current step; a second one exits now."""
-
-    def __init__(self):
-        self.requested = False
-        self.previous = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self.previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            print(f"error: second signal {signum}; exiting now (committed checkpoints are intact)", file=sys.stderr, flush=True)
-            sys.stdout.flush()
-            import os
-
-            os._exit(128 + signum)
-        self.requested = True
-
-    def restore(self):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-
-EVAL_SEED_OFFSET = 2**31  # eval batches draw objective randomness apart from any train step
-
-
-def make_objective(config: Config, model: ModelConfig, tokenizer):
-    """``objective(local_windows, step) -> batch`` turning pipeline windows into the objective's batch."""
-    t = config.train
-    mask_id = getattr(tokenizer, "mask_id", None) or tokenizer.vocab_size
-    if t.objective == "masked_lm" and mask_id >= model.vocab_size:
-        raise ConfigError(
-            f"masked_lm needs a [MASK] id below model.vocab_size={model.vocab_size}; "
-            "set model.vocab_size=0 (padded) or use a tokenizer with a mask token"
-        )
-    transform = text_objective(
-        t.objective, vocab_size=model.vocab_size, eos_id=tokenizer.eos_id, mask_id=mask_id, seed=config.seed,
-        rate=t.mask_rate, noise_density=t.noise_density, mean_span=t.mean_span,
-    )
-
-    def objective(local: dict, step: int) -> dict:
-        rows = np.concatenate([local["inputs"][:, :1], local["targets"]], axis=1)  # the raw windows
-        return transform(rows, step, jax.process_index() * len(rows))
-
-    return objective
-
-
-def process_rows(batch: dict) -> dict:
-    """This process's rows of a global host batch (rows ``[p*local, (p+1)*local)``)."""
-    local = len(next(iter(batch.values()))) // jax.process_count()
-    start = jax.process_index() * local
-    return {k: v[start : start + local] for k, v in batch.items()}
-
-
-def global_batch(local: dict, mesh) -> dict:
-    sharding = batch_sharding(mesh)
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
-
-
-def evaluate(eval_step, params, batches, mesh, bytes_per_token: float | None) -> dict:
-    total, weight = 0.0, 0.0
-    for batch in batches:
-        s, w = eval_step(params, global_batch(batch, mesh))
-        total, weight = total + float(s), weight + float(w)
-    loss = total / weight
-    if bytes_per_token is None:  # bits per byte only means something for next-token prediction
-        return {"eval_loss": loss}
-    return {"eval_loss": loss, "eval_bpb": loss / math.log(2) / bytes_per_token}
-
-
 def run(config: Config) -> dict:
     """Trains as ``config`` says, resuming from ``run.dir`` when it holds checkpoints.
 
@@ -153,45 +79,33 @@ def run(config: Config) -> dict:
 
     # Everything that can be wrong with the input is checked before anything is written.
     tokenizer = load_tokenizer(config.data.tokenizer)
-    tfds_corpus = open_tfds(config.data) if config.data.format == "tfds" else None  # streamed, not read here
-    train_docs, val_docs = read_documents(config.data) if tfds_corpus is None else ([], [])
-    model_cfg = resolve_model(config.model, tokenizer.vocab_size)
+    model_cfg = resolve_model(config.model, vocab_needed(config, tokenizer))
     mesh = make_mesh(config.mesh)
     check_fits_mesh(config, model_cfg, mesh)
-    window = raw_length(train_cfg.objective, train_cfg.seq_len, train_cfg.noise_density, train_cfg.mean_span) - 1
-    if tfds_corpus is None:
-        train_tokens, val_tokens = PackedTokens(train_docs, tokenizer), PackedTokens(val_docs, tokenizer)
-        batches = train_iterator(
-            train_tokens, window, train_cfg.batch_size, config.seed, config.data.shuffle,
-            jax.process_index(), jax.process_count(), config.data.num_workers,
-        )
-        train_size = f"{train_tokens.num_tokens:,} train tokens"
-    else:
-        val_tokens = tfds_corpus.val_tokens(tokenizer, window, train_cfg.batch_size, train_cfg.eval_batches)
-        batches = tfds_corpus.train_iterator(
-            tokenizer, window, train_cfg.batch_size, config.seed, config.data.shuffle,
-            jax.process_index(), jax.process_count(), config.data.num_workers,
-        )
-        train_size = f"{tfds_corpus.num_records(config.data.tfds_train_split):,} train records (streamed)"
-    objective = make_objective(config, model_cfg, tokenizer)
-    eval_set = [
-        objective(process_rows(b), EVAL_SEED_OFFSET + i)
-        for i, b in enumerate(eval_batches(val_tokens, window, train_cfg.batch_size, train_cfg.eval_batches))
-    ]
-    bytes_per_token = val_tokens.num_bytes / val_tokens.num_tokens if train_cfg.objective == "causal_lm" else None
+    task = make_task(config, model_cfg, tokenizer)
+    batches = task.batches
 
     spec = make_state_spec(model_cfg, config.optimizer, train_cfg.steps, mesh)
-    resolved = dataclasses.replace(config, model=model_cfg)
+    resolved = dataclasses.replace(config, model=model_cfg, data=task.data_config)
+
+    def fresh_state():
+        state = init_state(spec, model_cfg, config.seed)
+        if not config.checkpoint.init_from:
+            return state
+        target = restore_target(spec.abstract.params, spec.shardings.params)
+        return state.replace(params=warm_start(config.checkpoint.init_from, state.params, target, model_cfg))
+
+    resuming = (run_dir / "checkpoints").exists()
+    state = None if resuming else fresh_state()  # reads init_from before any directory is created
     checkpoints = Checkpoints(run_dir / "checkpoints", config.checkpoint)
-    restored = checkpoints.restore_latest(restore_target(spec.abstract, spec.shardings), dataclasses.asdict(model_cfg))
+    target = restore_target(spec.abstract, spec.shardings)
+    restored = checkpoints.restore_latest(target, dataclasses.asdict(model_cfg)) if resuming else None
     if restored:
         state, start = restored.state, restored.step
         batches.set_state(restored.data_state)
         print(f"resumed from {checkpoints.directory / str(start)}", flush=True)
     else:
-        state, start = init_state(spec, model_cfg, config.seed), 0
-        if config.checkpoint.init_from:
-            state = state.replace(params=params_only(pathlib.Path(config.checkpoint.init_from), restore_target(spec.abstract.params, spec.shardings.params)))
+        state, start = fresh_state() if state is None else state, 0
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(resolved, run_dir / "config.yaml")
@@ -205,26 +119,29 @@ def run(config: Config) -> dict:
     if is_main:
         print(
             f"model: {n_params / 1e6:.2f}M params, mesh {dict(mesh.shape)}, {model_cfg.compute_dtype} compute; "
-            f"data: {train_size} / {val_tokens.num_tokens:,} val tokens; "
+            f"data: {task.summary}; "
             f"peak {peak / 1e12:.2f} TFLOP/s ({peak_source})",
             flush=True,
         )
 
     def record_eval(step: int) -> dict:
-        result = {"step": step, **evaluate(eval_step, state.params, eval_set, mesh, bytes_per_token)}
+        result = {"step": step, **evaluate(state.params)}
         writer.write(result)
         return result
 
     compile_start = time.perf_counter()
-    first = global_batch(objective(next(batches), start), mesh)
+    first = global_batch(task.batch(next(batches), start), mesh)
     train_step = make_train_step(spec, mesh, train_cfg.grad_accum)
     compiled_step = train_step.lower(state, first).compile()
-    eval_step = make_eval_step(spec, mesh)
+    evaluate = task.evaluator(spec, mesh)
     compile_s = time.perf_counter() - compile_start
 
+    can_sample = model_cfg.family == "decoder" and train_cfg.sample_tokens > 0
     preemption = Preemption()
     last_train, last_eval = {}, {}
-    progress = tqdm(total=train_cfg.steps, initial=start, disable=not (is_main and train_cfg.progress_bar), dynamic_ncols=True)
+    progress = tqdm(
+        total=train_cfg.steps, initial=start, disable=not (is_main and train_cfg.progress_bar), dynamic_ncols=True
+    )
     try:
         step, batch = start, first
         interval_start, interval_steps = time.perf_counter(), 0
@@ -255,20 +172,26 @@ def run(config: Config) -> dict:
                 last_eval = record_eval(step)
                 progress.write(f"step {step}: {describe(last_eval)}")
                 interval_start = time.perf_counter()
+            if can_sample and train_cfg.sample_every and step % train_cfg.sample_every == 0 and step < train_cfg.steps:
+                sample = sample_text(spec.graphdef, state.params, tokenizer, train_cfg, config.seed)
+                if is_main:
+                    progress.write(f"step {step} sample:\n{train_cfg.sample_prompt}{sample}")
+                interval_start = time.perf_counter()
+            preempted = preemption.reached(step)
             save_due = config.checkpoint.every and step % config.checkpoint.every == 0
-            if save_due or step == train_cfg.steps or preemption.requested:
+            if save_due or step == train_cfg.steps or preempted:
                 checkpoints.save(step, state, batches.get_state(), resolved.to_dict())
-            if preemption.requested:
+            if preempted:
                 checkpoints.wait()
                 print(f"preempted: saved checkpoint at step {step} to {checkpoints.directory / str(step)}", flush=True)
                 return {"train": last_train, "eval": last_eval, "preempted_at": step}
             if step < train_cfg.steps:
-                batch = global_batch(objective(next(batches), step), mesh)
+                batch = global_batch(task.batch(next(batches), step), mesh)
         progress.close()
         if start < train_cfg.steps or not last_eval:
             last_eval = record_eval(train_cfg.steps)
             print(f"final: {describe(last_eval)}", flush=True)
-        if model_cfg.family == "decoder" and train_cfg.sample_tokens > 0:
+        if can_sample:
             sample = sample_text(spec.graphdef, state.params, tokenizer, train_cfg, config.seed)
             if is_main:
                 print("sample:\n" + train_cfg.sample_prompt + sample, flush=True)

@@ -32,12 +32,14 @@ PEAK_FLOPS: tuple[tuple[str, float], ...] = (
 def matmul_params(cfg: ModelConfig) -> int:
     """Weights that take part in a matmul per token: attention and MLP projections + LM head.
 
-    The embedding lookup, learned positions, norms and biases are not counted.
+    The embedding lookup, learned positions, norms and biases are not counted, nor a
+    classification head (it reads one token per sequence).
     """
     hd = cfg.dim_per_head
     attn = cfg.d_model * hd * (2 * cfg.n_heads + 2 * cfg.kv_heads)  # q, o: heads; k, v: kv_heads
     mlp = (3 if cfg.mlp == "swiglu" else 2) * cfg.d_model * cfg.d_ff
-    return cfg.n_layers * (attn + mlp) + cfg.d_model * cfg.vocab_size  # the head, tied or not
+    head = cfg.d_model * cfg.vocab_size if cfg.head == "lm" else 0  # the LM head, tied or not
+    return cfg.n_layers * (attn + mlp) + head
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:

@@ -27,7 +27,11 @@ def token_weights(batch: Batch) -> jax.Array:
 
 def summed_loss(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch) -> tuple[jax.Array, jax.Array]:
     """Sum over tokens of the fp32 cross-entropy, and the summed token weight."""
-    logits = nnx.merge(graphdef, params).forward(batch)  # [*targets.shape, classes] float32
+    return _summed(nnx.merge(graphdef, params).forward(batch), batch)
+
+
+def _summed(logits: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """logits [*targets.shape, classes] float32 -> (summed weighted cross-entropy, summed weight)."""
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
     weights = token_weights(batch)
     return jnp.sum(losses * weights), jnp.sum(weights)
@@ -44,7 +48,9 @@ def _micro_batches(batch: Batch, n: int, mesh: Mesh) -> Batch:
     return jax.tree.map(split, batch)
 
 
-def make_train_step(spec: StateSpec, mesh: Mesh, grad_accum: int) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+def make_train_step(
+    spec: StateSpec, mesh: Mesh, grad_accum: int
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """``step(state, batch) -> (state, {'loss', 'grad_norm'})``; the state is donated."""
 
     def loss_and_grads(params, batch, total_weight):
@@ -84,6 +90,22 @@ def make_eval_step(spec: StateSpec, mesh: Mesh) -> Callable[[nnx.State, Batch], 
     """``eval_step(params, batch) -> (summed loss, summed weight)``."""
     jitted = jax.jit(
         lambda params, batch: summed_loss(spec.graphdef, params, batch),
+        in_shardings=(spec.shardings.params, batch_sharding(mesh)),
+        out_shardings=replicated(mesh),
+    )
+    return _under_mesh(jitted, mesh)
+
+
+def make_predict_step(spec: StateSpec, mesh: Mesh) -> Callable[[nnx.State, Batch], tuple[jax.Array, ...]]:
+    """``predict(params, batch) -> (summed loss, summed weight, predictions)``; predictions are the
+    argmax class of every target (int32, ``targets.shape``), replicated for the host to score."""
+
+    def predict(params, batch):
+        logits = nnx.merge(spec.graphdef, params).forward(batch)
+        return *_summed(logits, batch), jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    jitted = jax.jit(
+        predict,
         in_shardings=(spec.shardings.params, batch_sharding(mesh)),
         out_shardings=replicated(mesh),
     )

@@ -1,7 +1,9 @@
 """Tokenizers: raw UTF-8 bytes, or a Hugging Face tokenizer saved in a local directory.
 
 Both map text to int32 id arrays and back and name an end-of-document id (``eos_id``) that
-the packer puts after every document. ``load_tokenizer(cfg.tokenizer)`` picks one.
+the packer puts after every document. Hugging Face tokenizers also name their ``cls_id``,
+``sep_id``, ``pad_id``, ``mask_id`` (None where they have none; the byte tokenizer has none).
+``load_tokenizer(cfg.tokenizer)`` picks one.
 """
 
 from __future__ import annotations
@@ -11,12 +13,16 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
+from train import packages
 from train.config import ConfigError
 
 
 class Tokenizer(Protocol):
     vocab_size: int
     eos_id: int
+    cls_id: int | None
+    sep_id: int | None
+    pad_id: int | None
 
     def encode(self, text: str) -> np.ndarray: ...
 
@@ -30,6 +36,7 @@ class ByteTokenizer:
 
     vocab_size = 257
     eos_id = 256
+    cls_id = sep_id = pad_id = mask_id = None
 
     def encode(self, text: str) -> np.ndarray:
         """Returns int32[len(text.encode())], no eos."""
@@ -52,12 +59,16 @@ class HFTokenizer:
 
         self.path = path
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-        if self.tokenizer.eos_token_id is None:
+        tok = self.tokenizer
+        self.cls_id, self.sep_id, self.pad_id = tok.cls_token_id, tok.sep_token_id, tok.pad_token_id
+        self.mask_id = tok.mask_token_id  # masked_lm's [MASK]; None: an id past the vocabulary
+        eos = tok.eos_token_id if tok.eos_token_id is not None else self.sep_id  # BERT ends documents with [SEP]
+        if eos is None:
             raise ConfigError(
                 f"data.tokenizer='{path}' has no eos token; save the tokenizer with an eos_token "
                 "(python -m train.train_tokenizer sets <|endoftext|>)"
             )
-        self.eos_id: int = int(self.tokenizer.eos_token_id)
+        self.eos_id: int = int(eos)
         self.vocab_size: int = len(self.tokenizer)
         # The Rust tokenizer behind a fast tokenizer encodes batches in parallel and skips
         # the Python-side length warnings; slow tokenizers go through __call__.
@@ -81,10 +92,11 @@ class HFTokenizer:
 
 
 def load_tokenizer(spec: str) -> ByteTokenizer | HFTokenizer:
-    """``'byte'`` -> ``ByteTokenizer``; a directory saved by ``save_pretrained`` -> ``HFTokenizer``."""
+    """``'byte'`` -> ``ByteTokenizer``; a directory saved by ``save_pretrained`` (or a
+    ``python-package:NAME`` holding one, see train/packages.py) -> ``HFTokenizer``."""
     if spec == "byte":
         return ByteTokenizer()
-    path = pathlib.Path(spec)
+    path = pathlib.Path(packages.resolve(spec, "data.tokenizer"))
     has_tokenizer = path.is_dir() and any(
         (path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
     )

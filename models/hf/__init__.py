@@ -11,7 +11,9 @@ for T5).
 One module per family holds the name and layout mapping, with the same few names:
 ``MODEL_TYPES``, ``PREFIXES`` (base-model prefixes dropped from HF names), ``IGNORE`` (buffers
 that are not parameters), ``config_from_hf(hf, weights)``, ``params_from_hf(weights, cfg, hf)``
-(yields ``(our path, array)``), ``matches(cfg)``, ``config_to_hf(cfg)``, ``params_to_hf(params, cfg)``.
+(yields ``(our path, array)``), ``matches(cfg)``, ``config_to_hf(cfg)``, ``params_to_hf(params, cfg)``;
+and ``present_params(weights, cfg, hf)`` where a checkpoint may lack a head that
+``params_from_hf`` would make up (BERT).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from models.config import ModelConfig
 from models.hf import bert, gpt2, llama, t5
 from models.hf.common import ConversionError, Params, Path, Weights, read_config
 
-__all__ = ["ConversionError", "export", "load", "load_config", "params_to_numpy"]
+__all__ = ["ConversionError", "export", "load", "load_config", "params_to_numpy", "read_params"]
 
 FAMILIES: tuple[ModuleType, ...] = (gpt2, llama, bert, t5)
 
@@ -98,6 +100,30 @@ def load(path: str | pathlib.Path, mesh: Mesh | None = None, **overrides: Any) -
             "its config.json describes a different architecture"
         )
     return model, cfg
+
+
+def read_params(path: str | pathlib.Path) -> tuple[ModelConfig, Iterable[tuple[Path, np.ndarray]]]:
+    """Our config of the HF directory ``path`` and its parameters as ``(our path, float32 array)``,
+    read one at a time as the iterable is consumed.
+
+    Unlike ``load`` nothing is made up or checked for completeness: a head the checkpoint lacks
+    is absent (a bare ``BertModel`` gives the encoder and its pooler), for callers that fill the
+    rest themselves (``checkpoint.init_from``).
+    """
+    path = pathlib.Path(path)
+    hf = read_config(path)
+    family = _family_of_hf(hf)
+    weights = Weights(path, family.PREFIXES, family.IGNORE)
+    cfg = _config(family, hf, weights, {}, path)
+    present = getattr(family, "present_params", family.params_from_hf)
+    return cfg, present(weights, cfg, hf)
+
+
+def is_model_dir(path: str | pathlib.Path) -> bool:
+    """Whether ``path`` looks like a Hugging Face model directory (config.json + safetensors)."""
+    path = pathlib.Path(path)
+    weights = (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()
+    return (path / "config.json").is_file() and weights
 
 
 def _abstract_params(cfg: ModelConfig) -> tuple[nnx.GraphDef, dict[Path, jax.ShapeDtypeStruct], nnx.State]:

@@ -96,8 +96,8 @@ def config_from_hf(hf: dict, w: Weights | None = None) -> ModelConfig:
     )
 
 
-def params_from_hf(w: Weights, cfg: ModelConfig, hf: dict) -> Iterator[tuple[Path, np.ndarray]]:
-    """Our parameters one at a time (stacked [layers, ...]), so at most one is on the host at once."""
+def _encoder_params(w: Weights, cfg: ModelConfig) -> Iterator[tuple[Path, np.ndarray]]:
+    """Embeddings and blocks, one parameter at a time (blocks stacked [layers, ...])."""
     for ours, theirs, linear in EMBEDDINGS:
         yield ours, w.get(theirs, transpose=linear)
     for ours, theirs, linear in LAYER_WEIGHTS:
@@ -105,6 +105,23 @@ def params_from_hf(w: Weights, cfg: ModelConfig, hf: dict) -> Iterator[tuple[Pat
             BLOCKS + ours,
             np.stack([w.get(f"encoder.layer.{i}.{theirs}", transpose=linear) for i in range(cfg.n_layers)]),
         )
+
+
+def present_params(w: Weights, cfg: ModelConfig, hf: dict) -> Iterator[tuple[Path, np.ndarray]]:
+    """Every parameter the checkpoint holds, whatever ``cfg.head``: the encoder, then the pooler,
+    the classifier and the MLM head each only when present (a bare BertModel gives its pooler)."""
+    yield from _encoder_params(w, cfg)
+    mlm_decoder = (("mlm", "decoder"), "cls.predictions.decoder.weight", True)
+    untied = [mlm_decoder] if not cfg.tie_embeddings else []
+    for head in (CLASSIFIER_HEAD[:2], CLASSIFIER_HEAD[2:], MLM_HEAD + tuple(untied)):
+        if head[0][1] in w:
+            for ours, theirs, linear in head:
+                yield ours, w.get(theirs, transpose=linear)
+
+
+def params_from_hf(w: Weights, cfg: ModelConfig, hf: dict) -> Iterator[tuple[Path, np.ndarray]]:
+    """Our parameters one at a time (stacked [layers, ...]), so at most one is on the host at once."""
+    yield from _encoder_params(w, cfg)
     if cfg.head == "classification":
         for ours, theirs, linear in CLASSIFIER_HEAD:
             yield ours, w.get(theirs, transpose=linear)

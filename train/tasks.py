@@ -1,0 +1,235 @@
+"""What the loop trains on and how it is scored: one task per kind of data, the same interface.
+
+    task = make_task(config, model_cfg, tokenizer)      # reads and tokenises; ConfigError on bad data
+    batch = task.batch(next(task.batches), step)         # this process's rows of global batch `step`
+    scores = task.evaluator(spec, mesh)(params)          # {'eval_loss', ...} over the held-out data
+
+``StreamTask`` (causal_lm, masked_lm, span_corruption) cuts a packed token stream into windows;
+``ExampleTask`` (classification, seq2seq) reads one example per JSONL row. Both draw batches from
+a grain iterator whose ``get_state`` / ``set_state`` resume exactly, and a batch is a pure
+function of (seed, step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import grain
+import jax
+import numpy as np
+
+from models.config import ModelConfig
+from sharding.rules import batch_sharding
+from train import examples, scores
+from train.config import EXAMPLE_OBJECTIVES, Config, ConfigError
+from train.data import PackedTokens, eval_batches, read_documents, train_iterator
+from train.objectives import raw_length, text_objective
+from train.step import make_eval_step, make_predict_step
+from train.tfds_data import open_tfds
+from train.tokenizer import Tokenizer
+
+EVAL_SEED_OFFSET = 2**31  # eval batches draw objective randomness apart from any train step
+
+
+def process_rows(batch: dict) -> dict:
+    """This process's rows of a global host batch (rows ``[p*local, (p+1)*local)``)."""
+    local = len(next(iter(batch.values()))) // jax.process_count()
+    start = jax.process_index() * local
+    return {k: v[start : start + local] for k, v in batch.items()}
+
+
+def global_batch(local: dict, mesh) -> dict:
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
+
+
+def vocab_needed(config: Config, tokenizer: Tokenizer) -> int:
+    """Ids the model's vocabulary must hold: the tokenizer's, plus any [CLS]/[PAD] ids reserved past it."""
+    if config.train.objective in EXAMPLE_OBJECTIVES:
+        return max(tokenizer.vocab_size, examples.markers(tokenizer).vocab_needed)
+    return tokenizer.vocab_size
+
+
+def make_task(config: Config, model: ModelConfig, tokenizer: Tokenizer) -> StreamTask | ExampleTask:
+    cls = ExampleTask if config.train.objective in EXAMPLE_OBJECTIVES else StreamTask
+    return cls(config, model, tokenizer)
+
+
+# --- packed token stream --------------------------------------------------------------------
+
+
+def make_objective(config: Config, model: ModelConfig, tokenizer: Tokenizer):
+    """``objective(local_windows, step) -> batch`` turning pipeline windows into the objective's batch."""
+    t = config.train
+    mask_id = getattr(tokenizer, "mask_id", None) or tokenizer.vocab_size
+    if t.objective == "masked_lm" and mask_id >= model.vocab_size:
+        raise ConfigError(
+            f"masked_lm needs a [MASK] id below model.vocab_size={model.vocab_size}; "
+            "set model.vocab_size=0 (padded) or use a tokenizer with a mask token"
+        )
+    transform = text_objective(
+        t.objective, vocab_size=model.vocab_size, eos_id=tokenizer.eos_id, mask_id=mask_id, seed=config.seed,
+        rate=t.mask_rate, noise_density=t.noise_density, mean_span=t.mean_span,
+    )  # fmt: skip
+
+    def objective(local: dict, step: int) -> dict:
+        rows = np.concatenate([local["inputs"][:, :1], local["targets"]], axis=1)  # the raw windows
+        return transform(rows, step, jax.process_index() * len(rows))
+
+    return objective
+
+
+class StreamTask:
+    """Documents packed into one token stream, cut into windows: in memory (train/data.py) or streamed
+    from a TFDS dataset (train/tfds_data.py)."""
+
+    def __init__(self, config: Config, model: ModelConfig, tokenizer: Tokenizer):
+        t, d = config.train, config.data
+        window = raw_length(t.objective, t.seq_len, t.noise_density, t.mean_span) - 1
+        stream = (window, t.batch_size, config.seed, d.shuffle, jax.process_index(), jax.process_count(), d.num_workers)
+        if d.format == "tfds":  # streamed from a prepared TFDS dataset, never held whole
+            corpus = open_tfds(d)
+            val_tokens = corpus.val_tokens(tokenizer, window, t.batch_size, t.eval_batches)
+            self.batches = corpus.train_iterator(tokenizer, *stream)
+            train_size = f"{corpus.num_records(d.tfds_train_split):,} train records (streamed)"
+        else:
+            train_docs, val_docs = read_documents(d)
+            train_tokens, val_tokens = PackedTokens(train_docs, tokenizer), PackedTokens(val_docs, tokenizer)
+            self.batches = train_iterator(train_tokens, *stream)
+            train_size = f"{train_tokens.num_tokens:,} train tokens"
+        self.data_config = d
+        self.batch = make_objective(config, model, tokenizer)
+        self.eval_set = [
+            self.batch(process_rows(b), EVAL_SEED_OFFSET + i)
+            for i, b in enumerate(eval_batches(val_tokens, window, t.batch_size, t.eval_batches))
+        ]
+        # bits per byte only means something for next-token prediction
+        self.bytes_per_token = val_tokens.num_bytes / val_tokens.num_tokens if t.objective == "causal_lm" else None
+        self.summary = f"{train_size} / {val_tokens.num_tokens:,} val tokens"
+
+    def evaluator(self, spec, mesh) -> Callable[[object], dict]:
+        """``evaluate(params) -> {'eval_loss'[, 'eval_bpb']}`` over the first ``train.eval_batches`` windows."""
+        eval_step = make_eval_step(spec, mesh)
+
+        def evaluate(params) -> dict:
+            total, weight = 0.0, 0.0
+            for batch in self.eval_set:
+                s, w = eval_step(params, global_batch(batch, mesh))
+                total, weight = total + float(s), weight + float(w)
+            loss = total / weight
+            if self.bytes_per_token is None:
+                return {"eval_loss": loss}
+            return {"eval_loss": loss, "eval_bpb": loss / math.log(2) / self.bytes_per_token}
+
+        return evaluate
+
+
+# --- one example per row --------------------------------------------------------------------
+
+
+class ArrayRows:
+    """A grain data source over arrays sharing a leading example axis: ``rows[i]`` is ``{k: v[i]}``."""
+
+    def __init__(self, arrays: examples.Arrays):
+        self.arrays = arrays
+        self._len = len(next(iter(arrays.values())))
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, i: int) -> dict:
+        return {k: v[i] for k, v in self.arrays.items()}
+
+
+def example_iterator(
+    arrays: examples.Arrays, batch_size: int, seed: int, shuffle: bool, process_index: int = 0, process_count: int = 1
+) -> grain.DatasetIterator:
+    """Endless iterator of this process's rows of each global batch of examples.
+
+    Yields ``{k: v[rows]}`` with ``batch_size // process_count`` rows: rows ``[p*local,
+    (p+1)*local)`` of global batch ``s``, which holds examples ``s*batch_size ... + batch_size - 1``
+    of the endless, per-epoch reshuffled example order (as ``train.data.train_iterator`` does
+    for windows). ``get_state`` / ``set_state`` resume exactly.
+    """
+    source = ArrayRows(arrays)
+    if len(source) < batch_size:
+        raise ConfigError(
+            f"the training data holds {len(source)} examples, fewer than train.batch_size={batch_size}; "
+            "lower train.batch_size or add data"
+        )
+    ds = grain.MapDataset.source(source)
+    if shuffle:
+        ds = ds.shuffle(seed=seed % 2**32)
+    ds = ds.repeat().batch(batch_size // process_count, drop_remainder=True)[process_index::process_count]
+    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=8)))
+
+
+def padded_batches(arrays: examples.Arrays, batch_size: int) -> list[dict]:
+    """Every example once, in order, in global batches of ``batch_size``; the last batch is filled
+    up with copies of example 0 whose ``weights`` are 0, so they change no loss or score."""
+    n = len(arrays["targets"])
+    order = np.concatenate([np.arange(n), np.zeros(-n % batch_size, np.int64)])
+    out = []
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        batch = {k: v[rows] for k, v in arrays.items()}
+        valid = np.arange(start, start + batch_size) < n  # [B]
+        weights = batch["weights"]  # [B] or [B, T]
+        batch["weights"] = np.where(valid.reshape(-1, *(1,) * (weights.ndim - 1)), weights, 0).astype(weights.dtype)
+        out.append(batch)
+    return out
+
+
+class ExampleTask:
+    """One example per JSONL row (train/examples.py): classification or seq2seq."""
+
+    def __init__(self, config: Config, model: ModelConfig, tokenizer: Tokenizer):
+        d, t = config.data, config.train
+        train_rows, val_rows = examples.split_rows(d)
+        self.objective = t.objective
+        if t.objective == "classification":
+            self.labels = examples.label_names(train_rows + val_rows, d)
+            if len(self.labels) != model.num_labels:
+                raise ConfigError(
+                    f"the data has {len(self.labels)} labels ({', '.join(self.labels)}) but "
+                    f"model.num_labels={model.num_labels}; set model.num_labels={len(self.labels)}"
+                )
+            self.data_config = dataclasses.replace(d, labels=",".join(self.labels))
+            make = lambda rows: examples.classification_arrays(rows, d, self.labels, tokenizer, t.seq_len)
+            what = f", labels {', '.join(self.labels)}"
+        else:
+            self.labels, self.data_config, what = [], d, ""
+            make = lambda rows: examples.seq2seq_arrays(rows, d, tokenizer, t.seq_len, t.target_len)
+        train, self.val = make(train_rows), make(val_rows)
+        self.batches = example_iterator(
+            train, t.batch_size, config.seed, d.shuffle, jax.process_index(), jax.process_count()
+        )
+        self.eval_set = padded_batches(self.val, t.batch_size)
+        self.summary = f"{len(train_rows):,} train / {len(val_rows):,} val examples{what}"
+
+    def batch(self, local: dict, step: int) -> dict:
+        """Examples are ready to train on: the pipeline's rows are the batch."""
+        return local
+
+    def evaluator(self, spec, mesh) -> Callable[[object], dict]:
+        """``evaluate(params)`` over every held-out example: ``eval_loss`` and ``eval_accuracy`` /
+        ``eval_macro_f1`` (classification) or ``eval_token_accuracy`` (seq2seq)."""
+        predict = make_predict_step(spec, mesh)
+
+        def evaluate(params) -> dict:
+            total, weight, predictions = 0.0, 0.0, []
+            for batch in self.eval_set:
+                s, w, p = predict(params, global_batch(process_rows(batch), mesh))
+                total, weight = total + float(s), weight + float(w)
+                predictions.append(np.asarray(p))
+            predicted = np.concatenate(predictions)[: len(self.val["targets"])]
+            result = {"eval_loss": total / weight}
+            if self.objective == "classification":
+                found = scores.classification_scores(predicted, self.val["targets"], len(self.labels))
+                return {**result, "eval_accuracy": found["accuracy"], "eval_macro_f1": found["macro_f1"]}
+            accuracy = scores.token_accuracy(predicted, self.val["targets"], self.val["weights"])
+            return {**result, "eval_token_accuracy": accuracy}
+
+        return evaluate

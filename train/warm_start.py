@@ -1,0 +1,115 @@
+"""``checkpoint.init_from``: start a new run from another model's parameters, whatever its head.
+
+The source is a run directory (its newest intact checkpoint; also its ``checkpoints/`` or the
+output of ``python -m models.hf import``), a Hugging Face model directory (config.json +
+safetensors), or ``python-package:NAME`` naming one (train/packages.py). Every parameter the
+source holds at the same path with the same shape is restored; the rest keep their fresh
+initialisation, and one line says which. So a masked-LM encoder, or a bare ``BertModel``,
+starts a classifier: the encoder is restored, the pooler (unless the source has one) and the
+classifier start fresh.
+
+The source must be the same architecture: every model field except the head's (``head``,
+``num_labels``) and those that do not change parameters (train/checkpoint.py) must match.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+import jax
+import numpy as np
+from flax import nnx, traverse_util
+
+from models import hf
+from models.config import ModelConfig
+from train import packages
+from train.checkpoint import config_mismatch, newest_params
+from train.config import ConfigError
+from train.state import abstract_model
+
+HEAD_FIELDS = frozenset({"head", "num_labels"})
+KEY = "checkpoint.init_from"
+
+Flat = dict[tuple[str, ...], jax.Array]  # parameter path ('stack', 'blocks', 'attn', 'q', 'kernel') -> array
+
+
+def architecture(model: dict) -> dict:
+    """The model fields that must match for parameters to carry over (all but the head's)."""
+    return {k: v for k, v in model.items() if k not in HEAD_FIELDS}
+
+
+def _flat(params) -> Flat:
+    return traverse_util.flatten_dict(nnx.to_pure_dict(params) if isinstance(params, nnx.State) else params)
+
+
+def _saved_shapes(saved_config: dict) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """Parameter path -> shape of the model a checkpoint's saved run config describes."""
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    model = ModelConfig(**{k: v for k, v in saved_config.get("model", {}).items() if k in fields})
+    return {p: x.shape for p, x in _flat(abstract_model(model)[1]).items()}
+
+
+def _from_run(directory: pathlib.Path, target: Flat, model: ModelConfig) -> tuple[str, Flat, list]:
+    """(description, restored arrays, unused source paths) from a run's newest intact checkpoint."""
+
+    def shared_target(saved_config: dict) -> dict:
+        shapes = _saved_shapes(saved_config)
+        shared = {p + ("value",): t for p, t in target.items() if shapes.get(p) == t.shape}
+        if not shared:
+            raise ConfigError(f"{KEY}='{directory}' shares no parameter with this model; point it at a similar model")
+        return traverse_util.unflatten_dict(shared)
+
+    step, params, saved_config = newest_params(directory, shared_target, architecture(dataclasses.asdict(model)), KEY)
+    restored = {p[:-1]: x for p, x in traverse_util.flatten_dict(params).items()}  # drop the trailing 'value'
+    return f"{directory} step {step}", restored, [p for p in _saved_shapes(saved_config) if p not in restored]
+
+
+def _from_hugging_face(directory: pathlib.Path, target: Flat, model: ModelConfig) -> tuple[str, Flat, list]:
+    """(description, restored arrays, unused source paths) from a Hugging Face model directory."""
+    try:
+        source_cfg, arrays = hf.read_params(directory)
+    except hf.ConversionError as e:
+        raise ConfigError(f"{KEY}: {e}") from None
+    mismatch = config_mismatch(architecture(dataclasses.asdict(source_cfg)), architecture(dataclasses.asdict(model)))
+    if mismatch:
+        raise ConfigError(f"{KEY}: {directory} holds a different model ({'; '.join(mismatch)}); use its model settings")
+    restored, unused = {}, []
+    for path, array in arrays:
+        want = target.get(path)
+        if want is None or tuple(array.shape) != want.shape:
+            unused.append(path)
+            continue
+        host = np.asarray(array, dtype=want.dtype)
+        restored[path] = jax.make_array_from_callback(host.shape, want.sharding, lambda index, a=host: a[index])
+    return str(directory), restored, unused
+
+
+def warm_start(init_from: str, fresh: nnx.State, target: nnx.State, model: ModelConfig) -> nnx.State:
+    """``fresh`` parameters with every one that ``init_from`` holds (same path and shape) replaced.
+
+    ``target``: the parameters' ShapeDtypeStructs carrying their shardings (restores land there
+    directly). Prints one line naming what was restored and what starts fresh. Raises
+    ConfigError when the source is missing, unreadable or a different architecture.
+    """
+    location = pathlib.Path(packages.resolve(init_from, KEY)).absolute()
+    targets = _flat(target)
+    if hf.is_model_dir(location):
+        source, restored, unused = _from_hugging_face(location, targets, model)
+    else:
+        source, restored, unused = _from_run(location, targets, model)
+    values = {p: restored.get(p, x) for p, x in _flat(fresh).items()}
+    nnx.replace_by_pure_dict(fresh, traverse_util.unflatten_dict(values))
+    if jax.process_index() == 0:
+        print(describe(source, len(restored), sorted(set(values) - set(restored)), sorted(unused)), flush=True)
+    return fresh
+
+
+def describe(source: str, restored: int, fresh: list, unused: list) -> str:
+    """One line: 'init_from SRC: restored N parameters; initialised fresh: a.b, ...; not used: ...'."""
+
+    def names(paths: list) -> str:
+        return ", ".join(".".join(p) for p in paths) or "none"
+
+    line = f"init_from {source}: restored {restored} parameters; initialised fresh: {names(fresh)}"
+    return line + (f"; not used: {names(unused)}" if unused else "")
