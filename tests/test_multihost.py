@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -99,3 +102,31 @@ def test_unreachable_coordinator_fails_fast_with_the_address(tmp_path):
     errors = [line for line in out.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and f"127.0.0.1:{port}" in errors[0]
     assert not (tmp_path / "run").exists()
+
+
+def test_sigterm_to_one_process_stops_every_process_at_one_step_with_a_checkpoint(tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY)
+    run_dir, port = tmp_path / "run", _free_port()
+    long_run = ["train.steps=5000", "train.eval_every=0", "train.sample_tokens=0", "checkpoint.every=0"]
+    procs = [
+        _train(config, f"run.dir={run_dir}", *long_run, f"run.coordinator=127.0.0.1:{port}", "run.num_processes=2",
+               f"run.process_id={i}", devices=4)
+        for i in range(2)
+    ]
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):  # training has started
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "the run did not start"
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)  # one host is preempted; the other must stop at the same step
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[1][-3000:]
+    saved = [re.search(r"preempted: saved checkpoint at step (\d+)", out) for out in outputs]
+    assert all(saved), outputs[0][-3000:]
+    step = int(saved[0][1])
+    assert int(saved[1][1]) == step < 5000
+    assert (run_dir / "checkpoints" / str(step)).is_dir()
+    resumed = _train(config, f"run.dir={run_dir}", f"train.steps={step + 1}", "train.sample_tokens=0")
+    out = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0 and f"resumed from {run_dir / 'checkpoints' / str(step)}" in out, out[-3000:]
