@@ -170,7 +170,7 @@ def test_an_uncommitted_temporary_step_is_never_restored(run_copy):
 def test_orbax_alone_restores_a_flipped_byte_in_array_data_silently(run_copy):
     """Why the manifest exists: a flipped byte in zstd-compressed array data mostly reads back as
     wrong values without any error. Flips a byte at a time from the middle of the biggest data file
-    (where chunks land varies between saves) until one restores; it must then differ from the save."""
+    (where chunks land varies between saves) until one restores with values that differ from the save."""
     data_file = biggest_array_file(run_copy / "2")
     original = data_file.read_bytes()
     for offset in range(len(original) // 2, len(original) // 2 + 64 * 101, 101):
@@ -181,10 +181,9 @@ def test_orbax_alone_restores_a_flipped_byte_in_array_data_silently(run_copy):
                 restored = manager.restore(2, args=ocp.args.Composite(state=ocp.args.StandardRestore(target())))
         except Exception:  # noqa: BLE001 - this flip broke the compressed stream; Orbax did notice
             continue
-        changed = [k for k, v in tree(2).items() if not np.array_equal(np.asarray(restored.state[k]), np.asarray(v))]
-        assert changed, f"flipping byte {offset} changed nothing"
-        return
-    pytest.fail("every flipped byte made the restore fail")
+        if any(not np.array_equal(np.asarray(restored.state[k]), np.asarray(v)) for k, v in tree(2).items()):
+            return  # wrong values, restored without a word
+    pytest.fail("no flipped byte restored silently with wrong values")
 
 
 @pytest.mark.parametrize("damage", ["flipped byte", "truncated", "edited data position", "edited config"])
