@@ -51,6 +51,7 @@ class ModelConfig:
     n_decoder_layers: int = 0  # encoder_decoder: decoder depth; 0: same as n_layers
     head: Literal["lm", "classification"] = "lm"  # encoder: MLM logits [B, T, V] or class logits [B, C]
     num_labels: int = 2  # head='classification': number of classes
+    pooling: Literal["cls", "mean"] = "cls"  # head='classification': the [CLS] state (BERT) or the mean over tokens
 
     @property
     def kv_heads(self) -> int:
@@ -104,6 +105,8 @@ class ModelConfig:
             out.append("model.type_vocab_size is only used by family='encoder'; set it to 0")
         if self.head == "classification" and self.family != "encoder":
             out.append("model.head='classification' needs family='encoder'; set model.head='lm'")
+        if self.pooling != "cls" and self.head != "classification":
+            out.append("model.pooling only applies to head='classification'; leave it at 'cls'")
         if self.head == "classification" and self.num_labels < 2:
             out.append(f"model.num_labels={self.num_labels} must be >= 2 for cross-entropy classification")
         return out

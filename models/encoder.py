@@ -92,9 +92,18 @@ class EncoderLM(nnx.Module):
         x = self.encode(tokens, attention_mask, token_types, positions)
         if self.cfg.head == "lm":
             return self.mlm(x, self.embed.embedding[...])
-        pooled = jnp.tanh(self.pooler(x[:, 0]))  # [B, embed]: the first ([CLS]) token
+        pooled = jnp.tanh(self.pooler(self.pool(x, attention_mask)))  # [B, embed]
         logits = self.classifier(pooled).astype(jnp.float32)  # [B, num_labels]
         return constrain(logits, ("batch", None))
+
+    def pool(self, x: jax.Array, attention_mask: jax.Array | None) -> jax.Array:
+        """[B, T, embed] -> [B, embed]: the first ([CLS]) state, or the mean over non-padding tokens
+        (``pooling='mean'``, as sentence-transformers models such as all-MiniLM-L6-v2 were trained)."""
+        if self.cfg.pooling == "cls":
+            return x[:, 0]
+        weights = jnp.ones(x.shape[:2], x.dtype) if attention_mask is None else attention_mask.astype(x.dtype)
+        total = jnp.einsum("btd,bt->bd", x, weights)
+        return total / jnp.maximum(weights.sum(axis=1, keepdims=True), 1)
 
     def encode(
         self,

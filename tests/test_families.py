@@ -120,6 +120,25 @@ def test_bert_padding_changes_nothing_and_the_classifier_reads_cls():
     assert np.abs(forward(unmasked) - logits).max() > 1e-4  # (logits at init are ~0.01)
 
 
+def test_mean_pooling_classifies_the_mean_of_the_real_tokens_whatever_the_padding():
+    cfg = model_config("tiny-bert", head="classification", num_labels=3, pooling="mean")
+    graphdef, params = nnx.split(build_model(cfg, seed=0))
+    pairs = [(np.arange(40, 50), np.arange(60, 66)), (np.arange(70, 75), np.arange(80, 83))]
+    short = objectives.classification(pairs, [0, 2], seq_len=20, cls_id=258, sep_id=259)
+    long = objectives.classification(pairs, [0, 2], seq_len=SEQ, cls_id=258, sep_id=259)
+
+    def run(batch):
+        model = nnx.merge(graphdef, params)
+        states = model.encode(batch["inputs"], batch["attention_mask"], batch["token_types"])  # [B, T, embed]
+        return model.forward(batch), model.pool(states, batch["attention_mask"]), states
+
+    logits, pooled, states = jax.jit(run)({k: v for k, v in short.items() if k not in ("targets", "weights")})
+    mask = short["attention_mask"].astype(bool)
+    for row in range(2):
+        np.testing.assert_allclose(pooled[row], np.asarray(states)[row][mask[row]].mean(axis=0), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(jitted_forward(cfg)(long), logits, rtol=0, atol=1e-6)
+
+
 # --- T5 -------------------------------------------------------------------------------------
 
 

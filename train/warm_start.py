@@ -8,7 +8,7 @@ initialisation, and one line says which. So a masked-LM encoder, or a bare ``Ber
 starts a classifier: the encoder is restored, the pooler (unless the source has one) and the
 classifier start fresh.
 
-The source must be the same architecture: every model field except the head's (``head``,
+The source must be the same architecture: every model field except the head's (``head``, ``pooling``,
 ``num_labels``) and those that do not change parameters (train/checkpoint.py) must match.
 """
 
@@ -28,7 +28,7 @@ from train.checkpoint import config_mismatch, newest_params
 from train.config import ConfigError
 from train.state import abstract_model
 
-HEAD_FIELDS = frozenset({"head", "num_labels"})
+HEAD_FIELDS = frozenset({"head", "num_labels", "pooling"})
 KEY = "checkpoint.init_from"
 
 Flat = dict[tuple[str, ...], jax.Array]  # parameter path ('stack', 'blocks', 'attn', 'q', 'kernel') -> array

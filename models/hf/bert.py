@@ -182,6 +182,7 @@ def matches(cfg: ModelConfig) -> bool:
         and cfg.mlp in ACTIVATIONS.values()
         and cfg.kv_heads == cfg.n_heads
         and cfg.dim_per_head * cfg.n_heads == cfg.d_model
+        and cfg.pooling == "cls"  # BertForSequenceClassification pools the [CLS] state
     )
 
 
