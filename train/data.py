@@ -274,14 +274,18 @@ def train_iterator(
     ds = ds.map(split_batch)
     # The windows are in memory: reading ahead in one thread is cheap; more threads contend
     # for the GIL.
-    out = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=8))
-    if num_workers > 0:
-        from absl import flags  # grain's worker processes read absl flags; unparsed ones raise
+    return iter(in_workers(ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=8)), num_workers))
 
-        if not flags.FLAGS.is_parsed():
-            flags.FLAGS.mark_as_parsed()
-        out = out.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
-    return iter(out)
+
+def in_workers(ds: grain.IterDataset, num_workers: int) -> grain.IterDataset:
+    """``ds`` computed ahead in ``num_workers`` processes (unchanged when 0)."""
+    if num_workers <= 0:
+        return ds
+    from absl import flags  # grain's worker processes read absl flags; unparsed ones raise
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+    return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
 
 
 def eval_batches(tokens: PackedTokens, seq_len: int, batch_size: int, max_batches: int) -> list[Batch]:

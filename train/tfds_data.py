@@ -33,7 +33,7 @@ import grain
 import numpy as np
 
 from train.config import ConfigError, DataConfig
-from train.data import Batch, PackedTokens, split_batch
+from train.data import Batch, PackedTokens, in_workers, split_batch
 from train.tokenizer import Tokenizer
 
 BUILD_HINT = (
@@ -253,17 +253,6 @@ class StreamBatches:
                 f"its own shard; resume with {len(saved)} processes or start a new run.dir"
             )
         self.iterator.set_state(_slices_as_tuples(saved[self.process_index]))
-
-
-def in_workers(ds: grain.IterDataset, num_workers: int) -> grain.IterDataset:
-    """``ds`` computed ahead in ``num_workers`` processes (unchanged when 0)."""
-    if num_workers <= 0:
-        return ds
-    from absl import flags  # grain's worker processes read absl flags; unparsed ones raise
-
-    if not flags.FLAGS.is_parsed():
-        flags.FLAGS.mark_as_parsed()
-    return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
 
 
 def _slices_as_tuples(state: Any) -> Any:
