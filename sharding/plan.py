@@ -215,7 +215,8 @@ def format_plan(plan: Plan, cfg: Config, config_name: str) -> str:
             f"{t.batch_size // max(dp, 1)} sequences per chip"
         ),
         f"compile: lowered in {plan.lower_s:.1f} s, compiled in {plan.compile_s:.1f} s",
-        f"kernels: attention={m.attention}, {plan.pallas_calls} Pallas calls (tpu_custom_call) in the compiled step",
+        f"kernels: attention={m.attention}, "
+        + (f"{plan.pallas_calls} Pallas calls (tpu_custom_call) in the compiled step" if plan.fits else "not compiled"),
         "",
         f"{'per chip':<34}{'GiB':>8}",
     ]
