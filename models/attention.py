@@ -1,8 +1,10 @@
-"""Multi-head attention through ``jax.nn.dot_product_attention``, and T5's relative position bias.
+"""Multi-head attention, and T5's relative position bias.
 
 ``Attention`` is self-attention (causal or bidirectional, GQA, optional rope) or, given a
 ``context``, cross-attention; an optional boolean ``mask`` (padding) and additive ``bias``
-(relative positions) go straight to ``dot_product_attention``.
+(relative positions) go to the implementation ``model.attention`` picks: ``xla``
+(``models.dot_attention``, any backend), ``cudnn`` (``jax.nn.dot_product_attention``'s flash
+kernel on NVIDIA GPUs) or ``splash`` (``models.splash``, the Pallas kernel on TPUs).
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import numpy as np
 from flax import nnx
 
 from models.config import ModelConfig
+from models.dot_attention import dot_product_attention
 from models.layers import constrain, dense, residual_std, rope, table
+from models.splash import splash_attention
 
 
 class Attention(nnx.Module):
@@ -65,17 +69,19 @@ class Attention(nnx.Module):
         q = constrain(q, ("batch", "length", "act_heads", None))
         k = constrain(k, ("batch", "length", "act_kv_heads", None))
         v = constrain(v, ("batch", "length", "act_kv_heads", None))
-        implementation = "cudnn" if cfg.attention == "cudnn" else None
-        out = jax.nn.dot_product_attention(
-            q,
-            k,
-            v,
-            bias=bias,
-            mask=mask,
-            scale=None if cfg.scale_attention else 1.0,
-            is_causal=causal,
-            implementation=implementation,
-        )
+        scale = 1.0 / math.sqrt(hd) if cfg.scale_attention else 1.0
+        if cfg.attention == "splash":
+            if mask is not None or bias is not None:
+                raise ValueError(
+                    "model.attention='splash' takes no padding mask or score bias; use model.attention='xla'"
+                )
+            out = splash_attention(q, k, v, causal=causal, scale=scale)
+        elif cfg.attention == "cudnn":
+            out = jax.nn.dot_product_attention(
+                q, k, v, bias=bias, mask=mask, scale=scale, is_causal=causal, implementation="cudnn"
+            )
+        else:
+            out = dot_product_attention(q, k, v, causal=causal, scale=scale, mask=mask, bias=bias)
         out = constrain(out, ("batch", "length", "act_heads", None))
         return self.o(out.reshape(b, t, cfg.n_heads * hd).astype(x.dtype))
 

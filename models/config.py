@@ -41,7 +41,7 @@ class ModelConfig:
     compute_dtype: Literal["bfloat16", "float32"] = "bfloat16"
     scan_layers: bool = True
     remat: Literal["none", "full", "save_dots"] = "none"
-    attention: Literal["xla", "cudnn"] = "xla"
+    attention: Literal["xla", "cudnn", "splash"] = "xla"  # splash: Pallas kernel, TPU only
     # encoder / encoder-decoder families (defaults leave the decoder unchanged)
     post_norm: bool = False  # x = norm(x + f(x)) as BERT, instead of x + f(norm(x))
     scale_attention: bool = True  # False: no 1/sqrt(head_dim) on scores (T5 folds it into the query init)
@@ -96,6 +96,11 @@ class ModelConfig:
             out.append(
                 f"model.relative_max_distance={self.relative_max_distance} must exceed relative_buckets // 2 = "
                 f"{self.relative_buckets // 2}; T5 uses 128"
+            )
+        if self.attention == "splash" and self.family != "decoder":
+            out.append(
+                f"model.attention='splash' supports family='decoder' only (no padding masks or score biases); "
+                f"use model.attention='xla' for family='{self.family}'"
             )
         if self.n_decoder_layers < 0:
             out.append("model.n_decoder_layers must be >= 0 (0 takes model.n_layers)")

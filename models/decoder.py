@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.config import ModelConfig
-from models.layers import DTYPES, constrain, norm
+from models.layers import DTYPES, constrain, matmul, norm
 from models.transformer import Stack
 
 
@@ -54,6 +54,5 @@ class DecoderLM(nnx.Module):
         x = self.stack(x, positions, causal=True)
         x = self.final_norm(x)
         head = self.embed.embedding[...].T if cfg.tie_embeddings else self.head[...]  # [embed, vocab]
-        logits = jnp.einsum("btd,dv->btv", x, head.astype(x.dtype), preferred_element_type=jnp.float32)
+        logits = matmul(x, head.astype(x.dtype))  # [B, T, vocab] float32
         return constrain(logits, ("batch", "length", "act_vocab"))
-

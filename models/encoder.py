@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.config import ModelConfig
-from models.layers import ACTIVATIONS, constrain, dense, embedding, norm, table
+from models.layers import ACTIVATIONS, constrain, dense, embedding, matmul, norm, table
 from models.transformer import Stack
 
 
@@ -52,7 +52,7 @@ class MLMHead(nnx.Module):
         """word_embeddings: [vocab, embed], the tied decoder weight."""
         h = self.norm(ACTIVATIONS[self.activation](self.dense(x)))
         weight = word_embeddings.T if self.tied else self.decoder[...]  # [embed, vocab]
-        logits = jnp.einsum("btd,dv->btv", h, weight.astype(h.dtype), preferred_element_type=jnp.float32)
+        logits = matmul(h, weight.astype(h.dtype))  # [B, T, vocab] float32
         logits = logits + self.bias[...]
         return constrain(logits, ("batch", "length", "act_vocab"))
 

@@ -35,7 +35,7 @@ from flax import nnx
 
 from models.attention import RelativePositionBias
 from models.config import ModelConfig
-from models.layers import constrain, embedding, norm, table
+from models.layers import constrain, embedding, matmul, norm, table
 from models.transformer import Stack
 
 
@@ -102,5 +102,5 @@ class EncoderDecoderLM(nnx.Module):
             head = self.embed.embedding[...].T  # [embed, vocab]
         else:
             head = self.head[...]
-        logits = jnp.einsum("btd,dv->btv", x, head.astype(x.dtype), preferred_element_type=jnp.float32)
+        logits = matmul(x, head.astype(x.dtype))  # [B, T, vocab] float32
         return constrain(logits, ("batch", "length", "act_vocab"))

@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from models.config import ModelConfig
 
@@ -24,10 +25,63 @@ def constrain(x: jax.Array, axes: tuple) -> jax.Array:
     return nn.with_logical_constraint(x, axes)
 
 
-def dense(cfg: ModelConfig, d_in: int, d_out: int, axes: tuple[str, str], *, rngs: nnx.Rngs, std: float | None = None) -> nnx.Linear:
-    """A Linear whose kernel [d_in, d_out] carries ``axes`` and bias [d_out] carries ``axes[1]``."""
+@jax.custom_vjp
+def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [..., k] @ w [k, n] -> [..., n] float32, from operands in their own (compute) dtype.
+
+    The gradient flowing back is cast to x's dtype first, so the two backward matmuls also take
+    compute-dtype operands and accumulate in float32, as the TPU MXU does. Without this, a bf16
+    model's backward dots mix a float32 gradient with bf16 operands, which XLA:CPU upcasts to
+    float32 matmuls; bf16 x bf16 -> float32 dots run on AMX/YNNPACK about 8x faster.
+    """
+    return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _matmul_fwd(x, w):
+    return matmul(x, w), (x, w)
+
+
+def _matmul_bwd(residuals, g):
+    x, w = residuals
+    g = g.astype(x.dtype)
+    tokens = tuple(range(x.ndim - 1))
+    dx = jax.lax.dot_general(g, w, (((g.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    if x.shape[-1] > g.shape[-1]:
+        # XLA:CPU copies the left operand transposed; let that be the narrower one, and keep XLA from
+        # folding the final transpose back into the dot (the wide activation's transpose costs ~10%).
+        dw = jax.lax.optimization_barrier(
+            jax.lax.dot_general(g, x, ((tokens, tokens), ((), ())), preferred_element_type=jnp.float32)
+        ).T
+    else:
+        dw = jax.lax.dot_general(x, g, ((tokens, tokens), ((), ())), preferred_element_type=jnp.float32)
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+class Dense(nnx.Linear):
+    """``nnx.Linear`` (same parameters) computing ``matmul(x, kernel) + bias`` in float32, then the compute dtype.
+
+    Adding the fp32 bias before the one rounding also makes its gradient an fp32 sum, which
+    XLA:CPU reduces fast; a bf16 bias add leaves a bf16 reduction it rewrites into a slow tree.
+    The output is named ``projection`` for the ``save_dots`` remat policy (``models.transformer``),
+    which cannot see the matmul inside ``matmul``'s custom gradient.
+    """
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = matmul(x.astype(self.dtype), self.kernel[...].astype(self.dtype))  # [..., d_out] float32
+        if self.bias is not None:
+            y = y + self.bias[...]
+        return checkpoint_name(y.astype(self.dtype), "projection")  # what remat='save_dots' keeps
+
+
+def dense(
+    cfg: ModelConfig, d_in: int, d_out: int, axes: tuple[str, str], *, rngs: nnx.Rngs, std: float | None = None
+) -> Dense:
+    """A Dense whose kernel [d_in, d_out] carries ``axes`` and bias [d_out] carries ``axes[1]``."""
     init = nnx.initializers.normal(cfg.init_std if std is None else std)
-    return nnx.Linear(
+    return Dense(
         d_in,
         d_out,
         use_bias=cfg.use_bias,
@@ -42,7 +96,7 @@ def dense(cfg: ModelConfig, d_in: int, d_out: int, axes: tuple[str, str], *, rng
 def norm(cfg: ModelConfig, *, rngs: nnx.Rngs) -> nnx.Module:
     """LayerNorm (GPT-2, with bias when cfg.use_bias) or RMSNorm (Llama) over ``embed``."""
     scale = nnx.with_partitioning(nnx.initializers.ones, ("norm",))
-    kwargs = dict(epsilon=cfg.norm_eps, dtype=DTYPES[cfg.compute_dtype], param_dtype=jnp.float32, rngs=rngs)
+    kwargs = {"epsilon": cfg.norm_eps, "dtype": DTYPES[cfg.compute_dtype], "param_dtype": jnp.float32, "rngs": rngs}
     if cfg.norm == "rmsnorm":
         return nnx.RMSNorm(cfg.d_model, scale_init=scale, **kwargs)
     bias = nnx.with_partitioning(nnx.initializers.zeros, ("norm",))
@@ -79,7 +133,7 @@ class MLP(nnx.Module):
         self.wo = dense(cfg, cfg.d_ff, cfg.d_model, ("mlp", "embed"), rngs=rngs, std=residual_std(cfg))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        act = ACTIVATIONS[self.activation]
+        act = jax.checkpoint(ACTIVATIONS[self.activation])  # keep only its input for the backward pass
         h = act(self.wg(x)) * self.wi(x) if self.gated else act(self.wi(x))
         h = constrain(h, ("batch", "length", "act_mlp"))
         return self.wo(h)

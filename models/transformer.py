@@ -16,7 +16,11 @@ from models.layers import MLP, constrain, norm
 
 REMAT_POLICIES = {
     "full": None,  # save nothing, recompute the whole block
-    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # save the projections' outputs (models.layers.Dense names them: its custom gradient hides the dot)
+    "save_dots": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names("projection"),
+    ),
 }
 
 

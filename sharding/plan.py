@@ -56,6 +56,7 @@ class Plan:
     compile_s: float
     memory: object | None  # compiled.memory_analysis() when it compiled
     oom_message: str = ""  # the compiler's RESOURCE_EXHAUSTED text when it did not
+    pallas_calls: int = 0  # Pallas/Mosaic kernels (tpu_custom_call) in the compiled step, e.g. splash attention
 
     @property
     def fits(self) -> bool:
@@ -154,13 +155,17 @@ def make_plan(cfg: Config, topology: Topology, slices: int = 1) -> Plan:
     lowered = step.lower(spec.abstract, batch)
     lower_s = time.perf_counter() - start
     start = time.perf_counter()
-    memory, oom = None, ""
+    memory, oom, pallas_calls = None, "", 0
     try:
-        memory = lowered.compile().memory_analysis()
+        compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
         oom = str(e)
+    compile_s = time.perf_counter() - start
+    if not oom:
+        memory = compiled.memory_analysis()
+        pallas_calls = compiled.as_text().count('custom_call_target="tpu_custom_call"')
     return Plan(
         topology=topology,
         slices=slices,
@@ -170,9 +175,10 @@ def make_plan(cfg: Config, topology: Topology, slices: int = 1) -> Plan:
         opt_bytes=per_device_bytes(spec.abstract.opt_state, spec.shardings.opt_state),
         batch_bytes=per_device_bytes(batch, batch_shardings),
         lower_s=lower_s,
-        compile_s=time.perf_counter() - start,
+        compile_s=compile_s,
         memory=memory,
         oom_message=oom,
+        pallas_calls=pallas_calls,
     )
 
 
@@ -209,6 +215,8 @@ def format_plan(plan: Plan, cfg: Config, config_name: str) -> str:
             f"{t.batch_size // max(dp, 1)} sequences per data-parallel shard"
         ),
         f"compile: lowered in {plan.lower_s:.1f} s, compiled in {plan.compile_s:.1f} s",
+        f"kernels: attention={m.attention}, "
+        + (f"{plan.pallas_calls} Pallas calls (tpu_custom_call) in the compiled step" if plan.fits else "not compiled"),
         "",
         f"{'per chip':<34}{'GiB':>8}",
     ]
@@ -273,7 +281,7 @@ def _has_libtpu() -> bool:
         return False
 
 
-def _compile_only_environment(topology: Topology) -> None:
+def compile_only_environment(topology: Topology) -> None:
     """Keeps jax off the host's own accelerators and lets libtpu start without a TPU or metadata server."""
     if "JAX_PLATFORMS" not in os.environ:
         jax.config.update("jax_platforms", "cpu")
@@ -293,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
             slices = cfg.mesh.dcn_data * cfg.mesh.dcn_fsdp
         if not _has_libtpu():
             raise ConfigError("libtpu is not installed, and TPU plans compile with it; run pip install -e '.[tpu]'")
-        _compile_only_environment(topology)
+        compile_only_environment(topology)
         plan = make_plan(cfg, topology, slices)
         cfg = multislice_mesh(cfg, slices)
     except ConfigError as e:

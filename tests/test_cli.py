@@ -74,6 +74,10 @@ BAD_INPUTS = {
         "train.batch_size=12 is not divisible by the data-parallel size 8",
     ),
     "seq_len over max_seq_len": (["train.seq_len=128"], "train.seq_len=128 is longer than model.max_seq_len=64"),
+    "splash attention off TPU": (
+        ["model.attention=splash", "model.max_seq_len=128", "train.seq_len=128"],
+        "model.attention='splash' runs on TPU only, not on cpu; use model.attention='xla'",
+    ),
 }
 
 

@@ -93,11 +93,13 @@ def test_unknown_accelerator_has_zero_peak():
     assert peak == 0.0 and "unknown" in source
 
 
-def test_cpu_peak_is_one_probe_for_the_whole_host(monkeypatch):
-    monkeypatch.setattr(metrics, "cpu_matmul_peak", lambda: 80e9)
-    assert metrics.peak_flops(_devices(8, "cpu", "cpu"))[0] == 80e9
+def test_cpu_peak_is_one_probe_for_the_whole_host_in_the_compute_dtype(monkeypatch):
+    monkeypatch.setattr(metrics, "cpu_matmul_peak", {"float32": 80e9, "bfloat16": 600e9}.get)
+    assert metrics.peak_flops(_devices(8, "cpu", "cpu"), "float32") == (80e9, "cpu float32 matmul probe")
+    assert metrics.peak_flops(_devices(8, "cpu", "cpu"), "bfloat16") == (600e9, "cpu bfloat16 matmul probe")
 
 
-def test_cpu_probe_measures_a_positive_rate():
-    rate = metrics.cpu_matmul_peak(size=128, seconds=0.01)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cpu_probe_measures_a_positive_rate(dtype):
+    rate = metrics.cpu_matmul_peak(dtype, size=128, seconds=0.01)
     assert math.isfinite(rate) and rate > 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -59,7 +60,17 @@ def test_small_model_fits_on_v5e_8_with_a_per_chip_table():
     for row in ("parameters (fp32)", "optimizer state", "arguments", "temporaries", "total", "usable HBM (v5e)"):
         assert row in out
     assert "compiled in" in out
+    assert "kernels: attention=xla, 0 Pallas calls" in out
     assert "verdict: fits" in out
+
+
+@needs_libtpu
+def test_splash_attention_compiles_its_pallas_kernels_into_the_step():
+    result = plan(GPT2, "topology=v5e-8", *TINY, "model.attention=splash", "model.remat=none")
+    assert result.returncode == 0, result.stderr
+    calls = re.search(r"kernels: attention=splash, (\d+) Pallas calls \(tpu_custom_call\)", result.stdout)
+    assert calls and int(calls[1]) == 3, result.stdout  # the forward kernel and the dq and dkv backward kernels
+    assert "verdict: fits" in result.stdout
 
 
 @needs_libtpu

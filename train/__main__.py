@@ -8,9 +8,18 @@ from __future__ import annotations
 
 import sys
 
-from train.config import ConfigError, load_config
+from train.config import Config, ConfigError, load_config
 
 USAGE = "usage: python -m train [CONFIG.yaml] [section.key=value ...]"
+
+
+def check_backend(config: Config) -> None:
+    """Refuses settings the backend JAX started on cannot run."""
+    import jax
+
+    backend = jax.default_backend()
+    if config.model.attention == "splash" and backend != "tpu":
+        raise ConfigError(f"model.attention='splash' runs on TPU only, not on {backend}; use model.attention='xla'")
 
 
 def main(argv: list[str]) -> int:
@@ -25,6 +34,7 @@ def main(argv: list[str]) -> int:
         from train.loop import run
 
         initialize(config.run)
+        check_backend(config)
         run(config)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -262,6 +262,8 @@ def validate(config: Config) -> list[str]:
             f"train.seq_len={t.seq_len} is longer than model.max_seq_len={config.model.max_seq_len}; "
             "lower train.seq_len or raise model.max_seq_len"
         )
+    if config.model.attention == "splash" and t.seq_len % 128:
+        out.append(f"model.attention='splash' needs train.seq_len to be a multiple of 128, got {t.seq_len}")
     if t.batch_size % t.grad_accum:
         out.append(f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
     for name in ("data", "fsdp", "tensor"):

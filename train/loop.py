@@ -113,7 +113,7 @@ def run(config: Config) -> dict:
 
     n_params = count_params(state.params)
     flops_per_token = perf.flops_per_token(model_cfg, train_cfg.seq_len)
-    peak, peak_source = perf.peak_flops(mesh.devices.flatten().tolist())
+    peak, peak_source = perf.peak_flops(mesh.devices.flatten().tolist(), model_cfg.compute_dtype)
     tokens_per_step = train_cfg.batch_size * train_cfg.seq_len
     lr_at = schedule(config.optimizer, train_cfg.steps)
     if is_main:

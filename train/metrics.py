@@ -61,14 +61,17 @@ def device_peak_flops(device_kind: str) -> float | None:
 
 
 @functools.cache
-def cpu_matmul_peak(size: int = 1536, seconds: float = 1.0) -> float:
-    """FLOP/s of the host's fastest fp32 [size, size] matmul over about ``seconds`` of tries.
+def cpu_matmul_peak(dtype: str = "float32", size: int = 1536, seconds: float = 1.0) -> float:
+    """FLOP/s of the host's fastest [size, size] matmul in ``dtype`` over about ``seconds`` of tries.
 
-    Measured once per process. This is the whole host's peak: fake CPU devices share the cores.
+    The probe multiplies the way the model does: operands in the compute dtype, float32 results
+    (``models.layers.matmul``). On CPUs with AMX or AVX512-BF16 a bf16 matmul is several times
+    faster than a float32 one, so MFU is only fair against the probe of the compute dtype.
+    Measured once per process and dtype. This is the whole host's peak: fake CPU devices share the cores.
     """
     device = jax.devices("cpu")[0]
-    a = jax.device_put(jnp.ones((size, size), jnp.float32), device)
-    dot = jax.jit(jnp.dot)
+    a = jax.device_put(jnp.ones((size, size), dtype), device)
+    dot = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
     dot(a, a).block_until_ready()  # compile + wake the thread pool
     best, deadline = float("inf"), time.perf_counter() + seconds
     while True:
@@ -79,16 +82,16 @@ def cpu_matmul_peak(size: int = 1536, seconds: float = 1.0) -> float:
             return 2.0 * size**3 / best
 
 
-def peak_flops(devices: list | None = None) -> tuple[float, str]:
+def peak_flops(devices: list | None = None, compute_dtype: str = "bfloat16") -> tuple[float, str]:
     """Total peak FLOP/s of ``devices`` (default: all) and where the number comes from.
 
-    Accelerators: the bf16 table × the device count. CPU: one measured fp32 matmul probe for
-    the host, whatever the (fake) device count. Unknown accelerators: 0.0.
+    Accelerators: the bf16 table × the device count. CPU: one measured matmul probe in
+    ``compute_dtype`` for the host, whatever the (fake) device count. Unknown accelerators: 0.0.
     """
     devices = list(jax.devices() if devices is None else devices)
     kind = devices[0].device_kind
     if devices[0].platform == "cpu":
-        return cpu_matmul_peak(), "cpu fp32 matmul probe"
+        return cpu_matmul_peak(compute_dtype), f"cpu {compute_dtype} matmul probe"
     peak = device_peak_flops(kind)
     if peak is None:
         return 0.0, f"unknown device kind {kind!r}"
