@@ -48,6 +48,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--dtype", choices=["float32", "bfloat16"], default=None, help="compute dtype (default: the preset's)"
     )
     p.add_argument("--remat", choices=["none", "full", "save_dots"], default=None)
+    p.add_argument("--attention", choices=["xla", "recompute", "cudnn", "splash"], default=None)
     p.add_argument("--scan", choices=["on", "off"], default=None, help="scan over layers (default: the preset's)")
     p.add_argument("--no-cpu-flags", action="store_true", help="do not add CPU_XLA_FLAGS to XLA_FLAGS")
     return p.parse_args(argv)
@@ -106,7 +107,10 @@ def presets() -> dict:
     """Name -> (ModelConfig, default batch, default seq_len). Byte vocabulary: 257 padded to 384."""
     from models.config import ModelConfig
 
-    gpt = ModelConfig(vocab_size=384, d_model=384, n_layers=6, n_heads=6, d_ff=1536, max_seq_len=256)
+    # recompute: the fastest attention on CPU (benchmarks/README.md); --attention xla for jax.nn's
+    gpt = ModelConfig(
+        vocab_size=384, d_model=384, n_layers=6, n_heads=6, d_ff=1536, max_seq_len=256, attention="recompute"
+    )
     llama = dataclasses.replace(
         gpt,
         position="rope",
@@ -162,6 +166,8 @@ def run_one(preset: str, sizes: tuple[int, int, int], args: argparse.Namespace) 
         overrides["compute_dtype"] = args.dtype
     if args.remat:
         overrides["remat"] = args.remat
+    if args.attention:
+        overrides["attention"] = args.attention
     if args.scan:
         overrides["scan_layers"] = args.scan == "on"
     model_cfg = dataclasses.replace(model_cfg, **overrides)
@@ -209,6 +215,7 @@ def run_one(preset: str, sizes: tuple[int, int, int], args: argparse.Namespace) 
         "seq_len": seq_len,
         "compute_dtype": model_cfg.compute_dtype,
         "remat": model_cfg.remat,
+        "attention": model_cfg.attention,
         "scan_layers": model_cfg.scan_layers,
         "tokens_per_sec": round(tokens_per_sec, 1),
         "step_ms": round(step_s * 1e3, 1),

@@ -3,8 +3,9 @@
 ``Attention`` is self-attention (causal or bidirectional, GQA, optional rope) or, given a
 ``context``, cross-attention; an optional boolean ``mask`` (padding) and additive ``bias``
 (relative positions) go to the implementation ``model.attention`` picks: ``xla``
-(``models.dot_attention``, any backend), ``cudnn`` (``jax.nn.dot_product_attention``'s flash
-kernel on NVIDIA GPUs) or ``splash`` (``models.splash``, the Pallas kernel on TPUs).
+(``jax.nn.dot_product_attention``, any backend), ``recompute`` (``models.dot_attention``: keeps no
+[T, S] probabilities for the backward pass; fastest on CPU), ``cudnn`` (``jax.nn.dot_product_attention``'s
+flash kernel on NVIDIA GPUs) or ``splash`` (``models.splash``, the Pallas kernel on TPUs).
 """
 
 from __future__ import annotations
@@ -76,17 +77,15 @@ class Attention(nnx.Module):
                     "model.attention='splash' takes no padding mask or score bias; use model.attention='xla'"
                 )
             out = splash_attention(q, k, v, causal=causal, scale=scale)
-        elif cfg.attention == "cudnn":
-            out = jax.nn.dot_product_attention(
-                q, k, v, bias=bias, mask=mask, scale=scale, is_causal=causal, implementation="cudnn"
-            )
-        else:
+        elif cfg.attention == "recompute":
             out = dot_product_attention(q, k, v, causal=causal, scale=scale, mask=mask, bias=bias)
+        else:  # xla or cudnn
+            out = jax.nn.dot_product_attention(
+                q, k, v, bias=bias, mask=mask, scale=scale, is_causal=causal, implementation=cfg.attention
+            )
         out = constrain(out, ("batch", "length", "act_heads", None))
         return self.o(out.reshape(b, t, cfg.n_heads * hd).astype(x.dtype))
 
-
-SelfAttention = Attention  # the decoder-era name
 
 
 def relative_position_bucket(

@@ -41,7 +41,9 @@ class ModelConfig:
     compute_dtype: Literal["bfloat16", "float32"] = "bfloat16"
     scan_layers: bool = True
     remat: Literal["none", "full", "save_dots"] = "none"
-    attention: Literal["xla", "cudnn", "splash"] = "xla"  # splash: Pallas kernel, TPU only
+    # xla: jax.nn.dot_product_attention; recompute: XLA attention that recomputes the probabilities in
+    # the backward pass (models/dot_attention.py); cudnn: flash attention on NVIDIA GPUs; splash: Pallas, TPU
+    attention: Literal["xla", "recompute", "cudnn", "splash"] = "xla"
     # encoder / encoder-decoder families (defaults leave the decoder unchanged)
     post_norm: bool = False  # x = norm(x + f(x)) as BERT, instead of x + f(norm(x))
     scale_attention: bool = True  # False: no 1/sqrt(head_dim) on scores (T5 folds it into the query init)

@@ -1,4 +1,4 @@
-"""Scaled dot-product attention (``model.attention: xla``) with a hand-written gradient.
+"""Scaled dot-product attention (``model.attention: recompute``) with a hand-written gradient.
 
 As FlashAttention does, without the tiling: the forward keeps only each query row's log-sum-exp
 and the backward recomputes the probabilities, so no [B, heads, T, S] array is saved for the

@@ -46,14 +46,19 @@ def _matmul_bwd(residuals, g):
     g = g.astype(x.dtype)
     tokens = tuple(range(x.ndim - 1))
     dx = jax.lax.dot_general(g, w, (((g.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    if x.shape[-1] > g.shape[-1]:
+
+    def plain(x, g):  # [k, n]
+        return jax.lax.dot_general(x, g, ((tokens, tokens), ((), ())), preferred_element_type=jnp.float32)
+
+    def narrow_first(x, g):
         # XLA:CPU copies the left operand transposed; let that be the narrower one, and keep XLA from
         # folding the final transpose back into the dot (the wide activation's transpose costs ~10%).
-        dw = jax.lax.optimization_barrier(
-            jax.lax.dot_general(g, x, ((tokens, tokens), ((), ())), preferred_element_type=jnp.float32)
-        ).T
+        return jax.lax.optimization_barrier(plain(g, x)).T
+
+    if x.shape[-1] > g.shape[-1]:  # TPU and GPU compilers pick their own layouts: the plain dot there
+        dw = jax.lax.platform_dependent(x, g, cpu=narrow_first, default=plain)
     else:
-        dw = jax.lax.dot_general(x, g, ((tokens, tokens), ((), ())), preferred_element_type=jnp.float32)
+        dw = plain(x, g)
     return dx.astype(x.dtype), dw.astype(w.dtype)
 
 

@@ -1,4 +1,4 @@
-"""``models.dot_attention`` (the ``xla`` implementation, hand-written gradient) against
+"""``models.dot_attention`` (``model.attention: recompute``, hand-written gradient) against
 ``jax.nn.dot_product_attention``: outputs and gradients, fp32 and bf16, every masking case."""
 
 from __future__ import annotations

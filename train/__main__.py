@@ -20,6 +20,8 @@ def check_backend(config: Config) -> None:
     backend = jax.default_backend()
     if config.model.attention == "splash" and backend != "tpu":
         raise ConfigError(f"model.attention='splash' runs on TPU only, not on {backend}; use model.attention='xla'")
+    if config.model.attention == "cudnn" and backend != "gpu":
+        raise ConfigError(f"model.attention='cudnn' runs on NVIDIA GPUs only, not on {backend}; use model.attention='xla'")
 
 
 def main(argv: list[str]) -> int:
@@ -30,9 +32,10 @@ def main(argv: list[str]) -> int:
     overrides = argv[1:] if path else argv
     try:
         config = load_config(path, overrides)
-        from train.distributed import initialize  # imports jax: after the config is known to be valid
+        from train.distributed import initialize, select_platforms  # imports jax: after the config is valid
         from train.loop import run
 
+        select_platforms()
         initialize(config.run)
         check_backend(config)
         run(config)

@@ -2,12 +2,41 @@
 
 from __future__ import annotations
 
+import glob
+import importlib.util
+import os
+import pathlib
 import socket
 import time
 
 import jax
 
 from train.config import ConfigError, RunConfig
+
+GOOGLE_PCI_VENDOR = "0x1ae0"  # TPU chips (and gVNIC network cards) on the PCI bus
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its parent package is missing
+        return False
+
+
+def select_platforms() -> None:
+    """Keeps JAX from starting libtpu on a host without TPUs (unless JAX_PLATFORMS says otherwise).
+
+    libtpu comes with the ``tpu`` and ``test`` extras (TPU plans compile on any host); on a host
+    with no TPU chip, JAX would still start it and it logs a screenful of errors before JAX falls
+    back to the GPU or CPU. Must run before anything touches the devices.
+    """
+    if "JAX_PLATFORMS" in os.environ or not _installed("libtpu"):
+        return
+    vendors = (pathlib.Path(p).read_text().strip() for p in glob.glob("/sys/bus/pci/devices/*/vendor"))
+    if any(v == GOOGLE_PCI_VENDOR for v in vendors):
+        return  # maybe a TPU VM: let JAX decide
+    cuda = any(_installed(f"jax_plugins.xla_cuda{v}") for v in (12, 13))
+    jax.config.update("jax_platforms", "cuda,cpu" if cuda else "cpu")
 
 
 def initialize(cfg: RunConfig) -> None:
