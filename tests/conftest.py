@@ -1,7 +1,16 @@
 """Every test process sees 8 fake CPU devices and only the CPU backend: XLA reads the flag when jax
-first initialises, and an installed libtpu (the TPU plan tests) must not probe for a TPU."""
+first initialises, and an installed libtpu (the TPU plan tests) must not probe for a TPU.
+
+The tests start many small runs of the same tiny models, in this process and in subprocesses
+(which inherit the environment): one persistent compilation cache for the session lets each
+program compile once.
+"""
 
 import os
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="meshlm-test-jax-cache-"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")

@@ -90,9 +90,6 @@ def run_all(root: pathlib.Path, runs: dict[str, list[str]]) -> dict[str, Run]:
         **os.environ,
         "PYTHONPATH": str(REPO),
         "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-        "JAX_COMPILATION_CACHE_DIR": str(root / "jax-cache"),
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
     }
     done = subprocess.run(
         [sys.executable, "-c", DRIVER, json.dumps(spec)],

@@ -96,7 +96,7 @@ def test_unreachable_coordinator_fails_fast_with_the_address(tmp_path):
     config.write_text(TINY)
     port = _free_port()
     p = _train(config, f"run.dir={tmp_path / 'run'}", f"run.coordinator=127.0.0.1:{port}", "run.num_processes=2",
-               "run.process_id=1", "run.coordinator_timeout_s=5", devices=4)
+               "run.process_id=1", "run.coordinator_timeout_s=2", devices=4)
     out = p.communicate(timeout=120)[0]
     assert p.returncode == 2
     errors = [line for line in out.splitlines() if line.startswith("error:")]

@@ -75,7 +75,7 @@ class Run:
 
 
 class Runs:
-    """Starts runs under ``root``; ``env`` shares one compilation cache between all of them."""
+    """Starts runs under ``root`` (they share the session's compilation cache, tests/conftest.py)."""
 
     def __init__(self, root: pathlib.Path):
         self.root = root
@@ -83,10 +83,7 @@ class Runs:
             **os.environ,
             "PYTHONPATH": str(REPO),
             "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-            "JAX_COMPILATION_CACHE_DIR": str(root / "jax-cache"),
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-        }
+                    }
 
     def args(self, preset: list[str], name: str, steps: int, *extra: str) -> list[str]:
         return [*preset, f"run.dir={self.root / name}", f"train.steps={steps}", *extra]

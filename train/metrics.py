@@ -61,7 +61,7 @@ def device_peak_flops(device_kind: str) -> float | None:
 
 
 @functools.cache
-def cpu_matmul_peak(dtype: str = "float32", size: int = 1536, seconds: float = 1.0) -> float:
+def cpu_matmul_peak(dtype: str = "float32", size: int = 1536, seconds: float = 0.3) -> float:
     """FLOP/s of the host's fastest [size, size] matmul in ``dtype`` over about ``seconds`` of tries.
 
     The probe multiplies the way the model does: operands in the compute dtype, float32 results
