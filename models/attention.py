@@ -87,7 +87,6 @@ class Attention(nnx.Module):
         return self.o(out.reshape(b, t, cfg.n_heads * hd).astype(x.dtype))
 
 
-
 def relative_position_bucket(
     relative_position: np.ndarray, bidirectional: bool, num_buckets: int, max_distance: int
 ) -> np.ndarray:

@@ -37,7 +37,17 @@ def _sample(graphdef, params, buffer, length, key, num_tokens: int, temperature,
     return tokens
 
 
-def generate(graphdef, params, prompt: np.ndarray, num_tokens: int, window: int, *, temperature: float = 0.8, top_k: int = 40, seed: int = 0) -> np.ndarray:
+def generate(
+    graphdef,
+    params,
+    prompt: np.ndarray,
+    num_tokens: int,
+    window: int,
+    *,
+    temperature: float = 0.8,
+    top_k: int = 40,
+    seed: int = 0,
+) -> np.ndarray:
     """Continues ``prompt`` (int32[P]) by ``num_tokens`` tokens; returns int32[num_tokens]."""
     prompt = np.asarray(prompt, np.int32)[-window:]
     if len(prompt) == 0:

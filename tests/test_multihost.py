@@ -41,7 +41,9 @@ def _free_port() -> int:
 
 def _train(config: pathlib.Path, *overrides: str, devices: int = 8, **popen) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "train", str(config), *overrides]
-    return subprocess.Popen(cmd, cwd=REPO, env=_env(devices), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+    return subprocess.Popen(
+        cmd, cwd=REPO, env=_env(devices), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen
+    )
 
 
 def _losses(run_dir: pathlib.Path) -> list[tuple[int, str, float]]:
@@ -57,8 +59,14 @@ def runs(tmp_path_factory):
     port = _free_port()
     procs = [_train(config, f"run.dir={root / 'one'}")]
     procs += [
-        _train(config, f"run.dir={root / 'two'}", f"run.coordinator=127.0.0.1:{port}", "run.num_processes=2",
-               f"run.process_id={i}", devices=4)
+        _train(
+            config,
+            f"run.dir={root / 'two'}",
+            f"run.coordinator=127.0.0.1:{port}",
+            "run.num_processes=2",
+            f"run.process_id={i}",
+            devices=4,
+        )
         for i in range(2)
     ]
     outputs = [p.communicate(timeout=400)[0] for p in procs]
@@ -95,8 +103,15 @@ def test_unreachable_coordinator_fails_fast_with_the_address(tmp_path):
     config = tmp_path / "tiny.yaml"
     config.write_text(TINY)
     port = _free_port()
-    p = _train(config, f"run.dir={tmp_path / 'run'}", f"run.coordinator=127.0.0.1:{port}", "run.num_processes=2",
-               "run.process_id=1", "run.coordinator_timeout_s=2", devices=4)
+    p = _train(
+        config,
+        f"run.dir={tmp_path / 'run'}",
+        f"run.coordinator=127.0.0.1:{port}",
+        "run.num_processes=2",
+        "run.process_id=1",
+        "run.coordinator_timeout_s=2",
+        devices=4,
+    )
     out = p.communicate(timeout=120)[0]
     assert p.returncode == 2
     errors = [line for line in out.splitlines() if line.startswith("error:")]
@@ -110,8 +125,15 @@ def test_sigterm_to_one_process_stops_every_process_at_one_step_with_a_checkpoin
     run_dir, port = tmp_path / "run", _free_port()
     long_run = ["train.steps=5000", "train.eval_every=0", "train.sample_tokens=0", "checkpoint.every=0"]
     procs = [
-        _train(config, f"run.dir={run_dir}", *long_run, f"run.coordinator=127.0.0.1:{port}", "run.num_processes=2",
-               f"run.process_id={i}", devices=4)
+        _train(
+            config,
+            f"run.dir={run_dir}",
+            *long_run,
+            f"run.coordinator=127.0.0.1:{port}",
+            "run.num_processes=2",
+            f"run.process_id={i}",
+            devices=4,
+        )
         for i in range(2)
     ]
     metrics = run_dir / "metrics.jsonl"

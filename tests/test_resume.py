@@ -83,7 +83,7 @@ class Runs:
             **os.environ,
             "PYTHONPATH": str(REPO),
             "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-                    }
+        }
 
     def args(self, preset: list[str], name: str, steps: int, *extra: str) -> list[str]:
         return [*preset, f"run.dir={self.root / name}", f"train.steps={steps}", *extra]

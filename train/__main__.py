@@ -21,7 +21,9 @@ def check_backend(config: Config) -> None:
     if config.model.attention == "splash" and backend != "tpu":
         raise ConfigError(f"model.attention='splash' runs on TPU only, not on {backend}; use model.attention='xla'")
     if config.model.attention == "cudnn" and backend != "gpu":
-        raise ConfigError(f"model.attention='cudnn' runs on NVIDIA GPUs only, not on {backend}; use model.attention='xla'")
+        raise ConfigError(
+            f"model.attention='cudnn' runs on NVIDIA GPUs only, not on {backend}; use model.attention='xla'"
+        )
 
 
 def main(argv: list[str]) -> int:

@@ -12,7 +12,7 @@ import pathlib
 import re
 import types
 import typing
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
 
@@ -115,13 +115,13 @@ class CheckpointConfig:
 @dataclasses.dataclass(frozen=True)
 class Config:
     seed: int = 0
-    run: RunConfig = RunConfig()
-    model: ModelConfig = ModelConfig()
-    data: DataConfig = DataConfig()
-    optimizer: OptimizerConfig = OptimizerConfig()
-    train: TrainConfig = TrainConfig()
-    mesh: MeshConfig = MeshConfig()
-    checkpoint: CheckpointConfig = CheckpointConfig()
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -228,13 +228,15 @@ def load_yaml(path: str | pathlib.Path) -> dict:
     try:
         tree = _yaml(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file '{path}' is not valid YAML ({str(e).splitlines()[0]}); fix the syntax") from None
+        raise ConfigError(
+            f"config file '{path}' is not valid YAML ({str(e).splitlines()[0]}); fix the syntax"
+        ) from None
     if not isinstance(tree, dict):
         raise ConfigError(f"config file '{path}' must hold a mapping of sections")
     return tree
 
 
-def load_config(path: Optional[str | pathlib.Path] = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
+def load_config(path: str | pathlib.Path | None = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
     """Reads ``path`` (default: the shipped default run), applies overrides, validates."""
     tree = load_yaml(path or DEFAULT_CONFIG)
     for text in overrides:

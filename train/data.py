@@ -16,7 +16,8 @@ import glob
 import hashlib
 import json
 import os
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 import grain
 import numpy as np
@@ -302,7 +303,4 @@ def eval_batches(tokens: PackedTokens, seq_len: int, batch_size: int, max_batche
             "or lower train.seq_len or train.batch_size"
         )
     windows = tokens.windows(seq_len)
-    return [
-        split_batch(np.stack([windows[b * batch_size + j] for j in range(batch_size)])) for b in range(count)
-    ]
-
+    return [split_batch(np.stack([windows[b * batch_size + j] for j in range(batch_size)])) for b in range(count)]

@@ -51,11 +51,11 @@ def initialize(cfg: RunConfig) -> None:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     kwargs = {}
     if not cfg.auto_distributed:
-        kwargs = dict(
-            coordinator_address=cfg.coordinator,
-            num_processes=cfg.num_processes,
-            process_id=None if cfg.process_id < 0 else cfg.process_id,
-        )
+        kwargs = {
+            "coordinator_address": cfg.coordinator,
+            "num_processes": cfg.num_processes,
+            "process_id": None if cfg.process_id < 0 else cfg.process_id,
+        }
     if cfg.coordinator and cfg.process_id != 0:
         _wait_for_coordinator(cfg.coordinator, cfg.coordinator_timeout_s)
     try:

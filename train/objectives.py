@@ -271,8 +271,17 @@ def raw_length(objective: str, seq_len: int, noise_density: float, mean_span: fl
     return seq_len + 1 if objective == "causal_lm" else seq_len
 
 
-def text_objective(objective: str, *, vocab_size: int, eos_id: int, mask_id: int, seed: int, rate: float,
-                   noise_density: float, mean_span: float):
+def text_objective(
+    objective: str,
+    *,
+    vocab_size: int,
+    eos_id: int,
+    mask_id: int,
+    seed: int,
+    rate: float,
+    noise_density: float,
+    mean_span: float,
+):
     """``transform(rows, step, first_row) -> batch`` for rows of the packed token stream.
 
     ``rows``: int32 [local_B, raw_length]; ``first_row`` is the global index of ``rows[0]``.
@@ -287,8 +296,16 @@ def text_objective(objective: str, *, vocab_size: int, eos_id: int, mask_id: int
     if objective == "causal_lm":
         return lambda rows, step, first_row: {"inputs": rows[:, :-1], "targets": rows[:, 1:]}
     if objective == "masked_lm":
-        fn = lambda row, s: masked_lm(row, mask_id=mask_id, vocab_size=vocab_size, seed=s, rate=rate, special_ids=(eos_id,))  # noqa: E731
+        fn = lambda row, s: masked_lm(
+            row, mask_id=mask_id, vocab_size=vocab_size, seed=s, rate=rate, special_ids=(eos_id,)
+        )
     else:
-        fn = lambda row, s: span_corruption(row, vocab_size=vocab_size, seed=s, noise_density=noise_density,  # noqa: E731
-                                            mean_span=mean_span, eos_id=eos_id)
+        fn = lambda row, s: span_corruption(
+            row,
+            vocab_size=vocab_size,
+            seed=s,
+            noise_density=noise_density,
+            mean_span=mean_span,
+            eos_id=eos_id,
+        )
     return lambda rows, step, first_row: per_row(fn, rows, step, first_row)

@@ -32,6 +32,7 @@ def schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
 
 def decay_mask(logical_specs):
     """True for matrices (two or more axes besides ``layers``); norms and biases are not decayed."""
+
     def is_matrix(spec) -> bool:
         return sum(1 for name in spec if name != "layers") >= 2
 

@@ -7,7 +7,7 @@ the model family's ``forward(batch)`` reads (``inputs`` for decoders).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

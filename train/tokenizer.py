@@ -9,7 +9,8 @@ the packer puts after every document. Hugging Face tokenizers also name their ``
 from __future__ import annotations
 
 import pathlib
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 

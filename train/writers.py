@@ -21,7 +21,9 @@ class MetricsWriter:
         if not enabled:
             return
         if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
+            kept = [
+                line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step
+            ]
             self.path.write_text("".join(line + "\n" for line in kept))
         self.file = self.path.open("a")
         self.tb = SummaryWriter(str(run_dir / "tensorboard"))
