@@ -34,6 +34,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--steps", type=int, default=3, help="timed steps (host only)")
     p.add_argument("--topology", default="", help="compile for this TPU slice (e.g. v5e-8): memory only")
+    p.add_argument("--attention", default=None, help="model.attention (default: the preset's)")
     return p.parse_args(argv)
 
 
@@ -47,7 +48,12 @@ def main(argv: list[str] | None = None) -> None:
     base, _, _ = load_preset(args.preset)
     devices = devices_for(args.topology)
     for policy in args.policies:
-        model_cfg = dataclasses.replace(base, remat=policy, max_seq_len=max(base.max_seq_len, args.seq_len))
+        model_cfg = dataclasses.replace(
+            base,
+            remat=policy,
+            max_seq_len=max(base.max_seq_len, args.seq_len),
+            attention=args.attention or base.attention,
+        )
         result = compile_step(model_cfg, args.batch, args.seq_len, devices)
         mem = result.compiled.memory_analysis()
         record = {
@@ -56,6 +62,7 @@ def main(argv: list[str] | None = None) -> None:
             "layers": model_cfg.n_layers,
             "scan_layers": model_cfg.scan_layers,
             "compute_dtype": model_cfg.compute_dtype,
+            "attention": model_cfg.attention,
             "batch": args.batch,
             "seq_len": args.seq_len,
             "topology": args.topology or "host",
