@@ -13,20 +13,18 @@ import dataclasses
 import json
 import os
 import pathlib
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 import yaml
+from cli_runs import Run, in_one_process
 
 from models import build_model, hf
 from models.config import ModelConfig
 from models.hf.__main__ import import_checkpoint
 from train import packages
-from train.writers import read_metrics
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 FAST = [
@@ -49,64 +47,13 @@ CLASSIFY = [
 ]
 SEQ2SEQ = ["configs/tiny-t5.yaml", *FAST, "train.objective=seq2seq", "data.format=jsonl", "train.target_len=16"]
 
-# Runs CLI invocations one after another in one process: each one's stdout, stderr, exit status to files.
-DRIVER = """
-import contextlib, json, pathlib, sys
-from train.__main__ import main
-for run in json.loads(sys.argv[1]):
-    log = pathlib.Path(run["dir"] + ".log")
-    with open(f"{log}.out", "w") as out, open(f"{log}.err", "w") as err:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            log.with_suffix(".rc").write_text(str(main(run["argv"])))
-"""
-
-
-@dataclasses.dataclass
-class Run:
-    dir: pathlib.Path
-    rc: int
-    out: str
-    err: str
-
-    @property
-    def metrics(self) -> list[dict]:
-        return read_metrics(self.dir)
-
-    def losses(self) -> dict[int, float]:
-        return {r["step"]: r["loss"] for r in self.metrics if "loss" in r}
-
-    def evals(self) -> list[dict]:
-        return [r for r in self.metrics if "eval_loss" in r]
-
 
 def run_all(root: pathlib.Path, runs: dict[str, list[str]]) -> dict[str, Run]:
     """name -> argv, run in order in one subprocess with ``run.dir=root/<dir>`` (``dir`` is the name
     up to any '#', so 'a#2' continues run 'a')."""
-    spec = [
-        {"dir": str(root / name), "argv": [*argv, f"run.dir={root / name.split('#')[0]}"]}
-        for name, argv in runs.items()
-    ]
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(REPO),
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-    }
-    done = subprocess.run(
-        [sys.executable, "-c", DRIVER, json.dumps(spec)],
-        check=False,
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    out = {}
-    for name in runs:
-        log = root / (name + ".log")
-        assert log.with_suffix(".rc").exists(), f"the driver died before finishing {name}:\n{done.stderr[-3000:]}"
-        texts = [pathlib.Path(f"{log}{suffix}").read_text() for suffix in (".out", ".err")]
-        out[name] = Run(root / name.split("#")[0], int(log.with_suffix(".rc").read_text()), *texts)
-    return out
+    env = {**os.environ, "PYTHONPATH": str(REPO), "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    argvs = [[*argv, f"run.dir={root / name.split('#')[0]}"] for argv, name in zip(runs.values(), runs)]
+    return dict(zip(runs, in_one_process(argvs, root, env, timeout=600)))
 
 
 def labelled_rows(n: int) -> list[dict]:

@@ -10,8 +10,6 @@ the same (CPU is deterministic) and within fp32 tolerance across meshes.
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
-import json
 import os
 import pathlib
 import re
@@ -24,6 +22,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from cli_runs import Run, in_one_process, run_dir
 from flax import nnx
 
 from train import export
@@ -48,31 +47,6 @@ GPT2 = ["configs/tiny-gpt2.yaml", *FAST, "train.grad_accum=2", "mesh.data=2", "m
 LLAMA = ["configs/tiny-llama.yaml", *FAST, "train.grad_accum=4", "mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2"]
 GPT2_STEPS, LLAMA_STEPS = 8, 30
 
-# Runs several CLI invocations in one process: each one's stdout, stderr and exit status to files.
-DRIVER = """
-import contextlib, json, pathlib, sys
-from train.__main__ import main
-for run in json.loads(sys.argv[1]):
-    with open(run["log"] + ".out", "w") as out, open(run["log"] + ".err", "w") as err:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            status = main(run["argv"])
-    metrics = pathlib.Path(run["dir"]) / "metrics.jsonl"
-    pathlib.Path(run["log"] + ".metrics").write_text(metrics.read_text() if metrics.exists() else "")
-    pathlib.Path(run["log"] + ".rc").write_text(str(status))
-"""
-
-
-@dataclasses.dataclass
-class Run:
-    dir: pathlib.Path
-    rc: int
-    out: str
-    err: str
-    metrics: list[dict]  # metrics.jsonl as this run left it
-
-    def losses(self) -> dict[int, float]:
-        return {r["step"]: r["loss"] for r in self.metrics if "loss" in r}
-
 
 class Runs:
     """Starts runs under ``root`` (they share the session's compilation cache, tests/conftest.py)."""
@@ -90,24 +64,7 @@ class Runs:
 
     def in_one_process(self, *argvs: list[str]) -> list[Run]:
         """Runs each argv with ``train.__main__.main`` in turn, in one fresh process."""
-        logs = [self.root / f"log-{time.monotonic_ns()}-{i}" for i in range(len(argvs))]
-        spec = [{"argv": argv, "log": str(log), "dir": str(_run_dir(argv))} for argv, log in zip(argvs, logs)]
-        done = subprocess.run(
-            [sys.executable, "-c", DRIVER, json.dumps(spec)],
-            check=False,
-            cwd=REPO,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
-        runs = []
-        for argv, log in zip(argvs, logs):
-            assert _logged(log, ".rc").exists(), f"driver died before finishing {argv}:\n{done.stderr[-3000:]}"
-            text = {suffix: _logged(log, suffix).read_text() for suffix in (".rc", ".out", ".err", ".metrics")}
-            metrics = [json.loads(line) for line in text[".metrics"].splitlines()]
-            runs.append(Run(_run_dir(argv), int(text[".rc"]), text[".out"], text[".err"], metrics))
-        return runs
+        return in_one_process(list(argvs), self.root, self.env)
 
     def cli(self, argv: list[str], devices: int = 8) -> Run:
         env = {**self.env, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
@@ -120,11 +77,11 @@ class Runs:
             text=True,
             timeout=900,
         )
-        return Run(_run_dir(argv), done.returncode, done.stdout, done.stderr, read_metrics(_run_dir(argv)))
+        return Run(run_dir(argv), done.returncode, done.stdout, done.stderr, read_metrics(run_dir(argv)))
 
     def cli_terminated(self, argv: list[str], after_steps: int) -> Run:
         """Runs ``python -m train`` and sends SIGTERM once ``after_steps`` losses are logged."""
-        run_dir = _run_dir(argv)
+        directory = run_dir(argv)
         proc = subprocess.Popen(
             [sys.executable, "-m", "train", *argv],
             cwd=REPO,
@@ -134,21 +91,13 @@ class Runs:
             text=True,
         )
         deadline = time.monotonic() + 600
-        while len([r for r in read_metrics(run_dir) if "loss" in r]) < after_steps:
+        while len([r for r in read_metrics(directory) if "loss" in r]) < after_steps:
             if proc.poll() is not None or time.monotonic() > deadline:
                 break
             time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=600)
-        return Run(run_dir, proc.returncode, out, err, read_metrics(run_dir))
-
-
-def _logged(log: pathlib.Path, suffix: str) -> pathlib.Path:
-    return log.with_name(log.name + suffix)
-
-
-def _run_dir(argv: list[str]) -> pathlib.Path:
-    return pathlib.Path([a for a in argv if a.startswith("run.dir=")][-1].split("=", 1)[1])
+        return Run(directory, proc.returncode, out, err, read_metrics(directory))
 
 
 @pytest.fixture(scope="module")
