@@ -12,6 +12,7 @@ batch whatever the process count; ``it.get_state()`` is a few JSON-serialisable 
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import hashlib
 import json
@@ -57,38 +58,63 @@ class TextFiles:
         return os.path.basename(self.paths[i])
 
 
+@dataclasses.dataclass(frozen=True)
+class Row:
+    record: dict
+    path: str
+    line: int
+
+    @property
+    def where(self) -> str:
+        return f"data file '{self.path}' line {self.line}"
+
+    @property
+    def name(self) -> str:
+        """A stable id ('train.jsonl:12') that decides whether the row is held out."""
+        return f"{os.path.basename(self.path)}:{self.line}"
+
+
+def read_rows(paths: Sequence[str]) -> list[Row]:
+    """Every non-blank line of ``paths`` as a JSON object, in file and line order."""
+    rows = []
+    for path in paths:
+        for number, line in enumerate(_read_text(path).splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(
+                    f"data file '{path}' line {number} is not valid JSON ({e.msg}); fix or delete it"
+                ) from None
+            if not isinstance(record, dict):
+                raise ConfigError(f"data file '{path}' line {number} is not a JSON object; write one object per line")
+            rows.append(Row(record, path, number))
+    return rows
+
+
 class JsonlFiles:
     """One document per non-blank line: the string in ``field`` of that line's JSON object."""
 
     def __init__(self, paths: Sequence[str], field: str):
-        self.texts: list[str] = []
-        self.names: list[str] = []
-        for path in paths:
-            for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
-                if not line.strip():
-                    continue
-                where = f"data file '{path}' line {lineno}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ConfigError(f"{where} is not valid JSON ({e.msg}); fix or delete that line") from None
-                if not isinstance(record, dict) or field not in record:
-                    raise ConfigError(
-                        f"{where} has no field '{field}'; set data.text_field to the field that holds the text"
-                    )
-                if not isinstance(record[field], str):
-                    raise ConfigError(f"{where} field '{field}' is not a string; set data.text_field to a text field")
-                self.texts.append(record[field])
-                self.names.append(f"{os.path.basename(path)}:{lineno}")
+        self.rows = read_rows(paths)
+        for row in self.rows:
+            if field not in row.record:
+                raise ConfigError(
+                    f"{row.where} has no field '{field}'; set data.text_field to the field that holds the text"
+                )
+            if not isinstance(row.record[field], str):
+                raise ConfigError(f"{row.where} field '{field}' is not a string; set data.text_field to a text field")
+        self.field = field
 
     def __len__(self) -> int:
-        return len(self.texts)
+        return len(self.rows)
 
     def __getitem__(self, i: int) -> str:
-        return self.texts[i]
+        return self.rows[i].record[self.field]
 
     def name(self, i: int) -> str:
-        return self.names[i]
+        return self.rows[i].name
 
 
 def _read_text(path: str) -> str:

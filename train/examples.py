@@ -14,7 +14,6 @@ every run. Every data error names the file and line and how to fix it.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Sequence
 
@@ -22,54 +21,10 @@ import numpy as np
 
 from train import objectives
 from train.config import ConfigError, DataConfig, split_labels
-from train.data import held_out, match_files
+from train.data import Row, held_out, match_files, read_rows
 from train.tokenizer import Tokenizer
 
 Arrays = dict[str, np.ndarray]  # every array has the examples on its leading axis
-
-
-@dataclasses.dataclass(frozen=True)
-class Row:
-    record: dict
-    path: str
-    line: int
-
-    @property
-    def where(self) -> str:
-        return f"data file '{self.path}' line {self.line}"
-
-    @property
-    def name(self) -> str:
-        """A stable id ('train.jsonl:12') that decides whether the row is held out."""
-        return f"{os.path.basename(self.path)}:{self.line}"
-
-
-def read_rows(paths: Sequence[str]) -> list[Row]:
-    """Every non-blank line of ``paths`` as a JSON object, in file and line order."""
-    rows = []
-    for path in paths:
-        try:
-            with open(path, encoding="utf-8") as f:
-                lines = f.read().splitlines()
-        except UnicodeDecodeError:
-            raise ConfigError(
-                f"data file '{path}' is not UTF-8 text; convert it or leave it out of the globs"
-            ) from None
-        except OSError as e:
-            raise ConfigError(f"data file '{path}' cannot be read ({e.strerror}); fix its permissions") from None
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(
-                    f"data file '{path}' line {number} is not valid JSON ({e.msg}); fix or delete it"
-                ) from None
-            if not isinstance(record, dict):
-                raise ConfigError(f"data file '{path}' line {number} is not a JSON object; write one object per line")
-            rows.append(Row(record, path, number))
-    return rows
 
 
 def field(row: Row, name: str, key: str, kinds: tuple[type, ...] = (str,)) -> str | int:
