@@ -331,7 +331,7 @@ class Checkpoints:
         """
 
         def restore(step: int, _config: dict):
-            args = ocp.args.Composite(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore())
+            args = ocp.args.Composite(state=_partial_restore(target), data=ocp.args.JsonRestore())
             restored = self.manager.restore(step, args=args)
             verify(self.read_manifest(step), restored.state, data=restored.data)
             return restored
@@ -403,18 +403,18 @@ def newest_params(
     return step, params, config
 
 
+def _partial_restore(target: Any) -> ocp.args.PyTreeRestore:
+    """Restores the arrays of ``target`` (ShapeDtypeStructs with shardings) and skips any others saved.
+
+    Checkpoints written before the train state lost its unused ``rng`` still hold one.
+    """
+    restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding), target)
+    return ocp.args.PyTreeRestore(target, restore_args=restore_args, partial_restore=True)
+
+
 def _restore_params(checkpoints: Checkpoints, step: int, target_params: Any) -> Any:
-    tree = {"params": target_params}
-    restored = checkpoints.manager.restore(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(
-                tree,
-                restore_args=jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding), tree),
-                partial_restore=True,
-            )
-        ),
-    ).state
+    args = ocp.args.Composite(state=_partial_restore({"params": target_params}))
+    restored = checkpoints.manager.restore(step, args=args).state
     verify(checkpoints.read_manifest(step), restored)
     return restored["params"]
 
