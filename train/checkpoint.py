@@ -256,7 +256,7 @@ class Checkpoints:
         self.manager.save(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
+                state=ocp.args.PyTreeSave(state),  # PyTree handler: restores may be partial
                 data=ocp.args.JsonSave(data_state),
                 config=ocp.args.JsonSave(config),
                 manifest=ManifestSave(lambda: {"format": MANIFEST_FORMAT, "arrays": arrays(), "items": items}),
