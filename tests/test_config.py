@@ -209,7 +209,10 @@ def test_batch_not_divisible_by_grad_accum_is_rejected():
         ("mesh.data=-1", r"only one of mesh\.data, mesh\.fsdp, mesh\.tensor may be -1"),
         ("model.n_heads=3", r"model\.d_model=64 is not divisible by model\.n_heads=3"),
         ("data.val_fraction=1.0", r"data\.val_fraction must be in \[0, 1\)"),
-        ("mesh.rules=[[embd, tensor]]", r"mesh\.rules\[0\] names the unknown logical axis 'embd' \(did you mean 'embed'\?\)"),
+        (
+            "mesh.rules=[[embd, tensor]]",
+            r"mesh\.rules\[0\] names the unknown logical axis 'embd' \(did you mean 'embed'\?\)",
+        ),
         ("mesh.rules=[[embed, tensr]]", r"mesh\.rules\[0\] maps 'embed' to 'tensr', which is not a mesh axis"),
         ("mesh.rules=[[batch, data]]", r"mesh\.rules\[0\] cannot change 'batch'"),
     ],

@@ -112,7 +112,7 @@ def run(config: Config) -> dict:
     writer = MetricsWriter(run_dir, start, enabled=is_main)
 
     n_params = count_params(state.params)
-    flops_per_token = perf.flops_per_token(model_cfg, train_cfg.seq_len)
+    flops_per_token = perf.flops_per_token(model_cfg, train_cfg.seq_len, perf.decoder_tokens(train_cfg))
     peak, peak_source = perf.peak_flops(mesh.devices.flatten().tolist(), model_cfg.compute_dtype)
     tokens_per_step = train_cfg.batch_size * train_cfg.seq_len
     lr_at = schedule(config.optimizer, train_cfg.steps)
