@@ -16,10 +16,11 @@ from tqdm import tqdm
 
 from models.config import ModelConfig
 from models.generate import generate
+from sharding.fit import check_fits
 from sharding.mesh import make_mesh
 from train import metrics as perf
 from train.checkpoint import Checkpoints, restore_target
-from train.config import Config, ConfigError, save_config
+from train.config import Config, ConfigError, fit_sizes, save_config
 from train.optimizer import schedule
 from train.preemption import Preemption
 from train.state import count_params, init_state, make_state_spec
@@ -44,29 +45,6 @@ def resolve_model(cfg: ModelConfig, tokenizer_vocab: int) -> ModelConfig:
     return cfg
 
 
-def check_fits_mesh(config: Config, model: ModelConfig, mesh: jax.sharding.Mesh) -> None:
-    """Every sharded dimension must divide evenly over its mesh axes."""
-    dp = mesh.shape["data"] * mesh.shape["fsdp"]
-    t, f = mesh.shape["tensor"], mesh.shape["fsdp"]
-    train = config.train
-    if train.batch_size % (dp * train.grad_accum):
-        raise ConfigError(
-            f"train.batch_size={train.batch_size} is not divisible by the data-parallel size {dp} "
-            f"(mesh.data * mesh.fsdp) x train.grad_accum={train.grad_accum}; "
-            f"use a multiple of {dp * train.grad_accum}"
-        )
-    checks = [
-        ("model.vocab_size", model.vocab_size, t, "mesh.tensor"),
-        ("model.n_heads", model.n_heads, t, "mesh.tensor"),
-        ("model.n_kv_heads", model.kv_heads, t, "mesh.tensor"),
-        ("model.d_ff", model.d_ff, t, "mesh.tensor"),
-        ("model.d_model", model.d_model, f, "mesh.fsdp"),
-    ]
-    for name, size, axis_size, axis in checks:
-        if size % axis_size:
-            raise ConfigError(f"{name}={size} does not divide over {axis}={axis_size}; choose sizes that divide")
-
-
 def run(config: Config) -> dict:
     """Trains as ``config`` says, resuming from ``run.dir`` when it holds checkpoints.
 
@@ -81,11 +59,11 @@ def run(config: Config) -> dict:
     tokenizer = load_tokenizer(config.data.tokenizer)
     model_cfg = resolve_model(config.model, vocab_needed(config, tokenizer))
     mesh = make_mesh(config.mesh)
-    check_fits_mesh(config, model_cfg, mesh)
+    check_fits(model_cfg, mesh.shape, config.mesh.logical_rules, **fit_sizes(config, jax.process_count()))
     task = make_task(config, model_cfg, tokenizer)
     batches = task.batches
 
-    spec = make_state_spec(model_cfg, config.optimizer, train_cfg.steps, mesh)
+    spec = make_state_spec(model_cfg, config.optimizer, train_cfg.steps, mesh, config.mesh.logical_rules)
     resolved = dataclasses.replace(config, model=model_cfg, data=task.data_config)
 
     def fresh_state():

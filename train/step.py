@@ -15,7 +15,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from sharding.rules import activation_context, batch_sharding, replicated
+from sharding.rules import Rules, activation_context, batch_sharding, replicated
 from train.state import StateSpec, TrainState
 
 Batch = dict[str, jax.Array]
@@ -83,7 +83,7 @@ def make_train_step(
         out_shardings=(spec.shardings, replicated(mesh)),
         donate_argnums=0,
     )
-    return _under_mesh(jitted, mesh)
+    return _under_mesh(jitted, mesh, spec.rules)
 
 
 def make_eval_step(spec: StateSpec, mesh: Mesh) -> Callable[[nnx.State, Batch], tuple[jax.Array, jax.Array]]:
@@ -93,7 +93,7 @@ def make_eval_step(spec: StateSpec, mesh: Mesh) -> Callable[[nnx.State, Batch], 
         in_shardings=(spec.shardings.params, batch_sharding(mesh)),
         out_shardings=replicated(mesh),
     )
-    return _under_mesh(jitted, mesh)
+    return _under_mesh(jitted, mesh, spec.rules)
 
 
 def make_predict_step(spec: StateSpec, mesh: Mesh) -> Callable[[nnx.State, Batch], tuple[jax.Array, ...]]:
@@ -109,20 +109,20 @@ def make_predict_step(spec: StateSpec, mesh: Mesh) -> Callable[[nnx.State, Batch
         in_shardings=(spec.shardings.params, batch_sharding(mesh)),
         out_shardings=replicated(mesh),
     )
-    return _under_mesh(jitted, mesh)
+    return _under_mesh(jitted, mesh, spec.rules)
 
 
-def _under_mesh(fn, mesh: Mesh):
-    """Traces and runs ``fn`` with the model's activation constraints bound to ``mesh``."""
+def _under_mesh(fn, mesh: Mesh, rules: Rules):
+    """Traces and runs ``fn`` with the model's activation constraints bound to ``mesh`` by ``rules``."""
 
     def wrapped(*args):
-        with activation_context(mesh):
+        with activation_context(mesh, rules):
             return fn(*args)
 
-    wrapped.lower = lambda *args: _lower(fn, mesh, *args)
+    wrapped.lower = lambda *args: _lower(fn, mesh, rules, *args)
     return wrapped
 
 
-def _lower(fn, mesh, *args):
-    with activation_context(mesh):
+def _lower(fn, mesh, rules, *args):
+    with activation_context(mesh, rules):
         return fn.lower(*args)
