@@ -282,8 +282,10 @@ def test_the_check_follows_the_runs_rules():
         check_fits_mesh(config, model_cfg, (1, 4, 2))
 
 
-def test_batch_sizes_that_known_mesh_sizes_rule_out_fail_at_load():
-    with pytest.raises(ConfigError, match=r"train\.batch_size=12 is not divisible by the data-parallel size 8"):
-        load_config(PRESETS["gpt2"], ["mesh.data=8", "mesh.fsdp=1", "train.batch_size=12"])
+def test_batch_sizes_that_no_mesh_can_split_fail_at_load():
+    with pytest.raises(
+        ConfigError, match=r"train\.batch_size=12 is not divisible by train\.grad_accum=8; use a multiple of 8"
+    ):
+        load_config(PRESETS["gpt2"], ["train.grad_accum=8", "train.batch_size=12"])
     with pytest.raises(ConfigError, match=r"train\.batch_size=12 does not split evenly over 5 processes"):
         load_config(PRESETS["gpt2"], ["run.num_processes=5", "run.coordinator=localhost:1", "train.batch_size=12"])

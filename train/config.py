@@ -287,10 +287,11 @@ def validate(config: Config) -> list[str]:
     if config.model.attention == "splash" and t.seq_len % 128:
         out.append(f"model.attention='splash' needs train.seq_len to be a multiple of 128, got {t.seq_len}")
     out += config.mesh.problems()
-    if not out:  # what the mesh sizes known before the devices (-1: at least 1) already rule out
-        m = config.mesh
-        known = {"data": max(m.data, 1) * m.dcn_data, "fsdp": max(m.fsdp, 1) * m.dcn_fsdp, "tensor": max(m.tensor, 1)}
-        out += batch_problems(t.batch_size, t.grad_accum, known, m.logical_rules, max(config.run.num_processes, 1))
+    if not out:  # before the devices are known: one data-parallel shard (the mesh check follows in the run)
+        one = {axis: 1 for axis in ("data", "fsdp", "tensor")}
+        out += batch_problems(
+            t.batch_size, t.grad_accum, one, config.mesh.logical_rules, max(config.run.num_processes, 1)
+        )
     if o.lr <= 0 or o.warmup_steps < 0 or not 0 <= o.min_lr_ratio <= 1:
         out.append("optimizer.lr must be > 0, warmup_steps >= 0 and min_lr_ratio in [0, 1]")
     if not 0 <= config.data.val_fraction < 1:
