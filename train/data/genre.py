@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import argparse
 import collections
-import hashlib
 import json
 import pathlib
 import re
 import sys
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+from train.data.split import held_out
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 PLAYS = REPO_ROOT / "data" / "shakespeare"
 TABLE = PLAYS / "genres.tsv"
 PLAY_START = re.compile(r"^(ACT|INDUCTION|(THE )?PROLOGUE)\b", re.MULTILINE | re.IGNORECASE)
@@ -55,7 +56,7 @@ def held_out_plays(table: dict[str, str], per_genre: int) -> list[str]:
             raise GenreError(
                 f"genre '{genre}' has {len(plays)} plays, too few to hold out {per_genre}; lower --val-plays"
             )
-        held += sorted(plays, key=lambda p: hashlib.sha256(p.encode()).digest())[:per_genre]
+        held += [plays[i] for i in held_out(plays, per_genre / len(plays))]  # the SHA-256 rank runs use
     return sorted(held)
 
 

@@ -22,7 +22,8 @@ from collections.abc import Iterator
 import tensorflow_datasets as tfds
 
 from train.config import ConfigError, DataConfig
-from train.data import DocumentSource, held_out, match_files, open_source
+from train.data.split import SplitKeys, train_val_split
+from train.data.text import documents_in
 
 
 class TextDocuments(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -30,7 +31,7 @@ class TextDocuments(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     VERSION = tfds.core.Version("1.0.0")
 
-    def __init__(self, name: str, splits: dict[str, DocumentSource | list[str]], version: str, **kwargs):
+    def __init__(self, name: str, splits: dict[str, list[str]], version: str, **kwargs):
         self.name = name  # the dataset's directory name under data_dir
         self.VERSION = tfds.core.Version(version)
         self.splits = splits
@@ -48,9 +49,8 @@ class TextDocuments(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         return {split: self._generate_examples(docs) for split, docs in self.splits.items()}
 
     def _generate_examples(self, docs) -> Iterator[tuple[int, dict]]:
-        for i in range(len(docs)):
-            if text := docs[i]:  # empty documents are left out, as the text path does
-                yield i, {"text": text}
+        for i, text in enumerate(docs):  # empty documents are left out already, as the text path does
+            yield i, {"text": text}
 
 
 def build(
@@ -67,7 +67,8 @@ def build(
     """Writes ``data_dir/name/version``; returns records per split. ConfigError on bad input.
 
     ``val_files`` given: those documents are the validation split (and leave train). Otherwise
-    ``val_fraction`` of whole documents is held out, chosen as ``data.val_fraction`` does.
+    ``val_fraction`` of whole documents is held out, by the split the training runs use
+    (train/data/split.py).
     """
     if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
         raise ConfigError(f"--name '{name}' is not a TFDS name; use lower_snake_case, e.g. my_corpus")
@@ -75,20 +76,13 @@ def build(
     if os.path.exists(os.path.join(target, "dataset_info.json")):
         raise ConfigError(f"{target} already holds a prepared dataset; delete it or pass another --version")
     cfg = DataConfig(format=format, text_field=text_field)
-    train_paths = match_files(files, "--files")
-    if val_files:
-        val_paths = match_files(val_files, "--val-files")
-        held = {os.path.realpath(p) for p in val_paths}
-        train = open_source([p for p in train_paths if os.path.realpath(p) not in held], cfg)
-        val = open_source(val_paths, cfg)
-    else:
-        source = open_source(train_paths, cfg)
-        val_idx = set(held_out([source.name(i) for i in range(len(source))], val_fraction))
-        train = [source[i] for i in range(len(source)) if i not in val_idx]
-        val = [source[i] for i in sorted(val_idx)]
-    splits = {split: docs for split, docs in (("train", train), ("validation", val)) if len(docs)}
-    if not len(train):
+    read = lambda paths: documents_in(paths, cfg)
+    train, val = train_val_split(
+        files, val_files, val_fraction, read, lambda d: d.name, SplitKeys("--files", "--val-files")
+    )
+    if not train:
         raise ConfigError(f"--files '{files}' leaves no training document; add files or narrow --val-files")
+    splits = {split: [d.text for d in docs] for split, docs in (("train", train), ("validation", val)) if docs}
     if file_format == "tfrecord" and importlib.util.find_spec("tensorflow") is None:
         raise ConfigError("--file-format tfrecord needs TensorFlow; pip install -e '.[tf]' or write array_record")
     tfds.disable_progress_bar()
