@@ -106,12 +106,15 @@ def batch_problems(
             f"train.batch_size={batch_size} is not divisible by {dp}train.grad_accum={grad_accum}; "
             f"use a multiple of {shards * grad_accum}"
         )
-    if batch_size % process_count:
-        out.append(
-            f"train.batch_size={batch_size} does not split evenly over {process_count} processes; "
-            f"make it a multiple of {process_count}"
-        )
-    return out
+    return out + process_problems(batch_size, process_count)
+
+
+def process_problems(batch_size: int, process_count: int) -> list[str]:
+    """Each process reads ``batch_size // process_count`` rows of every global batch."""
+    if batch_size % process_count == 0:
+        return []
+    split = f"train.batch_size={batch_size} does not split evenly over {process_count} processes"
+    return [f"{split}; make it a multiple of {process_count}"]
 
 
 def fit_problems(

@@ -83,7 +83,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, target_len: int = 0) -> floa
 def decoder_tokens(train: TrainConfig) -> int:
     """Decoder tokens per sequence of an encoder-decoder objective (``flops_per_token``'s target_len)."""
     if train.objective == "span_corruption":
-        from train.objectives import span_corruption_lengths
+        from train.data.objectives import span_corruption_lengths
 
         return span_corruption_lengths(train.seq_len, train.noise_density, train.mean_span)[1]
     return train.target_len
