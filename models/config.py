@@ -45,7 +45,8 @@ class ModelConfig:
     use_bias: bool = True
     tie_embeddings: bool = True
     init_std: float = 0.02
-    compute_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    # auto: resolved by the run (train.precision) to the dtype fast on its hardware before any model is built
+    compute_dtype: Literal["bfloat16", "float32", "auto"] = "bfloat16"
     scan_layers: bool = True
     remat: Literal["none", "full", "save_dots"] = "none"
     # xla: jax.nn.dot_product_attention; recompute: XLA attention that recomputes the probabilities in

@@ -50,15 +50,16 @@ def _matmul_bwd(residuals, g):
     def plain(x, g):  # [k, n]
         return jax.lax.dot_general(x, g, ((tokens, tokens), ((), ())), preferred_element_type=jnp.float32)
 
-    def narrow_first(x, g):
-        # XLA:CPU copies the left operand transposed; let that be the narrower one, and keep XLA from
-        # folding the final transpose back into the dot (the wide activation's transpose costs ~10%).
-        return jax.lax.optimization_barrier(plain(g, x)).T
+    def cpu(x, g):
+        # XLA:CPU copies the left operand transposed; let that be the narrower one. The barrier keeps XLA
+        # from folding a transpose after the dot (the one below, or a caller's, as a tied head's
+        # ``embedding.T``) back into it: a dot contracting its left operand's first axis runs 2-3x slower.
+        if x.shape[-1] > g.shape[-1]:
+            return jax.lax.optimization_barrier(plain(g, x)).T
+        return jax.lax.optimization_barrier(plain(x, g))
 
-    if x.shape[-1] > g.shape[-1]:  # TPU and GPU compilers pick their own layouts: the plain dot there
-        dw = jax.lax.platform_dependent(x, g, cpu=narrow_first, default=plain)
-    else:
-        dw = plain(x, g)
+    # TPU and GPU compilers pick their own layouts: the plain dot there
+    dw = jax.lax.platform_dependent(x, g, cpu=cpu, default=plain)
     return dx.astype(x.dtype), dw.astype(w.dtype)
 
 

@@ -30,9 +30,37 @@ def summed_loss(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch) -> tupl
     return _summed(nnx.merge(graphdef, params).forward(batch), batch)
 
 
+@jax.custom_vjp
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """logits [..., classes] float32, integer targets [...] -> float32 [...] ``logsumexp(logits) - logits[target]``.
+
+    As ``optax.softmax_cross_entropy_with_integer_labels``, with a hand-written gradient
+    ``(softmax - one_hot) * g``: one elementwise pass over the logits instead of autodiff's
+    scatter into a zeroed [..., classes] array plus a separate softmax pass (XLA:CPU).
+    """
+    return _cross_entropy_fwd(logits, targets)[0]
+
+
+def _cross_entropy_fwd(logits, targets):
+    peak = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    lse = peak + jnp.log(jnp.sum(jnp.exp(logits - peak), axis=-1, keepdims=True))  # [..., 1]
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return lse[..., 0] - picked, (logits, targets, lse)
+
+
+def _cross_entropy_bwd(residuals, g):
+    logits, targets, lse = residuals
+    hit = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1) == targets[..., None]
+    d_logits = (jnp.exp(logits - lse) - hit.astype(logits.dtype)) * g[..., None]
+    return d_logits, None
+
+
+cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
+
+
 def _summed(logits: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]:
     """logits [*targets.shape, classes] float32 -> (summed weighted cross-entropy, summed weight)."""
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    losses = cross_entropy(logits, batch["targets"])
     weights = token_weights(batch)
     return jnp.sum(losses * weights), jnp.sum(weights)
 
