@@ -12,11 +12,13 @@ import pathlib
 import time
 
 import jax
+from flax import nnx
 from tqdm import tqdm
 
 from models.config import ModelConfig
 from models.generate import generate
 from sharding.mesh import make_mesh
+from sharding.rules import activation_context
 from train import metrics as perf
 from train.checkpoint import Checkpoints, restore_target
 from train.config import Config, ConfigError, save_config
@@ -211,6 +213,24 @@ def describe(record: dict) -> str:
 
 
 def sample_text(graphdef, params, tokenizer, train_cfg, seed: int) -> str:
-    """A continuation of ``train.sample_prompt`` (every process runs it; the arrays are global)."""
-    prompt = tokenizer.encode(train_cfg.sample_prompt)
-    return tokenizer.decode(generate(graphdef, params, prompt, train_cfg.sample_tokens, train_cfg.seq_len, seed=seed))
+    """A continuation of ``train.sample_prompt`` (temperature 0.8, top-k 40) from the KV-cached sampler,
+    ending at eos or the model's last position. Every process runs it (the arrays are global); the
+    prompt is repeated over the data-parallel axes, under the training mesh and rules, and row 0 is kept.
+    """
+    model = nnx.merge(graphdef, params)
+    mesh = jax.tree.leaves(params)[0].sharding.mesh  # the training mesh the parameters live on
+    window = model.cfg.max_seq_len
+    prompt = tokenizer.encode(train_cfg.sample_prompt)[-(window // 2) :]
+    rows = mesh.shape["data"] * mesh.shape["fsdp"]
+    with activation_context(mesh):
+        tokens = generate(
+            model,
+            [prompt] * rows,
+            min(train_cfg.sample_tokens, window - len(prompt)),
+            temperature=0.8,
+            top_k=40,
+            seed=seed,
+            eos_id=tokenizer.eos_id,
+            pad_id=tokenizer.eos_id,
+        )[0]
+    return tokenizer.decode(tokens[: list(tokens).index(tokenizer.eos_id)] if tokenizer.eos_id in tokens else tokens)
