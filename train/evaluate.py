@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import pathlib
 import sys
 
@@ -79,7 +80,8 @@ def _mesh_config(path: str) -> MeshConfig:
 
 
 def setup(args: argparse.Namespace) -> Setup:
-    from sharding.mesh import data_parallel_size, make_mesh
+    from sharding.mesh import make_mesh
+    from sharding.rules import BATCH_AXES
     from train.sources import check_tokenizer, load_source
     from train.tokenizer import load_tokenizer
 
@@ -104,7 +106,7 @@ def setup(args: argparse.Namespace) -> Setup:
     if not 0 < stride <= seq_len or (stride != seq_len and objective != "causal_lm"):
         raise ConfigError(f"--stride={args.stride} must be in [1, --seq-len={seq_len}], and is for causal LMs only")
     batch = args.batch or (run.train.batch_size if source.run_config else 8)
-    dp = data_parallel_size(mesh)
+    dp = math.prod(mesh.shape[axis] for axis in BATCH_AXES)
     if batch <= 0 or batch % dp:
         raise ConfigError(f"--batch={batch} must be a positive multiple of the {dp} data-parallel devices")
     train = dataclasses.replace(run.train, objective=objective, seq_len=seq_len, batch_size=batch)

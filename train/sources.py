@@ -3,7 +3,8 @@
     source = load_source("runs/default", mesh=mesh)  # ConfigError (one sentence) on bad input
     logits = source.model.forward(batch)
 
-- run directory (``config.yaml`` + ``checkpoints/``): the newest intact step's parameters, the
+- run directory (``config.yaml`` + ``checkpoints/``, or step directories as ``python -m
+  train.export --format checkpoint`` writes them): the newest intact step's parameters, the
   run's config and its tokenizer (``data.tokenizer``, read relative to the working directory);
 - export directory (``python -m train.export``: ``model.json`` + ``params/``): the parameters,
   and a Hugging Face tokenizer when one was saved next to them;
@@ -24,14 +25,12 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh
 
-from models import hf
+from models import abstract_model, hf
 from models.config import ModelConfig
 from train import packages
 from train.checkpoint import newest_params, restore_target
 from train.config import Config, ConfigError, load_config
-from train.export import _model_config
 from train.export import load as load_export
-from train.state import abstract_model
 from train.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
@@ -54,7 +53,8 @@ def load_source(path: str | pathlib.Path, *, mesh: Mesh | None = None, best: boo
     location = pathlib.Path(packages.resolve(str(path), "SOURCE")).absolute()
     if not location.is_dir():
         raise ConfigError(f"model source '{path}' is not a directory; give {WHAT}")
-    is_run = (location / "config.yaml").is_file() and (location / "checkpoints").is_dir()
+    steps = location / "checkpoints" if (location / "checkpoints").is_dir() else location
+    is_run = (location / "config.yaml").is_file() and any(p.name.isdigit() for p in steps.iterdir())
     if best:
         what = f"run '{path}'" if is_run else f"'{path}' is not a run, so it"
         raise ConfigError(f"{what} has no best checkpoint; leave out best to use the newest step")
@@ -84,10 +84,9 @@ def check_tokenizer(tokenizer: Tokenizer, cfg: ModelConfig, what: str) -> None:
 
 def shardings_for(abstract: nnx.State, mesh: Mesh | None):
     """The sharding of every parameter: the logical-axis rules on ``mesh`` (fitted to the shapes),
-    or the default device."""
+    or the default device (one sharding for all)."""
     if mesh is None:
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        return jax.tree.map(lambda _: device, abstract)
+        return jax.sharding.SingleDeviceSharding(jax.devices()[0])
     from sharding.rules import logical_to_mesh
 
     named = logical_to_mesh(nnx.get_partition_spec(abstract), mesh)
@@ -104,10 +103,11 @@ def _from_run(location: pathlib.Path, mesh: Mesh | None) -> Source:
         run_config = load_config(location / "config.yaml")
     except ConfigError as e:
         raise ConfigError(f"run '{location}' has a config.yaml this version cannot read ({e})") from None
+    where = f"the model config saved in {location}"
     step, params, saved = newest_params(
-        location, lambda saved: _target(_model_config(saved.get("model", {}), str(location)), mesh), what="SOURCE"
+        location, lambda saved: _target(ModelConfig.from_dict(saved.get("model", {}), where), mesh), what="SOURCE"
     )
-    cfg = _model_config(saved["model"], str(location))
+    cfg = ModelConfig.from_dict(saved["model"], where)
     model = nnx.merge(abstract_model(cfg)[0], params)
     tokenizer = load_tokenizer(run_config.data.tokenizer)
     return Source(model, cfg, tokenizer, "run", run_config, location, step)
