@@ -158,6 +158,50 @@ def test_classification_report_of_a_known_case():
     assert found.table.split() == table.split()
 
 
+@pytest.fixture(scope="module")
+def classifier_run(tmp_path_factory) -> pathlib.Path:
+    """A 3-step tiny BERT classifier on 20 passages from each of 9 plays; whole plays held out."""
+    from train import genre
+
+    root = tmp_path_factory.mktemp("genre")
+    train, val = genre.build(chars=128)
+    rows = [r for r in train + val if r["play"] in PICKED]
+    rows = [r for play in PICKED for r in [r for r in rows if r["play"] == play][:20]]
+    genre.write_jsonl(root / "rows.jsonl", rows)
+    run_dir = root / "run"
+    argv = [
+        str(REPO / "configs/tiny-bert.yaml"), f"run.dir={run_dir}", "model.head=classification", "model.num_labels=3",
+        "train.objective=classification", "data.format=jsonl", f"data.train_files={root / 'rows.jsonl'}",
+        "data.group_field=play", "data.val_fraction=0.34", "train.steps=3", "train.batch_size=16", "train.seq_len=32",
+    ]  # fmt: skip
+    assert train_main(argv) == 0
+    return run_dir
+
+
+PICKED = ["hamlet", "lear", "macbeth", "tempest", "twelfth_night", "as_you_like_it", "john", "henry_v", "richard_ii"]
+
+
+def test_a_classifier_reports_what_the_trainer_reported_with_a_table_and_a_confusion_matrix(
+    classifier_run, capsys, tmp_path
+):
+    status, result, out, _ = run_evaluate(capsys, classifier_run, "--out", tmp_path)
+    trainer = final_eval(classifier_run)
+    assert status == 0 and result["split"] == "val" and result["examples"] == 60  # 3 of 9 plays
+    assert result["eval_loss"] == pytest.approx(trainer["eval_loss"], abs=1e-5)
+    assert result["accuracy"] == pytest.approx(trainer["eval_accuracy"], abs=1e-12)
+    assert result["macro_f1"] == pytest.approx(trainer["eval_macro_f1"], abs=1e-12)
+    assert sum(c["support"] for c in result["per_class"].values()) == 60
+    lines = [line.split() for line in out.splitlines() if line.strip()]
+    assert lines[1] == ["precision", "recall", "f1-score", "support"]
+    per_class = {r[0]: [float(x) for x in r[1:4]] + [int(r[4])] for r in lines[2 : 2 + len(result["per_class"])]}
+    assert per_class == {
+        name: [pytest.approx(c[k], abs=5e-5) for k in ("precision", "recall", "f1")] + [c["support"]]
+        for name, c in result["per_class"].items()
+    }
+    png = pathlib.Path(result["confusion_matrix"])
+    assert png == tmp_path / "confusion-val.png" and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 # --- errors ---------------------------------------------------------------------------------
 
 
