@@ -26,8 +26,7 @@ def devices_for(topology: str | None) -> list:
     """The host's devices, or the compile-only devices of a TPU topology such as ``v5e-8`` (needs libtpu)."""
     if not topology:
         return jax.devices()
-    from sharding.plan import compile_only_environment
-    from sharding.topology import abstract_devices, parse_topology
+    from sharding.topology import abstract_devices, compile_only_environment, parse_topology
 
     parsed = parse_topology(topology)
     compile_only_environment(parsed)

@@ -19,3 +19,8 @@ def build_model(cfg: ModelConfig, seed: int) -> nnx.Module:
     families = {"decoder": DecoderLM, "encoder": EncoderLM, "encoder_decoder": EncoderDecoderLM}
     with nnx.use_eager_sharding(False):
         return families[cfg.family](cfg, rngs=nnx.Rngs(params=seed))
+
+
+def abstract_model(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
+    """Graph and ShapeDtypeStruct parameters (with their logical axes) of the model, allocating nothing."""
+    return nnx.split(nnx.eval_shape(lambda: build_model(cfg, seed=0)))

@@ -1,9 +1,16 @@
-"""Model configuration: the one small dataclass every model module receives."""
+"""Model configuration: the one small dataclass every model module receives, and ``ConfigError``."""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    """A user mistake in the configuration; the message names the key and the fix.
+
+    Raised by every layer (models, sharding, train); the CLIs print it as one ``error:`` line.
+    """
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +61,27 @@ class ModelConfig:
     head: Literal["lm", "classification"] = "lm"  # encoder: MLM logits [B, T, V] or class logits [B, C]
     num_labels: int = 2  # head='classification': number of classes
     pooling: Literal["cls", "mean"] = "cls"  # head='classification': the [CLS] state (BERT) or the mean over tokens
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], where: str = "the saved model config") -> ModelConfig:
+        """The config a saved dict describes (model.json, a checkpoint's run config, an export).
+
+        Raises ConfigError naming ``where`` on keys this version does not know or impossible values.
+        """
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where} is not a mapping of model fields; point at a meshlm run or export")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(
+                f"{where} has model fields this version does not know ({', '.join(unknown)}); "
+                "use the meshlm version that wrote it"
+            )
+        cfg = cls(**values)
+        problems = cfg.problems()
+        if problems:
+            raise ConfigError(f"{where}: {problems[0]}")
+        return cfg
 
     @property
     def kv_heads(self) -> int:

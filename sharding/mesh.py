@@ -1,7 +1,8 @@
-"""Device mesh from the config's axis sizes: ``-1`` fills, DCN (multi-slice) sizes multiply."""
+"""The mesh config and the device mesh it gives: ``-1`` fills, DCN (multi-slice) sizes multiply."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -9,8 +10,37 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
-from sharding.rules import MESH_AXES
-from train.config import ConfigError, MeshConfig
+from models.config import ConfigError
+from sharding.rules import MESH_AXES, MeshAxes, Rules, merge_rules, rule_problems
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    data: int = 1  # -1: take the devices left over
+    fsdp: int = -1
+    tensor: int = 1
+    dcn_data: int = 1  # slices / hosts along data (multi-slice); multiplies `data`
+    dcn_fsdp: int = 1
+    # [logical axis, mesh axis | [mesh axes] | null] pairs that replace the default rules of their
+    # logical axes (sharding/rules.py), e.g. [[embed, tensor]]; as MaxText's logical_axis_rules
+    rules: tuple[tuple[str, MeshAxes], ...] = ()
+
+    def problems(self) -> list[str]:
+        """Impossible sizes or rules, each as 'what is wrong; how to fix it'."""
+        out = []
+        for name in MESH_AXES:
+            if getattr(self, name) == 0 or getattr(self, name) < -1:
+                out.append(f"mesh.{name} must be a positive size or -1 (fill), got {getattr(self, name)}")
+        if [self.data, self.fsdp, self.tensor].count(-1) > 1:
+            out.append("only one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+        if self.dcn_data < 1 or self.dcn_fsdp < 1:
+            out.append("mesh.dcn_data and mesh.dcn_fsdp must be >= 1")
+        return out + rule_problems(self.rules)
+
+    @property
+    def logical_rules(self) -> Rules:
+        """The rules table of this run: ``rules`` over the defaults."""
+        return merge_rules(self.rules)
 
 
 def resolve_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
@@ -59,7 +89,3 @@ def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
         except (AssertionError, NotImplementedError, ValueError):
             grid = np.asarray(devices).reshape(ici)
     return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
-
-
-def data_parallel_size(mesh: Mesh) -> int:
-    return mesh.shape["data"] * mesh.shape["fsdp"]

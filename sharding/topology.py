@@ -13,10 +13,14 @@ table does not list. Nothing here needs a TPU: libtpu builds compile-only device
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
+import os
 import re
 
-from train.config import ConfigError
+import jax
+
+from models.config import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,3 +140,22 @@ def abstract_devices(topology: Topology, slices: int = 1) -> list:
     if slices > 1:
         kwargs["num_slices"] = slices
     return list(topologies.get_topology_desc(topology.layout, platform="tpu", **kwargs).devices)
+
+
+def has_libtpu() -> bool:
+    """Whether libtpu can be imported (compile-only TPU devices need it, a TPU does not)."""
+    try:
+        return importlib.util.find_spec("libtpu") is not None
+    except (ImportError, ValueError):  # blocked (sys.modules entry None) or broken
+        return False
+
+
+def compile_only_environment(topology: Topology) -> None:
+    """Keeps jax off the host's own accelerators and lets libtpu start without a TPU or metadata server."""
+    if "JAX_PLATFORMS" not in os.environ:
+        jax.config.update("jax_platforms", "cpu")
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    # Without these, libtpu logs warnings about a TPU host it does not need to find.
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", topology.cloud_name)
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")

@@ -97,7 +97,9 @@ def test_override_without_equals_sign_is_rejected():
         ("data.shuffle=yes please", r"data\.shuffle must be true or false, got 'yes please'"),
         ("optimizer.lr=fast", r"optimizer\.lr must be a number, got 'fast'"),
         ("optimizer.lr=false", r"optimizer\.lr must be a number, got False"),
-        ("run.name=12", r"run\.name must be a string, got 12; quote it in YAML"),
+        ("data.tokenizer=12", r"data\.tokenizer must be a string, got 12; quote it in YAML"),
+        ("mesh.rules=embed", r"mesh\.rules must be a list, got 'embed'"),
+        ("mesh.rules=[[embed]]", r"mesh\.rules\[0\] must be a list of 2 items, got \['embed'\]"),
     ],
 )
 def test_wrong_type_names_key_and_expected_type(override, message):
@@ -143,7 +145,7 @@ def test_overrides_parse_ints_floats_bools_and_strings():
             "optimizer.weight_decay=0",  # an int is accepted where a float is expected
             "train.progress_bar=true",
             "data.shuffle=False",
-            "run.name=my run",
+            "data.text_field=my text",
             "run.dir=/tmp/a=b",  # only the first '=' separates key from value
             "data.val_files=",  # empty value: the empty string
             "train.sample_prompt='7'",  # quoted: a string, not an int
@@ -155,10 +157,10 @@ def test_overrides_parse_ints_floats_bools_and_strings():
     assert config.optimizer.weight_decay == 0.0 and isinstance(config.optimizer.weight_decay, float)
     assert config.train.progress_bar is True
     assert config.data.shuffle is False
-    assert config.run.name == "my run"
     assert config.run.dir == "/tmp/a=b"
     assert config.data.val_files == ""
     assert config.train.sample_prompt == "7"
+    assert config.data.text_field == "my text"
 
 
 @pytest.mark.parametrize("text", ["3e-4", "1e-3", "5E-5", "2e3"])
@@ -207,6 +209,9 @@ def test_batch_not_divisible_by_grad_accum_is_rejected():
         ("mesh.data=-1", r"only one of mesh\.data, mesh\.fsdp, mesh\.tensor may be -1"),
         ("model.n_heads=3", r"model\.d_model=64 is not divisible by model\.n_heads=3"),
         ("data.val_fraction=1.0", r"data\.val_fraction must be in \[0, 1\)"),
+        ("mesh.rules=[[embd, tensor]]", r"mesh\.rules\[0\] names the unknown logical axis 'embd' \(did you mean 'embed'\?\)"),
+        ("mesh.rules=[[embed, tensr]]", r"mesh\.rules\[0\] maps 'embed' to 'tensr', which is not a mesh axis"),
+        ("mesh.rules=[[batch, data]]", r"mesh\.rules\[0\] cannot change 'batch'"),
     ],
 )
 def test_impossible_values_are_rejected_with_the_field_named(override, message):

@@ -23,8 +23,8 @@ from cli_runs import Run, in_one_process
 
 from models import build_model, hf
 from models.config import ModelConfig
-from models.hf.__main__ import import_checkpoint
 from train import packages
+from train.export import export
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 FAST = [
@@ -94,7 +94,7 @@ def runs(tmp_path_factory) -> dict[str, Run]:
     # Sources for init_from: a masked-LM BERT imported as users import one, and a 2-label classifier.
     tiny = load_model("configs/tiny-bert.yaml")
     hf.export(build_model(tiny, seed=7), tiny, root / "hf-mlm")
-    import_checkpoint(str(root / "hf-mlm"), str(root / "imported-mlm"))
+    export(root / "hf-mlm", root / "imported-mlm", "checkpoint")
     two_labels = dataclasses.replace(tiny, head="classification", num_labels=2)
     hf.export(build_model(two_labels, seed=8), two_labels, root / "hf-2-labels")
     steps = "train.steps=12"

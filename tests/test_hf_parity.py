@@ -31,8 +31,8 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from models import hf
-from models.hf.__main__ import main as cli
 from models.hf.bert import hidden_states
+from train.export import main as export_cli
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 TOL = 1e-4
@@ -210,7 +210,7 @@ def test_import_onto_fsdp_tensor_mesh_shards_every_parameter_and_keeps_logits(na
         )
         return
     from sharding.mesh import make_mesh
-    from sharding.rules import activation_context
+    from sharding.rules import RULES, activation_context
     from train.config import MeshConfig
 
     case = CASES[name]
@@ -218,7 +218,7 @@ def test_import_onto_fsdp_tensor_mesh_shards_every_parameter_and_keeps_logits(na
     reference = transformers.AutoModelForCausalLM.from_config(case.config()).eval()
     reference.save_pretrained(tmp_path)
     mesh = make_mesh(MeshConfig(data=1, fsdp=4, tensor=2), jax.devices()[:8])
-    model, cfg = hf.load(tmp_path, mesh=mesh, compute_dtype="float32")
+    model, cfg = hf.load(tmp_path, mesh=mesh, rules=RULES, compute_dtype="float32")
     params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     q = params["stack", "blocks", "attn", "q", "kernel"][...]  # [layers, embed, heads * head_dim]
     assert q.sharding.spec == P(None, "fsdp", "tensor")
@@ -287,9 +287,9 @@ def test_cli_import_then_export_writes_the_same_weights(name, tmp_path):
 
     torch.manual_seed(0)
     getattr(transformers, CASES[name].auto).from_config(CASES[name].config()).save_pretrained(tmp_path / "hf")
-    assert cli(["import", str(tmp_path / "hf"), str(tmp_path / "ckpt")]) == 0
+    assert export_cli([str(tmp_path / "hf"), str(tmp_path / "ckpt"), "--format", "checkpoint"]) == 0
     assert (tmp_path / "ckpt" / "config.yaml").is_file()
-    assert cli(["export", str(tmp_path / "ckpt"), str(tmp_path / "out")]) == 0
+    assert export_cli([str(tmp_path / "ckpt"), str(tmp_path / "out"), "--format", "hf"]) == 0
     original = load_file(tmp_path / "hf" / "model.safetensors")
     exported = load_file(tmp_path / "out" / "model.safetensors")
     if name.startswith("t5"):  # transformers ties lm_head to shared; we write it as our untied head
@@ -300,10 +300,10 @@ def test_cli_import_then_export_writes_the_same_weights(name, tmp_path):
 
 
 def test_cli_user_errors_are_one_error_line_and_exit_2(tmp_path, capsys):
-    assert cli(["import", str(tmp_path), str(tmp_path / "out")]) == 2
-    assert cli(["export", str(tmp_path / "missing"), str(tmp_path / "out")]) == 2
+    assert export_cli([str(tmp_path), str(tmp_path / "out"), "--format", "checkpoint"]) == 2
+    assert export_cli([str(tmp_path / "missing"), str(tmp_path / "out"), "--format", "hf"]) == 2
     with pytest.raises(SystemExit) as exit_:
-        cli(["convert"])
+        export_cli([str(tmp_path)])
     assert exit_.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 3 and all(line.startswith("error: ") for line in lines)

@@ -1,4 +1,4 @@
-"""``python -m sharding.plan``: compile the real train step for a TPU slice from this CPU host.
+"""``python -m train.plan``: compile the real train step for a TPU slice from this CPU host.
 
 Each case runs the command in a subprocess, so libtpu and jax start fresh with the plan's own
 environment. Cases that compile need libtpu (``pip install -e '.[tpu]'``) and skip without it.
@@ -34,12 +34,12 @@ needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, re
 
 
 def plan(*args: str, without_libtpu: bool = False) -> subprocess.CompletedProcess:
-    """Runs ``python -m sharding.plan ARGS``; ``without_libtpu`` blocks ``import libtpu`` first."""
+    """Runs ``python -m train.plan ARGS``; ``without_libtpu`` blocks ``import libtpu`` first."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
-    command = [sys.executable, "-m", "sharding.plan", *args]
+    command = [sys.executable, "-m", "train.plan", *args]
     if without_libtpu:
-        code = "import runpy, sys; sys.modules['libtpu'] = None; runpy.run_module('sharding.plan', run_name='__main__')"
+        code = "import runpy, sys; sys.modules['libtpu'] = None; runpy.run_module('train.plan', run_name='__main__')"
         command = [sys.executable, "-c", code, *args]
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
 

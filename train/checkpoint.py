@@ -53,8 +53,14 @@ def _warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
-def restore_target(abstract: TrainState, shardings: TrainState) -> TrainState:
-    """ShapeDtypeStructs that carry the new shardings: Orbax places each array directly."""
+def restore_target(abstract: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs that carry shardings, so Orbax places each array directly.
+
+    ``abstract``: a tree of ShapeDtypeStructs (a TrainState, an nnx.State, a dict);
+    ``shardings``: a matching tree, or one Sharding for every leaf (e.g. one CPU device).
+    """
+    if isinstance(shardings, jax.sharding.Sharding):
+        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=shardings), abstract)
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
@@ -276,11 +282,14 @@ class Checkpoints:
         verify(self.read_manifest(step), config=config)
         return config
 
-    def restore_latest(self, target: TrainState, model_config: dict) -> Restored | None:
-        """The newest step that restores intact onto ``target`` (arrays placed with its shardings).
+    def newest_intact(
+        self, restore: Callable[[int, dict], Any], model_config: dict, what: str = ""
+    ) -> tuple[int, Any, dict, list[tuple[int, str]]] | None:
+        """The newest step whose config reads and whose ``restore(step, config)`` succeeds and verifies.
 
-        None when there are no checkpoints. Raises ConfigError when the newest readable step
-        holds a different model, and CheckpointError when no step restores.
+        Returns (step, restored, config, [(newer damaged step, reason)]), or None when there are no
+        steps. Raises ConfigError when the newest readable step holds a model other than
+        ``model_config``, and CheckpointError when no step restores. ``what`` prefixes messages.
         """
         failed: list[tuple[int, str]] = []
         for step in reversed(self.steps()):
@@ -291,29 +300,49 @@ class Checkpoints:
                 continue
             mismatch = config_mismatch(config.get("model", {}), model_config)
             if mismatch:
+                fix = (
+                    "use the same model settings as that run"
+                    if what
+                    else "use the saved model settings or a new run.dir"
+                )
                 raise ConfigError(
-                    f"checkpoint {self.path(step)} holds a different model ({'; '.join(mismatch)}); "
-                    "use the saved model settings or a new run.dir"
+                    f"{what}checkpoint {self.path(step)} holds a different model ({'; '.join(mismatch)}); {fix}"
                 )
             try:
-                restored = self.manager.restore(
-                    step,
-                    args=ocp.args.Composite(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()),
-                )
-                verify(self.read_manifest(step), restored.state, data=restored.data)
+                restored = restore(step, config)
+            except ConfigError:  # the caller's verdict on the saved config, not damage
+                raise
             except Exception as e:  # noqa: BLE001
                 failed.append((step, _reason(e)))
                 continue
-            for bad, reason in failed:
-                self._set_aside(bad, reason, step)
-            return Restored(step, restored.state, restored.data, config)
+            return step, restored, config, failed
         if failed:
             step, reason = failed[0]
             raise CheckpointError(
-                f"no checkpoint under {self.directory} restores; the newest, {self.path(step)}, fails with "
+                f"{what}no checkpoint under {self.directory} restores; the newest, {self.path(step)}, fails with "
                 f"{reason}; fix the cause, or move the step directories away to start fresh"
             )
         return None
+
+    def restore_latest(self, target: TrainState, model_config: dict) -> Restored | None:
+        """The newest step that restores intact onto ``target`` (arrays placed with its shardings).
+
+        None when there are no checkpoints. Newer damaged steps are moved aside (``_set_aside``).
+        """
+
+        def restore(step: int, _config: dict):
+            args = ocp.args.Composite(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore())
+            restored = self.manager.restore(step, args=args)
+            verify(self.read_manifest(step), restored.state, data=restored.data)
+            return restored
+
+        found = self.newest_intact(restore, model_config)
+        if found is None:
+            return None
+        step, restored, config, failed = found
+        for bad, reason in failed:
+            self._set_aside(bad, reason, step)
+        return Restored(step, restored.state, restored.data, config)
 
     def _set_aside(self, step: int, reason: str, used: int) -> None:
         path = self.path(step)
@@ -358,38 +387,20 @@ def newest_params(
     """
     directory = _checkpoints_dir(directory, what)
     checkpoints = Checkpoints(directory, CheckpointConfig(), read_only=True)
+
+    def restore(step: int, config: dict) -> Any:
+        return _restore_params(checkpoints, step, target_params(config))
+
     try:
-        steps = checkpoints.steps()
-        if not steps:
-            raise ConfigError(f"{what}='{directory}' holds no complete checkpoint; point it at a run that saved one")
-        reasons = []
-        for step in reversed(steps):
-            try:
-                config = checkpoints.read_config(step)
-            except Exception as e:  # noqa: BLE001
-                reasons.append((step, _reason(e)))
-                continue
-            mismatch = config_mismatch(config.get("model", {}), model_config or {})
-            if mismatch:
-                raise ConfigError(
-                    f"{what}: checkpoint {checkpoints.path(step)} holds a different model ({'; '.join(mismatch)}); "
-                    "use the same model settings as that run"
-                )
-            target = target_params(config)
-            try:
-                params = _restore_params(checkpoints, step, target)
-            except Exception as e:  # noqa: BLE001
-                reasons.append((step, _reason(e)))
-                continue
-            for bad, reason in reasons:
-                _warn(f"checkpoint {checkpoints.path(bad)} is damaged ({reason}); using step {step}")
-            return step, params, config
-        step, reason = reasons[0]
-        raise ConfigError(
-            f"{what}: no checkpoint under {directory} restores; the newest, step {step}, fails with {reason}"
-        )
+        found = checkpoints.newest_intact(restore, model_config or {}, f"{what}: ")
     finally:
         checkpoints.close()
+    if found is None:
+        raise ConfigError(f"{what}='{directory}' holds no complete checkpoint; point it at a run that saved one")
+    step, params, config, failed = found
+    for bad, reason in failed:
+        _warn(f"checkpoint {checkpoints.path(bad)} is damaged ({reason}); using step {step}")
+    return step, params, config
 
 
 def _restore_params(checkpoints: Checkpoints, step: int, target_params: Any) -> Any:

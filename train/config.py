@@ -16,20 +16,18 @@ from typing import Any, Literal
 
 import yaml
 
-from models.config import ModelConfig
+from models.config import ConfigError, ModelConfig
+from sharding.mesh import MeshConfig
+
+__all__ = ["Config", "ConfigError", "MeshConfig", "ModelConfig", "load_config", "save_config", "validate"]
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.yaml"
 
 
-class ConfigError(ValueError):
-    """A user mistake in the configuration; the message names the key and the fix."""
-
-
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     dir: str = "runs/default"  # everything the run writes goes here; reused => resume
-    name: str = ""  # free-form label for logs
     coordinator: str = ""  # host:port of process 0 for multi-process runs; empty: one process
     num_processes: int = 1  # processes taking part (one per host, usually)
     process_id: int = -1  # this process's index; -1: from the cluster environment
@@ -95,15 +93,6 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class MeshConfig:
-    data: int = 1  # -1: take the devices left over
-    fsdp: int = -1
-    tensor: int = 1
-    dcn_data: int = 1  # slices / hosts along data (multi-slice); multiplies `data`
-    dcn_fsdp: int = 1
-
-
-@dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
     every: int = 500  # steps between saves; 0: only at the end
     keep: int = 3  # newest checkpoints kept
@@ -124,7 +113,8 @@ class Config:
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Plain dicts, lists and scalars (YAML and JSON write it as is)."""
+        return _lists(dataclasses.asdict(self))
 
 
 # --- loading --------------------------------------------------------------------------------
@@ -145,8 +135,17 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             raise ConfigError(f"{key}={value!r} is not one of {choices}{_close_match(str(value), map(str, options))}")
         return value
     if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(hint):
+            return None
         args = [a for a in typing.get_args(hint) if a is not type(None)]
-        return None if value is None else _coerce(value, args[0], key)
+        for arg in args[:-1]:  # the first type that accepts the value
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                pass
+        return _coerce(value, args[-1], key)
+    if origin is tuple:
+        return _coerce_tuple(value, typing.get_args(hint), key)
     if hint is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key} must be true or false, got {value!r}")
@@ -164,6 +163,26 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             raise ConfigError(f"{key} must be a string, got {value!r}; quote it in YAML")
         return value
     raise TypeError(f"unsupported config type {hint} for {key}")
+
+
+def _coerce_tuple(value: Any, args: tuple, key: str) -> tuple:
+    """A YAML list as ``tuple[X, ...]`` (any length) or ``tuple[A, B]`` (exactly those items)."""
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{key} must be a list, got {value!r}")
+    if len(args) == 2 and args[1] is Ellipsis:
+        args = (args[0],) * len(value)
+    elif len(value) != len(args):
+        raise ConfigError(f"{key} must be a list of {len(args)} items, got {value!r}")
+    return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+
+
+def _lists(value: Any) -> Any:
+    """Tuples -> lists, recursively (what YAML and JSON write)."""
+    if isinstance(value, dict):
+        return {k: _lists(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_lists(v) for v in value]
+    return value
 
 
 def _build(cls, values: dict, prefix: str):
@@ -252,7 +271,7 @@ def load_config(path: str | pathlib.Path | None = None, overrides: tuple[str, ..
 def validate(config: Config) -> list[str]:
     """Problems that need no devices or data to see; each one sentence with its fix."""
     out = list(config.model.problems())
-    t, m, o = config.train, config.mesh, config.optimizer
+    t, o = config.train, config.optimizer
     for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_batches"):
         if getattr(t, name) <= 0:
             out.append(f"train.{name} must be positive, got {getattr(t, name)}")
@@ -268,13 +287,7 @@ def validate(config: Config) -> list[str]:
         out.append(f"model.attention='splash' needs train.seq_len to be a multiple of 128, got {t.seq_len}")
     if t.batch_size % t.grad_accum:
         out.append(f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
-    for name in ("data", "fsdp", "tensor"):
-        if getattr(m, name) == 0 or getattr(m, name) < -1:
-            out.append(f"mesh.{name} must be a positive size or -1 (fill), got {getattr(m, name)}")
-    if [m.data, m.fsdp, m.tensor].count(-1) > 1:
-        out.append("only one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
-    if m.dcn_data < 1 or m.dcn_fsdp < 1:
-        out.append("mesh.dcn_data and mesh.dcn_fsdp must be >= 1")
+    out += config.mesh.problems()
     if o.lr <= 0 or o.warmup_steps < 0 or not 0 <= o.min_lr_ratio <= 1:
         out.append("optimizer.lr must be > 0, warmup_steps >= 0 and min_lr_ratio in [0, 1]")
     if not 0 <= config.data.val_fraction < 1:

@@ -1,104 +1,150 @@
-"""``python -m train.export RUN_DIR OUT_DIR``: a run's newest parameters, for inference or sharing.
+"""``python -m train.export SRC OUT_DIR``: a model's parameters in another layout.
 
-Writes ``OUT_DIR/params`` (an Orbax StandardCheckpointer tree of fp32 arrays, nested dicts
-keyed like the model's parameters) and ``OUT_DIR/model.json`` (the ``ModelConfig``). No
-optimizer state, data position or run config. ``load(OUT_DIR)`` reads both back.
+    python -m train.export SRC OUT_DIR [--format params|hf|checkpoint] [--tokenizer DIR]
+
+SRC is a run directory (its newest intact checkpoint; also its ``checkpoints/`` directory or a
+``--format checkpoint`` output) or a Hugging Face model directory (config.json + safetensors).
+
+--format params (default)
+    ``OUT_DIR/params`` (an Orbax StandardCheckpointer tree of fp32 arrays, nested dicts keyed
+    like the model's parameters) and ``OUT_DIR/model.json`` (the ``ModelConfig``); no optimizer
+    state, data position or run config. ``load(OUT_DIR)`` reads both back.
+--format hf
+    ``OUT_DIR/{config.json, model.safetensors}`` for transformers' ``from_pretrained``; with
+    ``--tokenizer DIR`` the tokenizer's files too (and its special token ids in the config).
+--format checkpoint
+    ``OUT_DIR/0/`` in the layout of a run's ``checkpoints/`` (state = {"params": ...}) and
+    ``OUT_DIR/config.yaml``: ``python -m train OUT_DIR/config.yaml run.dir=...`` fine-tunes it
+    (its ``checkpoint.init_from`` points at OUT_DIR).
+
 User mistakes print one ``error:`` line and exit with status 2.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import pathlib
 import sys
 
-USAGE = "usage: python -m train.export RUN_DIR OUT_DIR"
+from models.config import ConfigError, ModelConfig
+
+FORMATS = ("params", "hf", "checkpoint")
 
 
-def _model_config(saved: dict, where: str):
-    from models.config import ModelConfig
-    from train.config import ConfigError
-
-    fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    unknown = sorted(set(saved) - fields)
-    if unknown:
-        raise ConfigError(
-            f"{where} has model fields this version does not know ({', '.join(unknown)}); use a matching meshlm"
-        )
-    return ModelConfig(**saved)
-
-
-def _cpu_target(model_cfg):
+def _cpu():
     import jax
 
-    from train.state import abstract_model
-
-    device = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-    _, abstract = abstract_model(model_cfg)
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
+    return jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
 
 
-def export(run_dir: pathlib.Path, out_dir: pathlib.Path) -> int:
-    """Writes ``run_dir``'s newest intact parameters to ``out_dir``; returns the step exported."""
-    import orbax.checkpoint as ocp
+def read_model(src: pathlib.Path) -> tuple[str, ModelConfig, object]:
+    """(description, config, parameters as an nnx.State on the CPU) of a run or a Hugging Face directory."""
     from flax import nnx
 
-    from train.checkpoint import newest_params
-    from train.config import ConfigError
+    from models import abstract_model, hf
+    from train.checkpoint import newest_params, restore_target
 
-    out_dir = pathlib.Path(out_dir).absolute()
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise ConfigError(f"OUT_DIR '{out_dir}' exists and is not empty; choose a new directory")
-    step, params, config = newest_params(
-        run_dir, lambda saved: _cpu_target(_model_config(saved.get("model", {}), str(run_dir))), what="RUN_DIR"
-    )
-    model_cfg = _model_config(config["model"], str(run_dir))
+    if hf.is_model_dir(src):
+        model, cfg = hf.load(src)
+        return str(src), cfg, nnx.state(model, nnx.Param)
+
+    def target(saved: dict):
+        cfg = ModelConfig.from_dict(saved.get("model", {}), f"the model config saved in {src}")
+        return restore_target(abstract_model(cfg)[1], _cpu())
+
+    step, params, config = newest_params(src, target, what="SRC")
+    return f"step {step} of {src}", ModelConfig.from_dict(config["model"], f"{src}"), params
+
+
+def write_params(params, cfg: ModelConfig, out_dir: pathlib.Path) -> None:
+    import orbax.checkpoint as ocp
+    from flax import nnx
 
     out_dir.mkdir(parents=True, exist_ok=True)
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(out_dir / "params", nnx.to_pure_dict(params))
         checkpointer.wait_until_finished()
-    (out_dir / "model.json").write_text(json.dumps(dataclasses.asdict(model_cfg), indent=2) + "\n")
-    return step
+    (out_dir / "model.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
 
 
-def load(out_dir: pathlib.Path):
-    """(ModelConfig, params nnx.State of fp32 arrays on the default device) from an export."""
+def write_checkpoint(params, cfg: ModelConfig, out_dir: pathlib.Path) -> None:
+    import yaml
+
+    from train.checkpoint import Checkpoints
+    from train.config import CheckpointConfig, Config
+
+    config = dataclasses.replace(Config(), model=cfg, checkpoint=CheckpointConfig(init_from=str(out_dir)))
+    checkpoints = Checkpoints(out_dir, CheckpointConfig(async_save=False))
+    checkpoints.save(0, {"params": params}, {}, config.to_dict())
+    checkpoints.close()
+    (out_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def export(src: pathlib.Path, out_dir: pathlib.Path, format: str = "params", tokenizer: str | None = None) -> str:
+    """Writes the parameters of ``src`` to ``out_dir`` in ``format``; returns what was exported."""
+    from models import hf
+
+    out_dir = pathlib.Path(out_dir).absolute()
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise ConfigError(f"OUT_DIR '{out_dir}' exists and is not empty; choose a new directory")
+    if tokenizer is not None and format != "hf":
+        raise ConfigError("--tokenizer only applies to --format hf; leave it out")
+    source, cfg, params = read_model(pathlib.Path(src).absolute())
+    if format == "params":
+        write_params(params, cfg, out_dir)
+    elif format == "checkpoint":
+        write_checkpoint(params, cfg, out_dir)
+    else:
+        hf.export(params, cfg, out_dir, tokenizer=tokenizer)
+    return source
+
+
+def load(out_dir: pathlib.Path) -> tuple[ModelConfig, object]:
+    """(ModelConfig, params nnx.State of fp32 arrays on the default device) from a ``--format params`` export."""
     import jax
     import orbax.checkpoint as ocp
     from flax import nnx
 
-    from train.config import ConfigError
-    from train.state import abstract_model
+    from models import abstract_model
+    from train.checkpoint import restore_target
 
     out_dir = pathlib.Path(out_dir).absolute()
     if not (out_dir / "model.json").is_file() or not (out_dir / "params").is_dir():
         raise ConfigError(f"'{out_dir}' is not an export (no model.json and params/); run python -m train.export")
-    model_cfg = _model_config(json.loads((out_dir / "model.json").read_text()), str(out_dir / "model.json"))
+    model_cfg = ModelConfig.from_dict(json.loads((out_dir / "model.json").read_text()), str(out_dir / "model.json"))
     _, abstract = abstract_model(model_cfg)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), nnx.to_pure_dict(abstract))
+    target = restore_target(nnx.to_pure_dict(abstract), jax.sharding.SingleDeviceSharding(jax.devices()[0]))
     with ocp.StandardCheckpointer() as checkpointer:
         pure = checkpointer.restore(out_dir / "params", target)
     nnx.replace_by_pure_dict(abstract, pure)
     return model_cfg, abstract
 
 
-def main(argv: list[str]) -> int:
-    if len(argv) != 2 or argv[0] in ("-h", "--help"):
-        print(USAGE + "\n\n" + __doc__.strip(), file=sys.stdout if argv[:1] in (["-h"], ["--help"]) else sys.stderr)
-        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
-    from train.config import ConfigError
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        print(f"error: {message} (see python -m train.export --help)", file=sys.stderr)
+        raise SystemExit(2)
 
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _Parser(
+        prog="python -m train.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("src", help="a run directory or a Hugging Face model directory")
+    parser.add_argument("out_dir", help="a new directory")
+    parser.add_argument("--format", choices=FORMATS, default="params")
+    parser.add_argument("--tokenizer", default=None, help="--format hf: a tokenizer directory to write alongside")
+    args = parser.parse_args(argv)
     try:
-        step = export(pathlib.Path(argv[0]), pathlib.Path(argv[1]))
-    except ConfigError as e:
+        source = export(pathlib.Path(args.src), pathlib.Path(args.out_dir), args.format, args.tokenizer)
+    except (ConfigError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"exported step {step} of {argv[0]} to {argv[1]}", flush=True)
+    print(f"exported {source} to {args.out_dir}", flush=True)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())

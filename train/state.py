@@ -15,7 +15,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from models import build_model
+from models import abstract_model, build_model
 from models.config import ModelConfig
 from sharding.rules import logical_to_mesh, replicated
 from train.config import OptimizerConfig
@@ -36,11 +36,6 @@ class StateSpec:
     abstract: TrainState  # ShapeDtypeStruct leaves
     shardings: TrainState  # NamedSharding leaves
     logical_specs: nnx.State  # logical PartitionSpec per parameter
-
-
-def abstract_model(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
-    """Graph and ShapeDtypeStruct parameters of the model, without allocating anything."""
-    return nnx.split(nnx.eval_shape(lambda: build_model(cfg, seed=0)))
 
 
 def make_state_spec(model_cfg: ModelConfig, opt_cfg: OptimizerConfig, total_steps: int, mesh: Mesh) -> StateSpec:

@@ -112,6 +112,18 @@ def make_predict_step(spec: StateSpec, mesh: Mesh) -> Callable[[nnx.State, Batch
     return _under_mesh(jitted, mesh)
 
 
+def make_score_step(graphdef: nnx.GraphDef, mesh: Mesh) -> Callable[[nnx.State, Batch], tuple[jax.Array, ...]]:
+    """``make_predict_step`` for parameters that are already placed and keep their own shardings
+    (a loaded model source, train/sources.py): ``score(params, batch) -> (summed loss, summed
+    weight, predictions)``."""
+
+    def score(params, batch):
+        logits = nnx.merge(graphdef, params).forward(batch)
+        return *_summed(logits, batch), jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    return _under_mesh(jax.jit(score, out_shardings=replicated(mesh)), mesh)
+
+
 def _under_mesh(fn, mesh: Mesh):
     """Traces and runs ``fn`` with the model's activation constraints bound to ``mesh``."""
 

@@ -1,7 +1,7 @@
 """``checkpoint.init_from``: start a new run from another model's parameters, whatever its head.
 
 The source is a run directory (its newest intact checkpoint; also its ``checkpoints/`` or the
-output of ``python -m models.hf import``), a Hugging Face model directory (config.json +
+output of ``python -m train.export HF_DIR OUT --format checkpoint``), a Hugging Face model directory (config.json +
 safetensors), or ``python-package:NAME`` naming one (train/packages.py). Every parameter the
 source holds at the same path with the same shape is restored; the rest keep their fresh
 initialisation, and one line says which. So a masked-LM encoder, or a bare ``BertModel``,
@@ -21,12 +21,11 @@ import jax
 import numpy as np
 from flax import nnx, traverse_util
 
-from models import hf
+from models import abstract_model, hf
 from models.config import ModelConfig
 from train import packages
 from train.checkpoint import config_mismatch, newest_params
 from train.config import ConfigError
-from train.state import abstract_model
 
 HEAD_FIELDS = frozenset({"head", "num_labels", "pooling"})
 KEY = "checkpoint.init_from"
@@ -45,8 +44,7 @@ def _flat(params) -> Flat:
 
 def _saved_shapes(saved_config: dict) -> dict[tuple[str, ...], tuple[int, ...]]:
     """Parameter path -> shape of the model a checkpoint's saved run config describes."""
-    fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    model = ModelConfig(**{k: v for k, v in saved_config.get("model", {}).items() if k in fields})
+    model = ModelConfig.from_dict(saved_config.get("model", {}), f"the model config of {KEY}")
     return {p: x.shape for p, x in _flat(abstract_model(model)[1]).items()}
 
 

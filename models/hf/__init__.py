@@ -25,13 +25,14 @@ from collections.abc import Iterable
 from types import ModuleType
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from models import build_model
+from models import abstract_model
 from models.config import ModelConfig
 from models.hf import bert, gpt2, llama, t5
 from models.hf.common import ConversionError, Params, Path, Weights, read_config
@@ -39,6 +40,7 @@ from models.hf.common import ConversionError, Params, Path, Weights, read_config
 __all__ = ["ConversionError", "export", "load", "load_config", "params_to_numpy", "read_params"]
 
 FAMILIES: tuple[ModuleType, ...] = (gpt2, llama, bert, t5)
+Rules = tuple[tuple[str, Any], ...]  # (logical axis, mesh axes) pairs, as sharding.rules.RULES
 
 
 def _family_of_hf(hf: dict) -> ModuleType:
@@ -75,7 +77,9 @@ def _config(family: ModuleType, hf: dict, weights: Weights | None, overrides: di
     return cfg
 
 
-def load(path: str | pathlib.Path, mesh: Mesh | None = None, **overrides: Any) -> tuple[nnx.Module, ModelConfig]:
+def load(
+    path: str | pathlib.Path, mesh: Mesh | None = None, rules: Rules = (), **overrides: Any
+) -> tuple[nnx.Module, ModelConfig]:
     """Reads the HF directory ``path`` (config.json + safetensors) into our model.
 
     Returns ``(model, cfg)``. Decoders: ``model(tokens [B, T] int) -> logits [B, T, vocab]
@@ -83,16 +87,17 @@ def load(path: str | pathlib.Path, mesh: Mesh | None = None, **overrides: Any) -
     the encoder output); T5: ``model.decode(decoder_tokens, model.encode(tokens, mask), mask)``.
     Parameters are float32 whatever the checkpoint stores. ``overrides`` replace ModelConfig
     fields that do not change parameter shapes (``compute_dtype='float32'``, ``remat``, ...).
-    With ``mesh``, each parameter is created directly with the sharding our logical axis
-    rules give it (a mesh axis that does not divide a dimension, such as an odd vocabulary
-    over ``tensor``, is dropped for that dimension); without, on the default device.
+    With ``mesh``, each parameter is created directly with the sharding the logical axis
+    ``rules`` give it (``sharding.rules.RULES`` or a run's table; a mesh axis that does not
+    divide a dimension, such as an odd vocabulary over ``tensor``, is dropped for that
+    dimension); without, on the default device.
     """
     path = pathlib.Path(path)
     hf = read_config(path)
     family = _family_of_hf(hf)
     weights = Weights(path, family.PREFIXES, family.IGNORE)
     cfg = _config(family, hf, weights, overrides, path)
-    model = assemble(cfg, family.params_from_hf(weights, cfg, hf), mesh)
+    model = assemble(cfg, family.params_from_hf(weights, cfg, hf), mesh, rules)
     unused = weights.unused()
     if unused:
         raise ConversionError(
@@ -128,22 +133,26 @@ def is_model_dir(path: str | pathlib.Path) -> bool:
 
 def _abstract_params(cfg: ModelConfig) -> tuple[nnx.GraphDef, dict[Path, jax.ShapeDtypeStruct], nnx.State]:
     """The model's graph, its flat {path: ShapeDtypeStruct}, and its abstract state (with logical axes)."""
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: build_model(cfg, seed=0)))
+    graphdef, state = abstract_model(cfg)
     return graphdef, traverse_util.flatten_dict(nnx.to_pure_dict(state)), state
 
 
-def assemble(cfg: ModelConfig, params: Iterable[tuple[Path, np.ndarray]], mesh: Mesh | None = None) -> nnx.Module:
+def assemble(
+    cfg: ModelConfig, params: Iterable[tuple[Path, np.ndarray]], mesh: Mesh | None = None, rules: Rules = ()
+) -> nnx.Module:
     """Our model of ``cfg`` holding ``params`` (path -> array, every parameter exactly once).
 
     Each host array is placed as soon as it arrives and then dropped, so peak host memory is
-    one (stacked) parameter, and with ``mesh`` each device receives only its own shard.
+    one (stacked) parameter, and with ``mesh`` each device receives only its own shard of the
+    layout ``rules`` (logical axis -> mesh axes pairs) give it.
     """
-    from sharding.rules import logical_to_mesh
-
     graphdef, abstract, state = _abstract_params(cfg)
     shardings = None
     if mesh is not None:
-        shardings = traverse_util.flatten_dict(nnx.to_pure_dict(logical_to_mesh(nnx.get_partition_spec(state), mesh)))
+        if not rules:
+            raise ValueError("assemble(..., mesh) needs the logical axis rules too, e.g. sharding.rules.RULES")
+        logical = nnx.get_partition_spec(state)
+        shardings = traverse_util.flatten_dict(nnx.to_pure_dict(nn.logical_to_mesh_sharding(logical, mesh, rules)))
     values = {}
     for p, array in params:
         if p not in abstract:

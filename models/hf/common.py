@@ -15,11 +15,13 @@ from collections.abc import Iterable, Iterator
 import ml_dtypes  # noqa: F401 - registers bfloat16 with numpy, so bf16 safetensors read as numpy
 import numpy as np
 
+from models.config import ConfigError
+
 Path = tuple[str, ...]
 Params = dict[Path, np.ndarray]  # flat: our parameter path -> array
 
 
-class ConversionError(ValueError):
+class ConversionError(ConfigError):
     """A checkpoint or config we cannot convert; the message names the problem and the fix."""
 
 

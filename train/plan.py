@@ -1,6 +1,6 @@
 """Will this run fit on that TPU slice? Compile the real train step for it, from any host.
 
-    python -m sharding.plan CONFIG.yaml topology=v5p-256 [slices=N] [section.key=value ...]
+    python -m train.plan CONFIG.yaml topology=v5p-256 [slices=N] [section.key=value ...]
 
 Builds the mesh, the abstract train state and the jitted train step with the same functions
 training uses, lowers the step against ShapeDtypeStructs (state + a batch of int32
@@ -20,9 +20,7 @@ Needs libtpu (``pip install -e '.[tpu]'``) but no TPU; the host's own devices ar
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import math
-import os
 import re
 import sys
 import time
@@ -32,13 +30,13 @@ import jax.numpy as jnp
 
 from sharding.mesh import make_mesh
 from sharding.rules import batch_sharding
-from sharding.topology import Topology, abstract_devices, parse_topology
+from sharding.topology import Topology, abstract_devices, compile_only_environment, has_libtpu, parse_topology
 from train.config import Config, ConfigError, load_config
 from train.state import count_params, make_state_spec
 from train.step import make_train_step
 
 GIB = 2**30
-USAGE = "usage: python -m sharding.plan CONFIG.yaml topology=NAME [slices=N] [section.key=value ...]"
+USAGE = "usage: python -m train.plan CONFIG.yaml topology=NAME [slices=N] [section.key=value ...]"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -274,24 +272,6 @@ def _parse_args(argv: list[str]) -> tuple[str, str, int | None, list[str]]:
     return path, topology, slices, overrides
 
 
-def _has_libtpu() -> bool:
-    try:
-        return importlib.util.find_spec("libtpu") is not None
-    except (ImportError, ValueError):  # blocked (sys.modules entry None) or broken
-        return False
-
-
-def compile_only_environment(topology: Topology) -> None:
-    """Keeps jax off the host's own accelerators and lets libtpu start without a TPU or metadata server."""
-    if "JAX_PLATFORMS" not in os.environ:
-        jax.config.update("jax_platforms", "cpu")
-    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    # Without these, libtpu logs warnings about a TPU host it does not need to find.
-    os.environ.setdefault("TPU_ACCELERATOR_TYPE", topology.cloud_name)
-    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-
-
 def main(argv: list[str] | None = None) -> int:
     try:
         path, name, slices, overrides = _parse_args(sys.argv[1:] if argv is None else argv)
@@ -299,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         topology = parse_topology(name)
         if slices is None:  # the config's own multi-slice layout
             slices = cfg.mesh.dcn_data * cfg.mesh.dcn_fsdp
-        if not _has_libtpu():
+        if not has_libtpu():
             raise ConfigError("libtpu is not installed, and TPU plans compile with it; run pip install -e '.[tpu]'")
         compile_only_environment(topology)
         plan = make_plan(cfg, topology, slices)
