@@ -143,7 +143,7 @@ def test_sampling_keeps_only_the_top_k_and_the_nucleus():
 
 def test_sharded_generation_equals_one_device_and_the_cache_is_sharded(tmp_path):
     from sharding.mesh import make_mesh
-    from sharding.rules import activation_context
+    from sharding.rules import RULES, activation_context
     from train.config import MeshConfig
 
     assert jax.device_count() >= 8, "conftest asks for 8 fake CPU devices"
@@ -155,7 +155,7 @@ def test_sharded_generation_equals_one_device_and_the_cache_is_sharded(tmp_path)
     kv = P(None, ("data", "fsdp"), None, "tensor", None)  # [layers, B, S, kv_heads, head_dim]
     for name in ("llama", "t5"):
         single, _ = hf.load(tmp_path / name, compute_dtype="float32")
-        sharded, _ = hf.load(tmp_path / name, mesh=mesh, compute_dtype="float32")
+        sharded, _ = hf.load(tmp_path / name, mesh=mesh, rules=RULES, compute_dtype="float32")
         with activation_context(mesh):
             got = generate(sharded, prompts, NEW)
             tokens, mask = pad_prompts(prompts, None, 0, left=name == "llama")
@@ -179,3 +179,33 @@ def test_generation_refuses_encoders_and_sequences_past_learned_positions(pair):
         generate(encoder, prompts, NEW)
     with pytest.raises(ValueError, match="exceeds the model's 32 positions; generate at most 23"):
         generate(ours, prompts, 24)  # gpt2: 32 learned positions, the longest prompt has 9 tokens
+
+
+def test_cli_streams_the_greedy_continuation_and_refuses_bad_sources(tmp_path, capsys):
+    from train.generate import main
+    from train.tokenizer import ByteTokenizer
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=257, n_positions=40, n_embd=32, n_layer=2, n_head=4)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "gpt2")
+    bert = transformers.BertConfig(vocab_size=257, hidden_size=32, num_hidden_layers=1, num_attention_heads=4)
+    transformers.BertForMaskedLM(bert).save_pretrained(tmp_path / "bert")
+    byte = ByteTokenizer()
+    ours, _ = hf.load(tmp_path / "gpt2")
+    expected = generate(ours, [byte.encode("To be")], 35, eos_id=byte.eos_id, pad_id=byte.eos_id)[0]
+    expected = byte.decode(expected[: list(expected).index(byte.eos_id)] if byte.eos_id in expected else expected)
+
+    args = [str(tmp_path / "gpt2"), "--prompt", "To be", "--tokenizer", "byte", "--temperature", "0"]
+    assert main(args) == 0
+    assert capsys.readouterr().out == "To be" + expected + "\n"  # the default fills the 40 positions
+    bad = {
+        "nowhere": [str(tmp_path / "nowhere"), "--prompt", "x"],
+        "encoder": [str(tmp_path / "bert"), "--prompt", "x", "--tokenizer", "byte"],
+        "long prompt": [*args[:2], "x" * 41, *args[3:]],
+        "no tokenizer": [str(tmp_path / "gpt2"), "--prompt", "x"],
+    }
+    for name, argv in bad.items():
+        assert main(argv) == 2, name
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == len(bad) and all(line.startswith("error: ") for line in lines), lines
+    assert "cannot generate text" in lines[1] and "has 41 tokens but the model has 40 positions" in lines[2]

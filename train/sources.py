@@ -123,7 +123,9 @@ def _from_export(location: pathlib.Path, mesh: Mesh | None) -> Source:
 
 def _from_hugging_face(location: pathlib.Path, mesh: Mesh | None) -> Source:
     try:
-        model, cfg = hf.load(location, mesh)
+        from sharding.rules import RULES
+
+        model, cfg = hf.load(location, mesh, RULES if mesh is not None else ())
     except hf.ConversionError as e:
         raise ConfigError(f"model source '{location}' cannot be read: {e}") from None
     return Source(model, cfg, _own_tokenizer(location), "hf", None, location)
