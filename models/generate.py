@@ -216,7 +216,7 @@ class _Setup(NamedTuple):
 
 def _setup(model, prompts, max_new_tokens, mask, temperature, top_k, top_p, eos_id, pad_id, start_id) -> _Setup:
     cfg = model.cfg
-    if cfg.family not in ("decoder", "encoder_decoder") or getattr(cfg, "head", "lm") != "lm":
+    if cfg.family not in ("decoder", "encoder_decoder") or cfg.head != "lm":
         raise ValueError(f"model.family='{cfg.family}' cannot generate; use a decoder (GPT-2, Llama) or T5")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
