@@ -57,34 +57,66 @@ class Attention(nnx.Module):
         padding [B, 1, 1, S]); bias: float [1 or B, heads, T, S] added to the scores.
         Returns [B, T, embed].
         """
+        q = self.queries(x, positions if context is None else None)
+        k, v = self.keys_values(x if context is None else context, positions if context is None else None)
+        return self.attend(q, k, v, causal=causal, mask=mask, bias=bias)
+
+    def queries(self, x: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+        """[B, T, embed] -> [B, T, heads, head_dim]; rotated when ``positions`` [B, T] are given (rope)."""
         cfg = self.cfg
-        kv = x if context is None else context
-        b, t, _ = x.shape
-        s = kv.shape[1]
-        hd = cfg.dim_per_head
-        q = self.q(x).reshape(b, t, cfg.n_heads, hd)  # [B, T, heads, head_dim]
-        k = self.k(kv).reshape(b, s, cfg.kv_heads, hd)  # [B, S, kv_heads, head_dim]
-        v = self.v(kv).reshape(b, s, cfg.kv_heads, hd)
-        if cfg.position == "rope" and context is None:
-            q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
-        q = constrain(q, ("batch", "length", "act_heads", None))
-        k = constrain(k, ("batch", "length", "act_kv_heads", None))
-        v = constrain(v, ("batch", "length", "act_kv_heads", None))
+        q = self.q(x).reshape(*x.shape[:2], cfg.n_heads, cfg.dim_per_head)
+        if cfg.position == "rope" and positions is not None:
+            q = rope(q, positions, cfg.rope_theta)
+        return constrain(q, ("batch", "length", "act_heads", None))
+
+    def keys_values(self, kv: jax.Array, positions: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """[B, S, embed] -> keys and values [B, S, kv_heads, head_dim] (what a KV cache holds)."""
+        cfg = self.cfg
+        shape = (*kv.shape[:2], cfg.kv_heads, cfg.dim_per_head)
+        k, v = self.k(kv).reshape(shape), self.v(kv).reshape(shape)
+        if cfg.position == "rope" and positions is not None:
+            k = rope(k, positions, cfg.rope_theta)
+        axes = ("batch", "length", "act_kv_heads", None)
+        return constrain(k, axes), constrain(v, axes)
+
+    def attend(
+        self,
+        q: jax.Array,
+        k: jax.Array,
+        v: jax.Array,
+        *,
+        causal: bool,
+        mask: jax.Array | None = None,
+        bias: jax.Array | None = None,
+        implementation: str | None = None,
+    ) -> jax.Array:
+        """q [B, T, heads, head_dim] over k/v [B, S, kv_heads, head_dim], then the output projection -> [B, T, embed].
+
+        ``implementation`` overrides ``model.attention`` (decoding from a cache uses 'recompute').
+        """
+        cfg = self.cfg
+        b, t, n, hd = q.shape
         scale = 1.0 / math.sqrt(hd) if cfg.scale_attention else 1.0
-        if cfg.attention == "splash":
+        implementation = implementation or cfg.attention
+        if implementation == "splash":
             if mask is not None or bias is not None:
                 raise ValueError(
                     "model.attention='splash' takes no padding mask or score bias; use model.attention='xla'"
                 )
             out = splash_attention(q, k, v, causal=causal, scale=scale)
-        elif cfg.attention == "recompute":
+        elif implementation == "recompute":
             out = dot_product_attention(q, k, v, causal=causal, scale=scale, mask=mask, bias=bias)
         else:  # xla or cudnn
             out = jax.nn.dot_product_attention(
-                q, k, v, bias=bias, mask=mask, scale=scale, is_causal=causal, implementation=cfg.attention
+                q, k, v, bias=bias, mask=mask, scale=scale, is_causal=causal, implementation=implementation
             )
         out = constrain(out, ("batch", "length", "act_heads", None))
-        return self.o(out.reshape(b, t, cfg.n_heads * hd).astype(x.dtype))
+        return self.o(out.reshape(b, t, n * hd).astype(self.o.dtype))
+
+
+def padding_mask(mask: jax.Array | None) -> jax.Array | None:
+    """[B, S] (1 = token, 0 = padding) -> bool [B, 1, 1, S]: which keys every query may attend to."""
+    return None if mask is None else mask.astype(bool)[:, None, None, :]
 
 
 def relative_position_bucket(
@@ -137,6 +169,19 @@ class RelativePositionBias(nnx.Module):
         values = jnp.take(self.embedding[...], jnp.asarray(buckets), axis=0)  # [T, S, heads]
         bias = jnp.transpose(values, (2, 0, 1))[None]  # [1, heads, T, S]
         return constrain(bias, (None, "act_heads", None, None))
+
+    def at(self, query_positions: jax.Array, k_len: int) -> jax.Array:
+        """The bias of queries at ``query_positions`` [T] int (traced, e.g. while decoding from a cache)
+        over keys 0..k_len-1 -> [1, heads, T, k_len] float32; ``query_positions`` must lie in [0, k_len).
+
+        Buckets come from a table of every relative position computed as ``__call__`` does, so they agree exactly.
+        """
+        every = relative_position_bucket(
+            np.arange(-(k_len - 1), k_len), self.bidirectional, self.num_buckets, self.max_distance
+        )
+        rel = jnp.arange(k_len)[None, :] - query_positions[:, None]  # [T, S]: key pos - query pos
+        values = jnp.take(self.embedding[...], jnp.asarray(every)[rel + k_len - 1], axis=0)  # [T, S, heads]
+        return constrain(jnp.transpose(values, (2, 0, 1))[None], (None, "act_heads", None, None))
 
 
 def attention_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:

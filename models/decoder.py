@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from models.attention import padding_mask
+from models.cache import KVCache, advance, write_slots
 from models.config import ModelConfig
 from models.layers import DTYPES, constrain, matmul, norm
 from models.transformer import Stack
@@ -41,7 +43,19 @@ class DecoderLM(nnx.Module):
         """The training interface every family shares: batch -> logits for ``batch['targets']``."""
         return self(batch["inputs"], batch.get("positions"))
 
-    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array | None = None,
+        mask: jax.Array | None = None,
+        cache: KVCache | None = None,
+    ) -> jax.Array | tuple[jax.Array, KVCache]:
+        """tokens [B, T] int, positions [B, T] int (default 0..T-1) -> logits [B, T, vocab] float32.
+
+        mask [B, T] (1 = token, 0 = padding): padding is never attended to. With ``cache`` the
+        tokens fill its slots from ``cache.index`` on, attend to every earlier valid slot, and
+        ``(logits, updated cache)`` is returned.
+        """
         cfg = self.cfg
         x = self.embed(tokens)  # [B, T, embed]
         if cfg.position == "learned":
@@ -51,8 +65,13 @@ class DecoderLM(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         x = constrain(x, ("batch", "length", "act_embed"))
-        x = self.stack(x, positions, causal=True)
+        if cache is None:
+            x = self.stack(x, positions, causal=True, mask=padding_mask(mask))
+        else:
+            cache, attend = write_slots(cache, mask, tokens.shape[1])
+            x, cache = self.stack.extend(x, positions, cache, attend)
+            cache = advance(cache, tokens.shape[1])
         x = self.final_norm(x)
         head = self.embed.embedding[...].T if cfg.tie_embeddings else self.head[...]  # [embed, vocab]
-        logits = matmul(x, head.astype(x.dtype))  # [B, T, vocab] float32
-        return constrain(logits, ("batch", "length", "act_vocab"))
+        logits = constrain(matmul(x, head.astype(x.dtype)), ("batch", "length", "act_vocab"))  # [B, T, vocab] float32
+        return logits if cache is None else (logits, cache)

@@ -33,15 +33,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.attention import RelativePositionBias
+from models.attention import RelativePositionBias, padding_mask
+from models.cache import KVCache, advance, init_cache, write_slots
 from models.config import ModelConfig
 from models.layers import constrain, embedding, matmul, norm, table
 from models.transformer import Stack
-
-
-def _key_mask(mask: jax.Array | None) -> jax.Array | None:
-    """[B, S] (1 = token, 0 = padding) -> bool [B, 1, 1, S] for ``dot_product_attention``."""
-    return None if mask is None else mask.astype(bool)[:, None, None, :]
 
 
 def _positions(tokens: jax.Array) -> jax.Array:
@@ -73,30 +69,54 @@ class EncoderDecoderLM(nnx.Module):
         """tokens [B, S] -> encoder states [B, S, embed] (after the final norm)."""
         x = constrain(self.embed(tokens), ("batch", "length", "act_embed"))
         bias = self.encoder_relpos(tokens.shape[1], tokens.shape[1])  # [1, heads, S, S]
-        x = self.encoder(x, _positions(tokens), causal=False, mask=_key_mask(mask), bias=bias)
+        x = self.encoder(x, _positions(tokens), causal=False, mask=padding_mask(mask), bias=bias)
         return self.encoder_norm(x)
 
     def decode(
         self,
         tokens: jax.Array,
-        encoded: jax.Array,
+        encoded: jax.Array | None = None,
         encoder_mask: jax.Array | None = None,
         decoder_mask: jax.Array | None = None,
-    ) -> jax.Array:
-        """tokens [B, T], encoded [B, S, embed] -> logits [B, T, vocab] float32."""
-        cfg = self.cfg
+        cache: KVCache | None = None,
+    ) -> jax.Array | tuple[jax.Array, KVCache]:
+        """tokens [B, T], encoded [B, S, embed] -> logits [B, T, vocab] float32.
+
+        With ``cache`` (from ``init_cache``, which holds the encoder side) the tokens fill its
+        slots from ``cache.index`` on and ``(logits, updated cache)`` is returned.
+        """
         x = constrain(self.embed(tokens), ("batch", "length", "act_embed"))
-        bias = self.decoder_relpos(tokens.shape[1], tokens.shape[1])  # [1, heads, T, T]
-        x = self.decoder(
-            x,
-            _positions(tokens),
-            causal=True,
-            mask=_key_mask(decoder_mask),
-            bias=bias,
-            context=encoded,
-            context_mask=_key_mask(encoder_mask),
-        )
-        x = self.decoder_norm(x)
+        t = tokens.shape[1]
+        if cache is None:
+            x = self.decoder(
+                x,
+                _positions(tokens),
+                causal=True,
+                mask=padding_mask(decoder_mask),
+                bias=self.decoder_relpos(t, t),  # [1, heads, T, T]
+                context=encoded,
+                context_mask=padding_mask(encoder_mask),
+            )
+        else:
+            cache, attend = write_slots(cache, decoder_mask, t)
+            bias = self.decoder_relpos.at(cache.index + jnp.arange(t), cache.length)  # [1, heads, T, S]
+            x, cache = self.decoder.extend(x, None, cache, attend, bias)
+            cache = advance(cache, t)
+        logits = self._logits(self.decoder_norm(x))
+        return logits if cache is None else (logits, cache)
+
+    def init_cache(self, encoded: jax.Array, encoder_mask: jax.Array | None, length: int) -> KVCache:
+        """A decoder cache of ``length`` slots holding every layer's cross-attention keys/values of
+        ``encoded`` [B, S, embed] (encoder padding ``encoder_mask`` [B, S], 1 = token)."""
+        b, s = encoded.shape[:2]
+        cross_k, cross_v = self.decoder.cross_keys_values(encoded)
+        valid = jnp.ones((b, s), bool) if encoder_mask is None else encoder_mask.astype(bool)
+        cache = init_cache(self.cfg, self.cfg.decoder_layers, b, length)
+        return cache._replace(cross_k=cross_k, cross_v=cross_v, cross_valid=valid)
+
+    def _logits(self, x: jax.Array) -> jax.Array:
+        """Final decoder states [B, T, embed] -> logits [B, T, vocab] float32."""
+        cfg = self.cfg
         if cfg.tie_embeddings:
             x = x * (cfg.d_model**-0.5)
             head = self.embed.embedding[...].T  # [embed, vocab]

@@ -8,9 +8,11 @@ checkpoint loads the same with ``scan_layers`` on or off.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
-from models.attention import Attention
+from models.attention import Attention, padding_mask
+from models.cache import CACHE_AXES, KVCache
 from models.config import ModelConfig
 from models.layers import MLP, constrain, norm
 
@@ -63,6 +65,42 @@ class Block(nnx.Module):
         x = self._residual(x, self.mlp_norm, self.mlp)
         return constrain(x, ("batch", "length", "act_embed"))
 
+    def extend(
+        self,
+        x: jax.Array,
+        positions: jax.Array | None,
+        kv: tuple[jax.Array, jax.Array],
+        at: tuple[jax.Array, jax.Array],
+        mask: jax.Array,
+        bias: jax.Array | None = None,
+        cross: tuple[jax.Array, jax.Array] | None = None,
+        cross_mask: jax.Array | None = None,
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Decoding from a cache (pre-norm stacks): x [B, T, embed] are the tokens of slots ``at[1]`` on.
+
+        kv: the stack's cache (k, v) [layers, B, S, kv_heads, head_dim]; this block writes its new keys
+        and values at ``at`` = (layer, slot) and attends over its layer's S slots with ``mask``
+        [B, 1, T, S] (and ``bias`` [1, heads, T, S]). cross: this layer's encoder keys/values
+        [B, S_enc, kv_heads, head_dim] with ``cross_mask`` [B, 1, 1, S_enc]. Returns (x, k, v).
+        """
+        h = self.attn_norm(x)
+        new_k, new_v = self.attn.keys_values(h, positions)
+        layer, slot = at
+
+        def write(cache, new):
+            cache = jax.lax.dynamic_update_slice(cache, new[None].astype(cache.dtype), (layer, 0, slot, 0, 0))
+            return constrain(cache, CACHE_AXES)
+
+        k, v = write(kv[0], new_k), write(kv[1], new_v)
+        q = self.attn.queries(h, positions)
+        x = x + self.attn.attend(q, k[layer], v[layer], causal=False, mask=mask, bias=bias, implementation="recompute")
+        if cross is not None:
+            h = self.cross_norm(x)
+            q = self.cross.queries(h)
+            x = x + self.cross.attend(q, *cross, causal=False, mask=cross_mask, implementation="recompute")
+        x = x + self.mlp(self.mlp_norm(x))
+        return constrain(x, ("batch", "length", "act_embed")), k, v
+
 
 class Stack(nnx.Module):
     """``n_layers`` blocks (default ``cfg.n_layers``); run with ``jax.lax.scan`` (one compiled body) or a loop."""
@@ -104,3 +142,43 @@ class Stack(nnx.Module):
         for i in range(self.n_layers):
             x, _ = layer(x, jax.tree.map(lambda a, i=i: a[i], stacked))
         return x
+
+    def extend(
+        self, x: jax.Array, positions: jax.Array | None, cache: KVCache, mask: jax.Array, bias: jax.Array | None = None
+    ) -> tuple[jax.Array, KVCache]:
+        """x [B, T, embed] at slots ``cache.index`` on -> ([B, T, embed], the cache with their keys/values).
+
+        mask [B, 1, T, S] and bias [1, heads, T, S] are shared by every layer (see ``Block.extend``);
+        an encoder-decoder's cache also carries the cross-attention keys/values.
+        """
+        if self.cfg.post_norm:
+            raise ValueError("decoding from a cache needs a pre-norm stack (model.post_norm=false)")
+        graphdef, stacked = nnx.split(self.blocks)
+        cross_mask = padding_mask(cache.cross_valid)
+
+        def layer(carry, inputs):
+            x, k, v = carry
+            layer_state, i, cross_k, cross_v = inputs
+            block = nnx.merge(graphdef, layer_state)
+            cross = None if cross_k is None else (cross_k, cross_v)
+            return block.extend(x, positions, (k, v), (i, cache.index), mask, bias, cross, cross_mask), None
+
+        carry = (x, cache.k, cache.v)
+        inputs = (stacked, jnp.arange(self.n_layers), cache.cross_k, cache.cross_v)
+        if self.cfg.scan_layers:
+            carry, _ = jax.lax.scan(layer, carry, inputs)
+        else:
+            for i in range(self.n_layers):
+                carry, _ = layer(carry, jax.tree.map(lambda a, i=i: a[i], inputs))
+        x, k, v = carry
+        return x, cache._replace(k=k, v=v)
+
+    def cross_keys_values(self, context: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Every layer's cross-attention keys/values of ``context`` [B, S, embed] -> 2 x [layers, B, S, kv_heads, head_dim]."""
+        graphdef, stacked = nnx.split(self.blocks)
+
+        def layer(_, layer_state):
+            return None, nnx.merge(graphdef, layer_state).cross.keys_values(context)
+
+        _, (k, v) = jax.lax.scan(layer, None, stacked)
+        return constrain(k, CACHE_AXES), constrain(v, CACHE_AXES)

@@ -11,9 +11,11 @@ import time
 from typing import TYPE_CHECKING
 
 import jax
+from flax import nnx
 from tqdm import tqdm
 
 from models.generate import generate
+from sharding.rules import activation_context
 from train import metrics as perf
 from train.optimizer import schedule
 from train.preemption import Preemption
@@ -108,14 +110,28 @@ class PeriodicEval(Callback):
 
 
 def sample_text(loop: Loop) -> str:
-    """A continuation of ``train.sample_prompt`` (every process runs it; the arrays are global)."""
-    t = loop.config.train
-    prompt = loop.tokenizer.encode(t.sample_prompt)
-    with loop.off_clock():
+    """A continuation of ``train.sample_prompt`` (temperature 0.8, top-k 40) from the KV-cached sampler,
+    ending at eos or the model's last position. Every process runs it (the arrays are global); the
+    prompt is repeated over the data-parallel axes, under the training mesh and rules, and row 0 is kept.
+    """
+    t, tokenizer, mesh = loop.config.train, loop.tokenizer, loop.mesh
+    model = nnx.merge(loop.spec.graphdef, loop.state.params)
+    window = model.cfg.max_seq_len
+    prompt = tokenizer.encode(t.sample_prompt)[-(window // 2) :]
+    rows = mesh.shape["data"] * mesh.shape["fsdp"]
+    with loop.off_clock(), activation_context(mesh, loop.spec.rules):
         tokens = generate(
-            loop.spec.graphdef, loop.state.params, prompt, t.sample_tokens, t.seq_len, seed=loop.config.seed
-        )
-    return loop.tokenizer.decode(tokens)
+            model,
+            [prompt] * rows,
+            min(t.sample_tokens, window - len(prompt)),
+            temperature=0.8,
+            top_k=40,
+            seed=loop.config.seed,
+            eos_id=tokenizer.eos_id,
+            pad_id=tokenizer.eos_id,
+        )[0]
+    tokens = list(tokens)
+    return tokenizer.decode(tokens[: tokens.index(tokenizer.eos_id)] if tokenizer.eos_id in tokens else tokens)
 
 
 class Samples(Callback):

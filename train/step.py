@@ -15,7 +15,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from sharding.rules import Rules, activation_context, batch_sharding, replicated
+from sharding.rules import RULES, Rules, activation_context, batch_sharding, replicated
 from train.state import StateSpec, TrainState
 
 Batch = dict[str, jax.Array]
@@ -138,6 +138,20 @@ def make_predict_step(spec: StateSpec, mesh: Mesh) -> Callable[[nnx.State, Batch
         out_shardings=replicated(mesh),
     )
     return _under_mesh(jitted, mesh, spec.rules)
+
+
+def make_score_step(
+    graphdef: nnx.GraphDef, mesh: Mesh, rules: Rules = RULES
+) -> Callable[[nnx.State, Batch], tuple[jax.Array, ...]]:
+    """``make_predict_step`` for parameters that are already placed and keep their own shardings
+    (a loaded model source, train/sources.py): ``score(params, batch) -> (summed loss, summed
+    weight, predictions)``."""
+
+    def score(params, batch):
+        logits = nnx.merge(graphdef, params).forward(batch)
+        return *_summed(logits, batch), jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    return _under_mesh(jax.jit(score, out_shardings=replicated(mesh)), mesh, rules)
 
 
 def _under_mesh(fn, mesh: Mesh, rules: Rules):

@@ -8,6 +8,7 @@ the packer puts after every document. Hugging Face tokenizers also name their ``
 
 from __future__ import annotations
 
+import copy
 import pathlib
 from collections.abc import Sequence
 from typing import Protocol
@@ -72,8 +73,13 @@ class HFTokenizer:
         self.eos_id: int = int(eos)
         self.vocab_size: int = len(self.tokenizer)
         # The Rust tokenizer behind a fast tokenizer encodes batches in parallel and skips
-        # the Python-side length warnings; slow tokenizers go through __call__.
-        self._fast = getattr(self.tokenizer, "backend_tokenizer", None) if self.tokenizer.is_fast else None
+        # the Python-side length warnings; slow tokenizers go through __call__. A copy without
+        # the padding and truncation some tokenizer.json files switch on (all-MiniLM-L6-v2: 128).
+        self._fast = None
+        if self.tokenizer.is_fast:
+            self._fast = copy.deepcopy(self.tokenizer.backend_tokenizer)
+            self._fast.no_padding()
+            self._fast.no_truncation()
 
     def encode(self, text: str) -> np.ndarray:
         """Returns int32[num_tokens], no eos."""
@@ -90,6 +96,36 @@ class HFTokenizer:
         """Drops special tokens (eos) and ids outside the vocabulary."""
         ids = [int(i) for i in np.asarray(ids).reshape(-1) if 0 <= i < self.vocab_size]
         return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def encode_with_bytes(tokenizer: Tokenizer, texts: Sequence[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per text ``(ids int32[n], nbytes int32[n])``: the ids ``encode_batch`` gives and each token's
+    share of the text's UTF-8 bytes, so bits per byte can be counted over any run of tokens.
+
+    A token owns the bytes from the end of the tokens before it to its own end (Hugging Face fast
+    tokenizers' offsets; one byte per id below 256 for the byte tokenizer), so ``nbytes`` never
+    counts a byte twice; bytes after the last token's end (whitespace some tokenizers drop), and
+    all bytes of tokenizers without offsets, are left to the caller (the packer gives them to eos).
+    """
+    if isinstance(tokenizer, ByteTokenizer):
+        return [(ids, (ids < 256).astype(np.int32)) for ids in tokenizer.encode_batch(texts)]
+    fast = getattr(tokenizer, "_fast", None)
+    if fast is None:
+        return [(ids, np.zeros(len(ids), np.int32)) for ids in tokenizer.encode_batch(texts)]
+    out = []
+    for text, encoding in zip(texts, fast.encode_batch(list(texts), add_special_tokens=False)):
+        ids = np.asarray(encoding.ids, dtype=np.int32)
+        char_ends = np.array([end for _, end in encoding.offsets], dtype=np.int64).reshape(-1)
+        byte_ends = _char_to_byte_offsets(text)[np.maximum.accumulate(char_ends) if len(ids) else char_ends]
+        out.append((ids, np.diff(byte_ends, prepend=0).astype(np.int32)))
+    return out
+
+
+def _char_to_byte_offsets(text: str) -> np.ndarray:
+    """int64[len(text) + 1]: the UTF-8 byte offset of every character offset of ``text``."""
+    code_points = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    widths = 1 + (code_points >= 0x80) + (code_points >= 0x800) + (code_points >= 0x10000)
+    return np.concatenate([[0], np.cumsum(widths, dtype=np.int64)])
 
 
 def load_tokenizer(spec: str) -> ByteTokenizer | HFTokenizer:

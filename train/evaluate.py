@@ -1,0 +1,181 @@
+"""``python -m train.evaluate SOURCE [--files F1,F2,...] [--seq-len N] [--stride N] [--batch N] [--split val|test]``
+
+Scores a saved model (a run directory, an export directory or a Hugging Face model directory,
+train/sources.py) on text and prints one JSON line.
+
+- Causal LMs: every token of the files after the first is predicted exactly once, from
+  windows of ``--seq-len`` tokens (documents packed with eos after each, as in training).
+  Windows do not overlap by default; with ``--stride S`` (< seq-len) each window starts S
+  tokens after the previous one and only its last S targets, the new ones, are scored, so
+  every token sees at least ``seq_len - S`` tokens of context. Prints ``eval_loss``
+  (nats/token), ``perplexity`` (exp of it), ``eval_bpb`` (bits per UTF-8 byte of exactly the
+  tokens scored), ``tokens`` and ``bytes``.
+- Masked LMs and T5 (span corruption): the run's objective on non-overlapping windows, with the
+  trainer's fixed eval seed; ``eval_loss`` and ``perplexity`` over the ``tokens`` it scores.
+- Classifiers: accuracy, macro-F1 and scikit-learn's per-class table on stdout, a confusion
+  matrix PNG (``--out``, default the source directory), then the JSON line. Seq2seq: loss and
+  token accuracy.
+
+Without ``--files`` a run is scored on its own validation split (``--split test``: its test
+split, which training never reads). ``--tokenizer`` replaces the source's tokenizer (an export
+holds none). The model runs sharded over the devices as the run's mesh says (all devices
+otherwise). User mistakes print one ``error:`` line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import pathlib
+import sys
+
+from train.config import Config, ConfigError, MeshConfig, load_config
+
+OBJECTIVE_OF = {"decoder": "causal_lm", "encoder": "masked_lm", "encoder_decoder": "span_corruption"}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise ConfigError(f"{message}; see python -m train.evaluate --help")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = _Parser(prog="python -m train.evaluate", description=__doc__.split("\n\n")[1])
+    parser.add_argument("source", help="run directory, export directory or Hugging Face model directory")
+    parser.add_argument(
+        "--files", default="", help="comma-separated globs of files to score (default: the run's split)"
+    )
+    parser.add_argument(
+        "--split", default="val", choices=["val", "test"], help="the run's split when --files is absent"
+    )
+    parser.add_argument("--seq-len", type=int, default=0, help="tokens per window (default: the run's train.seq_len)")
+    parser.add_argument(
+        "--stride", type=int, default=0, help="causal LMs: tokens between window starts (default: seq-len)"
+    )
+    parser.add_argument("--batch", type=int, default=0, help="windows or examples per batch (default: the run's)")
+    parser.add_argument("--tokenizer", default="", help="'byte' or a tokenizer directory (default: the source's)")
+    parser.add_argument("--out", default="", help="directory for the confusion-matrix PNG (default: the source's)")
+    return parser.parse_args(argv)
+
+
+@dataclasses.dataclass
+class Setup:
+    """What to score with: the source, its run config (or one made up for it) and the mesh."""
+
+    source: object  # train.sources.Source
+    config: Config
+    tokenizer: object  # train.tokenizer.Tokenizer
+    mesh: object  # jax.sharding.Mesh
+    stride: int
+
+
+def _mesh_config(path: str) -> MeshConfig:
+    config_file = pathlib.Path(path) / "config.yaml"
+    try:
+        return load_config(config_file).mesh if config_file.is_file() else MeshConfig()
+    except ConfigError:
+        return MeshConfig()  # load_source reports the unreadable config
+
+
+def setup(args: argparse.Namespace) -> Setup:
+    from sharding.mesh import make_mesh
+    from sharding.rules import BATCH_AXES
+    from train.sources import check_tokenizer, load_source
+    from train.tokenizer import load_tokenizer
+
+    try:
+        mesh = make_mesh(_mesh_config(args.source))
+    except ConfigError:
+        mesh = make_mesh(MeshConfig())  # the run's mesh does not fit these devices: use them all
+    source = load_source(args.source, mesh=mesh)
+    tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else source.tokenizer
+    if tokenizer is None:
+        raise ConfigError(f"'{args.source}' holds no tokenizer; pass --tokenizer byte or a tokenizer directory")
+    if args.tokenizer:
+        check_tokenizer(tokenizer, source.config, f"--tokenizer '{args.tokenizer}'")
+    run = source.run_config or Config()
+    objective = run.train.objective if source.run_config else OBJECTIVE_OF[source.config.family]
+    if source.config.head == "classification" and source.run_config is None:
+        raise ConfigError(f"'{args.source}' is a classifier but not a run directory; its label names come from a run")
+    seq_len = args.seq_len or (run.train.seq_len if source.run_config else min(source.config.max_seq_len, 1024))
+    if not 0 < seq_len <= source.config.max_seq_len:
+        raise ConfigError(f"--seq-len={seq_len} must be in [1, {source.config.max_seq_len}] (the model's positions)")
+    stride = args.stride or seq_len
+    if not 0 < stride <= seq_len or (stride != seq_len and objective != "causal_lm"):
+        raise ConfigError(f"--stride={args.stride} must be in [1, --seq-len={seq_len}], and is for causal LMs only")
+    batch = args.batch or (run.train.batch_size if source.run_config else 8)
+    dp = math.prod(mesh.shape[axis] for axis in BATCH_AXES)
+    if batch <= 0 or batch % dp:
+        raise ConfigError(f"--batch={batch} must be a positive multiple of the {dp} data-parallel devices")
+    train = dataclasses.replace(run.train, objective=objective, seq_len=seq_len, batch_size=batch)
+    config = dataclasses.replace(run, model=source.config, train=train)
+    return Setup(source, config, tokenizer, mesh, stride)
+
+
+def documents(s: Setup, files: str, split: str) -> list[str]:
+    """The documents of ``files`` (read as the run reads its data), else of the run's ``split``."""
+    from train.data import match_files, open_source, read_documents
+
+    if files:
+        source = open_source(match_files(files, "--files"), s.config.data)
+        return [text for text in (source[i] for i in range(len(source))) if text]
+    _need_run(s, split)
+    if s.config.data.format == "tfds":
+        raise ConfigError("the run reads a TFDS dataset; pass --files with the text to score")
+    val = read_documents(s.config.data)[1]
+    if not val:
+        raise ConfigError("the run holds out no validation documents (data.val_fraction=0); pass --files")
+    return val
+
+
+def rows(s: Setup, files: str, split: str) -> list:
+    """The JSONL rows of ``files``, else of the run's ``split``."""
+    from train.data import match_files, read_rows
+    from train.examples import split_rows
+
+    if files:
+        return read_rows(match_files(files, "--files"))
+    _need_run(s, split)
+    return split_rows(s.config.data)[1]
+
+
+def _need_run(s: Setup, split: str) -> None:
+    if s.source.run_config is None:
+        raise ConfigError(f"'{s.source.path}' is not a run directory, so it has no {split} split; pass --files")
+    if split == "test":
+        raise ConfigError("the run has no test split (data.test_files or data.test_fraction); pass --files")
+
+
+def evaluate(args: argparse.Namespace) -> dict:
+    """The JSON record for ``args``; classifiers also print their table and write the PNG."""
+    from train import scoring
+
+    s = setup(args)
+    if s.config.train.objective in ("classification", "seq2seq"):
+        out = pathlib.Path(args.out) if args.out else s.source.path
+        return scoring.score_examples(s, rows(s, args.files, args.split), args.split, out)
+    return scoring.score_stream(s, documents(s, args.files, args.split))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = parse_args(argv)
+        from absl import logging as absl_logging  # Orbax warns about read-only checkpoint directories
+
+        from train.distributed import select_platforms
+
+        absl_logging.set_verbosity(absl_logging.ERROR)
+        select_platforms()
+        result = evaluate(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""A classifier's report on a held-out split: scikit-learn's per-class table and a confusion-matrix PNG.
+
+report = classification_report(predictions, targets, labels)  # accuracy, macro-F1, per class
+print(report.table)
+plot_confusion(report.confusion, labels, path)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from collections.abc import Sequence
+
+import numpy as np
+
+from train.scores import classification_scores
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+    accuracy: float
+    macro_f1: float  # over the classes that occur in the targets or predictions (as the trainer's eval)
+    per_class: dict[str, dict[str, float]]  # label -> precision, recall, f1, support
+    table: str  # scikit-learn's classification_report text
+    confusion: np.ndarray  # int64 [num_labels, num_labels]: rows true label, columns predicted
+
+
+def classification_report(predictions: np.ndarray, targets: np.ndarray, labels: Sequence[str]) -> Report:
+    """Scores int predictions against int targets (both [N], ids into ``labels``).
+
+    Classes that neither occur nor are predicted are left out of the table and the macro average.
+    """
+    from sklearn import metrics
+
+    predictions, targets = np.asarray(predictions).reshape(-1), np.asarray(targets).reshape(-1)
+    found = classification_scores(predictions, targets, len(labels))
+    present = sorted(set(targets.tolist()) | set(predictions.tolist()))
+    names = [labels[i] for i in present]
+    kwargs = {"labels": present, "target_names": names, "zero_division": 0}
+    table = metrics.classification_report(targets, predictions, digits=4, **kwargs)
+    scores = metrics.classification_report(targets, predictions, output_dict=True, **kwargs)
+    per_class = {
+        name: {"precision": s["precision"], "recall": s["recall"], "f1": s["f1-score"], "support": int(s["support"])}
+        for name, s in ((name, scores[name]) for name in names)
+    }
+    confusion = metrics.confusion_matrix(targets, predictions, labels=list(range(len(labels))))
+    return Report(found["accuracy"], found["macro_f1"], per_class, table, confusion)
+
+
+def plot_confusion(confusion: np.ndarray, labels: Sequence[str], path: pathlib.Path, title: str = "") -> pathlib.Path:
+    """Writes the confusion matrix (counts, and each true label's row share as colour) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = confusion.sum(axis=1, keepdims=True)
+    share = confusion / np.maximum(rows, 1)
+    size = 1.2 + 0.7 * len(labels)
+    fig, ax = plt.subplots(figsize=(size + 1.5, size))
+    image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    for (i, j), count in np.ndenumerate(confusion):
+        ax.text(j, i, str(count), ha="center", va="center", color="white" if share[i, j] > 0.5 else "black")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, label="share of the true label")
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path

@@ -1,0 +1,160 @@
+"""Scoring a loaded model on held-out data (``python -m train.evaluate``): batches in, totals out.
+
+    tokens, nbytes = pack(documents, tokenizer)            # the packed stream, each token's bytes
+    starts, weights = causal_windows(len(tokens), seq_len, stride)
+    result = score_stream(setup, documents)                # {'eval_loss', 'perplexity', 'eval_bpb', ...}
+    result = score_examples(setup, rows, split, out_dir)   # classifiers: + table on stdout, confusion PNG
+
+Sums of the loss and of the token weights are accumulated per batch in the same order as the
+trainer's eval (train/tasks.py), so the same windows give the same numbers.
+"""
+
+from __future__ import annotations
+
+import math
+import pathlib
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+from flax import nnx
+
+from train import examples, report, scores
+from train.config import ConfigError, split_labels
+from train.objectives import raw_length
+from train.step import make_score_step
+from train.tasks import EVAL_SEED_OFFSET, global_batch, make_objective, padded_batches, process_rows
+from train.tokenizer import Tokenizer, encode_with_bytes
+
+
+def pack(documents: Sequence[str], tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens int32[N], nbytes int32[N]): ``documents`` with eos after each (as the trainer packs
+    them) and each token's share of the UTF-8 bytes; eos owns what no token of its document ends on."""
+    tokens, nbytes = [], []
+    for text, (ids, counts) in zip(documents, encode_with_bytes(tokenizer, documents)):
+        tokens += [ids, [tokenizer.eos_id]]
+        nbytes += [counts, [len(text.encode("utf-8")) - int(counts.sum())]]
+    if not tokens:
+        return np.zeros(0, np.int32), np.zeros(0, np.int32)
+    return np.concatenate(tokens).astype(np.int32), np.concatenate(nbytes).astype(np.int32)
+
+
+def causal_windows(num_tokens: int, seq_len: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
+    """Windows ``tokens[s : s + seq_len + 1]`` that predict every token after the first exactly once.
+
+    Returns ``starts`` int64[W] (``s = w * stride``) and ``weights`` float32[W, seq_len]: 1 on
+    the targets window ``w`` scores (all of the first window's; then the last ``stride``, the
+    ones no earlier window reached), 0 past the end of the stream.
+    """
+    targets = num_tokens - 1  # stream positions 1 .. num_tokens - 1 are predicted
+    if targets < 1:
+        raise ConfigError("the text to score holds no token to predict; give files with text in them")
+    count = 1 + -(-max(targets - seq_len, 0) // stride)
+    starts = np.arange(count, dtype=np.int64) * stride
+    positions = starts[:, None] + 1 + np.arange(seq_len)  # [W, seq_len]
+    first_new = np.where(starts == 0, 1, starts + seq_len - stride + 1)  # [W]
+    weights = (positions >= first_new[:, None]) & (positions <= targets)
+    return starts, weights.astype(np.float32)
+
+
+def _causal_batches(tokens, nbytes, seq_len: int, stride: int, batch_size: int) -> Iterator[tuple[dict, float]]:
+    """(batch, bytes it scores) per ``batch_size`` windows; the last batch is filled with weight-0 rows."""
+    starts, weights = causal_windows(len(tokens), seq_len, stride)
+    fill = -len(starts) % batch_size
+    starts = np.concatenate([starts, np.zeros(fill, np.int64)])
+    weights = np.concatenate([weights, np.zeros((fill, seq_len), np.float32)])
+    pad = seq_len + stride + 1
+    tokens = np.concatenate([tokens, np.zeros(pad, np.int32)])
+    nbytes = np.concatenate([nbytes, np.zeros(pad, np.int32)])
+    for b in range(0, len(starts), batch_size):
+        rows = starts[b : b + batch_size, None] + np.arange(seq_len + 1)  # [B, seq_len + 1]
+        w = weights[b : b + batch_size]
+        batch = {"inputs": tokens[rows[:, :-1]], "targets": tokens[rows[:, 1:]], "weights": w}
+        yield batch, float(np.sum(nbytes[rows[:, 1:]] * w))
+
+
+def _objective_batches(setup, tokens: np.ndarray) -> Iterator[tuple[dict, float]]:
+    """Masked LM / span corruption batches of non-overlapping windows, as the trainer's eval makes
+    them (eval seed per batch); the last batch is filled with copies of window 0 of weight 0."""
+    t = setup.config.train
+    window = raw_length(t.objective, t.seq_len, t.noise_density, t.mean_span) - 1
+    count = max(len(tokens) - 1, 0) // window
+    if count == 0:
+        raise ConfigError(f"the text to score is shorter than one window of {window + 1} tokens; give more text")
+    objective = make_objective(setup.config, setup.source.config, setup.tokenizer)
+    order = np.concatenate([np.arange(count), np.zeros(-count % t.batch_size, np.int64)])
+    for i, b in enumerate(range(0, len(order), t.batch_size)):
+        rows = order[b : b + t.batch_size, None] * window + np.arange(window + 1)
+        raw = tokens[rows]
+        batch = objective({"inputs": raw[:, :1], "targets": raw[:, 1:]}, EVAL_SEED_OFFSET + i)
+        valid = (np.arange(b, b + t.batch_size) < count).reshape(-1, *(1,) * (batch["weights"].ndim - 1))
+        batch["weights"] = np.where(valid, batch["weights"], 0).astype(batch["weights"].dtype)
+        yield batch, 0.0
+
+
+def _run(setup, batches) -> Iterator[tuple[float, float, np.ndarray, float]]:
+    """(summed loss, summed weight, predictions, bytes) per batch, scored under the mesh."""
+    graphdef, params = nnx.split(setup.source.model)
+    score = make_score_step(graphdef, setup.mesh)
+    for batch, nbytes in batches:
+        s, w, predictions = score(params, global_batch(process_rows(batch), setup.mesh))
+        yield float(s), float(w), np.asarray(predictions), nbytes
+
+
+def score_stream(setup, documents: Sequence[str]) -> dict:
+    """``{'eval_loss', 'perplexity', 'eval_bpb', 'tokens', 'bytes'}`` (no bpb and bytes unless causal)."""
+    t = setup.config.train
+    tokens, nbytes = pack(documents, setup.tokenizer)
+    if t.objective == "causal_lm":
+        batches = _causal_batches(tokens, nbytes, t.seq_len, setup.stride, t.batch_size)
+    else:
+        batches = _objective_batches(setup, tokens)
+    total = weight = scored_bytes = 0.0
+    for s, w, _, b in _run(setup, batches):
+        total, weight, scored_bytes = total + s, weight + w, scored_bytes + b
+    loss = total / weight
+    result = {"eval_loss": loss, "perplexity": perplexity(loss)}
+    if t.objective == "causal_lm":
+        result["eval_bpb"] = total / math.log(2) / scored_bytes
+    result["tokens"] = int(weight)
+    if t.objective == "causal_lm":
+        result["bytes"] = int(scored_bytes)
+    return result
+
+
+def score_examples(setup, rows: Sequence, split: str, out_dir: pathlib.Path) -> dict:
+    """Classification: prints the per-class table, writes ``confusion-<split>.png`` into ``out_dir``;
+    returns loss, accuracy, macro-F1, per-class scores. Seq2seq: loss and token accuracy."""
+    c, t = setup.config, setup.config.train
+    if t.objective == "classification":
+        labels = split_labels(c.data.labels)
+        arrays = examples.classification_arrays(rows, c.data, labels, setup.tokenizer, t.seq_len)
+    else:
+        arrays = examples.seq2seq_arrays(rows, c.data, setup.tokenizer, t.seq_len, t.target_len)
+    total = weight = 0.0
+    predicted = []
+    for s, w, p, _ in _run(setup, ((b, 0.0) for b in padded_batches(arrays, t.batch_size))):
+        total, weight = total + s, weight + w
+        predicted.append(p)
+    predicted = np.concatenate(predicted)[: len(arrays["targets"])]
+    loss = total / weight
+    if t.objective == "seq2seq":
+        accuracy = scores.token_accuracy(predicted, arrays["targets"], arrays["weights"])
+        return {"eval_loss": loss, "perplexity": perplexity(loss), "token_accuracy": accuracy,
+                "tokens": int(weight), "examples": len(rows)}  # fmt: skip
+    found = report.classification_report(predicted, arrays["targets"], labels)
+    print(f"{split}: {len(rows)} examples, accuracy {found.accuracy:.4f}, macro-F1 {found.macro_f1:.4f}\n{found.table}")
+    png = report.plot_confusion(found.confusion, labels, out_dir / f"confusion-{split}.png", f"{split} ({len(rows)})")
+    return {
+        "split": split,
+        "eval_loss": loss,
+        "accuracy": found.accuracy,
+        "macro_f1": found.macro_f1,
+        "examples": len(rows),
+        "per_class": found.per_class,
+        "confusion_matrix": str(png),
+    }
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss), inf where that overflows."""
+    return math.exp(loss) if loss < 700 else math.inf

@@ -1,0 +1,145 @@
+"""Model sources: a run directory, an export directory or a Hugging Face model directory, read alike.
+
+    source = load_source("runs/default", mesh=mesh)  # ConfigError (one sentence) on bad input
+    logits = source.model.forward(batch)
+
+- run directory (``config.yaml`` + ``checkpoints/``, or step directories as ``python -m
+  train.export --format checkpoint`` writes them): the newest intact step's parameters, the
+  run's config and its tokenizer (``data.tokenizer``, read relative to the working directory);
+- export directory (``python -m train.export``: ``model.json`` + ``params/``): the parameters,
+  and a Hugging Face tokenizer when one was saved next to them;
+- Hugging Face model directory (``config.json`` + safetensors, ``models.hf.load``) with its own
+  tokenizer files, if any. ``python-package:NAME`` names a directory inside an installed package.
+
+With ``mesh`` every parameter is placed with the sharding the logical-axis rules give it (a mesh
+axis that does not divide a dimension is dropped there), as in training; without, on the
+default device. Our models have no dropout, so a loaded model is always in eval mode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh
+
+from models import abstract_model, hf
+from models.config import ModelConfig
+from train import packages
+from train.checkpoint import newest_params, restore_target
+from train.config import Config, ConfigError, load_config
+from train.export import load as load_export
+from train.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+WHAT = "a run directory, an export directory (python -m train.export) or a Hugging Face model directory"
+
+
+@dataclasses.dataclass
+class Source:
+    model: nnx.Module  # the model with its parameters (eval mode)
+    config: ModelConfig
+    tokenizer: Tokenizer | None  # None when the directory holds none
+    kind: str  # "run" | "export" | "hf"
+    run_config: Config | None  # the run's config.yaml when the source is a run directory
+    path: pathlib.Path | None = None
+    step: int | None = None  # the checkpoint step of a run
+
+
+def load_source(path: str | pathlib.Path, *, mesh: Mesh | None = None, best: bool = False) -> Source:
+    """The model, config and tokenizer ``path`` holds; ConfigError with one sentence when it holds none."""
+    location = pathlib.Path(packages.resolve(str(path), "SOURCE")).absolute()
+    if not location.is_dir():
+        raise ConfigError(f"model source '{path}' is not a directory; give {WHAT}")
+    steps = location / "checkpoints" if (location / "checkpoints").is_dir() else location
+    is_run = (location / "config.yaml").is_file() and any(p.name.isdigit() for p in steps.iterdir())
+    if best:
+        what = f"run '{path}'" if is_run else f"'{path}' is not a run, so it"
+        raise ConfigError(f"{what} has no best checkpoint; leave out best to use the newest step")
+    if is_run:
+        source = _from_run(location, mesh)
+    elif (location / "model.json").is_file() and (location / "params").is_dir():
+        source = _from_export(location, mesh)
+    elif hf.is_model_dir(location):
+        source = _from_hugging_face(location, mesh)
+    else:
+        raise ConfigError(
+            f"'{path}' holds no model (no config.yaml + checkpoints/, model.json or config.json); give {WHAT}"
+        )
+    if source.tokenizer is not None:
+        check_tokenizer(source.tokenizer, source.config, f"the tokenizer of '{path}'")
+    return source
+
+
+def check_tokenizer(tokenizer: Tokenizer, cfg: ModelConfig, what: str) -> None:
+    """ConfigError when ``tokenizer`` has ids the model's vocabulary cannot embed."""
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise ConfigError(
+            f"{what} has {tokenizer.vocab_size} tokens but the model's vocabulary holds {cfg.vocab_size}; "
+            "use the tokenizer the model was trained with"
+        )
+
+
+def shardings_for(abstract: nnx.State, mesh: Mesh | None):
+    """The sharding of every parameter: the logical-axis rules on ``mesh`` (fitted to the shapes),
+    or the default device (one sharding for all)."""
+    if mesh is None:
+        return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    from sharding.rules import logical_to_mesh
+
+    named = logical_to_mesh(nnx.get_partition_spec(abstract), mesh)
+    return jax.tree.map(lambda s, a: hf.fit_sharding(s, a.shape), named, abstract)
+
+
+def _target(cfg: ModelConfig, mesh: Mesh | None) -> nnx.State:
+    _, abstract = abstract_model(cfg)
+    return restore_target(abstract, shardings_for(abstract, mesh))
+
+
+def _from_run(location: pathlib.Path, mesh: Mesh | None) -> Source:
+    try:
+        run_config = load_config(location / "config.yaml")
+    except ConfigError as e:
+        raise ConfigError(f"run '{location}' has a config.yaml this version cannot read ({e})") from None
+    where = f"the model config saved in {location}"
+    step, params, saved = newest_params(
+        location, lambda saved: _target(ModelConfig.from_dict(saved.get("model", {}), where), mesh), what="SOURCE"
+    )
+    cfg = ModelConfig.from_dict(saved["model"], where)
+    model = nnx.merge(abstract_model(cfg)[0], params)
+    tokenizer = load_tokenizer(run_config.data.tokenizer)
+    return Source(model, cfg, tokenizer, "run", run_config, location, step)
+
+
+def _from_export(location: pathlib.Path, mesh: Mesh | None) -> Source:
+    cfg, params = load_export(location)
+    if mesh is not None:
+        params = jax.device_put(params, shardings_for(params, mesh))
+    model = nnx.merge(abstract_model(cfg)[0], params)
+    return Source(model, cfg, _own_tokenizer(location), "export", None, location)
+
+
+def _from_hugging_face(location: pathlib.Path, mesh: Mesh | None) -> Source:
+    try:
+        from sharding.rules import RULES
+
+        model, cfg = hf.load(location, mesh, RULES if mesh is not None else ())
+    except hf.ConversionError as e:
+        raise ConfigError(f"model source '{location}' cannot be read: {e}") from None
+    return Source(model, cfg, _own_tokenizer(location), "hf", None, location)
+
+
+def _own_tokenizer(location: pathlib.Path) -> Tokenizer | None:
+    """The Hugging Face tokenizer saved in ``location``, None when there is none."""
+    if not any((location / name).is_file() for name in TOKENIZER_FILES):
+        return None
+    try:
+        return HFTokenizer(str(location))
+    except ConfigError:
+        raise
+    except (OSError, ValueError) as e:
+        raise ConfigError(
+            f"the tokenizer files in '{location}' cannot be loaded ({e}); save the tokenizer again"
+        ) from None
