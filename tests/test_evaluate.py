@@ -12,7 +12,8 @@ import pytest
 
 from train import evaluate, report
 from train.__main__ import main as train_main
-from train.scoring import causal_windows, pack
+from train.data.text import PackedTokens
+from train.scoring import causal_windows
 from train.tokenizer import ByteTokenizer, encode_with_bytes, load_tokenizer
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -54,8 +55,9 @@ def test_every_byte_belongs_to_one_token():
         for text, (ids, nbytes) in zip(texts, encode_with_bytes(tokenizer, texts)):
             np.testing.assert_array_equal(ids, tokenizer.encode(text))
             assert np.all(nbytes >= 0) and nbytes.sum() <= len(text.encode())
-        tokens, nbytes = pack(texts, tokenizer)
-        assert nbytes.sum() == sum(len(t.encode()) for t in texts) and len(tokens) == len(nbytes)
+        packed = PackedTokens(texts, tokenizer, count_bytes=True)
+        assert packed.nbytes.sum() == packed.num_bytes == sum(len(t.encode()) for t in texts)
+        assert len(packed.nbytes) == packed.num_tokens
 
 
 def test_hugging_face_tokenizer_neither_pads_nor_truncates():
@@ -135,7 +137,7 @@ def test_an_export_scores_as_its_run(gpt_run, capsys, tmp_path):
 @pytest.mark.parametrize("preset", ["tiny-bert", "tiny-t5"])
 def test_masked_lm_and_span_corruption_score_as_the_trainer(preset, capsys, tmp_path):
     from train.config import load_config
-    from train.objectives import raw_length
+    from train.data.objectives import raw_length
 
     t = load_config(REPO / "configs" / f"{preset}.yaml").train
     window = raw_length(t.objective, t.seq_len, t.noise_density, t.mean_span) - 1
@@ -184,7 +186,7 @@ def test_classification_report_of_a_known_case():
 @pytest.fixture(scope="module")
 def classifier_run(tmp_path_factory) -> pathlib.Path:
     """A 3-step tiny BERT classifier on 20 passages from each of 9 plays; whole plays held out."""
-    from train import genre
+    from train.data import genre
 
     root = tmp_path_factory.mktemp("genre")
     train, val = genre.build(chars=128)
