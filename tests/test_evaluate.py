@@ -12,7 +12,8 @@ import pytest
 
 from train import evaluate, report
 from train.__main__ import main as train_main
-from train.scoring import causal_windows, pack
+from train.data.text import PackedTokens
+from train.scoring import causal_windows
 from train.tokenizer import ByteTokenizer, encode_with_bytes, load_tokenizer
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -54,8 +55,9 @@ def test_every_byte_belongs_to_one_token():
         for text, (ids, nbytes) in zip(texts, encode_with_bytes(tokenizer, texts)):
             np.testing.assert_array_equal(ids, tokenizer.encode(text))
             assert np.all(nbytes >= 0) and nbytes.sum() <= len(text.encode())
-        tokens, nbytes = pack(texts, tokenizer)
-        assert nbytes.sum() == sum(len(t.encode()) for t in texts) and len(tokens) == len(nbytes)
+        packed = PackedTokens(texts, tokenizer, count_bytes=True)
+        assert packed.nbytes.sum() == packed.num_bytes == sum(len(t.encode()) for t in texts)
+        assert len(packed.nbytes) == packed.num_tokens
 
 
 def test_hugging_face_tokenizer_neither_pads_nor_truncates():
@@ -127,9 +129,32 @@ def test_an_export_scores_as_its_run(gpt_run, capsys, tmp_path):
     export(gpt_run, tmp_path / "params")
     text = gpt_run.parent / "macbeth.txt"
     _, from_run, _, _ = run_evaluate(capsys, gpt_run, "--files", text)
-    argv = ["--files", text, "--tokenizer", "byte", "--seq-len", SEQ]  # an export has no train.seq_len
+    argv = ["--files", text, "--tokenizer", "byte", "--seq-len", SEQ, "--batch", BATCH]  # an export has no train config
     status, from_export, _, _ = run_evaluate(capsys, tmp_path / "params", *argv)
-    assert status == 0 and from_export == from_run
+    assert status == 0 and from_export == pytest.approx(from_run, rel=1e-6)
+
+
+@pytest.mark.parametrize("preset", ["tiny-bert", "tiny-t5"])
+def test_masked_lm_and_span_corruption_score_as_the_trainer(preset, capsys, tmp_path):
+    from train.config import load_config
+    from train.data.objectives import raw_length
+
+    t = load_config(REPO / "configs" / f"{preset}.yaml").train
+    window = raw_length(t.objective, t.seq_len, t.noise_density, t.mean_span) - 1
+    val = tmp_path / "val.txt"  # exactly one eval batch of windows
+    val.write_bytes((PLAYS / "hamlet.txt").read_bytes()[: window * t.batch_size])
+    run_dir = tmp_path / "run"
+    argv = [
+        str(REPO / "configs" / f"{preset}.yaml"), f"run.dir={run_dir}", f"data.train_files={PLAYS / 'tempest.txt'}",
+        f"data.val_files={val}", "train.steps=1", "train.eval_batches=10",
+    ]  # fmt: skip
+    assert train_main(argv) == 0
+    status, result, _, _ = run_evaluate(capsys, run_dir)
+    trainer = final_eval(run_dir)
+    assert status == 0 and "eval_bpb" not in trainer and "eval_bpb" not in result
+    assert result["eval_loss"] == pytest.approx(trainer["eval_loss"], abs=1e-5)
+    assert result["perplexity"] == pytest.approx(math.exp(result["eval_loss"]))
+    assert 0 < result["tokens"] < window * t.batch_size / 4  # only the masked / noise tokens are targets
 
 
 # --- classification -------------------------------------------------------------------------
@@ -161,7 +186,7 @@ def test_classification_report_of_a_known_case():
 @pytest.fixture(scope="module")
 def classifier_run(tmp_path_factory) -> pathlib.Path:
     """A 3-step tiny BERT classifier on 20 passages from each of 9 plays; whole plays held out."""
-    from train import genre
+    from train.data import genre
 
     root = tmp_path_factory.mktemp("genre")
     train, val = genre.build(chars=128)

@@ -57,6 +57,8 @@ class DataConfig:
     input_field: str = "input"  # seq2seq: the field holding the input text
     target_field: str = "target"  # seq2seq: the field holding the target text
     group_field: str = ""  # hold out whole groups of rows sharing this field's value (val_fraction of groups)
+    test_files: str = ""  # glob(s) of a test split training never reads (python -m train.evaluate --split test)
+    test_fraction: float = 0.0  # else: fraction of whole documents (example groups, rows) held out for test
 
 
 @dataclasses.dataclass(frozen=True)
@@ -296,6 +298,10 @@ def validate(config: Config) -> list[str]:
         out.append("optimizer.lr must be > 0, warmup_steps >= 0 and min_lr_ratio in [0, 1]")
     if not 0 <= config.data.val_fraction < 1:
         out.append(f"data.val_fraction must be in [0, 1), got {config.data.val_fraction}")
+    if not 0 <= config.data.test_fraction < 1:
+        out.append(f"data.test_fraction must be in [0, 1), got {config.data.test_fraction}")
+    if config.data.format == "tfds" and (config.data.test_files or config.data.test_fraction):
+        out.append("data.test_files and data.test_fraction are for text and JSONL files, not data.format=tfds")
     if config.data.format == "tfds" and not config.data.tfds_name:
         out.append("data.format=tfds needs data.tfds_name, e.g. data.tfds_name=c4/en:3.1.0")
     out += objective_problems(config)

@@ -116,14 +116,16 @@ def setup(args: argparse.Namespace) -> Setup:
 
 def documents(s: Setup, files: str, split: str) -> list[str]:
     """The documents of ``files`` (read as the run reads its data), else of the run's ``split``."""
-    from train.data import match_files, open_source, read_documents
+    from train.data.files import match_files
+    from train.data.text import documents_in, read_documents, test_documents
 
     if files:
-        source = open_source(match_files(files, "--files"), s.config.data)
-        return [text for text in (source[i] for i in range(len(source))) if text]
+        return [d.text for d in documents_in(match_files(files, "--files"), s.config.data)]
     _need_run(s, split)
     if s.config.data.format == "tfds":
         raise ConfigError("the run reads a TFDS dataset; pass --files with the text to score")
+    if split == "test":
+        return test_documents(s.config.data)
     val = read_documents(s.config.data)[1]
     if not val:
         raise ConfigError("the run holds out no validation documents (data.val_fraction=0); pass --files")
@@ -132,20 +134,18 @@ def documents(s: Setup, files: str, split: str) -> list[str]:
 
 def rows(s: Setup, files: str, split: str) -> list:
     """The JSONL rows of ``files``, else of the run's ``split``."""
-    from train.data import match_files, read_rows
-    from train.examples import split_rows
+    from train.data.examples import split_rows, test_rows
+    from train.data.files import match_files, read_rows
 
     if files:
         return read_rows(match_files(files, "--files"))
     _need_run(s, split)
-    return split_rows(s.config.data)[1]
+    return test_rows(s.config.data) if split == "test" else split_rows(s.config.data)[1]
 
 
 def _need_run(s: Setup, split: str) -> None:
     if s.source.run_config is None:
         raise ConfigError(f"'{s.source.path}' is not a run directory, so it has no {split} split; pass --files")
-    if split == "test":
-        raise ConfigError("the run has no test split (data.test_files or data.test_fraction); pass --files")
 
 
 def evaluate(args: argparse.Namespace) -> dict:

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from train.config import ConfigError
 from train.scores import classification_scores
 
 
@@ -30,7 +31,10 @@ def classification_report(predictions: np.ndarray, targets: np.ndarray, labels: 
 
     Classes that neither occur nor are predicted are left out of the table and the macro average.
     """
-    from sklearn import metrics
+    try:
+        from sklearn import metrics
+    except ImportError:
+        raise ConfigError("a classifier's report needs scikit-learn; pip install -e '.[eval]'") from None
 
     predictions, targets = np.asarray(predictions).reshape(-1), np.asarray(targets).reshape(-1)
     found = classification_scores(predictions, targets, len(labels))

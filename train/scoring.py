@@ -1,7 +1,6 @@
 """Scoring a loaded model on held-out data (``python -m train.evaluate``): batches in, totals out.
 
-    tokens, nbytes = pack(documents, tokenizer)            # the packed stream, each token's bytes
-    starts, weights = causal_windows(len(tokens), seq_len, stride)
+    starts, weights = causal_windows(num_tokens, seq_len, stride)
     result = score_stream(setup, documents)                # {'eval_loss', 'perplexity', 'eval_bpb', ...}
     result = score_examples(setup, rows, split, out_dir)   # classifiers: + table on stdout, confusion PNG
 
@@ -18,24 +17,13 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 from flax import nnx
 
-from train import examples, report, scores
+from train import report, scores
 from train.config import ConfigError, split_labels
-from train.objectives import raw_length
+from train.data import examples
+from train.data.objectives import raw_length
+from train.data.tasks import EVAL_SEED_OFFSET, global_batch, make_objective, process_rows
+from train.data.text import PackedTokens
 from train.step import make_score_step
-from train.tasks import EVAL_SEED_OFFSET, global_batch, make_objective, padded_batches, process_rows
-from train.tokenizer import Tokenizer, encode_with_bytes
-
-
-def pack(documents: Sequence[str], tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens int32[N], nbytes int32[N]): ``documents`` with eos after each (as the trainer packs
-    them) and each token's share of the UTF-8 bytes; eos owns what no token of its document ends on."""
-    tokens, nbytes = [], []
-    for text, (ids, counts) in zip(documents, encode_with_bytes(tokenizer, documents)):
-        tokens += [ids, [tokenizer.eos_id]]
-        nbytes += [counts, [len(text.encode("utf-8")) - int(counts.sum())]]
-    if not tokens:
-        return np.zeros(0, np.int32), np.zeros(0, np.int32)
-    return np.concatenate(tokens).astype(np.int32), np.concatenate(nbytes).astype(np.int32)
 
 
 def causal_windows(num_tokens: int, seq_len: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
@@ -103,11 +91,11 @@ def _run(setup, batches) -> Iterator[tuple[float, float, np.ndarray, float]]:
 def score_stream(setup, documents: Sequence[str]) -> dict:
     """``{'eval_loss', 'perplexity', 'eval_bpb', 'tokens', 'bytes'}`` (no bpb and bytes unless causal)."""
     t = setup.config.train
-    tokens, nbytes = pack(documents, setup.tokenizer)
+    packed = PackedTokens(documents, setup.tokenizer, count_bytes=True)  # as the trainer packs held-out text
     if t.objective == "causal_lm":
-        batches = _causal_batches(tokens, nbytes, t.seq_len, setup.stride, t.batch_size)
+        batches = _causal_batches(packed.tokens, packed.nbytes, t.seq_len, setup.stride, t.batch_size)
     else:
-        batches = _objective_batches(setup, tokens)
+        batches = _objective_batches(setup, packed.tokens)
     total = weight = scored_bytes = 0.0
     for s, w, _, b in _run(setup, batches):
         total, weight, scored_bytes = total + s, weight + w, scored_bytes + b
@@ -132,7 +120,7 @@ def score_examples(setup, rows: Sequence, split: str, out_dir: pathlib.Path) -> 
         arrays = examples.seq2seq_arrays(rows, c.data, setup.tokenizer, t.seq_len, t.target_len)
     total = weight = 0.0
     predicted = []
-    for s, w, p, _ in _run(setup, ((b, 0.0) for b in padded_batches(arrays, t.batch_size))):
+    for s, w, p, _ in _run(setup, ((b, 0.0) for b in examples.padded_batches(arrays, t.batch_size))):
         total, weight = total + s, weight + w
         predicted.append(p)
     predicted = np.concatenate(predicted)[: len(arrays["targets"])]

@@ -11,9 +11,9 @@
 - Hugging Face model directory (``config.json`` + safetensors, ``models.hf.load``) with its own
   tokenizer files, if any. ``python-package:NAME`` names a directory inside an installed package.
 
-With ``mesh`` every parameter is placed with the sharding the logical-axis rules give it (a mesh
-axis that does not divide a dimension is dropped there), as in training; without, on the
-default device. Our models have no dropout, so a loaded model is always in eval mode.
+With ``mesh`` every parameter is placed with the sharding the logical-axis rules give it (a run's
+own ``mesh.rules`` over the defaults; a mesh axis that does not divide a dimension is dropped
+there), as in training; without, on the default device. Our models have no dropout, so a loaded model is always in eval mode.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from jax.sharding import Mesh
 
 from models import abstract_model, hf
 from models.config import ModelConfig
+from sharding.rules import RULES, Rules, logical_to_mesh
 from train import packages
 from train.checkpoint import newest_params, restore_target
 from train.config import Config, ConfigError, load_config
@@ -82,20 +83,18 @@ def check_tokenizer(tokenizer: Tokenizer, cfg: ModelConfig, what: str) -> None:
         )
 
 
-def shardings_for(abstract: nnx.State, mesh: Mesh | None):
-    """The sharding of every parameter: the logical-axis rules on ``mesh`` (fitted to the shapes),
-    or the default device (one sharding for all)."""
+def shardings_for(abstract: nnx.State, mesh: Mesh | None, rules: Rules = RULES):
+    """The sharding of every parameter: the logical-axis ``rules`` on ``mesh`` (fitted to the
+    shapes), or the default device (one sharding for all)."""
     if mesh is None:
         return jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    from sharding.rules import logical_to_mesh
-
-    named = logical_to_mesh(nnx.get_partition_spec(abstract), mesh)
+    named = logical_to_mesh(nnx.get_partition_spec(abstract), mesh, rules)
     return jax.tree.map(lambda s, a: hf.fit_sharding(s, a.shape), named, abstract)
 
 
-def _target(cfg: ModelConfig, mesh: Mesh | None) -> nnx.State:
+def _target(cfg: ModelConfig, mesh: Mesh | None, rules: Rules) -> nnx.State:
     _, abstract = abstract_model(cfg)
-    return restore_target(abstract, shardings_for(abstract, mesh))
+    return restore_target(abstract, shardings_for(abstract, mesh, rules))
 
 
 def _from_run(location: pathlib.Path, mesh: Mesh | None) -> Source:
@@ -105,7 +104,11 @@ def _from_run(location: pathlib.Path, mesh: Mesh | None) -> Source:
         raise ConfigError(f"run '{location}' has a config.yaml this version cannot read ({e})") from None
     where = f"the model config saved in {location}"
     step, params, saved = newest_params(
-        location, lambda saved: _target(ModelConfig.from_dict(saved.get("model", {}), where), mesh), what="SOURCE"
+        location,
+        lambda saved: _target(
+            ModelConfig.from_dict(saved.get("model", {}), where), mesh, run_config.mesh.logical_rules
+        ),
+        what="SOURCE",
     )
     cfg = ModelConfig.from_dict(saved["model"], where)
     model = nnx.merge(abstract_model(cfg)[0], params)
@@ -123,9 +126,7 @@ def _from_export(location: pathlib.Path, mesh: Mesh | None) -> Source:
 
 def _from_hugging_face(location: pathlib.Path, mesh: Mesh | None) -> Source:
     try:
-        from sharding.rules import RULES
-
-        model, cfg = hf.load(location, mesh, RULES if mesh is not None else ())
+        model, cfg = hf.load(location, mesh, RULES)
     except hf.ConversionError as e:
         raise ConfigError(f"model source '{location}' cannot be read: {e}") from None
     return Source(model, cfg, _own_tokenizer(location), "hf", None, location)

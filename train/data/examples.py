@@ -23,7 +23,7 @@ from train.config import ConfigError, DataConfig, split_labels
 from train.data import objectives
 from train.data.files import Row, read_rows
 from train.data.pipeline import batch_iterator
-from train.data.split import train_val_split
+from train.data.split import require_test_split, split_data
 from train.tokenizer import Tokenizer
 
 Arrays = dict[str, np.ndarray]  # every array has the examples on its leading axis
@@ -40,13 +40,17 @@ def field(row: Row, name: str, key: str, kinds: tuple[type, ...] = (str,)) -> st
     return value
 
 
-def split_rows(cfg: DataConfig) -> tuple[list[Row], list[Row]]:
-    """(training rows, validation rows) as the module docstring describes; neither is empty."""
+def _row_name(cfg: DataConfig):
+    """The name that decides a row's split: its ``data.group_field`` value, else ``file:line``."""
     if cfg.group_field:
-        name = lambda r: str(field(r, cfg.group_field, "data.group_field", (str, int)))
-    else:
-        name = lambda r: r.name
-    train, val = train_val_split(cfg.train_files, cfg.val_files, cfg.val_fraction, read_rows, name)
+        return lambda r: str(field(r, cfg.group_field, "data.group_field", (str, int)))
+    return lambda r: r.name
+
+
+def split_rows(cfg: DataConfig) -> tuple[list[Row], list[Row]]:
+    """(training rows, validation rows) as the module docstring describes; neither is empty, and
+    neither holds a test row."""
+    train, val, _ = split_data(cfg, read_rows, _row_name(cfg))
     if not train:
         raise ConfigError(f"data.train_files='{cfg.train_files}' leaves no training examples; point it at JSONL rows")
     if not val:
@@ -55,6 +59,15 @@ def split_rows(cfg: DataConfig) -> tuple[list[Row], list[Row]]:
             "or a data.val_fraction that holds out at least one row (or group)"
         )
     return train, val
+
+
+def test_rows(cfg: DataConfig) -> list[Row]:
+    """The test rows (``data.test_files`` or ``data.test_fraction``), which training never reads."""
+    require_test_split(cfg)
+    test = split_data(cfg, read_rows, _row_name(cfg))[2]
+    if not test:
+        raise ConfigError("the test split holds no example; raise data.test_fraction or fix data.test_files")
+    return test
 
 
 # --- labels ---------------------------------------------------------------------------------

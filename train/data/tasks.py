@@ -96,7 +96,8 @@ class StreamTask:
             train_size = f"{corpus.num_records(d.tfds_train_split):,} train records (streamed)"
         else:
             train_docs, val_docs = read_documents(d)
-            train_tokens, val_tokens = PackedTokens(train_docs, tokenizer), PackedTokens(val_docs, tokenizer)
+            train_tokens = PackedTokens(train_docs, tokenizer)
+            val_tokens = PackedTokens(val_docs, tokenizer, count_bytes=True)
             self.batches = train_iterator(train_tokens, *stream)
             train_size = f"{train_tokens.num_tokens:,} train tokens"
         self.data_config = d
@@ -105,8 +106,9 @@ class StreamTask:
             self.batch(process_rows(b), EVAL_SEED_OFFSET + i)
             for i, b in enumerate(eval_batches(val_tokens, window, t.batch_size, t.eval_batches))
         ]
-        # bits per byte only means something for next-token prediction
-        self.bytes_per_token = val_tokens.num_bytes / val_tokens.num_tokens if t.objective == "causal_lm" else None
+        # bits per byte only means something for next-token prediction: the bytes of the targets scored
+        causal = t.objective == "causal_lm"
+        self.eval_bytes = val_tokens.target_bytes(window, len(self.eval_set) * t.batch_size) if causal else None
         self.summary = f"{train_size} / {val_tokens.num_tokens:,} val tokens"
 
     def evaluator(self, spec, mesh) -> Callable[[object], dict]:
@@ -118,10 +120,9 @@ class StreamTask:
             for batch in self.eval_set:
                 s, w = eval_step(params, global_batch(batch, mesh))
                 total, weight = total + float(s), weight + float(w)
-            loss = total / weight
-            if self.bytes_per_token is None:
-                return {"eval_loss": loss}
-            return {"eval_loss": loss, "eval_bpb": loss / math.log(2) / self.bytes_per_token}
+            if self.eval_bytes is None:
+                return {"eval_loss": total / weight}
+            return {"eval_loss": total / weight, "eval_bpb": total / math.log(2) / self.eval_bytes}
 
         return evaluate
 

@@ -22,8 +22,8 @@ import numpy as np
 from train.config import ConfigError, DataConfig
 from train.data.files import read_rows, read_text
 from train.data.pipeline import batch_iterator
-from train.data.split import train_val_split
-from train.tokenizer import Tokenizer
+from train.data.split import require_test_split, split_data
+from train.tokenizer import Tokenizer, encode_with_bytes
 
 Batch = dict[str, np.ndarray]  # {'inputs': int32[B, T], 'targets': int32[B, T]}
 
@@ -61,9 +61,9 @@ def documents_in(paths: Sequence[str], cfg: DataConfig) -> list[Document]:
 
 def read_documents(cfg: DataConfig) -> tuple[list[str], list[str]]:
     """(train documents, validation documents), each list in file order, empty documents dropped,
-    split by ``data.val_files`` or ``data.val_fraction`` (train/data/split.py)."""
-    read = lambda paths: documents_in(paths, cfg)
-    train, val = train_val_split(cfg.train_files, cfg.val_files, cfg.val_fraction, read, lambda d: d.name)
+    split by ``data.val_files`` or ``data.val_fraction`` (train/data/split.py); the test split,
+    if any, is in neither."""
+    train, val, _ = split_data(cfg, lambda paths: documents_in(paths, cfg), lambda d: d.name)
     if not cfg.val_files and cfg.val_fraction > 0 and len(train) == 1 and not val:
         raise ConfigError(
             f"data.train_files='{cfg.train_files}' holds one document, too few to hold out whole documents; "
@@ -76,6 +76,15 @@ def read_documents(cfg: DataConfig) -> tuple[list[str], list[str]]:
     return [d.text for d in train], [d.text for d in val]
 
 
+def test_documents(cfg: DataConfig) -> list[str]:
+    """The test documents (``data.test_files`` or ``data.test_fraction``), which training never reads."""
+    require_test_split(cfg)
+    test = split_data(cfg, lambda paths: documents_in(paths, cfg), lambda d: d.name)[2]
+    if not test:
+        raise ConfigError("the test split holds no document; raise data.test_fraction or fix data.test_files")
+    return [d.text for d in test]
+
+
 # --- packed tokens --------------------------------------------------------------------------
 
 
@@ -84,20 +93,38 @@ class PackedTokens:
 
     Window ``i`` of length ``seq_len + 1`` is ``tokens[i*seq_len : i*seq_len + seq_len + 1]``:
     consecutive windows share one token, so every token is predicted exactly once.
+    With ``count_bytes`` (held-out text, for bits per byte), ``nbytes`` int32[N] is each token's
+    share of the UTF-8 bytes (``tokenizer.encode_with_bytes``; eos owns what no token of its
+    document ends on), so the bytes of any run of tokens are known exactly.
     """
 
-    def __init__(self, documents: Sequence[str], tokenizer: Tokenizer, chunk: int = 1024):
-        eos = np.array([tokenizer.eos_id], np.int32)
+    def __init__(self, documents: Sequence[str], tokenizer: Tokenizer, chunk: int = 1024, count_bytes: bool = False):
         pieces: list[np.ndarray] = []
+        counts: list[np.ndarray] = []
         self.num_bytes = 0  # UTF-8 bytes of the text (eos excluded), for bits per byte
         for start in range(0, len(documents), chunk):
             texts = [documents[i] for i in range(start, min(start + chunk, len(documents)))]
-            self.num_bytes += sum(len(t.encode("utf-8")) for t in texts)
-            for ids in tokenizer.encode_batch(texts):
-                pieces += [ids, eos]
+            sizes = [len(t.encode("utf-8")) for t in texts]
+            self.num_bytes += sum(sizes)
+            if not count_bytes:
+                for ids in tokenizer.encode_batch(texts):
+                    pieces += [ids, np.array([tokenizer.eos_id], np.int32)]
+                continue
+            for size, (ids, nbytes) in zip(sizes, encode_with_bytes(tokenizer, texts)):
+                pieces += [ids, np.array([tokenizer.eos_id], np.int32)]
+                counts += [nbytes, np.array([size - nbytes.sum()], np.int32)]
         self.tokens: np.ndarray = np.concatenate(pieces) if pieces else np.zeros(0, np.int32)  # int32[N]
+        self.nbytes: np.ndarray | None = (
+            (np.concatenate(counts) if counts else np.zeros(0, np.int32)) if count_bytes else None
+        )
         self.num_documents = len(documents)
         self.eos_id = tokenizer.eos_id
+
+    def target_bytes(self, seq_len: int, num_windows: int) -> int:
+        """UTF-8 bytes of the targets of the first ``num_windows`` windows (tokens 1 .. num_windows * seq_len)."""
+        if self.nbytes is None:
+            raise ValueError("PackedTokens(..., count_bytes=True) counts bytes per token")
+        return int(self.nbytes[1 : num_windows * seq_len + 1].sum())
 
     @property
     def num_tokens(self) -> int:

@@ -170,7 +170,7 @@ class TfdsCorpus:
         """The first validation documents, enough for ``max_batches`` eval batches (or all of them).
 
         ``text.eval_batches(tokens, seq_len, batch_size, max_batches)`` cuts them into windows;
-        ``num_bytes / num_tokens`` of these documents gives bits per byte.
+        their bytes per token (``count_bytes``) give bits per byte of exactly the windows scored.
         """
         needed, have, docs = max_batches * batch_size * seq_len + 1, 0, []
         for text in self.documents(self.cfg.tfds_val_split):
@@ -184,7 +184,7 @@ class TfdsCorpus:
                 f"fewer than one eval batch of {batch_size} x {seq_len} + 1; choose a larger split or lower "
                 "train.batch_size or train.seq_len"
             )
-        return PackedTokens(docs, tokenizer)
+        return PackedTokens(docs, tokenizer, count_bytes=True)
 
 
 def as_text(value: bytes | str) -> str:
