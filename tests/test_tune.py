@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import json
 import os
 import pathlib
 import signal
@@ -37,6 +38,12 @@ def tune(argv: list[str]) -> tuple[int, str, str]:
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         status = main(argv)
     return status, out.getvalue(), err.getvalue()
+
+
+def records(run_dir: pathlib.Path, key: str) -> list[dict]:
+    """The records of ``run_dir/metrics.jsonl`` that hold ``key`` (loss: train, eval_loss: eval)."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if key in r]
 
 
 def rows(study_dir: pathlib.Path) -> list[dict]:
@@ -90,7 +97,7 @@ GOOD_SPACE = "  optimizer.lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true
 )  # fmt: skip
 def test_search_file_mistakes_exit_2_naming_the_key_before_any_trial(tmp_path, study, space, message):
     study_dir = tmp_path / "study"
-    status, out, err = tune([TINY, search_file(tmp_path, study.replace("{dir}", str(study_dir)), space)])
+    status, _out, err = tune([TINY, search_file(tmp_path, study.replace("{dir}", str(study_dir)), space)])
     assert status == 2
     assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
     assert not list(study_dir.glob("trial-*"))
@@ -105,3 +112,113 @@ def test_shipped_search_files_check_against_their_configs():
         found = load_search(str(REPO / "configs" / "search" / search), tree)
         assert found.study.metric == metric and found.study.trials == 20
     assert EVAL_METRICS["classification"] == ("eval_loss", "eval_accuracy", "eval_macro_f1")
+
+
+def test_study_prunes_bad_trials_fails_invalid_ones_and_best_yaml_reruns_the_best(tmp_path):
+    """lr 1e-6 is hopeless next to 1e-2: after one complete trial the median pruner stops it at its
+    first eval; batch 12 does not divide over 8 devices: that trial fails with the reason."""
+    study_dir = tmp_path / "study"
+    study = (
+        f"  dir: {study_dir}\n  metric: eval_bpb\n  trials: 4\n  sampler: random\n  seed: 3\n"
+        "  pruner: median\n  pruner_options: {n_startup_trials: 1, n_warmup_steps: 0}"
+    )
+    space = (
+        "  optimizer.lr: {type: categorical, choices: [0.01, 1.0e-6]}\n"
+        "  train.batch_size: {type: categorical, choices: [16, 12]}"
+    )
+    status, out, err = tune([TINY, search_file(tmp_path, study, space), *FAST])
+    assert status == 0, err[-3000:]
+    table = rows(study_dir)
+    states = [r["state"] for r in table]
+    assert states.count("COMPLETE") + states.count("PRUNED") == 4
+    assert "PRUNED" in states and "FAIL" in states, table
+    first_complete = states.index("COMPLETE")
+    for r in table:
+        lr, batch, number = float(r["optimizer.lr"]), int(r["train.batch_size"]), int(r["number"])
+        if batch == 12:
+            assert r["state"] == "FAIL" and "invalid config: train.batch_size=12 is not divisible" in r["fail_reason"]
+            assert not (study_dir / f"trial-{number:04d}" / "checkpoints").exists()
+        elif lr == 1e-6 and number > first_complete:
+            assert r["state"] == "PRUNED" and r["steps"] == "5", r  # stopped at its first eval
+            evals = records(study_dir / f"trial-{number:04d}", "eval_loss")
+            assert [e["step"] for e in evals] == [5] and f"{evals[0]['eval_bpb']:.6g}" == r["eval_bpb"]
+            assert (study_dir / f"trial-{number:04d}" / "checkpoints" / "5").is_dir()  # ended cleanly, saved
+        elif lr == 0.01:
+            assert r["state"] == "COMPLETE" and r["steps"] == "20"
+    assert f"trial {first_complete} COMPLETE" in out and "| best" in out and "pruning saved" in out
+    for name in ("history.png", "intermediate.png", "slice-optimizer.lr.png", "slice-train.batch_size.png"):
+        assert (study_dir / name).stat().st_size > 1000, name
+    assert (study_dir / "importances.png").exists() or "note: skipped importances.png" in out
+
+    best = load_config(study_dir / "best.yaml")  # the full config, training into its own run.dir
+    assert best.run.dir == str(study_dir / "best") and best.optimizer.lr == 0.01 and best.train.batch_size == 16
+    assert best.train.steps == 20 and best.train.eval_every == 5  # the command line's overrides too
+    from train.__main__ import main as train_main
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert train_main([str(study_dir / "best.yaml")]) == 0
+    rerun = records(study_dir / "best", "eval_loss")[-1]
+    best_value = min(float(r["eval_bpb"]) for r in table if r["state"] == "COMPLETE")
+    assert f"{rerun['eval_bpb']:.6g}" == f"{best_value:.6g}"  # the same run, bitwise on CPU
+
+
+def tune_process(argv: list[str], log: pathlib.Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "train.tune", *argv], cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT
+    )
+
+
+def wait_for(predicate, proc: subprocess.Popen, log: pathlib.Path, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert proc.poll() is None, f"the worker ended early:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"timed out:\n{log.read_text()[-3000:]}"
+        time.sleep(0.5)
+
+
+def test_same_command_after_sigkill_finishes_the_study_without_repeating_trials(tmp_path):
+    study_dir = tmp_path / "study"
+    study = f"  dir: {study_dir}\n  metric: eval_bpb\n  trials: 3\n  sampler: random\n  seed: 0\n  pruner: none"
+    argv = [TINY, search_file(tmp_path, study, GOOD_SPACE), *FAST]
+    log = tmp_path / "killed.log"
+    proc = tune_process(argv, log)
+
+    def second_trial_training() -> bool:
+        metrics = study_dir / "trial-0001" / "metrics.jsonl"
+        return metrics.exists() and metrics.stat().st_size > 0
+
+    wait_for(second_trial_training, proc, log)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = storage_study(study_dir).get_trials()
+    assert [t.state.name for t in before] == ["COMPLETE", "RUNNING"]
+
+    status, out, err = tune(argv)
+    assert status == 0, err[-3000:]
+    assert f"trial 1 marked FAIL: its worker {before[1].user_attrs['worker']} is gone" in out
+    after = storage_study(study_dir).get_trials()
+    assert [t.state.name for t in after] == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
+    assert after[0].value == before[0].value and "trial 0 " not in out  # finished trials are not run again
+    assert after[1].user_attrs["fail_reason"].startswith("stale: its worker")
+
+
+def test_two_workers_share_one_study_and_finish_exactly_the_trials(tmp_path):
+    study_dir = tmp_path / "study"
+    journal = tmp_path / "shared" / "journal.log"
+    study = f"  dir: {study_dir}\n  metric: eval_bpb\n  trials: 4\n  sampler: random\n  pruner: none\n"
+    study += f"  storage: journal:{journal}"
+    argv = [TINY, search_file(tmp_path, study, GOOD_SPACE), *FAST]
+    logs = [tmp_path / "worker-a.log", tmp_path / "worker-b.log"]
+    procs = [tune_process(argv, log) for log in logs]
+    for proc, log in zip(procs, logs):
+        assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
+    trials = storage_study(study_dir, f"journal:{journal}").get_trials()
+    finished = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
+    assert len(finished) == 4
+    numbers = [t.number for t in trials]
+    assert len(numbers) == len(set(numbers))
+    assert len({t.user_attrs["worker"] for t in finished}) == 2  # both worked on the one study
+    for t in finished:  # each trial trained once, in its own directory
+        steps = [r["step"] for r in records(study_dir / f"trial-{t.number:04d}", "loss")]
+        assert steps == [5, 10, 15, 20]
