@@ -107,6 +107,10 @@ def write_plots(study: optuna.Study, search: Search) -> list[str]:
     for p in search.space:
         plots[f"slice-{p.key}.png"] = lambda key=p.key: vis.plot_slice(study, params=[key])
     notes = []
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if len(complete) < 2 or all(len({repr(t.params.get(p.key)) for t in complete}) < 2 for p in search.space):
+        del plots["importances.png"]
+        notes.append("note: skipped importances.png: it needs 2 complete trials and a param that varies among them")
     for name, plot in plots.items():
         try:
             with warnings.catch_warnings():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pathlib
 import time
+import warnings
 from collections.abc import Callable
 
 import optuna
@@ -24,6 +25,7 @@ from train.tune.trial import Preempted, TrialFailed, run_trial
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 POLL_S = 2.0
+MAX_FAILURES = 10  # a worker gives up after this many (or study.trials) failed trials in a row
 
 
 def open_storage(search: Search) -> optuna.storages.BaseStorage | str:
@@ -90,6 +92,9 @@ def open_study(search: Search) -> optuna.Study:
         raise ConfigError(f"study '{name}' in the storage measures {known}, not {s.metric}; use a new study.name")
     if not known:
         study.set_user_attr("metric", s.metric)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names([s.metric])  # the plots' axis label
     return study
 
 
@@ -137,14 +142,13 @@ def work(study: optuna.Study, search: Search, base_tree: dict, report: Callable[
         if trial.user_attrs.get("fail_reason", "").startswith("surplus"):
             continue
         report(study, number)
-        if trial.state == TrialState.FAIL:
-            failures += 1
-            if trial.user_attrs.get("fail_reason", "").startswith("preempted"):
-                print("stopped: the worker was asked to stop; run the same command to continue", flush=True)
-                return 1
-            if failures >= target:
-                print(f"stopped: {failures} trials of this worker failed (see fail_reason in trials.csv)", flush=True)
-                return 1
+        failures = failures + 1 if trial.state == TrialState.FAIL else 0
+        if trial.user_attrs.get("fail_reason", "").startswith("preempted"):
+            print("stopped: the worker was asked to stop; run the same command to continue", flush=True)
+            return 1
+        if failures >= max(target, MAX_FAILURES):
+            print(f"stopped: {failures} trials in a row failed (see fail_reason in trials.csv)", flush=True)
+            return 1
 
 
 def _run_one(study: optuna.Study, objective: Callable[[optuna.Trial], float]) -> int:
