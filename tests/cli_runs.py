@@ -1,9 +1,12 @@
-"""Several ``python -m train`` runs one after another in one subprocess, so imports and compiled
-programs are paid for once; each run's exit status, output and ``metrics.jsonl`` as it left them."""
+"""``python -m train`` runs in this process or several one after another in one subprocess, so
+imports and compiled programs are paid for once; each run's exit status, output and
+``metrics.jsonl`` as it left them."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 import pathlib
 import subprocess
@@ -43,6 +46,22 @@ class Run:
 def run_dir(argv: list[str]) -> pathlib.Path:
     """The ``run.dir=`` an argv trains in (the last one given)."""
     return pathlib.Path([a for a in argv if a.startswith("run.dir=")][-1].split("=", 1)[1])
+
+
+def read_jsonl(path: pathlib.Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
+
+
+def in_this_process(argv: list[str], callbacks: tuple = ()) -> Run:
+    """Runs ``train.__main__.main(argv, callbacks)`` here (from the repository root, with this
+    process's devices: 8 fake CPU devices under tests/conftest.py)."""
+    from train.__main__ import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.chdir(REPO), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = main(argv, callbacks)
+    directory = run_dir(argv)
+    return Run(directory, status, out.getvalue(), err.getvalue(), read_jsonl(directory / "metrics.jsonl"))
 
 
 def in_one_process(argvs: list[list[str]], logs: pathlib.Path, env: dict, timeout: float = 900) -> list[Run]:

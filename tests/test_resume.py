@@ -1,32 +1,31 @@
-"""Exact resume, preemption, resharding and init_from, through the real CLI on 8 fake CPU devices.
+"""Exact resume, preemption, a callback's stop, resharding and init_from, on 8 fake CPU devices.
 
-The runs are tiny (2 layers, 64 wide, 16 x 32 tokens a step) and start together in one module
-fixture: three chains of runs in parallel, each chain in one process where it can be (runs after
-the first then cost no imports) and all sharing a compilation cache. Tests then read the
-metrics and checkpoints the runs left behind. Losses are compared exactly where the mesh is
-the same (CPU is deterministic) and within fp32 tolerance across meshes.
+The runs are tiny (2 layers, 64 wide, 16 x 32 tokens a step) and all but one run in this
+process, one after another, through the CLI's ``main`` (imports and compiled programs are paid
+for once); the run on a 1-device mesh needs a process of its own and overlaps with the others.
+Preemption is a real SIGTERM that a callback sends this process. Tests then read the metrics and
+checkpoints the runs left behind. Losses are compared exactly where the mesh is the same (CPU is
+deterministic) and within fp32 tolerance across meshes.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import os
 import pathlib
 import re
 import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from cli_runs import Run, in_one_process, run_dir
+from cli_runs import Run, in_this_process, read_jsonl, run_dir
 from flax import nnx
 
 from train import export
-from train.writers import read_metrics
+from train.callbacks import Callback
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -46,111 +45,88 @@ FAST = [
 GPT2 = ["configs/tiny-gpt2.yaml", *FAST, "train.grad_accum=2", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
 LLAMA = ["configs/tiny-llama.yaml", *FAST, "train.grad_accum=4", "mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2"]
 GPT2_STEPS, LLAMA_STEPS = 8, 30
+STOP_REASON = "eval_loss is low enough"
 
 
-class Runs:
-    """Starts runs under ``root`` (they share the session's compilation cache, tests/conftest.py)."""
+class StopAtEval(Callback):
+    """Keeps every eval record it is shown and stops the run at the first one at ``step`` or later."""
 
-    def __init__(self, root: pathlib.Path):
-        self.root = root
-        self.env = {
-            **os.environ,
-            "PYTHONPATH": str(REPO),
-            "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-        }
+    def __init__(self, step: int):
+        self.step, self.seen, self.result = step, [], None
 
-    def args(self, preset: list[str], name: str, steps: int, *extra: str) -> list[str]:
-        return [*preset, f"run.dir={self.root / name}", f"train.steps={steps}", *extra]
+    def on_eval(self, loop, record: dict) -> None:
+        self.seen.append(record)
+        if record["step"] >= self.step:
+            loop.request_stop(STOP_REASON)
 
-    def in_one_process(self, *argvs: list[str]) -> list[Run]:
-        """Runs each argv with ``train.__main__.main`` in turn, in one fresh process."""
-        return in_one_process(list(argvs), self.root, self.env)
+    def on_end(self, loop, result: dict) -> None:
+        self.result = result
 
-    def cli(self, argv: list[str], devices: int = 8) -> Run:
-        env = {**self.env, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-        done = subprocess.run(
-            [sys.executable, "-m", "train", *argv],
-            check=False,
-            cwd=REPO,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
-        return Run(run_dir(argv), done.returncode, done.stdout, done.stderr, read_metrics(run_dir(argv)))
 
-    def cli_terminated(self, argv: list[str], after_steps: int) -> Run:
-        """Runs ``python -m train`` and sends SIGTERM once ``after_steps`` losses are logged."""
-        directory = run_dir(argv)
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "train", *argv],
-            cwd=REPO,
-            env=self.env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        deadline = time.monotonic() + 600
-        while len([r for r in read_metrics(directory) if "loss" in r]) < after_steps:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=600)
-        return Run(directory, proc.returncode, out, err, read_metrics(directory))
+class SigtermAfter(Callback):
+    """Sends this process SIGTERM after ``step``, as a scheduler preempting the job would."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, loop, step: int) -> None:
+        if step == self.step:
+            signal.raise_signal(signal.SIGTERM)
+
+
+def start_cli(argv: list[str], devices: int) -> subprocess.Popen:
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+    }
+    command = [sys.executable, "-m", "train", *argv]
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish_cli(process: subprocess.Popen, argv: list[str]) -> Run:
+    out, err = process.communicate(timeout=900)
+    return Run(run_dir(argv), process.returncode, out, err, read_jsonl(run_dir(argv) / "metrics.jsonl"))
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, Run]:
-    r = Runs(tmp_path_factory.mktemp("runs"))
+def runs(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("runs")
 
-    def gpt2():
-        ref, stopped, resumed, other_model, init = r.in_one_process(
-            r.args(GPT2, "gpt2-ref", GPT2_STEPS),
-            r.args(GPT2, "gpt2-resumed", 3),
-            r.args(GPT2, "gpt2-resumed", GPT2_STEPS),
-            r.args(GPT2, "gpt2-ref", GPT2_STEPS, "model.n_layers=3", "model.d_ff=128"),
-            r.args(GPT2, "gpt2-init", 2, f"checkpoint.init_from={r.root / 'gpt2-ref'}", "checkpoint.every=1"),
+    def args(preset: list[str], name: str, steps: int, *extra: str) -> list[str]:
+        return [*preset, f"run.dir={root / name}", f"train.steps={steps}", *extra]
+
+    out = {}
+    out["meshes-data8"] = in_this_process(args(GPT2, "gpt2-meshes", 3, "mesh.data=8", "mesh.fsdp=1", "mesh.tensor=1"))
+    out["meshes-fsdp4-tensor2"] = in_this_process(
+        args(GPT2, "gpt2-meshes", 6, "mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2")
+    )
+    one_device = args(GPT2, "gpt2-meshes", GPT2_STEPS, "mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1")
+    one_device_process = start_cli(one_device, devices=1)  # runs while the others do
+    try:
+        for name, argv in {
+            "gpt2-ref": args(GPT2, "gpt2-ref", GPT2_STEPS),
+            "gpt2-stopped": args(GPT2, "gpt2-resumed", 3),
+            "gpt2-resumed": args(GPT2, "gpt2-resumed", GPT2_STEPS),
+            "gpt2-other-model": args(GPT2, "gpt2-ref", GPT2_STEPS, "model.n_layers=3", "model.d_ff=128"),
+            "gpt2-init": args(GPT2, "gpt2-init", 2, f"checkpoint.init_from={root / 'gpt2-ref'}", "checkpoint.every=1"),
+            "llama-ref": args(LLAMA, "llama-ref", LLAMA_STEPS),
+            "llama-stopped": args(LLAMA, "llama-resumed", 3),
+            "llama-resumed": args(LLAMA, "llama-resumed", LLAMA_STEPS),
+        }.items():
+            out[name] = in_this_process(argv)
+        handler = signal.getsignal(signal.SIGTERM)
+        out["llama-sigterm"] = in_this_process(args(LLAMA, "llama-sigterm", LLAMA_STEPS), (SigtermAfter(3),))
+        out["sigterm-handler-kept"] = signal.getsignal(signal.SIGTERM) == handler
+        out["llama-sigterm-resumed"] = in_this_process(args(LLAMA, "llama-sigterm", LLAMA_STEPS))
+        stop = out["stop-callback"] = StopAtEval(3)
+        out["gpt2-callback-stopped"] = in_this_process(
+            args(GPT2, "gpt2-stop", GPT2_STEPS, "train.eval_every=3"), (stop,)
         )
-        return {
-            "gpt2-ref": ref,
-            "gpt2-stopped": stopped,
-            "gpt2-resumed": resumed,
-            "gpt2-other-model": other_model,
-            "gpt2-init": init,
-        }
-
-    def llama():  # one chain, so that the SIGTERM run finds the compiled step in the cache
-        ref, stopped, resumed = r.in_one_process(
-            r.args(LLAMA, "llama-ref", LLAMA_STEPS),
-            r.args(LLAMA, "llama-resumed", 3),
-            r.args(LLAMA, "llama-resumed", LLAMA_STEPS),
-        )
-        argv = r.args(LLAMA, "llama-sigterm", LLAMA_STEPS)
-        terminated = r.cli_terminated(argv, after_steps=3)
-        (terminated_resumed,) = r.in_one_process(argv)
-        return {
-            "llama-ref": ref,
-            "llama-stopped": stopped,
-            "llama-resumed": resumed,
-            "llama-sigterm": terminated,
-            "llama-sigterm-resumed": terminated_resumed,
-        }
-
-    def meshes():
-        data8, fsdp_tensor = r.in_one_process(
-            r.args(GPT2, "gpt2-meshes", 3, "mesh.data=8", "mesh.fsdp=1", "mesh.tensor=1"),
-            r.args(GPT2, "gpt2-meshes", 6, "mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2"),
-        )
-        one = r.cli(r.args(GPT2, "gpt2-meshes", GPT2_STEPS, "mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1"), devices=1)
-        return {"meshes-data8": data8, "meshes-fsdp4-tensor2": fsdp_tensor, "meshes-1-device": one}
-
-    with concurrent.futures.ThreadPoolExecutor(3) as pool:
-        chains = [pool.submit(chain) for chain in (llama, gpt2, meshes)]
-        results = {}
-        for chain in chains:
-            results.update(chain.result())
-    return results
+        out["gpt2-callback-resumed"] = in_this_process(args(GPT2, "gpt2-stop", GPT2_STEPS, "train.eval_every=3"))
+    finally:
+        out["meshes-1-device"] = finish_cli(one_device_process, one_device)
+    return out
 
 
 def saved_state(run_dir: pathlib.Path, step: int) -> dict[str, np.ndarray]:
@@ -181,24 +157,47 @@ def test_a_run_stopped_at_step_3_and_continued_is_bitwise_the_uninterrupted_run(
     assert_ok(ref, stopped, resumed)
     steps = GPT2_STEPS if model == "gpt2" else LLAMA_STEPS
     assert f"resumed from {resumed.dir / 'checkpoints' / '3'}" in resumed.out
+    warning = f"warning: train.steps={steps} differs from the 3 steps of the run that saved step 3; "
+    assert warning + f"the learning-rate schedule is rebuilt for {steps} steps" in resumed.err
     assert list(resumed.losses()) == list(range(1, steps + 1))
     assert resumed.losses() == ref.losses()  # exact float equality, every step
     assert_states_equal(saved_state(resumed.dir, steps), saved_state(ref.dir, steps))
 
 
 def test_sigterm_finishes_the_step_saves_once_and_the_resumed_run_is_bitwise_uninterrupted(runs):
+    """The signal arrives after step 3's callbacks looked for it: the run stops after step 4."""
     ref, stopped, resumed = runs["llama-ref"], runs["llama-sigterm"], runs["llama-sigterm-resumed"]
     assert_ok(ref, stopped, resumed)
     saved_lines = [line for line in stopped.out.splitlines() if line.startswith("preempted:")]
     assert len(saved_lines) == 1, stopped.out
     step = int(re.search(r"at step (\d+) ", saved_lines[0]).group(1))
-    assert 3 <= step < LLAMA_STEPS
+    assert step == 4
+    assert runs["sigterm-handler-kept"]  # the run put the previous handler back
     assert saved_lines[0] == f"preempted: saved checkpoint at step {step} to {stopped.dir / 'checkpoints' / str(step)}"
     assert "final:" not in stopped.out
     assert max(stopped.losses()) == step  # the step it was in when signalled, then stopped
     assert f"resumed from {stopped.dir / 'checkpoints' / str(step)}" in resumed.out
     assert resumed.losses() == ref.losses()
     assert_states_equal(saved_state(resumed.dir, LLAMA_STEPS), saved_state(ref.dir, LLAMA_STEPS))
+
+
+def test_a_callback_sees_every_eval_record_and_its_stop_saves_a_step_that_resumes_exactly(runs):
+    ref, stopped, resumed, callback = (
+        runs["gpt2-ref"],
+        runs["gpt2-callback-stopped"],
+        runs["gpt2-callback-resumed"],
+        runs["stop-callback"],
+    )
+    assert_ok(ref, stopped, resumed)
+    assert callback.seen == stopped.evals() and [r["step"] for r in callback.seen] == [3]
+    assert f"stopped at step 3: {STOP_REASON}" in stopped.out
+    assert "final:" not in stopped.out  # the eval at step 3 was the last one
+    assert callback.result == {"train": stopped.metrics[-2], "eval": callback.seen[-1], "stopped": STOP_REASON}
+    assert max(stopped.losses()) == 3
+    assert f"resumed from {resumed.dir / 'checkpoints' / '3'}" in resumed.out  # checkpoint.every=2: saved on stopping
+    assert resumed.losses() == ref.losses()
+    assert [r["step"] for r in resumed.evals()] == [3, 6, 8]
+    assert_states_equal(saved_state(resumed.dir, GPT2_STEPS), saved_state(ref.dir, GPT2_STEPS))
 
 
 def test_continuing_on_other_meshes_matches_the_unresharded_run_within_fp32_tolerance(runs):

@@ -7,6 +7,7 @@ No CONFIG runs the shipped default (configs/default.yaml). User mistakes print o
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 
 from train.config import Config, ConfigError, load_config
 
@@ -26,7 +27,8 @@ def check_backend(config: Config) -> None:
         )
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], callbacks: Sequence = ()) -> int:
+    """The CLI; ``callbacks`` (train.callbacks.Callback) are for programs that drive it in-process."""
     if argv and argv[0] in ("-h", "--help"):
         print(USAGE + "\n\n" + __doc__.strip())
         return 0
@@ -40,7 +42,7 @@ def main(argv: list[str]) -> int:
         select_platforms()
         initialize(config.run)
         check_backend(config)
-        run(config)
+        run(config, callbacks)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

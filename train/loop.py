@@ -1,33 +1,35 @@
-"""The training loop: the only place with side effects (data, I/O, logging, checkpoints).
+"""The training loop: setup, a short loop over the steps, and callbacks for everything else.
 
-config -> mesh -> abstract state (shapes + shardings) -> restore or init -> loop {
-global batch -> jitted step (donated state) -> metrics } -> final eval, save, sample, plot.
+config -> tokenizer -> model config -> mesh -> task -> abstract state (shapes + shardings) ->
+restore or init -> loop { global batch -> jitted step (donated state) -> callbacks (metrics,
+eval, samples, saves, preemption, the caller's) } -> save, final eval, callbacks' on_end.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import pathlib
+import sys
 import time
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
-from tqdm import tqdm
 
 from models.config import ModelConfig
-from models.generate import generate
 from sharding.mesh import make_mesh
 from train import metrics as perf
-from train.checkpoint import Checkpoints, restore_target
+from train.callbacks import Callback, builtin, describe
+from train.checkpoint import Checkpoints, Restored, restore_target
 from train.config import Config, ConfigError, save_config
 from train.optimizer import schedule
-from train.preemption import Preemption
-from train.state import count_params, init_state, make_state_spec
+from train.state import StateSpec, TrainState, count_params, init_state, make_state_spec
 from train.step import make_train_step
-from train.tasks import global_batch, make_task, vocab_needed
-from train.tokenizer import load_tokenizer
+from train.tasks import ExampleTask, StreamTask, global_batch, make_task, vocab_needed
+from train.tokenizer import Tokenizer, load_tokenizer
 from train.warm_start import warm_start
-from train.writers import MetricsWriter, plot_losses
+from train.writers import MetricsWriter
 
 VOCAB_MULTIPLE = 128
 
@@ -67,150 +69,217 @@ def check_fits_mesh(config: Config, model: ModelConfig, mesh: jax.sharding.Mesh)
             raise ConfigError(f"{name}={size} does not divide over {axis}={axis_size}; choose sizes that divide")
 
 
-def run(config: Config) -> dict:
-    """Trains as ``config`` says, resuming from ``run.dir`` when it holds checkpoints.
+# --- setup: everything that can be wrong with the input is checked before anything is written
 
-    Returns the last train and eval metrics. Raises ConfigError for user mistakes, before
-    anything is written.
-    """
-    run_dir = pathlib.Path(config.run.dir)
-    train_cfg = config.train
-    is_main = jax.process_index() == 0
 
-    # Everything that can be wrong with the input is checked before anything is written.
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    config: Config  # resolved: the model's vocab_size and the data's labels filled in
+    tokenizer: Tokenizer
+    mesh: jax.sharding.Mesh
+    task: StreamTask | ExampleTask
+    spec: StateSpec
+
+
+def prepare(config: Config) -> Setup:
+    """Tokenizer -> model config -> mesh -> task (reads the data) -> state spec."""
     tokenizer = load_tokenizer(config.data.tokenizer)
     model_cfg = resolve_model(config.model, vocab_needed(config, tokenizer))
     mesh = make_mesh(config.mesh)
     check_fits_mesh(config, model_cfg, mesh)
     task = make_task(config, model_cfg, tokenizer)
-    batches = task.batches
-
-    spec = make_state_spec(model_cfg, config.optimizer, train_cfg.steps, mesh)
+    spec = make_state_spec(model_cfg, config.optimizer, config.train.steps, mesh)
     resolved = dataclasses.replace(config, model=model_cfg, data=task.data_config)
+    return Setup(resolved, tokenizer, mesh, task, spec)
 
-    def fresh_state():
-        state = init_state(spec, model_cfg, config.seed)
-        if not config.checkpoint.init_from:
-            return state
-        target = restore_target(spec.abstract.params, spec.shardings.params)
-        return state.replace(params=warm_start(config.checkpoint.init_from, state.params, target, model_cfg))
 
+def fresh_state(setup: Setup) -> TrainState:
+    """Initial parameters (or ``checkpoint.init_from``'s) and a fresh optimizer state."""
+    config, spec = setup.config, setup.spec
+    state = init_state(spec, config.model, config.seed)
+    if not config.checkpoint.init_from:
+        return state
+    target = restore_target(spec.abstract.params, spec.shardings.params)
+    return state.replace(params=warm_start(config.checkpoint.init_from, state.params, target, config.model))
+
+
+def initial_state(setup: Setup, run_dir: pathlib.Path) -> tuple[TrainState, int, Checkpoints]:
+    """(state, step, checkpoints): the newest intact checkpoint in ``run_dir``, or a fresh state at 0."""
     resuming = (run_dir / "checkpoints").exists()
-    state = None if resuming else fresh_state()  # reads init_from before any directory is created
-    checkpoints = Checkpoints(run_dir / "checkpoints", config.checkpoint)
-    target = restore_target(spec.abstract, spec.shardings)
-    restored = checkpoints.restore_latest(target, dataclasses.asdict(model_cfg)) if resuming else None
-    if restored:
-        state, start = restored.state, restored.step
-        batches.set_state(restored.data_state)
-        print(f"resumed from {checkpoints.directory / str(start)}", flush=True)
-    else:
-        state, start = fresh_state() if state is None else state, 0
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(resolved, run_dir / "config.yaml")
-    writer = MetricsWriter(run_dir, start, enabled=is_main)
-
-    n_params = count_params(state.params)
-    flops_per_token = perf.flops_per_token(model_cfg, train_cfg.seq_len)
-    peak, peak_source = perf.peak_flops(mesh.devices.flatten().tolist(), model_cfg.compute_dtype)
-    tokens_per_step = train_cfg.batch_size * train_cfg.seq_len
-    lr_at = schedule(config.optimizer, train_cfg.steps)
-    if is_main:
-        print(
-            f"model: {n_params / 1e6:.2f}M params, mesh {dict(mesh.shape)}, {model_cfg.compute_dtype} compute; "
-            f"data: {task.summary}; "
-            f"peak {peak / 1e12:.2f} TFLOP/s ({peak_source})",
-            flush=True,
-        )
-
-    def record_eval(step: int) -> dict:
-        result = {"step": step, **evaluate(state.params)}
-        writer.write(result)
-        return result
-
-    compile_start = time.perf_counter()
-    first = global_batch(task.batch(next(batches), start), mesh)
-    train_step = make_train_step(spec, mesh, train_cfg.grad_accum)
-    compiled_step = train_step.lower(state, first).compile()
-    evaluate = task.evaluator(spec, mesh)
-    compile_s = time.perf_counter() - compile_start
-
-    can_sample = model_cfg.family == "decoder" and train_cfg.sample_tokens > 0
-    preemption = Preemption()
-    last_train, last_eval = {}, {}
-    progress = tqdm(
-        total=train_cfg.steps, initial=start, disable=not (is_main and train_cfg.progress_bar), dynamic_ncols=True
-    )
+    state = None if resuming else fresh_state(setup)  # reads init_from before any directory is created
+    checkpoints = Checkpoints(run_dir / "checkpoints", setup.config.checkpoint)
     try:
-        step, batch = start, first
-        interval_start, interval_steps = time.perf_counter(), 0
-        while step < train_cfg.steps:
-            state, step_metrics = compiled_step(state, batch)
-            step += 1
-            interval_steps += 1
-            progress.update(1)
-            if step % train_cfg.log_every == 0 or step == train_cfg.steps:
-                step_metrics = jax.device_get(step_metrics)  # waits for the step
-                elapsed = time.perf_counter() - interval_start
-                tokens_per_sec = tokens_per_step * interval_steps / elapsed
-                last_train = {
-                    "step": step,
-                    "loss": float(step_metrics["loss"]),
-                    "lr": float(lr_at(step - 1)),
-                    "grad_norm": float(step_metrics["grad_norm"]),
-                    "tokens_per_sec": tokens_per_sec,
-                    "step_ms": 1000 * elapsed / interval_steps,
-                    "mfu": perf.mfu(tokens_per_sec, flops_per_token, peak),
-                }
-                if step == start + interval_steps:
-                    last_train["compile_s"] = compile_s
-                writer.write(last_train)
-                progress.set_postfix(loss=f"{last_train['loss']:.3f}", mfu=f"{last_train['mfu']:.0%}")
-                interval_start, interval_steps = time.perf_counter(), 0
-            if train_cfg.eval_every and step % train_cfg.eval_every == 0 and step < train_cfg.steps:
-                last_eval = record_eval(step)
-                progress.write(f"step {step}: {describe(last_eval)}")
-                interval_start = time.perf_counter()
-            if can_sample and train_cfg.sample_every and step % train_cfg.sample_every == 0 and step < train_cfg.steps:
-                sample = sample_text(spec.graphdef, state.params, tokenizer, train_cfg, config.seed)
-                if is_main:
-                    progress.write(f"step {step} sample:\n{train_cfg.sample_prompt}{sample}")
-                interval_start = time.perf_counter()
-            preempted = preemption.reached(step)
-            save_due = config.checkpoint.every and step % config.checkpoint.every == 0
-            if save_due or step == train_cfg.steps or preempted:
-                checkpoints.save(step, state, batches.get_state(), resolved.to_dict())
-            if preempted:
-                checkpoints.wait()
-                print(f"preempted: saved checkpoint at step {step} to {checkpoints.directory / str(step)}", flush=True)
-                return {"train": last_train, "eval": last_eval, "preempted_at": step}
-            if step < train_cfg.steps:
-                batch = global_batch(task.batch(next(batches), step), mesh)
-        progress.close()
-        if start < train_cfg.steps or not last_eval:
-            last_eval = record_eval(train_cfg.steps)
-            print(f"final: {describe(last_eval)}", flush=True)
-        if can_sample:
-            sample = sample_text(spec.graphdef, state.params, tokenizer, train_cfg, config.seed)
-            if is_main:
-                print("sample:\n" + train_cfg.sample_prompt + sample, flush=True)
-        checkpoints.wait()
-        if is_main:
-            plot_losses(run_dir)
-    finally:
-        preemption.restore()
-        progress.close()
+        target = restore_target(setup.spec.abstract, setup.spec.shardings)
+        restored = checkpoints.restore_latest(target, dataclasses.asdict(setup.config.model)) if resuming else None
+    except BaseException:
         checkpoints.close()
-        writer.close()
-    return {"train": last_train, "eval": last_eval}
+        raise
+    if not restored:
+        return fresh_state(setup) if state is None else state, 0, checkpoints
+    setup.task.batches.set_state(restored.data_state)
+    print(f"resumed from {checkpoints.path(restored.step)}", flush=True)
+    warn_if_schedule_changed(restored, setup.config)
+    return restored.state, restored.step, checkpoints
 
 
-def describe(record: dict) -> str:
-    return ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "step")
+def warn_if_schedule_changed(restored: Restored, config: Config) -> None:
+    """A run continued with another ``train.steps`` rebuilds its learning-rate schedule: say so."""
+    saved, steps = restored.config.get("train", {}).get("steps"), config.train.steps
+    if saved is None or saved == steps or restored.step >= steps:
+        return
+    old = float(schedule(config.optimizer, saved)(restored.step))
+    new = float(schedule(config.optimizer, steps)(restored.step))
+    print(
+        f"warning: train.steps={steps} differs from the {saved} steps of the run that saved step {restored.step}; "
+        f"the learning-rate schedule is rebuilt for {steps} steps (lr at step {restored.step}: {old:.3g} -> {new:.3g})",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
-def sample_text(graphdef, params, tokenizer, train_cfg, seed: int) -> str:
-    """A continuation of ``train.sample_prompt`` (every process runs it; the arrays are global)."""
-    prompt = tokenizer.encode(train_cfg.sample_prompt)
-    return tokenizer.decode(generate(graphdef, params, prompt, train_cfg.sample_tokens, train_cfg.seq_len, seed=seed))
+def report(setup: Setup, params, peak: float, peak_source: str) -> None:
+    model, mesh = setup.config.model, setup.mesh
+    print(
+        f"model: {count_params(params) / 1e6:.2f}M params, mesh {dict(mesh.shape)}, {model.compute_dtype} compute; "
+        f"data: {setup.task.summary}; "
+        f"peak {peak / 1e12:.2f} TFLOP/s ({peak_source})",
+        flush=True,
+    )
+
+
+# --- the loop -------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Loop:
+    """The run as callbacks see it. ``step`` counts finished steps; ``state`` is the state after it."""
+
+    setup: Setup
+    run_dir: pathlib.Path
+    checkpoints: Checkpoints
+    writer: MetricsWriter
+    evaluator: Callable[[object], dict]
+    state: TrainState
+    step: int
+    compile_s: float
+    callbacks: list[Callback]
+    resources: contextlib.ExitStack  # closed when run() returns or raises; callbacks may add to it
+    is_main: bool = dataclasses.field(default_factory=lambda: jax.process_index() == 0)
+    step_metrics: dict | None = None  # the last step's {'loss', 'grad_norm'}, still on the devices
+    last_train: dict = dataclasses.field(default_factory=dict)
+    last_eval: dict = dataclasses.field(default_factory=dict)
+    stop_reason: str | None = None
+    preempted: bool = False
+    off_clock_s: float = 0.0  # seconds spent on work that is not training (eval, samples)
+    saved_step: int | None = None
+
+    config = property(lambda self: self.setup.config)
+    mesh = property(lambda self: self.setup.mesh)
+    spec = property(lambda self: self.setup.spec)
+    tokenizer = property(lambda self: self.setup.tokenizer)
+
+    def request_stop(self, reason: str, *, preempted: bool = False) -> None:
+        """Ends the run after the current step with a checkpoint at it. ``preempted``: exit quickly,
+        without the final eval, sample and plot."""
+        self.stop_reason = self.stop_reason or reason
+        self.preempted = self.preempted or preempted
+
+    def emit(self, hook: str, *args) -> None:
+        for callback in self.callbacks:
+            getattr(callback, hook)(self, *args)
+
+    @contextlib.contextmanager
+    def off_clock(self) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.off_clock_s += time.perf_counter() - start
+
+    def log(self, record: dict) -> None:
+        self.last_train = record
+        self.writer.write(record)
+        self.emit("on_log", record)
+
+    def evaluate(self) -> dict:
+        """Scores the current parameters on the held-out data; writes and returns the eval record."""
+        with self.off_clock():
+            self.last_eval = {"step": self.step, **self.evaluator(self.state.params)}
+        self.writer.write(self.last_eval)
+        self.emit("on_eval", self.last_eval)
+        return self.last_eval
+
+    def save(self) -> None:
+        """Starts saving the current step (state, data position, config) unless it is saved."""
+        if self.saved_step != self.step:
+            data_state = self.setup.task.batches.get_state()
+            self.checkpoints.save(self.step, self.state, data_state, self.config.to_dict())
+            self.saved_step = self.step
+
+    def next_batch(self) -> dict:
+        return global_batch(self.setup.task.batch(next(self.setup.task.batches), self.step), self.mesh)
+
+
+def run_steps(loop: Loop, step_fn: Callable, batch: dict) -> dict:
+    """Steps until ``train.steps`` or a stop request, calling the callbacks after every step."""
+    steps = loop.config.train.steps
+    loop.emit("on_start")
+    while loop.step < steps and loop.stop_reason is None:
+        loop.state, loop.step_metrics = step_fn(loop.state, batch)
+        loop.step += 1
+        loop.emit("on_step_end", loop.step)
+        if loop.step < steps and loop.stop_reason is None:
+            batch = loop.next_batch()  # after the callbacks: a save holds the data position after this step
+    return finish(loop)
+
+
+def finish(loop: Loop) -> dict:
+    """Saves the step the run ends on, makes the final eval unless one was just made (or the run was
+    preempted), waits for the checkpoint and tells the callbacks."""
+    loop.save()
+    if not loop.preempted and loop.last_eval.get("step") != loop.step:
+        print(f"final: {describe(loop.evaluate())}", flush=True)
+    loop.checkpoints.wait()
+    if loop.preempted:
+        print(f"preempted: saved checkpoint at step {loop.step} to {loop.checkpoints.path(loop.step)}", flush=True)
+    elif loop.stop_reason:
+        print(f"stopped at step {loop.step}: {loop.stop_reason}", flush=True)
+    result = {"train": loop.last_train, "eval": loop.last_eval, "stopped": loop.stop_reason}
+    if loop.preempted:
+        result["preempted_at"] = loop.step
+    loop.emit("on_end", result)
+    return result
+
+
+def run(config: Config, callbacks: Sequence[Callback] = ()) -> dict:
+    """Trains as ``config`` says, resuming from ``run.dir`` when it holds checkpoints.
+
+    ``callbacks`` run after the built-in ones. Returns ``{'train': last train record, 'eval': last
+    eval record, 'stopped': reason or None[, 'preempted_at': step]}``. Raises ConfigError for user
+    mistakes, before anything is written.
+    """
+    setup = prepare(config)
+    run_dir = pathlib.Path(config.run.dir)
+    state, start, checkpoints = initial_state(setup, run_dir)
+    with contextlib.ExitStack() as resources:
+        resources.callback(checkpoints.close)
+        is_main = jax.process_index() == 0
+        if is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(setup.config, run_dir / "config.yaml")
+        writer = resources.enter_context(contextlib.closing(MetricsWriter(run_dir, start, enabled=is_main)))
+        peak, peak_source = perf.peak_flops(setup.mesh.devices.flatten().tolist(), setup.config.model.compute_dtype)
+        report(setup, state.params, peak, peak_source)
+
+        compile_start = time.perf_counter()
+        first = global_batch(setup.task.batch(next(setup.task.batches), start), setup.mesh)
+        train_step = make_train_step(setup.spec, setup.mesh, setup.config.train.grad_accum)
+        compiled = train_step.lower(state, first).compile()
+        evaluator = setup.task.evaluator(setup.spec, setup.mesh)
+        compile_s = time.perf_counter() - compile_start
+
+        loop = Loop(
+            setup, run_dir, checkpoints, writer, evaluator, state, start, compile_s,
+            callbacks=[*builtin(peak), *callbacks], resources=resources, is_main=is_main,
+        )  # fmt: skip
+        return run_steps(loop, compiled, first)
