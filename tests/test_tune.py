@@ -187,6 +187,7 @@ def test_same_command_after_sigkill_finishes_the_study_without_repeating_trials(
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     before = storage_study(study_dir).get_trials()
+    first_metrics = (study_dir / "trial-0000" / "metrics.jsonl").read_text()
     assert [t.state.name for t in before] == ["COMPLETE", "RUNNING"]
 
     status, out, err = tune(argv)
@@ -194,7 +195,8 @@ def test_same_command_after_sigkill_finishes_the_study_without_repeating_trials(
     assert f"trial 1 marked FAIL: its worker {before[1].user_attrs['worker']} is gone" in out
     after = storage_study(study_dir).get_trials()
     assert [t.state.name for t in after] == ["COMPLETE", "FAIL", "COMPLETE"]
-    assert after[0].value == before[0].value and "trial 0 " not in out  # finished trials are not run again
+    assert after[0].value == before[0].value and "trial 0 COMPLETE" not in out  # finished trials do not rerun
+    assert (study_dir / "trial-0000" / "metrics.jsonl").read_text() == first_metrics
     assert after[1].user_attrs["fail_reason"].startswith("stale: its worker")
 
 
@@ -217,3 +219,30 @@ def test_two_workers_share_one_study_and_finish_exactly_the_trials(tmp_path):
     for t in finished:  # each trial trained once, in its own directory
         steps = [r["step"] for r in records(study_dir / f"trial-{t.number:04d}", "loss")]
         assert steps == [5, 10, 15, 20]
+
+
+@pytest.mark.parametrize(
+    "sampler, pruner", [("tpe", "median"), ("random", "hyperband"), ("grid", "none"), ("cmaes", "median")]
+)
+def test_each_sampler_and_pruner_opens_a_study_and_samples_the_space(tmp_path, sampler, pruner):
+    from train.tune.study import open_study
+
+    study = f"  dir: {tmp_path / 'study'}\n  metric: eval_loss\n  trials: 6\n  sampler: {sampler}\n  pruner: {pruner}"
+    space = (
+        "  optimizer.warmup_steps: {type: int, low: 0, high: 20, step: 10}\n"
+        "  optimizer.schedule: {type: categorical, choices: [cosine, linear]}"
+    )
+    search = load_search(search_file(tmp_path, study, space), load_config(TINY).to_dict())
+    opened = open_study(search)
+    assert type(opened.sampler).__name__.lower().startswith(sampler)
+    assert type(opened.pruner).__name__.lower().startswith({"none": "nop"}.get(pruner, pruner))
+    seen = set()
+
+    def objective(trial: optuna.Trial) -> float:
+        seen.add(tuple(p.suggest(trial) for p in search.space))
+        return 1.0
+
+    opened.optimize(objective, n_trials=6)  # as the worker does: the grid sampler stops the study itself
+    assert seen <= {(w, s) for w in (0, 10, 20) for s in ("cosine", "linear")}
+    if sampler == "grid":
+        assert len(seen) == 6  # every point once

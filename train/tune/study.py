@@ -100,10 +100,8 @@ def open_study(search: Search) -> optuna.Study:
 
 def _surplus(study: optuna.Study, trial: optuna.Trial, target: int) -> bool:
     """True when ``target`` trials numbered below this one are already finished or running."""
-    ahead = 0
-    for t in study.get_trials(deepcopy=False):
-        if t.state in FINISHED or (t.state == TrialState.RUNNING and t.number < trial.number):
-            ahead += t.number != trial.number
+    trials = study.get_trials(deepcopy=False)
+    ahead = sum(t.state in FINISHED or (t.state == TrialState.RUNNING and t.number < trial.number) for t in trials)
     return ahead >= target
 
 
