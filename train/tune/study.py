@@ -21,7 +21,7 @@ from optuna.trial import TrialState
 from train.config import ConfigError
 from train.tune import liveness
 from train.tune.search import Search
-from train.tune.trial import Preempted, TrialFailed, run_trial
+from train.tune.trial import TrialFailed, run_trial
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 POLL_S = 2.0
@@ -155,7 +155,7 @@ def _run_one(study: optuna.Study, objective: Callable[[optuna.Trial], float]) ->
     study.optimize(
         objective,
         n_trials=1,
-        catch=(TrialFailed, Preempted),
+        catch=(TrialFailed,),
         callbacks=[lambda _study, frozen: numbers.append(frozen.number)],
         gc_after_trial=True,
     )
