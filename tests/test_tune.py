@@ -104,13 +104,19 @@ def test_search_file_mistakes_exit_2_naming_the_key_before_any_trial(tmp_path, s
     assert not list(study_dir.glob("trial-*"))
 
 
+def test_missing_search_file_is_named():
+    status, _out, err = tune([TINY, "configs/search/nope.yaml"])
+    assert status == 2 and err.startswith("error: search file 'configs/search/nope.yaml' does not exist")
+
+
 def test_shipped_search_files_check_against_their_configs():
     for config, search, metric in [
-        ("default.yaml", "default-lr.yaml", "eval_bpb"),
-        ("genre-bert.yaml", "genre-tpe.yaml", "eval_accuracy"),
+        ("default.yaml", "configs/search/default-lr.yaml", "eval_bpb"),
+        ("genre-bert.yaml", "configs/search/genre-tpe.yaml", "eval_accuracy"),
+        ("default.yaml", "benchmarks/tune-default-lr.yaml", "eval_bpb"),  # the measured study
     ]:
         tree = load_config(REPO / "configs" / config).to_dict()
-        found = load_search(str(REPO / "configs" / "search" / search), tree)
+        found = load_search(str(REPO / search), tree)
         assert found.study.metric == metric and found.study.trials == 20
     assert EVAL_METRICS["classification"] == ("eval_loss", "eval_accuracy", "eval_macro_f1")
 

@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import json
 import math
+import pathlib
 from typing import Any
 
 from train.config import ConfigError, apply_overrides, build_config, load_yaml
@@ -194,6 +195,8 @@ def _check_metric(study: StudyConfig, objectives: set[str]) -> StudyConfig:
 
 def load_search(path: str, base_tree: dict) -> Search:
     """Reads and checks the search file against ``base_tree`` (the base config with overrides)."""
+    if not pathlib.Path(path).is_file():
+        raise ConfigError(f"search file '{path}' does not exist; pass one like configs/search/default-lr.yaml")
     tree = load_yaml(path)
     for key in tree:
         if key not in ("study", "space"):
