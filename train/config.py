@@ -258,13 +258,27 @@ def load_yaml(path: str | pathlib.Path) -> dict:
     return tree
 
 
-def load_config(path: str | pathlib.Path | None = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
-    """Reads ``path`` (default: the shipped default run), applies overrides, validates."""
-    tree = load_yaml(path or DEFAULT_CONFIG)
+def apply_overrides(tree: dict, overrides: tuple[str, ...] | list[str]) -> dict:
+    """``tree`` (sections of keys, changed in place) with ``section.key=value`` overrides set."""
     for text in overrides:
         key, value = _parse_override(text)
         _set_dotted(tree, key, value)
-    config = _build(Config, tree, "")
+    return tree
+
+
+def config_tree(path: str | pathlib.Path | None = None, overrides: tuple[str, ...] | list[str] = ()) -> dict:
+    """The YAML at ``path`` (default: the shipped default run) with overrides applied, not yet checked."""
+    return apply_overrides(load_yaml(path or DEFAULT_CONFIG), overrides)
+
+
+def build_config(tree: dict) -> Config:
+    """A tree of sections -> ``Config``, checking keys and types (not the cross-key rules of ``validate``)."""
+    return _build(Config, tree, "")
+
+
+def load_config(path: str | pathlib.Path | None = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
+    """Reads ``path`` (default: the shipped default run), applies overrides, validates."""
+    config = build_config(config_tree(path, overrides))
     problems = validate(config)
     if problems:
         raise ConfigError(problems[0])
