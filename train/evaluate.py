@@ -30,8 +30,15 @@ import json
 import math
 import pathlib
 import sys
+from typing import TYPE_CHECKING
 
 from train.config import Config, ConfigError, MeshConfig, load_config
+
+if TYPE_CHECKING:
+    from jax.sharding import Mesh
+
+    from train.sources import Source
+    from train.tokenizer import Tokenizer
 
 OBJECTIVE_OF = {"decoder": "causal_lm", "encoder": "masked_lm", "encoder_decoder": "span_corruption"}
 
@@ -64,10 +71,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 class Setup:
     """What to score with: the source, its run config (or one made up for it) and the mesh."""
 
-    source: object  # train.sources.Source
-    config: Config
-    tokenizer: object  # train.tokenizer.Tokenizer
-    mesh: object  # jax.sharding.Mesh
+    source: Source
+    config: Config  # the run's, or a default one, with the model and the train settings used here
+    tokenizer: Tokenizer
+    mesh: Mesh
     stride: int
 
 
@@ -82,9 +89,12 @@ def _mesh_config(path: str) -> MeshConfig:
 def setup(args: argparse.Namespace) -> Setup:
     from sharding.mesh import make_mesh
     from sharding.rules import BATCH_AXES
+    from train.data.files import match_files
     from train.sources import check_tokenizer, load_source
     from train.tokenizer import load_tokenizer
 
+    if args.files:
+        match_files(args.files, "--files")  # before the model loads
     try:
         mesh = make_mesh(_mesh_config(args.source))
     except ConfigError:

@@ -5,7 +5,7 @@
     result = score_examples(setup, rows, split, out_dir)   # classifiers: + table on stdout, confusion PNG
 
 Sums of the loss and of the token weights are accumulated per batch in the same order as the
-trainer's eval (train/tasks.py), so the same windows give the same numbers.
+trainer's eval (train/data/tasks.py), so the same windows give the same numbers.
 """
 
 from __future__ import annotations
