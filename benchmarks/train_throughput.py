@@ -152,10 +152,11 @@ def run_one(preset: str, sizes: tuple[int, int, int], args: argparse.Namespace) 
     import jax
     import numpy as np
 
+    from sharding.fit import check_fits
     from sharding.mesh import make_mesh
     from sharding.rules import batch_sharding
     from train import metrics
-    from train.config import MeshConfig, OptimizerConfig
+    from train.config import ConfigError, MeshConfig, OptimizerConfig
     from train.state import count_params, init_state, make_state_spec
     from train.step import make_train_step
 
@@ -173,11 +174,10 @@ def run_one(preset: str, sizes: tuple[int, int, int], args: argparse.Namespace) 
     model_cfg = dataclasses.replace(model_cfg, **overrides)
 
     mesh = make_mesh(MeshConfig(data=sizes[0], fsdp=sizes[1], tensor=sizes[2]))
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    if batch % shards:
-        sys.exit(
-            f"error: --batch {batch} is not divisible by the {shards} data-parallel shards; pick a multiple of {shards}"
-        )
+    try:
+        check_fits(model_cfg, mesh.shape, batch_size=batch, seq_len=seq_len)
+    except ConfigError as e:
+        sys.exit(f"error: {e} (train.batch_size is --batch here)")
     spec = make_state_spec(model_cfg, OptimizerConfig(warmup_steps=0), args.steps + args.warmup, mesh)
     state = init_state(spec, model_cfg, seed=0)
     step = make_train_step(spec, mesh, grad_accum=1)

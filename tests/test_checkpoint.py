@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import pathlib
 import shutil
@@ -22,11 +23,11 @@ from train import export
 from train.checkpoint import (
     CheckpointError,
     Checkpoints,
-    fingerprints,
     params_only,
     restore_target,
 )
 from train.config import CheckpointConfig, ConfigError, MeshConfig, OptimizerConfig
+from train.manifest import fingerprints
 from train.state import init_state, make_state_spec
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -119,6 +120,7 @@ def test_fingerprints_are_the_same_on_every_mesh_and_see_any_single_changed_bit(
 KILLED_CHILD = """
 import sys, pathlib, jax.numpy as jnp
 from train.checkpoint import Checkpoints
+from train.manifest import fingerprints
 from train.config import CheckpointConfig
 checkpoints = Checkpoints(pathlib.Path(sys.argv[1]), CheckpointConfig(keep=5, async_save=True))
 checkpoints.save(1, {"w": jnp.full((256,), 1.0)}, {"position": 1}, {"model": {}})
@@ -314,6 +316,11 @@ def test_export_writes_fp32_params_and_model_json_that_load_back(saved_run, tmp_
     assert model_cfg == TINY
     assert_tree_equal(params, saved.params)
     assert {x.dtype for x in jax.tree.leaves(params)} == {np.dtype(np.float32)}
+
+    model_json = json.loads((out / "model.json").read_text())
+    (out / "model.json").write_text(json.dumps({**model_json, "colour": "blue"}))
+    with pytest.raises(ConfigError, match=r"model\.json has model fields this version does not know \(colour\)"):
+        export.load(out)
 
     assert export.main([str(run_dir), str(out)]) == 2  # OUT_DIR not empty
     assert export.main([str(tmp_path / "nowhere"), str(tmp_path / "other")]) == 2

@@ -7,6 +7,7 @@ import pathlib
 import pytest
 import yaml
 
+from models.config import ModelConfig
 from train.config import Config, ConfigError, load_config
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -209,7 +210,10 @@ def test_batch_not_divisible_by_grad_accum_is_rejected():
         ("mesh.data=-1", r"only one of mesh\.data, mesh\.fsdp, mesh\.tensor may be -1"),
         ("model.n_heads=3", r"model\.d_model=64 is not divisible by model\.n_heads=3"),
         ("data.val_fraction=1.0", r"data\.val_fraction must be in \[0, 1\)"),
-        ("mesh.rules=[[embd, tensor]]", r"mesh\.rules\[0\] names the unknown logical axis 'embd' \(did you mean 'embed'\?\)"),
+        (
+            "mesh.rules=[[embd, tensor]]",
+            r"mesh\.rules\[0\] names the unknown logical axis 'embd' \(did you mean 'embed'\?\)",
+        ),
         ("mesh.rules=[[embed, tensr]]", r"mesh\.rules\[0\] maps 'embed' to 'tensr', which is not a mesh axis"),
         ("mesh.rules=[[batch, data]]", r"mesh\.rules\[0\] cannot change 'batch'"),
     ],
@@ -236,3 +240,12 @@ def test_config_error_is_one_line():
         with pytest.raises(ConfigError) as e:
             load_config(TINY, [override])
         assert "\n" not in str(e.value)
+
+
+def test_a_saved_model_config_reads_back_and_unknown_fields_are_refused():
+    saved = load_config(TINY).to_dict()["model"]
+    assert ModelConfig.from_dict(saved) == load_config(TINY).model
+    with pytest.raises(ConfigError, match=r"run/config\.yaml has model fields this version does not know \(colour\)"):
+        ModelConfig.from_dict({**saved, "colour": "blue"}, "run/config.yaml")
+    with pytest.raises(ConfigError, match=r"model\.json: model\.d_model=64 is not divisible by model\.n_heads=3"):
+        ModelConfig.from_dict({**saved, "n_heads": 3}, "model.json")

@@ -7,9 +7,12 @@ import math
 import types
 
 import pytest
+from flax import nnx, traverse_util
 
+from models import abstract_model
 from models.config import ModelConfig
 from train import metrics
+from train.config import TrainConfig
 
 GPT2_124M = ModelConfig(vocab_size=50257, d_model=768, n_layers=12, n_heads=12, d_ff=3072, max_seq_len=1024)
 LLAMA3_8B = ModelConfig(
@@ -44,6 +47,61 @@ def test_llama_gqa_flops_count_narrow_kv_and_three_mlp_matrices():
     assert n + 4096 * 128256 + norms == 8_030_261_248  # Llama-3-8B's published parameter count
     attention = 12 * 32 * 32 * 128 * 2048
     assert metrics.flops_per_token(LLAMA3_8B, 2048) == 6 * n + attention
+
+
+TINY_T5_V11 = ModelConfig(  # configs/tiny-t5.yaml
+    family="encoder_decoder",
+    vocab_size=384,
+    d_model=64,
+    n_layers=2,
+    n_decoder_layers=2,
+    n_heads=4,
+    d_ff=128,
+    position="relative",
+    norm="rmsnorm",
+    mlp="gated_gelu",
+    use_bias=False,
+    scale_attention=False,
+    tie_embeddings=False,
+)
+TINY_LLAMA = dataclasses.replace(LLAMA3_8B, vocab_size=384, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=192)
+
+
+def kernel_sizes(cfg: ModelConfig) -> int:
+    """Every matmul weight of the built model: the kernels of all layers, and the untied head."""
+    flat = traverse_util.flatten_dict(nnx.to_pure_dict(abstract_model(cfg)[1]))
+    return sum(math.prod(x.shape) for path, x in flat.items() if path[-1] in ("kernel", "head"))
+
+
+def test_tiny_t5_v11_counts_both_stacks_cross_attention_and_three_mlp_matrices():
+    d, heads, hd, d_ff, vocab, seq, target = 64, 4, 16, 128, 384, 32, 8
+    attn, kv, mlp = 4 * d * d, 2 * d * d, 3 * d * d_ff  # q, k, v, o; cross k, v; gated GELU: wg, wi, wo
+    encoder_layer = attn + mlp
+    decoder_layer = attn + attn + mlp  # self-attention, cross-attention, MLP
+    head = d * vocab
+    assert 2 * encoder_layer + 2 * decoder_layer + head == kernel_sizes(TINY_T5_V11)  # the inventory is the model's
+    per_encoder_token = 6 * (2 * encoder_layer + 2 * kv) + 12 * 2 * heads * hd * seq
+    per_decoder_token = 6 * (2 * (decoder_layer - kv) + head) + 12 * 2 * heads * hd * (target + seq)
+    expected = per_encoder_token + per_decoder_token * target / seq
+    assert expected == 838_656
+    assert metrics.flops_per_token(TINY_T5_V11, seq, target) == expected
+    # without a target length the decoder reads as many tokens as the encoder
+    assert metrics.flops_per_token(TINY_T5_V11, seq) == per_encoder_token + 6 * 2 * (decoder_layer - kv) + 6 * head + (
+        12 * 2 * heads * hd * 2 * seq
+    )
+
+
+def test_tiny_llama_counts_narrow_kv_and_three_mlp_matrices():
+    d, kv_width, d_ff, vocab, seq = 64, 2 * 16, 192, 384, 64
+    layer = 2 * d * d + 2 * d * kv_width + 3 * d * d_ff  # q, o; k, v over 2 kv heads; wg, wi, wo
+    n = 2 * layer + d * vocab
+    assert n == kernel_sizes(TINY_LLAMA) == metrics.matmul_params(TINY_LLAMA)
+    assert metrics.flops_per_token(TINY_LLAMA, seq) == 6 * n + 12 * 2 * 4 * 16 * seq
+
+
+def test_span_corruption_decodes_t5s_target_length():
+    assert metrics.decoder_tokens(TrainConfig(objective="span_corruption", seq_len=512)) == 114  # T5's 512 -> 114
+    assert metrics.decoder_tokens(TrainConfig(objective="seq2seq", target_len=48)) == 48
 
 
 def test_head_counts_whether_tied_or_not():

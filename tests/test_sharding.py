@@ -14,10 +14,11 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
+from sharding.fit import check_fits
 from sharding.mesh import make_mesh, resolve_shape
 from sharding.rules import MESH_AXES, RULES
-from train.config import ConfigError, MeshConfig, load_config
-from train.loop import check_fits_mesh, resolve_model
+from train.config import ConfigError, MeshConfig, fit_sizes, load_config
+from train.loop import resolve_model
 from train.state import init_state, make_state_spec
 from train.tokenizer import ByteTokenizer
 
@@ -124,7 +125,7 @@ def test_adam_moments_are_sharded_like_their_parameters(built, model, mesh_name)
             assert {s.data.shape for s in m.addressable_shards} == {s.data.shape for s in p.addressable_shards}
     # Everything else (step counts, the rng, the train step) is replicated.
     is_moment = {id(x) for name in ("mu", "nu") for x in jax.tree.leaves(moments(state.opt_state, name))}
-    others = [x for x in jax.tree.leaves(state.opt_state) if id(x) not in is_moment] + [state.step, state.rng]
+    others = [x for x in jax.tree.leaves(state.opt_state) if id(x) not in is_moment] + [state.step]
     assert others
     for x in others:
         assert normalise(x.sharding.spec, x.ndim) == ((),) * x.ndim
@@ -242,11 +243,49 @@ def test_mesh_sizes_that_do_not_match_the_devices_are_a_config_error(sizes, dcn,
 def test_sizes_that_do_not_divide_over_the_mesh_are_a_config_error(model, sizes, overrides, message):
     config, model_cfg = preset(model, *overrides)
     with pytest.raises(ConfigError, match=message):
-        check_fits_mesh(config, model_cfg, mesh_of(sizes))
+        check_fits_mesh(config, model_cfg, sizes)
+
+
+def check_fits_mesh(config, model_cfg, sizes: tuple[int, int, int]) -> None:
+    check_fits(model_cfg, mesh_of(sizes).shape, config.mesh.logical_rules, **fit_sizes(config, 1))
 
 
 def test_sizes_that_divide_pass_the_mesh_check():
     for model in PRESETS:
         config, model_cfg = preset(model)
         for sizes in MESHES.values():
-            check_fits_mesh(config, model_cfg, mesh_of(sizes))
+            check_fits_mesh(config, model_cfg, sizes)
+
+
+def test_every_problem_is_listed_with_its_config_key_and_rule():
+    config, model_cfg = preset("llama", "train.batch_size=12")
+    with pytest.raises(ConfigError) as error:
+        check_fits_mesh(config, model_cfg, (1, 1, 8))
+    assert str(error.value) == (
+        "model.n_heads=4 does not divide over mesh.tensor=8 (logical axis 'act_heads' -> 'tensor'); "
+        "model.n_kv_heads=2 does not divide over mesh.tensor=8 (logical axis 'act_kv_heads' -> 'tensor'); "
+        "change those sizes, the mesh sizes or mesh.rules"
+    )
+
+
+def test_the_check_follows_the_runs_rules():
+    config, model_cfg = preset("gpt2", "model.d_model=36", "model.n_heads=2", "mesh.rules=[[embed, tensor]]")
+    check_fits_mesh(config, model_cfg, (1, 8, 1))  # embed is no longer split over fsdp
+    message = r"model\.d_model=36 does not divide over mesh\.tensor=8 \(logical axis 'embed' -> 'tensor'\)"
+    with pytest.raises(ConfigError, match=message):
+        check_fits_mesh(config, model_cfg, (1, 1, 8))
+    config, model_cfg = preset("gpt2", "mesh.rules=[[mlp, [fsdp, tensor]]]", "model.d_ff=132")
+    message = (
+        r"model\.d_ff=132 does not divide over mesh\.fsdp\*mesh\.tensor=8 \(logical axis 'mlp' -> '\(fsdp, tensor\)'\)"
+    )
+    with pytest.raises(ConfigError, match=message):
+        check_fits_mesh(config, model_cfg, (1, 4, 2))
+
+
+def test_batch_sizes_that_no_mesh_can_split_fail_at_load():
+    with pytest.raises(
+        ConfigError, match=r"train\.batch_size=12 is not divisible by train\.grad_accum=8; use a multiple of 8"
+    ):
+        load_config(PRESETS["gpt2"], ["train.grad_accum=8", "train.batch_size=12"])
+    with pytest.raises(ConfigError, match=r"train\.batch_size=12 does not split evenly over 5 processes"):
+        load_config(PRESETS["gpt2"], ["run.num_processes=5", "run.coordinator=localhost:1", "train.batch_size=12"])

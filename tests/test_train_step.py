@@ -14,6 +14,8 @@ import jax
 import numpy as np
 import optax
 import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from sharding.mesh import make_mesh
 from train.config import MeshConfig, load_config
@@ -143,6 +145,35 @@ def test_every_mesh_gives_the_single_device_parameters(single_device_fp32, mesh_
     expected = jax.tree_util.tree_leaves_with_path(reference.state_at[STEPS].params)
     for (path, want), got in zip(expected, jax.tree.leaves(mesh_runs[mesh_name].state.params)):
         assert rel_diff(got, want) < 1e-5, jax.tree_util.keystr(path)
+
+
+@pytest.fixture(scope="module")
+def embed_over_tensor(setup, single_device_fp32):
+    """fsdp4-tensor2 with the run's ``mesh.rules`` putting ``embed`` on ``tensor`` instead of ``fsdp``."""
+    config, model_cfg, batches = setup
+    rules = load_config(PRESET, ["mesh.rules=[[embed, tensor]]"]).mesh.logical_rules
+    mesh = cpu_mesh(MESHES["fsdp4-tensor2"])
+    spec = make_state_spec(model_cfg, config.optimizer, TOTAL_STEPS, mesh, rules)
+    initial, _ = single_device_fp32
+    return spec, train(spec, mesh, jax.device_put(initial, spec.shardings), batches[:STEPS])
+
+
+def test_mesh_rules_from_the_config_move_embed_to_tensor(embed_over_tensor):
+    spec, _ = embed_over_tensor
+    params = dict(nnx.to_flat_state(spec.shardings.params))
+    # the run's rules come first, so every embed dimension claims tensor and the vocab, heads and mlp
+    # dimensions that share a parameter with it stay whole
+    assert params["embed", "embedding"].spec == P(None, "tensor")  # [vocab, embed]
+    assert params[("head",)].spec == P("tensor", None)  # [embed, vocab]
+    assert params["stack", "blocks", "attn", "q", "kernel"].spec == P(None, "tensor", None)  # [layers, embed, heads]
+    assert params["stack", "blocks", "attn", "o", "kernel"].spec == P(None, None, "tensor")  # [layers, heads, embed]
+    assert params["stack", "blocks", "mlp", "wo", "kernel"].spec == P(None, None, "tensor")  # [layers, mlp, embed]
+    assert all("fsdp" not in str(s.spec) for s in params.values())  # nothing names fsdp: pure data parallel
+
+
+def test_mesh_rules_give_the_losses_of_the_default_rules(mesh_runs, embed_over_tensor):
+    _, run = embed_over_tensor
+    np.testing.assert_allclose(run.losses, mesh_runs["fsdp4-tensor2"].losses, rtol=1e-5, atol=0)
 
 
 def test_parameters_moved_from_their_initial_values(single_device_fp32):

@@ -59,7 +59,7 @@ class MetricsLog(Callback):
     def on_start(self, loop: Loop) -> None:
         t, model = loop.config.train, loop.config.model
         self.lr_at = schedule(loop.config.optimizer, t.steps)
-        self.flops_per_token = perf.flops_per_token(model, t.seq_len)
+        self.flops_per_token = perf.flops_per_token(model, t.seq_len, perf.decoder_tokens(t))
         self.tokens_per_step = t.batch_size * t.seq_len
         self.first = True
         self.progress = tqdm(

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 
 from models.config import ConfigError, ModelConfig
+from sharding.fit import batch_problems
 from sharding.mesh import MeshConfig
 
 __all__ = ["Config", "ConfigError", "MeshConfig", "ModelConfig", "load_config", "save_config", "validate"]
@@ -287,9 +288,12 @@ def validate(config: Config) -> list[str]:
         )
     if config.model.attention == "splash" and t.seq_len % 128:
         out.append(f"model.attention='splash' needs train.seq_len to be a multiple of 128, got {t.seq_len}")
-    if t.batch_size % t.grad_accum:
-        out.append(f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
     out += config.mesh.problems()
+    if not out:  # before the devices are known: one data-parallel shard (the mesh check follows in the run)
+        one = {axis: 1 for axis in ("data", "fsdp", "tensor")}
+        out += batch_problems(
+            t.batch_size, t.grad_accum, one, config.mesh.logical_rules, max(config.run.num_processes, 1)
+        )
     if o.lr <= 0 or o.warmup_steps < 0 or not 0 <= o.min_lr_ratio <= 1:
         out.append("optimizer.lr must be > 0, warmup_steps >= 0 and min_lr_ratio in [0, 1]")
     if not 0 <= config.data.val_fraction < 1:
@@ -307,6 +311,17 @@ def validate(config: Config) -> list[str]:
     if config.checkpoint.every < 0 or config.checkpoint.keep < 1:
         out.append("checkpoint.every must be >= 0 and checkpoint.keep >= 1")
     return out
+
+
+def fit_sizes(config: Config, process_count: int) -> dict[str, int]:
+    """The run's sizes that ``sharding.fit.check_fits`` checks against the mesh."""
+    t = config.train
+    return {
+        "batch_size": t.batch_size,
+        "seq_len": t.seq_len,
+        "grad_accum": t.grad_accum,
+        "process_count": process_count,
+    }
 
 
 def split_labels(text: str) -> list[str]:

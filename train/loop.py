@@ -18,11 +18,12 @@ from collections.abc import Callable, Iterator, Sequence
 import jax
 
 from models.config import ModelConfig
+from sharding.fit import check_fits
 from sharding.mesh import make_mesh
 from train import metrics as perf
 from train.callbacks import Callback, builtin, describe
 from train.checkpoint import Checkpoints, Restored, restore_target
-from train.config import Config, ConfigError, save_config
+from train.config import Config, ConfigError, fit_sizes, save_config
 from train.data.tasks import ExampleTask, StreamTask, global_batch, make_task, vocab_needed
 from train.optimizer import schedule
 from train.state import StateSpec, TrainState, count_params, init_state, make_state_spec
@@ -46,29 +47,6 @@ def resolve_model(cfg: ModelConfig, tokenizer_vocab: int) -> ModelConfig:
     return cfg
 
 
-def check_fits_mesh(config: Config, model: ModelConfig, mesh: jax.sharding.Mesh) -> None:
-    """Every sharded dimension must divide evenly over its mesh axes."""
-    dp = mesh.shape["data"] * mesh.shape["fsdp"]
-    t, f = mesh.shape["tensor"], mesh.shape["fsdp"]
-    train = config.train
-    if train.batch_size % (dp * train.grad_accum):
-        raise ConfigError(
-            f"train.batch_size={train.batch_size} is not divisible by the data-parallel size {dp} "
-            f"(mesh.data * mesh.fsdp) x train.grad_accum={train.grad_accum}; "
-            f"use a multiple of {dp * train.grad_accum}"
-        )
-    checks = [
-        ("model.vocab_size", model.vocab_size, t, "mesh.tensor"),
-        ("model.n_heads", model.n_heads, t, "mesh.tensor"),
-        ("model.n_kv_heads", model.kv_heads, t, "mesh.tensor"),
-        ("model.d_ff", model.d_ff, t, "mesh.tensor"),
-        ("model.d_model", model.d_model, f, "mesh.fsdp"),
-    ]
-    for name, size, axis_size, axis in checks:
-        if size % axis_size:
-            raise ConfigError(f"{name}={size} does not divide over {axis}={axis_size}; choose sizes that divide")
-
-
 # --- setup: everything that can be wrong with the input is checked before anything is written
 
 
@@ -86,9 +64,9 @@ def prepare(config: Config) -> Setup:
     tokenizer = load_tokenizer(config.data.tokenizer)
     model_cfg = resolve_model(config.model, vocab_needed(config, tokenizer))
     mesh = make_mesh(config.mesh)
-    check_fits_mesh(config, model_cfg, mesh)
+    check_fits(model_cfg, mesh.shape, config.mesh.logical_rules, **fit_sizes(config, jax.process_count()))
     task = make_task(config, model_cfg, tokenizer)
-    spec = make_state_spec(model_cfg, config.optimizer, config.train.steps, mesh)
+    spec = make_state_spec(model_cfg, config.optimizer, config.train.steps, mesh, config.mesh.logical_rules)
     resolved = dataclasses.replace(config, model=model_cfg, data=task.data_config)
     return Setup(resolved, tokenizer, mesh, task, spec)
 

@@ -6,6 +6,7 @@ PaLM / nanoGPT): recomputation under remat and padding do not count as useful wo
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 
@@ -14,6 +15,7 @@ import jax.numpy as jnp
 
 from models.attention import attention_flops_per_token
 from models.config import ModelConfig
+from train.config import TrainConfig
 
 # bf16 dense peak FLOP/s of one device, by a substring of ``device.device_kind``.
 # Ordered: the first match wins, so the longer names come before their prefixes.
@@ -29,27 +31,62 @@ PEAK_FLOPS: tuple[tuple[str, float], ...] = (
 )
 
 
+def _attention_params(cfg: ModelConfig) -> int:
+    """q, o: heads; k, v: kv_heads."""
+    return cfg.d_model * cfg.dim_per_head * (2 * cfg.n_heads + 2 * cfg.kv_heads)
+
+
+def _mlp_params(cfg: ModelConfig) -> int:
+    """Gated MLPs (swiglu, gated_gelu) have a third matrix."""
+    return (3 if cfg.mlp in ("swiglu", "gated_gelu") else 2) * cfg.d_model * cfg.d_ff
+
+
+def _head_params(cfg: ModelConfig) -> int:
+    """The LM head, tied or not, and BERT's dense transform before it; a classification head reads
+    one token per sequence and is not counted."""
+    if cfg.head != "lm":
+        return 0
+    transform = cfg.d_model * cfg.d_model if cfg.family == "encoder" else 0
+    return cfg.d_model * cfg.vocab_size + transform
+
+
 def matmul_params(cfg: ModelConfig) -> int:
-    """Weights that take part in a matmul per token: attention and MLP projections + LM head.
+    """Weights that take part in a matmul per token of a one-stack model (decoder, encoder).
 
-    The embedding lookup, learned positions, norms and biases are not counted, nor a
-    classification head (it reads one token per sequence).
+    The embedding lookup, learned positions, norms and biases are not counted.
     """
-    hd = cfg.dim_per_head
-    attn = cfg.d_model * hd * (2 * cfg.n_heads + 2 * cfg.kv_heads)  # q, o: heads; k, v: kv_heads
-    mlp = (3 if cfg.mlp == "swiglu" else 2) * cfg.d_model * cfg.d_ff
-    head = cfg.d_model * cfg.vocab_size if cfg.head == "lm" else 0  # the LM head, tied or not
-    return cfg.n_layers * (attn + mlp) + head
+    return cfg.n_layers * (_attention_params(cfg) + _mlp_params(cfg)) + _head_params(cfg)
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training (forward + backward) FLOPs per token: 6 × matmul weights + attention scores/values.
+def flops_per_token(cfg: ModelConfig, seq_len: int, target_len: int = 0) -> float:
+    """Training (forward + backward) FLOPs per input token: 6 × matmul weights + attention scores/values.
 
-    ``cfg.vocab_size`` must be resolved (not 0).
+    Encoder-decoders (T5) count per encoder token (``seq_len`` of them per sequence) the encoder
+    stack, plus the decoder stack (self-attention, cross-attention, MLP, head) for its
+    ``target_len`` tokens (0: ``seq_len``) scaled by ``target_len / seq_len``; the cross-attention
+    keys and values are projected once per encoder token. ``cfg.vocab_size`` must be resolved.
     """
     if cfg.vocab_size <= 0:
         raise ValueError("flops_per_token needs a resolved vocab_size; set model.vocab_size first")
-    return 6.0 * matmul_params(cfg) + attention_flops_per_token(cfg, seq_len)
+    if cfg.family != "encoder_decoder":
+        return 6.0 * matmul_params(cfg) + attention_flops_per_token(cfg, seq_len)
+    target_len = target_len or seq_len
+    attn, kv = _attention_params(cfg), cfg.d_model * cfg.dim_per_head * 2 * cfg.kv_heads
+    encoder = 6.0 * cfg.n_layers * (attn + _mlp_params(cfg)) + attention_flops_per_token(cfg, seq_len)
+    encoder += 6.0 * cfg.decoder_layers * kv  # cross-attention k, v of each encoder token
+    decoder_weights = cfg.decoder_layers * (2 * attn - kv + _mlp_params(cfg)) + _head_params(cfg)
+    decoder_layers = dataclasses.replace(cfg, n_layers=cfg.decoder_layers)
+    scores = attention_flops_per_token(decoder_layers, target_len) + attention_flops_per_token(decoder_layers, seq_len)
+    return encoder + (6.0 * decoder_weights + scores) * target_len / seq_len
+
+
+def decoder_tokens(train: TrainConfig) -> int:
+    """Decoder tokens per sequence of an encoder-decoder objective (``flops_per_token``'s target_len)."""
+    if train.objective == "span_corruption":
+        from train.data.objectives import span_corruption_lengths
+
+        return span_corruption_lengths(train.seq_len, train.noise_density, train.mean_span)[1]
+    return train.target_len
 
 
 def device_peak_flops(device_kind: str) -> float | None:

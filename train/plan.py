@@ -28,10 +28,11 @@ import time
 import jax
 import jax.numpy as jnp
 
+from sharding.fit import check_fits
 from sharding.mesh import make_mesh
 from sharding.rules import batch_sharding
 from sharding.topology import Topology, abstract_devices, compile_only_environment, has_libtpu, parse_topology
-from train.config import Config, ConfigError, load_config
+from train.config import Config, ConfigError, fit_sizes, load_config
 from train.state import count_params, make_state_spec
 from train.step import make_train_step
 
@@ -115,16 +116,6 @@ def multislice_mesh(cfg: Config, slices: int) -> Config:
     )
 
 
-def check_batch(cfg: Config, mesh_shape: dict[str, int]) -> None:
-    dp = mesh_shape["data"] * mesh_shape["fsdp"]
-    t = cfg.train
-    if t.batch_size % (dp * t.grad_accum):
-        raise ConfigError(
-            f"train.batch_size={t.batch_size} cannot be split into {t.grad_accum} micro-batch(es) over {dp} "
-            f"data-parallel shards (mesh data * fsdp); make it a multiple of {dp * t.grad_accum}"
-        )
-
-
 def make_plan(cfg: Config, topology: Topology, slices: int = 1) -> Plan:
     """Compiles the train step of ``cfg`` for ``slices`` x ``topology``; raises ConfigError on bad input."""
     if cfg.model.family != "decoder":
@@ -142,9 +133,9 @@ def make_plan(cfg: Config, topology: Topology, slices: int = 1) -> Plan:
         raise ConfigError(f"libtpu cannot lay out topology '{topology.name}' ({_first_line(e)})") from None
     mesh = make_mesh(cfg.mesh, devices)
     mesh_shape = dict(mesh.shape)
-    check_batch(cfg, mesh_shape)
+    check_fits(cfg.model, mesh_shape, cfg.mesh.logical_rules, **fit_sizes(cfg, process_count=1))
 
-    spec = make_state_spec(cfg.model, cfg.optimizer, cfg.train.steps, mesh)
+    spec = make_state_spec(cfg.model, cfg.optimizer, cfg.train.steps, mesh, cfg.mesh.logical_rules)
     step = make_train_step(spec, mesh, cfg.train.grad_accum)
     batch = abstract_batch(cfg)
     batch_shardings = jax.tree.map(lambda _: batch_sharding(mesh), batch)

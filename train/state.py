@@ -17,7 +17,7 @@ from jax.sharding import Mesh
 
 from models import abstract_model, build_model
 from models.config import ModelConfig
-from sharding.rules import logical_to_mesh, replicated
+from sharding.rules import RULES, Rules, logical_to_mesh, replicated
 from train.config import OptimizerConfig
 from train.optimizer import make_optimizer
 
@@ -26,7 +26,6 @@ class TrainState(flax.struct.PyTreeNode):
     step: jax.Array  # int32 []
     params: nnx.State  # fp32 master weights
     opt_state: optax.OptState
-    rng: jax.Array  # uint32 [2]: raw key; per-step keys are fold_in(rng, step)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,13 +35,17 @@ class StateSpec:
     abstract: TrainState  # ShapeDtypeStruct leaves
     shardings: TrainState  # NamedSharding leaves
     logical_specs: nnx.State  # logical PartitionSpec per parameter
+    rules: Rules = RULES  # logical axis -> mesh axes: parameters here, activations in the steps
 
 
-def make_state_spec(model_cfg: ModelConfig, opt_cfg: OptimizerConfig, total_steps: int, mesh: Mesh) -> StateSpec:
+def make_state_spec(
+    model_cfg: ModelConfig, opt_cfg: OptimizerConfig, total_steps: int, mesh: Mesh, rules: Rules = RULES
+) -> StateSpec:
+    """The run's state described once: shapes, and shardings from the logical axes through ``rules``."""
     graphdef, abstract_params = abstract_model(model_cfg)
     logical_specs = nnx.get_partition_spec(abstract_params)
     tx = make_optimizer(opt_cfg, total_steps, logical_specs)
-    param_shardings = logical_to_mesh(logical_specs, mesh)
+    param_shardings = logical_to_mesh(logical_specs, mesh, rules)
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
     opt_shardings = optax.tree_map_params(
         tx, lambda _, s: s, abstract_opt, param_shardings, transform_non_params=lambda _: replicated(mesh)
@@ -51,10 +54,9 @@ def make_state_spec(model_cfg: ModelConfig, opt_cfg: OptimizerConfig, total_step
         step=jax.ShapeDtypeStruct((), jnp.int32),
         params=abstract_params,
         opt_state=abstract_opt,
-        rng=jax.ShapeDtypeStruct((2,), jnp.uint32),
     )
-    shardings = TrainState(step=replicated(mesh), params=param_shardings, opt_state=opt_shardings, rng=replicated(mesh))
-    return StateSpec(graphdef, tx, abstract, shardings, logical_specs)
+    shardings = TrainState(step=replicated(mesh), params=param_shardings, opt_state=opt_shardings)
+    return StateSpec(graphdef, tx, abstract, shardings, logical_specs, rules)
 
 
 def init_state(spec: StateSpec, model_cfg: ModelConfig, seed: int) -> TrainState:
@@ -69,7 +71,6 @@ def init_state(spec: StateSpec, model_cfg: ModelConfig, seed: int) -> TrainState
             step=jnp.zeros((), jnp.int32),
             params=params,
             opt_state=spec.tx.init(params),
-            rng=jax.random.key_data(jax.random.PRNGKey(seed)),
         )
 
     return jax.jit(init, out_shardings=spec.shardings)()

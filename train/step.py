@@ -15,7 +15,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from sharding.rules import activation_context, batch_sharding, replicated
+from sharding.rules import RULES, Rules, activation_context, batch_sharding, replicated
 from train.state import StateSpec, TrainState
 
 Batch = dict[str, jax.Array]
@@ -83,7 +83,7 @@ def make_train_step(
         out_shardings=(spec.shardings, replicated(mesh)),
         donate_argnums=0,
     )
-    return _under_mesh(jitted, mesh)
+    return _under_mesh(jitted, mesh, spec.rules)
 
 
 def make_eval_step(spec: StateSpec, mesh: Mesh) -> Callable[[nnx.State, Batch], tuple[jax.Array, jax.Array]]:
@@ -93,7 +93,7 @@ def make_eval_step(spec: StateSpec, mesh: Mesh) -> Callable[[nnx.State, Batch], 
         in_shardings=(spec.shardings.params, batch_sharding(mesh)),
         out_shardings=replicated(mesh),
     )
-    return _under_mesh(jitted, mesh)
+    return _under_mesh(jitted, mesh, spec.rules)
 
 
 def make_predict_step(spec: StateSpec, mesh: Mesh) -> Callable[[nnx.State, Batch], tuple[jax.Array, ...]]:
@@ -109,10 +109,12 @@ def make_predict_step(spec: StateSpec, mesh: Mesh) -> Callable[[nnx.State, Batch
         in_shardings=(spec.shardings.params, batch_sharding(mesh)),
         out_shardings=replicated(mesh),
     )
-    return _under_mesh(jitted, mesh)
+    return _under_mesh(jitted, mesh, spec.rules)
 
 
-def make_score_step(graphdef: nnx.GraphDef, mesh: Mesh) -> Callable[[nnx.State, Batch], tuple[jax.Array, ...]]:
+def make_score_step(
+    graphdef: nnx.GraphDef, mesh: Mesh, rules: Rules = RULES
+) -> Callable[[nnx.State, Batch], tuple[jax.Array, ...]]:
     """``make_predict_step`` for parameters that are already placed and keep their own shardings
     (a loaded model source, train/sources.py): ``score(params, batch) -> (summed loss, summed
     weight, predictions)``."""
@@ -121,20 +123,20 @@ def make_score_step(graphdef: nnx.GraphDef, mesh: Mesh) -> Callable[[nnx.State, 
         logits = nnx.merge(graphdef, params).forward(batch)
         return *_summed(logits, batch), jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
-    return _under_mesh(jax.jit(score, out_shardings=replicated(mesh)), mesh)
+    return _under_mesh(jax.jit(score, out_shardings=replicated(mesh)), mesh, rules)
 
 
-def _under_mesh(fn, mesh: Mesh):
-    """Traces and runs ``fn`` with the model's activation constraints bound to ``mesh``."""
+def _under_mesh(fn, mesh: Mesh, rules: Rules):
+    """Traces and runs ``fn`` with the model's activation constraints bound to ``mesh`` by ``rules``."""
 
     def wrapped(*args):
-        with activation_context(mesh):
+        with activation_context(mesh, rules):
             return fn(*args)
 
-    wrapped.lower = lambda *args: _lower(fn, mesh, *args)
+    wrapped.lower = lambda *args: _lower(fn, mesh, rules, *args)
     return wrapped
 
 
-def _lower(fn, mesh, *args):
-    with activation_context(mesh):
+def _lower(fn, mesh, rules, *args):
+    with activation_context(mesh, rules):
         return fn.lower(*args)

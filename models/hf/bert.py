@@ -153,25 +153,14 @@ def _fresh_mlm_head(cfg: ModelConfig) -> Iterator[tuple[Path, np.ndarray]]:
         yield ("mlm", "decoder"), rng.normal(0.0, cfg.init_std, (d, v))
 
 
-class _Passthrough(nnx.Module):
-    def __call__(self, x: jax.Array, word_embeddings: jax.Array) -> jax.Array:
-        return x
-
-
 def hidden_states(
     model: nnx.Module, tokens: jax.Array, attention_mask: jax.Array | None = None, token_types: jax.Array | None = None
 ) -> jax.Array:
-    """BertModel's ``last_hidden_state`` [B, T, embed] from our encoder with an MLM head.
+    """BertModel's ``last_hidden_state`` [B, T, embed] from our encoder, whatever its head.
 
     tokens, attention_mask (1 = token, 0 = padding), token_types: [B, T] int.
     """
-    if hasattr(model, "encode"):
-        return model.encode(tokens, attention_mask, token_types)
-    if not hasattr(model, "mlm"):
-        raise NotImplementedError("hidden_states of a classification model needs EncoderLM.encode")
-    headless = nnx.merge(*nnx.split(model))  # a copy sharing the arrays, with the head bypassed
-    headless.mlm = _Passthrough()
-    return headless(tokens, attention_mask, token_types)
+    return model.encode(tokens, attention_mask, token_types)
 
 
 def matches(cfg: ModelConfig) -> bool:

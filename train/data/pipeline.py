@@ -25,6 +25,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from sharding.fit import process_problems
 from train.config import ConfigError
 
 # The records are in memory: reading ahead in one thread is cheap; more threads contend for the GIL.
@@ -52,11 +53,8 @@ def batch_iterator(
     ``per_record`` runs in grain's read-ahead threads; ``per_batch`` turns a batch of rows into
     the batch the task reads. ``num_workers > 0`` computes batches ahead in that many processes.
     """
-    if global_batch % process_count:
-        raise ConfigError(
-            f"train.batch_size={global_batch} does not split evenly over {process_count} processes; "
-            f"make it a multiple of {process_count}"
-        )
+    for problem in process_problems(global_batch, process_count):
+        raise ConfigError(problem)
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} is outside [0, {process_count})")
     local = global_batch // process_count
