@@ -253,9 +253,12 @@ def test_the_test_split_is_whole_plays_training_never_read_and_is_reported_on(cl
 
 def test_errors_are_one_line_and_status_2(gpt_run, capsys, tmp_path):
     (tmp_path / "empty").mkdir()
+    (tmp_path / "fresh" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "fresh" / "config.yaml").write_text((gpt_run / "config.yaml").read_text())
     cases = {
         "is not a directory": [tmp_path / "missing"],
         "holds no model": [tmp_path / "empty"],
+        "holds no checkpoint yet": [tmp_path / "fresh"],
         "has 2048 tokens but the model's vocabulary holds 384": [gpt_run, "--tokenizer", BPE],
         "matches no file": [gpt_run, "--files", tmp_path / "nothing*.txt"],
         "has no test split": [gpt_run, "--split", "test"],

@@ -56,6 +56,8 @@ def load_source(path: str | pathlib.Path, *, mesh: Mesh | None = None, best: boo
         raise ConfigError(f"model source '{path}' is not a directory; give {WHAT}")
     steps = location / "checkpoints" if (location / "checkpoints").is_dir() else location
     is_run = (location / "config.yaml").is_file() and any(p.name.isdigit() for p in steps.iterdir())
+    if (location / "config.yaml").is_file() and (location / "checkpoints").is_dir() and not is_run:
+        raise ConfigError(f"run '{path}' holds no checkpoint yet; let it save one (checkpoint.every, or the end)")
     if best:
         what = f"run '{path}'" if is_run else f"'{path}' is not a run, so it"
         raise ConfigError(f"{what} has no best checkpoint; leave out best to use the newest step")
