@@ -32,7 +32,7 @@ import pathlib
 import sys
 from typing import TYPE_CHECKING
 
-from train.config import Config, ConfigError, MeshConfig, load_config
+from train.config import Config, ConfigError
 
 if TYPE_CHECKING:
     from jax.sharding import Mesh
@@ -78,33 +78,16 @@ class Setup:
     stride: int
 
 
-def _mesh_config(path: str) -> MeshConfig:
-    config_file = pathlib.Path(path) / "config.yaml"
-    try:
-        return load_config(config_file).mesh if config_file.is_file() else MeshConfig()
-    except ConfigError:
-        return MeshConfig()  # load_source reports the unreadable config
-
-
 def setup(args: argparse.Namespace) -> Setup:
-    from sharding.mesh import make_mesh
     from sharding.rules import BATCH_AXES
     from train.data.files import match_files
-    from train.sources import check_tokenizer, load_source
-    from train.tokenizer import load_tokenizer
+    from train.sources import load_source, source_mesh, source_tokenizer
 
     if args.files:
         match_files(args.files, "--files")  # before the model loads
-    try:
-        mesh = make_mesh(_mesh_config(args.source))
-    except ConfigError:
-        mesh = make_mesh(MeshConfig())  # the run's mesh does not fit these devices: use them all
+    mesh = source_mesh(args.source)
     source = load_source(args.source, mesh=mesh)
-    tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else source.tokenizer
-    if tokenizer is None:
-        raise ConfigError(f"'{args.source}' holds no tokenizer; pass --tokenizer byte or a tokenizer directory")
-    if args.tokenizer:
-        check_tokenizer(tokenizer, source.config, f"--tokenizer '{args.tokenizer}'")
+    tokenizer = source_tokenizer(source, args.tokenizer)
     run = source.run_config or Config()
     objective = run.train.objective if source.run_config else OBJECTIVE_OF[source.config.family]
     if source.config.head == "classification" and source.run_config is None:
