@@ -134,8 +134,8 @@ def test_run_writes_train_and_eval_records_with_every_metric(runs, name, preset)
     assert max(ratios) == pytest.approx(min(ratios), rel=1e-9)
     for r in evals:
         assert EVAL_KEYS <= r.keys(), r
-        # Byte tokenizer: one token per byte plus one eos per document, so bits per byte is the
-        # loss in bits times (bytes + 1) / bytes, which for Hamlet is within 1e-5 of the loss in bits.
+        # Byte tokenizer: the eval windows (the start of Hamlet) hold one byte per token and no eos,
+        # so bits per byte of the tokens scored is the loss in bits.
         assert r["eval_bpb"] == pytest.approx(r["eval_loss"] / math.log(2), rel=1e-5)
 
 

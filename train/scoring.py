@@ -5,7 +5,7 @@
     result = score_examples(setup, rows, split, out_dir)   # classifiers: + table on stdout, confusion PNG
 
 Sums of the loss and of the token weights are accumulated per batch in the same order as the
-trainer's eval (train/tasks.py), so the same windows give the same numbers.
+trainer's eval (train/data/tasks.py), so the same windows give the same numbers.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def _objective_batches(setup, tokens: np.ndarray) -> Iterator[tuple[dict, float]
 def _run(setup, batches) -> Iterator[tuple[float, float, np.ndarray, float]]:
     """(summed loss, summed weight, predictions, bytes) per batch, scored under the mesh."""
     graphdef, params = nnx.split(setup.source.model)
-    score = make_score_step(graphdef, setup.mesh)
+    score = make_score_step(graphdef, setup.mesh, setup.config.mesh.logical_rules)
     for batch, nbytes in batches:
         s, w, predictions = score(params, global_batch(process_rows(batch), setup.mesh))
         yield float(s), float(w), np.asarray(predictions), nbytes

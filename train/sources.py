@@ -1,6 +1,7 @@
 """Model sources: a run directory, an export directory or a Hugging Face model directory, read alike.
 
-    source = load_source("runs/default", mesh=mesh)  # ConfigError (one sentence) on bad input
+    source = load_source("runs/default", mesh=source_mesh("runs/default"))  # ConfigError on bad input
+    tokenizer = source_tokenizer(source, args.tokenizer)  # --tokenizer, else the source's own
     logits = source.model.forward(batch)
 
 - run directory (``config.yaml`` + ``checkpoints/``, or step directories as ``python -m
@@ -27,6 +28,7 @@ from jax.sharding import Mesh
 
 from models import abstract_model, hf
 from models.config import ModelConfig
+from sharding.mesh import MeshConfig, make_mesh
 from sharding.rules import RULES, Rules, logical_to_mesh
 from train import packages
 from train.checkpoint import newest_params, restore_target
@@ -56,6 +58,8 @@ def load_source(path: str | pathlib.Path, *, mesh: Mesh | None = None, best: boo
         raise ConfigError(f"model source '{path}' is not a directory; give {WHAT}")
     steps = location / "checkpoints" if (location / "checkpoints").is_dir() else location
     is_run = (location / "config.yaml").is_file() and any(p.name.isdigit() for p in steps.iterdir())
+    if (location / "config.yaml").is_file() and (location / "checkpoints").is_dir() and not is_run:
+        raise ConfigError(f"run '{path}' holds no checkpoint yet; let it save one (checkpoint.every, or the end)")
     if best:
         what = f"run '{path}'" if is_run else f"'{path}' is not a run, so it"
         raise ConfigError(f"{what} has no best checkpoint; leave out best to use the newest step")
@@ -72,6 +76,27 @@ def load_source(path: str | pathlib.Path, *, mesh: Mesh | None = None, best: boo
     if source.tokenizer is not None:
         check_tokenizer(source.tokenizer, source.config, f"the tokenizer of '{path}'")
     return source
+
+
+def source_mesh(path: str | pathlib.Path) -> Mesh:
+    """The mesh to load ``path`` onto: its run's mesh when that fits these devices, else every
+    device along ``fsdp`` (exports, Hugging Face directories, runs from a larger machine)."""
+    config_file = pathlib.Path(packages.resolve(str(path), "SOURCE")) / "config.yaml"
+    try:
+        return make_mesh(load_config(config_file).mesh if config_file.is_file() else MeshConfig())
+    except ConfigError:  # an unreadable config is reported by load_source
+        return make_mesh(MeshConfig())
+
+
+def source_tokenizer(source: Source, spec: str = "") -> Tokenizer:
+    """The tokenizer ``spec`` names ('byte' or a directory; checked against the model), else the source's own."""
+    if not spec:
+        if source.tokenizer is None:
+            raise ConfigError(f"'{source.path}' holds no tokenizer; pass --tokenizer byte or a tokenizer directory")
+        return source.tokenizer
+    tokenizer = load_tokenizer(spec)
+    check_tokenizer(tokenizer, source.config, f"--tokenizer '{spec}'")
+    return tokenizer
 
 
 def check_tokenizer(tokenizer: Tokenizer, cfg: ModelConfig, what: str) -> None:
