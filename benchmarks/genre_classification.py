@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="config overrides (key=value) for every run")
     args = parser.parse_args(argv)
 
-    from train import genre
+    from train.data import genre
 
     if not (DATA / "train.jsonl").exists() or not (DATA / "val.jsonl").exists():
         genre.main(["--out", str(DATA)])

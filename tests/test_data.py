@@ -7,14 +7,13 @@ import glob
 import json
 import os
 import pathlib
-import time
 
 import numpy as np
 import pytest
 
 from train import train_tokenizer
 from train.config import ConfigError, DataConfig
-from train.data import PackedTokens, eval_batches, read_documents, train_iterator
+from train.data.text import PackedTokens, eval_batches, read_documents, train_iterator
 from train.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -65,11 +64,9 @@ def test_byte_tokenizer_round_trips_utf8_and_ignores_eos():
     assert [list(a) for a in tok.encode_batch(["ab", ""])] == [[97, 98], []]
 
 
-def test_byte_tokenizer_packs_shakespeare_in_well_under_a_second():
+def test_byte_tokenizer_packs_shakespeare_into_one_stream_with_an_eos_after_each_play():
     docs, _ = read_documents(DataConfig(train_files=PLAYS, val_fraction=0.0))
-    start = time.perf_counter()
-    packed = PackedTokens(docs, ByteTokenizer())
-    assert time.perf_counter() - start < 0.5
+    packed = PackedTokens(docs, ByteTokenizer())  # its speed: benchmarks/data_packing.py
     assert packed.num_tokens == packed.num_bytes + NUM_PLAYS  # one eos per play
     assert packed.num_bytes > 4_500_000
 

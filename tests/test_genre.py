@@ -8,7 +8,7 @@ import pathlib
 
 import pytest
 
-from train import genre
+from train.data import genre
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 PLAYS = REPO / "data" / "shakespeare"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from train.objectives import (
+from train.data.objectives import (
     classification,
     masked_lm,
     random_spans_noise_mask,

@@ -15,13 +15,15 @@ import pathlib
 import subprocess
 import sys
 
+import grain
 import numpy as np
 import pytest
 
-from train import tfds_build
 from train.config import ConfigError, DataConfig, load_config
-from train.data import eval_batches
-from train.tfds_data import as_text, open_tfds
+from train.data import tfds_build
+from train.data.pipeline import endless
+from train.data.text import eval_batches
+from train.data.tfds_source import as_text, open_tfds
 from train.tokenizer import ByteTokenizer
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -201,7 +203,8 @@ def test_process_shards_are_disjoint_and_cover_the_records(lines, count):
     n = lines.num_records("train")
     shards = []
     for p in range(count):
-        records = iter(lines.records("train", seed=4, shuffle=True, index=p, count=count, transform=as_text_field))
+        source = grain.MapDataset.source(lines.builder.as_data_source(split="train"))
+        records = iter(endless(source, seed=4, shuffle=True, shard=(p, count)).map(as_text_field))
         shards.append([next(records) for _ in range(len(range(p, n, count)))])  # one epoch of the shard
     assert sorted(t for shard in shards for t in shard) == sorted(LINES)
     assert sum(len(s) for s in shards) == n

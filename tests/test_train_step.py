@@ -17,7 +17,7 @@ import pytest
 
 from sharding.mesh import make_mesh
 from train.config import MeshConfig, load_config
-from train.data import PackedTokens, read_documents, train_iterator
+from train.data.text import PackedTokens, read_documents, train_iterator
 from train.loop import resolve_model
 from train.state import init_state, make_state_spec
 from train.step import make_train_step

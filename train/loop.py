@@ -23,10 +23,10 @@ from train import metrics as perf
 from train.callbacks import Callback, builtin, describe
 from train.checkpoint import Checkpoints, Restored, restore_target
 from train.config import Config, ConfigError, save_config
+from train.data.tasks import ExampleTask, StreamTask, global_batch, make_task, vocab_needed
 from train.optimizer import schedule
 from train.state import StateSpec, TrainState, count_params, init_state, make_state_spec
 from train.step import make_train_step
-from train.tasks import ExampleTask, StreamTask, global_batch, make_task, vocab_needed
 from train.tokenizer import Tokenizer, load_tokenizer
 from train.warm_start import warm_start
 from train.writers import MetricsWriter

@@ -16,18 +16,18 @@ import dataclasses
 import math
 from collections.abc import Callable
 
-import grain
 import jax
 import numpy as np
 
 from models.config import ModelConfig
 from sharding.rules import batch_sharding
-from train import examples, scores
+from train import scores
 from train.config import EXAMPLE_OBJECTIVES, Config, ConfigError
-from train.data import PackedTokens, eval_batches, read_documents, train_iterator
-from train.objectives import raw_length, text_objective
+from train.data import examples
+from train.data.objectives import raw_length, text_objective
+from train.data.text import PackedTokens, eval_batches, read_documents, train_iterator
+from train.data.tfds_source import open_tfds
 from train.step import make_eval_step, make_predict_step
-from train.tfds_data import open_tfds
 from train.tokenizer import Tokenizer
 
 EVAL_SEED_OFFSET = 2**31  # eval batches draw objective randomness apart from any train step
@@ -82,8 +82,8 @@ def make_objective(config: Config, model: ModelConfig, tokenizer: Tokenizer):
 
 
 class StreamTask:
-    """Documents packed into one token stream, cut into windows: in memory (train/data.py) or streamed
-    from a TFDS dataset (train/tfds_data.py)."""
+    """Documents packed into one token stream, cut into windows: in memory (train/data/text.py) or
+    streamed from a TFDS dataset (train/data/tfds_source.py)."""
 
     def __init__(self, config: Config, model: ModelConfig, tokenizer: Tokenizer):
         t, d = config.train, config.data
@@ -129,61 +129,8 @@ class StreamTask:
 # --- one example per row --------------------------------------------------------------------
 
 
-class ArrayRows:
-    """A grain data source over arrays sharing a leading example axis: ``rows[i]`` is ``{k: v[i]}``."""
-
-    def __init__(self, arrays: examples.Arrays):
-        self.arrays = arrays
-        self._len = len(next(iter(arrays.values())))
-
-    def __len__(self) -> int:
-        return self._len
-
-    def __getitem__(self, i: int) -> dict:
-        return {k: v[i] for k, v in self.arrays.items()}
-
-
-def example_iterator(
-    arrays: examples.Arrays, batch_size: int, seed: int, shuffle: bool, process_index: int = 0, process_count: int = 1
-) -> grain.DatasetIterator:
-    """Endless iterator of this process's rows of each global batch of examples.
-
-    Yields ``{k: v[rows]}`` with ``batch_size // process_count`` rows: rows ``[p*local,
-    (p+1)*local)`` of global batch ``s``, which holds examples ``s*batch_size ... + batch_size - 1``
-    of the endless, per-epoch reshuffled example order (as ``train.data.train_iterator`` does
-    for windows). ``get_state`` / ``set_state`` resume exactly.
-    """
-    source = ArrayRows(arrays)
-    if len(source) < batch_size:
-        raise ConfigError(
-            f"the training data holds {len(source)} examples, fewer than train.batch_size={batch_size}; "
-            "lower train.batch_size or add data"
-        )
-    ds = grain.MapDataset.source(source)
-    if shuffle:
-        ds = ds.shuffle(seed=seed % 2**32)
-    ds = ds.repeat().batch(batch_size // process_count, drop_remainder=True)[process_index::process_count]
-    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=8)))
-
-
-def padded_batches(arrays: examples.Arrays, batch_size: int) -> list[dict]:
-    """Every example once, in order, in global batches of ``batch_size``; the last batch is filled
-    up with copies of example 0 whose ``weights`` are 0, so they change no loss or score."""
-    n = len(arrays["targets"])
-    order = np.concatenate([np.arange(n), np.zeros(-n % batch_size, np.int64)])
-    out = []
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        batch = {k: v[rows] for k, v in arrays.items()}
-        valid = np.arange(start, start + batch_size) < n  # [B]
-        weights = batch["weights"]  # [B] or [B, T]
-        batch["weights"] = np.where(valid.reshape(-1, *(1,) * (weights.ndim - 1)), weights, 0).astype(weights.dtype)
-        out.append(batch)
-    return out
-
-
 class ExampleTask:
-    """One example per JSONL row (train/examples.py): classification or seq2seq."""
+    """One example per JSONL row (train/data/examples.py): classification or seq2seq."""
 
     def __init__(self, config: Config, model: ModelConfig, tokenizer: Tokenizer):
         d, t = config.data, config.train
@@ -203,10 +150,10 @@ class ExampleTask:
             self.labels, self.data_config, what = [], d, ""
             make = lambda rows: examples.seq2seq_arrays(rows, d, tokenizer, t.seq_len, t.target_len)
         train, self.val = make(train_rows), make(val_rows)
-        self.batches = example_iterator(
+        self.batches = examples.example_iterator(
             train, t.batch_size, config.seed, d.shuffle, jax.process_index(), jax.process_count()
         )
-        self.eval_set = padded_batches(self.val, t.batch_size)
+        self.eval_set = examples.padded_batches(self.val, t.batch_size)
         self.summary = f"{len(train_rows):,} train / {len(val_rows):,} val examples{what}"
 
     def batch(self, local: dict, step: int) -> dict:

@@ -7,7 +7,7 @@
 
 Nothing is held in memory but the records in flight, so this reads c4-sized splits. Per process:
 records of the split (``tfds.data_source``: array_record, random access, no TensorFlow; or
-``tfds.load`` through tf.data with ``data.tfds_reader=tf_data``, see ``train/tfds_tf.py``)
+``tfds.load`` through tf.data with ``data.tfds_reader=tf_data``, see ``train/data/tfds_tf.py``)
 -> this process's shard (records p, p + P, ...; tf_data: the p-th of P even parts) -> shuffled by
 seed, anew each epoch -> repeated
 -> text tokenised, ``eos_id`` appended -> concatenated and cut into windows of ``seq_len + 1``
@@ -26,14 +26,15 @@ import dataclasses
 import importlib.util
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import grain
 import numpy as np
 
 from train.config import ConfigError, DataConfig
-from train.data import Batch, PackedTokens, in_workers, split_batch
+from train.data.pipeline import batch_iterator
+from train.data.text import Batch, PackedTokens, split_batch
 from train.tokenizer import Tokenizer
 
 BUILD_HINT = (
@@ -135,44 +136,29 @@ class TfdsCorpus:
         ``num_workers > 0``: that many processes each pack a slice of the shard, and batches are
         taken from them in turn (so the batches depend on ``num_workers``).
         """
-        if global_batch % process_count:
-            raise ConfigError(
-                f"train.batch_size={global_batch} does not split evenly over {process_count} processes; "
-                f"make it a multiple of {process_count}"
-            )
         split = self.cfg.tfds_train_split
         if self.num_records(split) < process_count:
             raise ConfigError(
                 f"data.tfds_train_split='{split}' of '{self.cfg.tfds_name}' holds {self.num_records(split)} records, "
                 f"fewer than the {process_count} processes that each read a shard; choose a larger split"
             )
-        tokenize = Tokenize(tokenizer, self.cfg.text_field)
-        tokens = self.records(split, seed % 2**32, shuffle, process_index, process_count, tokenize)
-        packed = grain.experimental.ConcatThenSplitIterDataset(tokens, length_struct={"tokens": seq_len + 1})
-        batches = packed.map(_tokens).batch(global_batch // process_count, drop_remainder=True).map(split_batch)
-        return StreamBatches(iter(in_workers(batches, num_workers)), process_index, process_count)
-
-    def records(
-        self, split: str, seed: int, shuffle: bool, index: int, count: int, transform: Callable[[dict], Any]
-    ) -> grain.IterDataset:
-        """``transform(record)`` for records ``index, index + count, ...`` of ``split``, endless.
-
-        Reshuffled each epoch when ``shuffle``. With data_source, ``transform`` runs in grain's
-        read-ahead threads.
-        """
         if self.cfg.tfds_reader == "tf_data":
-            from train.tfds_tf import TfDataRecords
+            from train.data.tfds_tf import TfDataRecords
 
-            return TfDataRecords(self.builder, split, seed, shuffle, index, count).map(transform)
-        ds = grain.MapDataset.source(self.builder.as_data_source(split=split))[index::count]
-        if shuffle:
-            ds = ds.shuffle(seed=seed)  # index e*n + i reads epoch e's permutation
-        return ds.repeat().map(transform).to_iter_dataset(READ_OPTIONS)
+            records = TfDataRecords(self.builder, split, seed % 2**32, shuffle, process_index, process_count)
+        else:
+            records = grain.MapDataset.source(self.builder.as_data_source(split=split))
+        batches = batch_iterator(
+            records, global_batch, seed=seed, shuffle=shuffle, process_index=process_index,
+            process_count=process_count, per_record=Tokenize(tokenizer, self.cfg.text_field),
+            pack_length=seq_len + 1, per_batch=split_batch, num_workers=num_workers, read_options=READ_OPTIONS,
+        )  # fmt: skip
+        return StreamBatches(batches, process_index, process_count)
 
     def documents(self, split: str) -> Iterator[str]:
         """The texts of ``split`` in record order."""
         if self.cfg.tfds_reader == "tf_data":
-            from train.tfds_tf import ordered_records
+            from train.data.tfds_tf import ordered_records
 
             records = ordered_records(self.builder, split)
         else:
@@ -183,7 +169,7 @@ class TfdsCorpus:
     def val_tokens(self, tokenizer: Tokenizer, seq_len: int, batch_size: int, max_batches: int) -> PackedTokens:
         """The first validation documents, enough for ``max_batches`` eval batches (or all of them).
 
-        ``data.eval_batches(tokens, seq_len, batch_size, max_batches)`` cuts them into windows;
+        ``text.eval_batches(tokens, seq_len, batch_size, max_batches)`` cuts them into windows;
         ``num_bytes / num_tokens`` of these documents gives bits per byte.
         """
         needed, have, docs = max_batches * batch_size * seq_len + 1, 0, []
@@ -215,11 +201,6 @@ class Tokenize:
     def __call__(self, record: dict) -> dict[str, np.ndarray]:
         ids = self.tokenizer.encode(as_text(record[self.field]))
         return {"tokens": np.append(ids, self.tokenizer.eos_id).astype(np.int32)}
-
-
-def _tokens(packed: dict[str, np.ndarray]) -> np.ndarray:
-    """Drops the packer's ``tokens_segment_ids`` / ``tokens_positions``: int32[seq_len + 1]."""
-    return packed["tokens"]
 
 
 class StreamBatches:

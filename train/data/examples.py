@@ -14,14 +14,16 @@ every run. Every data error names the file and line and how to fix it.
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Sequence
 
+import grain
 import numpy as np
 
-from train import objectives
 from train.config import ConfigError, DataConfig, split_labels
-from train.data import Row, held_out, match_files, read_rows
+from train.data import objectives
+from train.data.files import Row, read_rows
+from train.data.pipeline import batch_iterator
+from train.data.split import train_val_split
 from train.tokenizer import Tokenizer
 
 Arrays = dict[str, np.ndarray]  # every array has the examples on its leading axis
@@ -40,23 +42,11 @@ def field(row: Row, name: str, key: str, kinds: tuple[type, ...] = (str,)) -> st
 
 def split_rows(cfg: DataConfig) -> tuple[list[Row], list[Row]]:
     """(training rows, validation rows) as the module docstring describes; neither is empty."""
-    train_paths = match_files(cfg.train_files, "data.train_files")
-    if cfg.val_files:
-        val_paths = match_files(cfg.val_files, "data.val_files")
-        held = {os.path.realpath(p) for p in val_paths}
-        train_paths = [p for p in train_paths if os.path.realpath(p) not in held]
-        train, val = read_rows(train_paths), read_rows(val_paths)
+    if cfg.group_field:
+        name = lambda r: str(field(r, cfg.group_field, "data.group_field", (str, int)))
     else:
-        rows = read_rows(train_paths)
-        if cfg.group_field:
-            keys = [str(field(r, cfg.group_field, "data.group_field", (str, int))) for r in rows]
-            groups = sorted(set(keys))
-            held = {groups[i] for i in held_out(groups, cfg.val_fraction)}
-        else:
-            keys = [r.name for r in rows]
-            held = {keys[i] for i in held_out(keys, cfg.val_fraction)}
-        train = [r for r, k in zip(rows, keys) if k not in held]
-        val = [r for r, k in zip(rows, keys) if k in held]
+        name = lambda r: r.name
+    train, val = train_val_split(cfg.train_files, cfg.val_files, cfg.val_fraction, read_rows, name)
     if not train:
         raise ConfigError(f"data.train_files='{cfg.train_files}' leaves no training examples; point it at JSONL rows")
     if not val:
@@ -163,3 +153,58 @@ def seq2seq_arrays(rows: Sequence[Row], cfg: DataConfig, tokenizer: Tokenizer, s
         pad_id=m.pad,
         decoder_start_id=m.pad,
     )
+
+
+# --- batches --------------------------------------------------------------------------------
+
+
+class ArrayRows:
+    """A grain data source over arrays sharing a leading example axis: ``rows[i]`` is ``{k: v[i]}``."""
+
+    def __init__(self, arrays: Arrays):
+        self.arrays = arrays
+        self._len = len(next(iter(arrays.values())))
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, i: int) -> dict:
+        return {k: v[i] for k, v in self.arrays.items()}
+
+
+def example_iterator(
+    arrays: Arrays, batch_size: int, seed: int, shuffle: bool, process_index: int = 0, process_count: int = 1
+) -> grain.DatasetIterator:
+    """Endless iterator of this process's rows of each global batch of examples.
+
+    Yields ``{k: v[rows]}`` with ``batch_size // process_count`` rows: rows ``[p*local,
+    (p+1)*local)`` of global batch ``s``, which holds examples ``s*batch_size ... + batch_size - 1``
+    of the endless, per-epoch reshuffled example order (``pipeline.batch_iterator``'s rows).
+    ``get_state`` / ``set_state`` resume exactly.
+    """
+    source = ArrayRows(arrays)
+    if len(source) < batch_size:
+        raise ConfigError(
+            f"the training data holds {len(source)} examples, fewer than train.batch_size={batch_size}; "
+            "lower train.batch_size or add data"
+        )
+    ds = grain.MapDataset.source(source)
+    return batch_iterator(
+        ds, batch_size, seed=seed, shuffle=shuffle, process_index=process_index, process_count=process_count
+    )
+
+
+def padded_batches(arrays: Arrays, batch_size: int) -> list[dict]:
+    """Every example once, in order, in global batches of ``batch_size``; the last batch is filled
+    up with copies of example 0 whose ``weights`` are 0, so they change no loss or score."""
+    n = len(arrays["targets"])
+    order = np.concatenate([np.arange(n), np.zeros(-n % batch_size, np.int64)])
+    out = []
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        batch = {k: v[rows] for k, v in arrays.items()}
+        valid = np.arange(start, start + batch_size) < n  # [B]
+        weights = batch["weights"]  # [B] or [B, T]
+        batch["weights"] = np.where(valid.reshape(-1, *(1,) * (weights.ndim - 1)), weights, 0).astype(weights.dtype)
+        out.append(batch)
+    return out

@@ -1,0 +1,106 @@
+"""The one grain pipeline every source feeds: records -> this process's shuffled, endless batches.
+
+    it = batch_iterator(records, global_batch, seed=0, shuffle=True)    # rows: windows or examples
+    it = batch_iterator(documents, global_batch, seed=0, shuffle=True, per_record=tokenize, pack_length=T + 1)
+    batch = next(it)           # this process's global_batch // process_count rows
+    state = it.get_state()     # a few JSON-serialisable ints; it.set_state(state) resumes exactly
+
+Records are reshuffled by seed anew every epoch and repeat without end. A global batch is split
+over processes one of two ways:
+
+- rows (``pack_length=0``): global batch ``s`` holds records ``s*B ... (s+1)*B - 1`` of the
+  endless record order and process ``p`` takes rows ``[p*B/P, (p+1)*B/P)``, so the global batch
+  does not depend on the process count ``P`` (in-memory windows, examples);
+- packed (``pack_length > 0``): process ``p`` reads records ``p, p + P, ...`` (tokens, a
+  ``{'tokens': int32[n]}`` each after ``per_record``), concatenates them and cuts rows of
+  ``pack_length`` tokens (grain's ``ConcatThenSplitIterDataset``), as MaxText does; its batch
+  ``s`` is a pure function of (seed, s, p, P) (streamed TFDS records).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import grain
+import numpy as np
+
+from train.config import ConfigError
+
+# The records are in memory: reading ahead in one thread is cheap; more threads contend for the GIL.
+IN_MEMORY = grain.ReadOptions(num_threads=1, prefetch_buffer_size=8)
+
+
+def batch_iterator(
+    records: grain.MapDataset | grain.IterDataset,
+    global_batch: int,
+    *,
+    seed: int,
+    shuffle: bool,
+    process_index: int = 0,
+    process_count: int = 1,
+    per_record: Callable[[Any], Any] | None = None,
+    pack_length: int = 0,
+    per_batch: Callable[[Any], Any] | None = None,
+    num_workers: int = 0,
+    read_options: grain.ReadOptions = IN_MEMORY,
+) -> grain.DatasetIterator:
+    """Endless iterator of this process's ``global_batch // process_count`` rows of each batch.
+
+    ``records``: a ``grain.MapDataset`` (random access: shuffled and repeated here) or a
+    ``grain.IterDataset`` that already yields this process's endless, shuffled records (tf.data).
+    ``per_record`` runs in grain's read-ahead threads; ``per_batch`` turns a batch of rows into
+    the batch the task reads. ``num_workers > 0`` computes batches ahead in that many processes.
+    """
+    if global_batch % process_count:
+        raise ConfigError(
+            f"train.batch_size={global_batch} does not split evenly over {process_count} processes; "
+            f"make it a multiple of {process_count}"
+        )
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} is outside [0, {process_count})")
+    local = global_batch // process_count
+    if isinstance(records, grain.MapDataset):
+        records = endless(records, seed, shuffle, (process_index, process_count) if pack_length else (0, 1))
+    if per_record is not None:
+        records = records.map(per_record)
+    if pack_length:
+        if isinstance(records, grain.MapDataset):
+            records = records.to_iter_dataset(read_options)
+        packed = grain.experimental.ConcatThenSplitIterDataset(records, length_struct={"tokens": pack_length})
+        ds = packed.map(_tokens).batch(local, drop_remainder=True)
+    else:
+        # Local batch k holds rows [k*local, (k+1)*local) of the endless record order, so global
+        # batch s is local batches s*P ... s*P + P - 1 and process p takes every P-th from p.
+        ds = records.batch(local, drop_remainder=True)[process_index::process_count]
+    if per_batch is not None:
+        ds = ds.map(per_batch)
+    if isinstance(ds, grain.MapDataset):
+        ds = ds.to_iter_dataset(read_options)
+    return iter(in_workers(ds, num_workers))
+
+
+def endless(records: grain.MapDataset, seed: int, shuffle: bool, shard: tuple[int, int] = (0, 1)) -> grain.MapDataset:
+    """Records ``p, p + P, ...`` of ``records`` for ``shard=(p, P)``, reshuffled by seed every epoch
+    when ``shuffle``, repeated without end."""
+    index, count = shard
+    records = records[index::count]
+    if shuffle:
+        records = records.shuffle(seed=seed % 2**32)  # index e*n + i reads epoch e's permutation (seed + e)
+    return records.repeat()
+
+
+def _tokens(packed: dict[str, np.ndarray]) -> np.ndarray:
+    """Drops the packer's ``tokens_segment_ids`` / ``tokens_positions``: int32[pack_length]."""
+    return packed["tokens"]
+
+
+def in_workers(ds: grain.IterDataset, num_workers: int) -> grain.IterDataset:
+    """``ds`` computed ahead in ``num_workers`` processes (unchanged when 0)."""
+    if num_workers <= 0:
+        return ds
+    from absl import flags  # grain's worker processes read absl flags; unparsed ones raise
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+    return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))

@@ -1,0 +1,186 @@
+"""Text documents -> one packed token stream -> shuffled, resumable, per-process batches.
+
+    train_docs, val_docs = read_documents(cfg.data)
+    train = PackedTokens(train_docs, tokenizer)
+    it = train_iterator(train, seq_len, batch_size, seed, shuffle=True)
+    batch = next(it)  # {'inputs': int32[B, T], 'targets': int32[B, T]}, targets = inputs shifted by 1
+
+Documents are concatenated with ``eos_id`` after each one and cut into non-overlapping windows
+of ``seq_len + 1`` tokens. Batch ``s`` is a pure function of (seed, s) and the same global
+batch whatever the process count; ``it.get_state()`` is a few JSON-serialisable ints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+
+import grain
+import numpy as np
+
+from train.config import ConfigError, DataConfig
+from train.data.files import read_rows, read_text
+from train.data.pipeline import batch_iterator
+from train.data.split import train_val_split
+from train.tokenizer import Tokenizer
+
+Batch = dict[str, np.ndarray]  # {'inputs': int32[B, T], 'targets': int32[B, T]}
+
+
+# --- documents ------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Document:
+    name: str  # a stable id that decides whether it is held out: the file name, or 'file.jsonl:12'
+    text: str
+
+
+def documents_in(paths: Sequence[str], cfg: DataConfig) -> list[Document]:
+    """The non-empty documents of ``paths`` in file order: one per file, or with ``cfg.format='jsonl'``
+    the string in ``cfg.text_field`` of each line's JSON object."""
+    if cfg.format != "jsonl":
+        docs = [Document(os.path.basename(p), read_text(p)) for p in paths]
+        return [d for d in docs if d.text]
+    docs = []
+    for row in read_rows(paths):
+        if cfg.text_field not in row.record:
+            raise ConfigError(
+                f"{row.where} has no field '{cfg.text_field}'; set data.text_field to the field that holds the text"
+            )
+        text = row.record[cfg.text_field]
+        if not isinstance(text, str):
+            raise ConfigError(
+                f"{row.where} field '{cfg.text_field}' is not a string; set data.text_field to a text field"
+            )
+        if text:
+            docs.append(Document(row.name, text))
+    return docs
+
+
+def read_documents(cfg: DataConfig) -> tuple[list[str], list[str]]:
+    """(train documents, validation documents), each list in file order, empty documents dropped,
+    split by ``data.val_files`` or ``data.val_fraction`` (train/data/split.py)."""
+    read = lambda paths: documents_in(paths, cfg)
+    train, val = train_val_split(cfg.train_files, cfg.val_files, cfg.val_fraction, read, lambda d: d.name)
+    if not cfg.val_files and cfg.val_fraction > 0 and len(train) == 1 and not val:
+        raise ConfigError(
+            f"data.train_files='{cfg.train_files}' holds one document, too few to hold out whole documents; "
+            "set data.val_files or data.val_fraction=0"
+        )
+    if not train:
+        raise ConfigError(f"data.train_files='{cfg.train_files}' holds only empty documents; point it at text")
+    if cfg.val_files and not val:
+        raise ConfigError(f"data.val_files='{cfg.val_files}' holds only empty documents; point it at text")
+    return [d.text for d in train], [d.text for d in val]
+
+
+# --- packed tokens --------------------------------------------------------------------------
+
+
+class PackedTokens:
+    """All documents tokenized into one int32 stream, ``eos_id`` after each document.
+
+    Window ``i`` of length ``seq_len + 1`` is ``tokens[i*seq_len : i*seq_len + seq_len + 1]``:
+    consecutive windows share one token, so every token is predicted exactly once.
+    """
+
+    def __init__(self, documents: Sequence[str], tokenizer: Tokenizer, chunk: int = 1024):
+        eos = np.array([tokenizer.eos_id], np.int32)
+        pieces: list[np.ndarray] = []
+        self.num_bytes = 0  # UTF-8 bytes of the text (eos excluded), for bits per byte
+        for start in range(0, len(documents), chunk):
+            texts = [documents[i] for i in range(start, min(start + chunk, len(documents)))]
+            self.num_bytes += sum(len(t.encode("utf-8")) for t in texts)
+            for ids in tokenizer.encode_batch(texts):
+                pieces += [ids, eos]
+        self.tokens: np.ndarray = np.concatenate(pieces) if pieces else np.zeros(0, np.int32)  # int32[N]
+        self.num_documents = len(documents)
+        self.eos_id = tokenizer.eos_id
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.tokens)
+
+    def num_windows(self, seq_len: int) -> int:
+        return max(self.num_tokens - 1, 0) // seq_len
+
+    def windows(self, seq_len: int) -> TokenWindows:
+        """A grain ``RandomAccessDataSource`` of int32[seq_len + 1] windows."""
+        return TokenWindows(self.tokens, seq_len)
+
+
+class TokenWindows:
+    """``windows[i]`` is int32[seq_len + 1]; inputs are ``[:-1]``, targets ``[1:]``."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int):
+        self.tokens, self.seq_len = tokens, seq_len
+        self._len = max(len(tokens) - 1, 0) // seq_len
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if not 0 <= i < self._len:
+            raise IndexError(f"window {i} out of range [0, {self._len})")
+        start = i * self.seq_len
+        return self.tokens[start : start + self.seq_len + 1]
+
+    def __repr__(self) -> str:
+        return f"TokenWindows(num_tokens={len(self.tokens)}, seq_len={self.seq_len})"
+
+
+def split_batch(windows: np.ndarray) -> Batch:
+    """int32[B, T + 1] -> {'inputs': int32[B, T], 'targets': int32[B, T]}."""
+    return {"inputs": windows[:, :-1], "targets": windows[:, 1:]}
+
+
+# --- batches --------------------------------------------------------------------------------
+
+
+def train_iterator(
+    tokens: PackedTokens,
+    seq_len: int,
+    global_batch: int,
+    seed: int,
+    shuffle: bool,
+    process_index: int = 0,
+    process_count: int = 1,
+    num_workers: int = 0,
+) -> grain.DatasetIterator:
+    """Endless iterator of this process's rows of each global batch.
+
+    Yields ``{'inputs', 'targets'}: int32[global_batch // process_count, seq_len]``, rows
+    ``[p*local, (p+1)*local)`` of global batch ``s``. Global batch ``s`` holds windows
+    ``s*global_batch ... + global_batch - 1`` of the (per-epoch reshuffled) window order, so
+    it does not depend on ``process_count``. ``get_state`` / ``set_state`` resume exactly.
+    """
+    available = tokens.num_windows(seq_len)
+    if available < global_batch:
+        raise ConfigError(
+            f"the training corpus gives {available} windows of seq_len+1={seq_len + 1} tokens, fewer than "
+            f"train.batch_size={global_batch}; lower train.seq_len or train.batch_size or add data"
+        )
+    windows = grain.MapDataset.source(tokens.windows(seq_len))
+    return batch_iterator(
+        windows, global_batch, seed=seed, shuffle=shuffle, process_index=process_index,
+        process_count=process_count, per_batch=split_batch, num_workers=num_workers,
+    )  # fmt: skip
+
+
+def eval_batches(tokens: PackedTokens, seq_len: int, batch_size: int, max_batches: int) -> list[Batch]:
+    """The first ``min(max_batches, num_windows // batch_size)`` batches of windows, in order.
+
+    Each is ``{'inputs', 'targets'}: int32[batch_size, seq_len]``; the ragged tail is dropped.
+    """
+    available = tokens.num_windows(seq_len)
+    count = min(max_batches, available // batch_size)
+    if count <= 0:
+        raise ConfigError(
+            f"the validation corpus gives {available} windows of seq_len+1={seq_len + 1} tokens, fewer than "
+            f"one eval batch of {batch_size}; hold out more documents (data.val_fraction or data.val_files) "
+            "or lower train.seq_len or train.batch_size"
+        )
+    windows = tokens.windows(seq_len)
+    return [split_batch(np.stack([windows[b * batch_size + j] for j in range(batch_size)])) for b in range(count)]
