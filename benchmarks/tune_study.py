@@ -26,7 +26,8 @@ def final_eval(run_dir: pathlib.Path) -> dict:
 def summary(study_dir: pathlib.Path, baseline: pathlib.Path, best_run: pathlib.Path | None) -> dict:
     rows = list(csv.DictReader((study_dir / "trials.csv").open()))
     metric = list(rows[0])[list(rows[0]).index("steps") - 1]
-    budget = yaml.safe_load((study_dir / "best.yaml").read_text())["train"]["steps"]
+    train = yaml.safe_load((study_dir / "best.yaml").read_text())["train"]
+    budget = train["steps"]
     finished = [r for r in rows if r["state"] in ("COMPLETE", "PRUNED")]
     complete = [r for r in rows if r["state"] == "COMPLETE"]
     best = min(complete, key=lambda r: float(r[metric]))  # the studies here minimise
@@ -43,11 +44,12 @@ def summary(study_dir: pathlib.Path, baseline: pathlib.Path, best_run: pathlib.P
         "trial_seconds": round(sum(float(r["seconds"] or 0) for r in rows), 1),
         "best_trial": int(best["number"]),
         "best_params": {k: best[k] for k in params},
-        "best_" + metric: float(best[metric]),
-        "baseline_" + metric: final_eval(baseline)[metric],
+        "best_trial_" + metric: float(best[metric]),  # on the study's eval (train.eval_batches of best.yaml)
+        "study_eval_batches": train["eval_batches"],
+        "baseline_" + metric: final_eval(baseline)[metric],  # the default config, same steps, its own eval
     }
     if best_run:
-        out["best_rerun_" + metric] = final_eval(best_run)[metric]
+        out["best_rerun_" + metric] = final_eval(best_run)[metric]  # best.yaml again, the baseline's eval
     return out
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from train.config import ConfigError, apply_overrides, build_config, load_yaml
 
-# The keys of the eval records each objective writes (train/tasks.py evaluators).
+# The keys of the eval records each objective writes (the evaluators in train/data/tasks.py).
 EVAL_METRICS = {
     "causal_lm": ("eval_loss", "eval_bpb"),
     "masked_lm": ("eval_loss",),
