@@ -135,10 +135,11 @@ def load_preset(name: str):
     if not path.is_file():
         sys.exit(f"error: preset '{name}' is neither one of {', '.join(table)} nor a YAML config; pick one of those")
     from train.config import load_config
+    from train.precision import resolve_compute_dtype
     from train.tokenizer import load_tokenizer
 
     cfg = load_config(path)
-    model = cfg.model
+    model = resolve_compute_dtype(cfg.model)
     if not model.vocab_size:
         vocab = load_tokenizer(cfg.data.tokenizer).vocab_size
         model = dataclasses.replace(model, vocab_size=-(-vocab // 128) * 128)

@@ -26,6 +26,7 @@ from train.checkpoint import Checkpoints, Restored, restore_target
 from train.config import Config, ConfigError, fit_sizes, save_config
 from train.data.tasks import ExampleTask, StreamTask, global_batch, make_task, vocab_needed
 from train.optimizer import schedule
+from train.precision import resolve_compute_dtype
 from train.state import StateSpec, TrainState, count_params, init_state, make_state_spec
 from train.step import make_train_step
 from train.tokenizer import Tokenizer, load_tokenizer
@@ -36,7 +37,9 @@ VOCAB_MULTIPLE = 128
 
 
 def resolve_model(cfg: ModelConfig, tokenizer_vocab: int) -> ModelConfig:
-    """Fills ``vocab_size=0`` from the tokenizer (rounded up for efficient sharding)."""
+    """Fills ``vocab_size=0`` from the tokenizer (rounded up for efficient sharding) and
+    ``compute_dtype='auto'`` with the dtype fast on this hardware (``train.precision``)."""
+    cfg = resolve_compute_dtype(cfg)
     if cfg.vocab_size == 0:
         return dataclasses.replace(cfg, vocab_size=math.ceil(tokenizer_vocab / VOCAB_MULTIPLE) * VOCAB_MULTIPLE)
     if cfg.vocab_size < tokenizer_vocab:

@@ -39,8 +39,9 @@ def fast_compute_dtype(backend: str, flags: frozenset[str]) -> str:
     return "bfloat16" if "amx_bf16" in flags else "float32"
 
 
-def resolve_compute_dtype(cfg: ModelConfig) -> ModelConfig:
-    """``cfg`` with ``compute_dtype='auto'`` replaced by the fast dtype of this process's default backend."""
+def resolve_compute_dtype(cfg: ModelConfig, backend: str | None = None) -> ModelConfig:
+    """``cfg`` with ``compute_dtype='auto'`` replaced by the fast dtype of ``backend`` (default: this
+    process's default backend; a compile-only TPU plan passes ``'tpu'``)."""
     if cfg.compute_dtype != "auto":
         return cfg
-    return dataclasses.replace(cfg, compute_dtype=fast_compute_dtype(jax.default_backend(), cpu_flags()))
+    return dataclasses.replace(cfg, compute_dtype=fast_compute_dtype(backend or jax.default_backend(), cpu_flags()))
