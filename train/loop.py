@@ -2,7 +2,7 @@
 
 config -> tokenizer -> model config -> mesh -> task -> abstract state (shapes + shardings) ->
 restore or init -> loop { global batch -> jitted step (donated state) -> callbacks (metrics,
-eval, samples, saves, preemption, the caller's) } -> save, final eval, callbacks' on_end.
+eval, samples, saves, preemption, the caller's) } -> final eval, save, callbacks' on_end.
 """
 
 from __future__ import annotations
