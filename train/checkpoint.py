@@ -51,7 +51,6 @@ class Restored:
     state: TrainState
     data_state: dict
     config: dict
-    best: dict | None = None  # train/best.py's record at this step
 
 
 def _warn(message: str) -> None:
@@ -250,7 +249,7 @@ class Checkpoints:
         if cfg.keep_every:
             policies.append(preservation.EveryNSteps(cfg.keep_every))
         if cfg.keep_best:
-            policies.append(_KeepStep(lambda: self.best and self.best["step"]))
+            policies.append(_KeepStep(lambda: (self.best or {}).get("step")))
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
@@ -375,8 +374,8 @@ class Checkpoints:
         step, restored, config, failed = found
         for bad, reason in failed:
             self._set_aside(bad, reason, step)
-        self.best = self.read_best(step)
-        return Restored(step, restored.state, restored.data, config, self.best)
+        self.best = self.read_best(step)  # the tracker carries on from it (train/callbacks.py BestEval)
+        return Restored(step, restored.state, restored.data, config)
 
     def _set_aside(self, step: int, reason: str, used: int) -> None:
         path = self.path(step)

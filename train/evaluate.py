@@ -1,8 +1,8 @@
 """``python -m train.evaluate SOURCE [--best] [--files F1,F2,...] [--seq-len N] [--stride N] [--batch N] [--split S]``
 
 Scores a saved model (a run directory, an export directory or a Hugging Face model directory,
-train/sources.py) on text and prints one JSON line (with the checkpoint's ``step`` for a run).
-``--best``: a run's best checkpoint (``checkpoint.keep_best``) instead of its newest step.
+train/sources.py) on text and prints one JSON line. ``--best``: a run's best checkpoint
+(``checkpoint.keep_best``) instead of its newest step; the line then holds the checkpoint's ``step``.
 
 - Causal LMs: every token of the files after the first is predicted exactly once, from
   windows of ``--seq-len`` tokens (documents packed with eos after each, as in training).
@@ -160,7 +160,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         result = scoring.score_examples(s, rows(s, args.files, args.split), args.split, out)
     else:
         result = scoring.score_stream(s, documents(s, args.files, args.split))
-    return result if s.source.step is None else {**result, "step": s.source.step}
+    return {**result, "step": s.source.step} if args.best else result
 
 
 def main(argv: list[str] | None = None) -> int:
