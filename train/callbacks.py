@@ -7,6 +7,7 @@ first. A new concern (early stopping, tuner reports, schedules) is a new ``Callb
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import TYPE_CHECKING
 
@@ -17,6 +18,7 @@ from tqdm import tqdm
 from models.generate import generate
 from sharding.rules import activation_context
 from train import metrics as perf
+from train.best import Best, tracked
 from train.optimizer import schedule
 from train.preemption import Preemption
 from train.writers import plot_losses
@@ -134,6 +136,38 @@ def sample_text(loop: Loop) -> str:
     return tokenizer.decode(tokens[: tokens.index(tokenizer.eos_id)] if tokenizer.eos_id in tokens else tokens)
 
 
+class BestEval(Callback):
+    """Tracks the best eval of the run's metric (train/best.py) in ``loop.checkpoints.best``, which every
+    checkpoint saves: with ``checkpoint.keep_best`` a new best step is saved at once (and kept), and
+    ``train.early_stopping`` stops the run after ``patience`` evals in a row without an improvement."""
+
+    def on_start(self, loop: Loop) -> None:
+        self.best, saved = tracked(loop.config), loop.checkpoints.best
+        if self.best and saved:
+            restored = Best.from_dict(saved)
+            if restored.same_rule(self.best):
+                self.best = restored
+            elif loop.is_main:
+                tqdm.write(
+                    f"warning: the checkpoint tracked {saved['metric']} ({saved['mode']}); tracking "
+                    f"{self.best.metric} ({self.best.mode}) afresh from step {loop.step}",
+                    file=sys.stderr,
+                )
+        loop.checkpoints.best = self.best.to_dict() if self.best else None
+
+    def on_eval(self, loop: Loop, record: dict) -> None:
+        if self.best is None:
+            return
+        improved = self.best.update(record)
+        loop.checkpoints.best = self.best.to_dict()
+        if improved and loop.config.checkpoint.keep_best:
+            loop.save()
+        es = loop.config.train.early_stopping
+        reason = self.best.stop_reason(es.patience) if es.metric else None
+        if reason:
+            loop.request_stop(reason)
+
+
 class Samples(Callback):
     """Decoders: prints a sample every ``train.sample_every`` steps before the last, and at the end."""
 
@@ -185,4 +219,4 @@ class LossPlot(Callback):
 
 def builtin(peak_flops: float) -> list[Callback]:
     """The run's own concerns, in the order they act after each step."""
-    return [MetricsLog(peak_flops), PeriodicEval(), Samples(), Preempt(), PeriodicSave(), LossPlot()]
+    return [MetricsLog(peak_flops), PeriodicEval(), BestEval(), Samples(), Preempt(), PeriodicSave(), LossPlot()]

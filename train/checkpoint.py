@@ -1,6 +1,6 @@
 """Orbax checkpoints of the whole run: train state, data-iterator position, config, manifest.
 
-Layout: ``run.dir/checkpoints/<step>/{state,data,config,manifest}``. Orbax writes each step
+Layout: ``run.dir/checkpoints/<step>/{state,data,config,manifest[,best]}``. Orbax writes each step
 into ``<step>.orbax-checkpoint-tmp*`` and renames it on commit, so a process killed mid-save
 leaves only older steps visible (the leftover temporary directory is removed on the next start).
 
@@ -10,6 +10,9 @@ SHA-256 of the ``data`` and ``config`` items (train/manifest.py); a restore that
 When the newest steps are damaged and an older one restores, the damaged ones are moved aside
 to ``<step>.damaged`` (never deleted) with a ``warning:`` line each. When none restores, nothing
 is moved and the run stops with an error.
+
+``best`` (train/best.py, when the run tracks a metric) records the best eval so far; with
+``checkpoint.keep_best`` its step is kept besides the ``keep`` newest and ``best_params`` reads it.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as preservation
 
 from train.config import CheckpointConfig, ConfigError
 from train.manifest import MANIFEST_FORMAT, ManifestRestore, ManifestSave, json_digest, start_fingerprints, verify
@@ -81,17 +85,37 @@ def _reason(error: Exception) -> str:
 # --- the run's checkpoints ------------------------------------------------------------------
 
 
+@dataclasses.dataclass
+class _KeepStep(preservation.PreservationPolicy):
+    """Preserves the step ``step()`` names (None: none)."""
+
+    step: Callable[[], int | None]
+
+    def should_preserve(self, checkpoints, *, context) -> list[bool]:
+        keep = self.step()
+        return [info.step == keep for info in checkpoints]
+
+
 class Checkpoints:
-    """Saves and restores a run's checkpoints under ``directory``."""
+    """Saves and restores a run's checkpoints under ``directory``.
+
+    ``best``: the best-eval record (train/best.py) saved with each step; the callback that tracks it
+    keeps it current. With ``keep_best`` its step is preserved besides the ``keep`` newest.
+    """
 
     def __init__(self, directory: pathlib.Path, cfg: CheckpointConfig, read_only: bool = False):
         self.directory = pathlib.Path(directory).absolute()
         self.cfg = cfg
+        self.best: dict | None = None
+        policies = [preservation.LatestN(cfg.keep)]
+        if cfg.keep_every:
+            policies.append(preservation.EveryNSteps(cfg.keep_every))
+        if cfg.keep_best:
+            policies.append(_KeepStep(lambda: (self.best or {}).get("step")))
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=cfg.keep,
-                keep_period=cfg.keep_every or None,
+                preservation_policy=preservation.AnyPreservationPolicy(policies),
                 enable_async_checkpointing=cfg.async_save,
                 create=not read_only,
                 read_only=read_only,
@@ -114,13 +138,13 @@ class Checkpoints:
         if step in self.manager.all_steps():
             return
         arrays = start_fingerprints(state)
-        items = {"data": json_digest(data_state), "config": json_digest(config)}
+        json_items = {"data": data_state, "config": config, **({"best": self.best} if self.best else {})}
+        items = {name: json_digest(value) for name, value in json_items.items()}
         self.manager.save(
             step,
             args=ocp.args.Composite(
                 state=ocp.args.PyTreeSave(state),  # PyTree handler: restores may be partial
-                data=ocp.args.JsonSave(data_state),
-                config=ocp.args.JsonSave(config),
+                **{name: ocp.args.JsonSave(value) for name, value in json_items.items()},
                 manifest=ManifestSave(lambda: {"format": MANIFEST_FORMAT, "arrays": arrays(), "items": items}),
             ),
             force=True,
@@ -140,9 +164,17 @@ class Checkpoints:
 
     def read_config(self, step: int) -> dict:
         """The run config saved with ``step``, checked against the manifest."""
-        config = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
-        verify(self.read_manifest(step), config=config)
-        return config
+        return self.read_json(step, "config")
+
+    def read_json(self, step: int, item: str) -> dict:
+        """A JSON item (config, data, best) saved with ``step``, checked against the manifest."""
+        value = self.manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))[item]
+        verify(self.read_manifest(step), **{item: value})
+        return value
+
+    def read_best(self, step: int) -> dict | None:
+        """The best-eval record saved with ``step``; None when the run tracked no metric then."""
+        return self.read_json(step, "best") if (self.path(step) / "best").is_dir() else None
 
     def newest_intact(
         self, restore: Callable[[int, dict], Any], model_config: dict, what: str = ""
@@ -204,6 +236,7 @@ class Checkpoints:
         step, restored, config, failed = found
         for bad, reason in failed:
             self._set_aside(bad, reason, step)
+        self.best = self.read_best(step)  # the tracker carries on from it (train/callbacks.py BestEval)
         return Restored(step, restored.state, restored.data, config)
 
     def _set_aside(self, step: int, reason: str, used: int) -> None:
@@ -262,6 +295,43 @@ def newest_params(
     step, params, config, failed = found
     for bad, reason in failed:
         _warn(f"checkpoint {checkpoints.path(bad)} is damaged ({reason}); using step {step}")
+    return step, params, config
+
+
+def best_params(
+    directory: pathlib.Path, target_params: Callable[[dict], Any], what: str = "SOURCE"
+) -> tuple[int, Any, dict]:
+    """(step, params, config) of another run's best checkpoint (``checkpoint.keep_best``): the step the
+    best-eval record of its newest intact step names. ConfigError when there is none or it is damaged."""
+    directory = _checkpoints_dir(directory, what)
+    checkpoints = Checkpoints(directory, CheckpointConfig(), read_only=True)
+    try:
+        found = checkpoints.newest_intact(lambda step, _: checkpoints.read_best(step), {}, f"{what}: ")
+        if found is None:
+            raise ConfigError(f"{what}='{directory}' holds no complete checkpoint; point it at a run that saved one")
+        newest, record, config, _ = found
+        if record is None or not config.get("checkpoint", {}).get("keep_best"):
+            raise ConfigError(
+                f"{what}: step {newest} of '{directory}' was trained without checkpoint.keep_best, so it has no best "
+                "checkpoint; leave out --best to use the newest step"
+            )
+        step, name = record["step"], f"the best checkpoint of '{directory}'"
+        if step is None:
+            raise ConfigError(f"{what}: {name} does not exist: no eval gave a finite {record['metric']}")
+        if step not in checkpoints.steps():
+            raise ConfigError(f"{what}: {name}, step {step}, is gone; leave out --best to use the newest step")
+        try:
+            config = checkpoints.read_config(step)
+            params = _restore_params(checkpoints, step, target_params(config))
+        except ConfigError:
+            raise
+        except Exception as e:  # noqa: BLE001 - unreadable means damaged
+            raise CheckpointError(
+                f"{what}: {name}, {checkpoints.path(step)}, is damaged ({_reason(e)}); leave out --best to use the "
+                "newest intact step"
+            ) from None
+    finally:
+        checkpoints.close()
     return step, params, config
 
 

@@ -76,6 +76,14 @@ class OptimizerConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class EarlyStoppingConfig:
+    metric: str = ""  # an eval record key (eval_loss, eval_bpb, eval_macro_f1, ...); empty: off
+    mode: Literal["", "min", "max"] = ""  # empty: max for accuracies and F1, min for losses
+    patience: int = 3  # evals in a row without an improvement that end the run
+    min_delta: float = 0.0  # an improvement beats the best value by more than this
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     steps: int = 1000
     batch_size: int = 32  # global, in sequences
@@ -93,6 +101,7 @@ class TrainConfig:
     sample_prompt: str = "ROMEO.\n"
     sample_tokens: int = 200
     progress_bar: bool = True
+    early_stopping: EarlyStoppingConfig = dataclasses.field(default_factory=EarlyStoppingConfig)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +111,9 @@ class CheckpointConfig:
     keep_every: int = 0  # also keep every Nth step forever; 0: off
     async_save: bool = True
     init_from: str = ""  # start a new run from another run's parameters
+    keep_best: bool = False  # also keep the step of the best eval (train/best.py)
+    best_metric: str = ""  # keep_best without early stopping: the eval key that ranks steps
+    best_mode: Literal["", "min", "max"] = ""  # empty: max for accuracies and F1, min for losses
 
 
 @dataclasses.dataclass(frozen=True)
@@ -319,6 +331,7 @@ def validate(config: Config) -> list[str]:
     if config.data.format == "tfds" and not config.data.tfds_name:
         out.append("data.format=tfds needs data.tfds_name, e.g. data.tfds_name=c4/en:3.1.0")
     out += objective_problems(config)
+    out += best_problems(config)
     r = config.run
     if r.num_processes < 1 or (r.num_processes > 1 and not r.coordinator and not r.auto_distributed):
         out.append("run.num_processes > 1 needs run.coordinator=host:port (or run.auto_distributed=true)")
@@ -344,6 +357,15 @@ def split_labels(text: str) -> list[str]:
 
 
 EXAMPLE_OBJECTIVES = ("seq2seq", "classification")  # read JSONL examples, not a packed token stream
+# The keys of the eval records each objective writes (train/data/tasks.py evaluators).
+EVAL_METRICS = {
+    "causal_lm": ("eval_loss", "eval_bpb"),
+    "masked_lm": ("eval_loss",),
+    "span_corruption": ("eval_loss",),
+    "seq2seq": ("eval_loss", "eval_token_accuracy"),
+    "classification": ("eval_loss", "eval_accuracy", "eval_macro_f1"),
+}
+MAXIMIZED = ("eval_accuracy", "eval_macro_f1", "eval_token_accuracy")  # the rest are losses
 OBJECTIVE_FAMILY = {
     "causal_lm": "decoder",
     "masked_lm": "encoder",
@@ -373,6 +395,51 @@ def objective_problems(config: Config) -> list[str]:
         )
     if t.target_len <= 0:
         out.append(f"train.target_len must be positive, got {t.target_len}")
+    return out
+
+
+def natural_mode(metric: str) -> str:
+    """'max' for accuracies and F1, 'min' for losses."""
+    return "max" if metric in MAXIMIZED else "min"
+
+
+def _metric_problems(metric: str, mode: str, objective: str, key: str, mode_key: str) -> list[str]:
+    """``metric`` must be a key of the objective's eval records, ``mode`` (if set) its natural direction."""
+    reported = EVAL_METRICS[objective]
+    if metric not in reported:
+        options = f"use one of {', '.join(reported)}{_close_match(metric, reported)}"
+        return [f"{key}={metric!r} is never reported by train.objective={objective}; {options}"]
+    natural = natural_mode(metric)
+    if mode and mode != natural:
+        return [f"{mode_key}={mode} would look for the worst {metric}; use {natural} (or leave it empty)"]
+    return []
+
+
+def best_problems(config: Config) -> list[str]:
+    """train.early_stopping and checkpoint.keep_best / best_metric / best_mode (train/best.py)."""
+    es, c, objective = config.train.early_stopping, config.checkpoint, config.train.objective
+    out = []
+    if es.metric:
+        out += _metric_problems(
+            es.metric, es.mode, objective, "train.early_stopping.metric", "train.early_stopping.mode"
+        )
+        if es.patience < 1 or es.min_delta < 0:
+            out.append("train.early_stopping.patience must be >= 1 and min_delta >= 0")
+        if config.train.eval_every == 0:
+            out.append("train.early_stopping needs periodic evals; set train.eval_every > 0")
+        if c.best_metric and (c.best_metric, c.best_mode) != (es.metric, es.mode):
+            out.append(
+                "checkpoint.best_metric / best_mode differ from train.early_stopping's metric / mode; the best "
+                "checkpoint is the early-stopping one: drop checkpoint.best_metric and best_mode"
+            )
+    elif es.mode:
+        out.append("train.early_stopping.mode is set but early stopping is off; set train.early_stopping.metric")
+    if c.best_metric and not es.metric:
+        out += _metric_problems(c.best_metric, c.best_mode, objective, "checkpoint.best_metric", "checkpoint.best_mode")
+    if (c.best_metric or c.best_mode) and not c.keep_best:
+        out.append("checkpoint.best_metric / best_mode are set but checkpoint.keep_best is false; set it true")
+    if c.keep_best and not (es.metric or c.best_metric):
+        out.append("checkpoint.keep_best needs a metric: set checkpoint.best_metric (or train.early_stopping.metric)")
     return out
 
 

@@ -1,7 +1,8 @@
-"""``python -m train.evaluate SOURCE [--files F1,F2,...] [--seq-len N] [--stride N] [--batch N] [--split val|test]``
+"""``python -m train.evaluate SOURCE [--best] [--files F1,F2,...] [--seq-len N] [--stride N] [--batch N] [--split S]``
 
 Scores a saved model (a run directory, an export directory or a Hugging Face model directory,
-train/sources.py) on text and prints one JSON line.
+train/sources.py) on text and prints one JSON line. ``--best``: a run's best checkpoint
+(``checkpoint.keep_best``) instead of its newest step; the line then holds the checkpoint's ``step``.
 
 - Causal LMs: every token of the files after the first is predicted exactly once, from
   windows of ``--seq-len`` tokens (documents packed with eos after each, as in training).
@@ -51,6 +52,7 @@ class _Parser(argparse.ArgumentParser):
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = _Parser(prog="python -m train.evaluate", description=__doc__.split("\n\n")[1])
     parser.add_argument("source", help="run directory, export directory or Hugging Face model directory")
+    parser.add_argument("--best", action="store_true", help="a run's best checkpoint (checkpoint.keep_best)")
     parser.add_argument(
         "--files", default="", help="comma-separated globs of files to score (default: the run's split)"
     )
@@ -86,7 +88,7 @@ def setup(args: argparse.Namespace) -> Setup:
     if args.files:
         match_files(args.files, "--files")  # before the model loads
     mesh = source_mesh(args.source)
-    source = load_source(args.source, mesh=mesh)
+    source = load_source(args.source, mesh=mesh, best=args.best)
     tokenizer = source_tokenizer(source, args.tokenizer)
     run = source.run_config or Config()
     objective = run.train.objective if source.run_config else OBJECTIVE_OF[source.config.family]
@@ -148,8 +150,10 @@ def evaluate(args: argparse.Namespace) -> dict:
     s = setup(args)
     if s.config.train.objective in ("classification", "seq2seq"):
         out = pathlib.Path(args.out) if args.out else s.source.path
-        return scoring.score_examples(s, rows(s, args.files, args.split), args.split, out)
-    return scoring.score_stream(s, documents(s, args.files, args.split))
+        result = scoring.score_examples(s, rows(s, args.files, args.split), args.split, out)
+    else:
+        result = scoring.score_stream(s, documents(s, args.files, args.split))
+    return {**result, "step": s.source.step} if args.best else result
 
 
 def main(argv: list[str] | None = None) -> int:

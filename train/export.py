@@ -1,9 +1,10 @@
 """``python -m train.export SRC OUT_DIR``: a model's parameters in another layout.
 
-    python -m train.export SRC OUT_DIR [--format params|hf|checkpoint] [--tokenizer DIR]
+    python -m train.export SRC OUT_DIR [--format params|hf|checkpoint] [--tokenizer DIR] [--best]
 
-SRC is a run directory (its newest intact checkpoint; also its ``checkpoints/`` directory or a
-``--format checkpoint`` output) or a Hugging Face model directory (config.json + safetensors).
+SRC is a run directory (its newest intact checkpoint, or with ``--best`` its best one, kept by
+``checkpoint.keep_best``; also its ``checkpoints/`` directory or a ``--format checkpoint``
+output) or a Hugging Face model directory (config.json + safetensors).
 
 --format params (default)
     ``OUT_DIR/params`` (an Orbax StandardCheckpointer tree of fp32 arrays, nested dicts keyed
@@ -39,14 +40,19 @@ def _cpu():
     return jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
 
 
-def read_model(src: pathlib.Path) -> tuple[str, ModelConfig, object]:
-    """(description, config, parameters as an nnx.State on the CPU) of a run or a Hugging Face directory."""
+def read_model(src: pathlib.Path, best: bool = False) -> tuple[str, ModelConfig, object]:
+    """(description, config, parameters as an nnx.State on the CPU) of a run (``best``: its best
+    checkpoint) or a Hugging Face directory."""
     from flax import nnx
 
     from models import abstract_model, hf
-    from train.checkpoint import newest_params, restore_target
+    from train.checkpoint import best_params, newest_params, restore_target
 
     if hf.is_model_dir(src):
+        if best:
+            raise ConfigError(
+                f"SRC='{src}' is a Hugging Face model, not a run, so it has no best checkpoint; leave out --best"
+            )
         model, cfg = hf.load(src)
         return str(src), cfg, nnx.state(model, nnx.Param)
 
@@ -54,8 +60,9 @@ def read_model(src: pathlib.Path) -> tuple[str, ModelConfig, object]:
         cfg = ModelConfig.from_dict(saved.get("model", {}), f"the model config saved in {src}")
         return restore_target(abstract_model(cfg)[1], _cpu())
 
-    step, params, config = newest_params(src, target, what="SRC")
-    return f"step {step} of {src}", ModelConfig.from_dict(config["model"], f"{src}"), params
+    step, params, config = (best_params if best else newest_params)(src, target, what="SRC")
+    what = "best checkpoint, step" if best else "step"
+    return f"{what} {step} of {src}", ModelConfig.from_dict(config["model"], f"{src}"), params
 
 
 def write_params(params, cfg: ModelConfig, out_dir: pathlib.Path) -> None:
@@ -82,8 +89,11 @@ def write_checkpoint(params, cfg: ModelConfig, out_dir: pathlib.Path) -> None:
     (out_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
-def export(src: pathlib.Path, out_dir: pathlib.Path, format: str = "params", tokenizer: str | None = None) -> str:
-    """Writes the parameters of ``src`` to ``out_dir`` in ``format``; returns what was exported."""
+def export(
+    src: pathlib.Path, out_dir: pathlib.Path, format: str = "params", tokenizer: str | None = None, best: bool = False
+) -> str:
+    """Writes the parameters of ``src`` (``best``: its best checkpoint) to ``out_dir`` in ``format``;
+    returns what was exported."""
     from models import hf
 
     out_dir = pathlib.Path(out_dir).absolute()
@@ -91,7 +101,7 @@ def export(src: pathlib.Path, out_dir: pathlib.Path, format: str = "params", tok
         raise ConfigError(f"OUT_DIR '{out_dir}' exists and is not empty; choose a new directory")
     if tokenizer is not None and format != "hf":
         raise ConfigError("--tokenizer only applies to --format hf; leave it out")
-    source, cfg, params = read_model(pathlib.Path(src).absolute())
+    source, cfg, params = read_model(pathlib.Path(src).absolute(), best)
     if format == "params":
         write_params(params, cfg, out_dir)
     elif format == "checkpoint":
@@ -136,9 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out_dir", help="a new directory")
     parser.add_argument("--format", choices=FORMATS, default="params")
     parser.add_argument("--tokenizer", default=None, help="--format hf: a tokenizer directory to write alongside")
+    parser.add_argument("--best", action="store_true", help="a run's best checkpoint (checkpoint.keep_best)")
     args = parser.parse_args(argv)
     try:
-        source = export(pathlib.Path(args.src), pathlib.Path(args.out_dir), args.format, args.tokenizer)
+        source = export(pathlib.Path(args.src), pathlib.Path(args.out_dir), args.format, args.tokenizer, args.best)
     except (ConfigError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -2,7 +2,7 @@
 
 config -> tokenizer -> model config -> mesh -> task -> abstract state (shapes + shardings) ->
 restore or init -> loop { global batch -> jitted step (donated state) -> callbacks (metrics,
-eval, samples, saves, preemption, the caller's) } -> save, final eval, callbacks' on_end.
+eval, samples, saves, preemption, the caller's) } -> final eval, save, callbacks' on_end.
 """
 
 from __future__ import annotations
@@ -215,11 +215,12 @@ def run_steps(loop: Loop, step_fn: Callable, batch: dict) -> dict:
 
 
 def finish(loop: Loop) -> dict:
-    """Saves the step the run ends on, makes the final eval unless one was just made (or the run was
-    preempted), waits for the checkpoint and tells the callbacks."""
-    loop.save()
+    """Makes the final eval unless one was just made (or the run was preempted), saves the step the
+    run ends on (with what the eval told the callbacks, e.g. the best-eval record), waits for the
+    checkpoint and tells the callbacks."""
     if not loop.preempted and loop.last_eval.get("step") != loop.step:
         print(f"final: {describe(loop.evaluate())}", flush=True)
+    loop.save()
     loop.checkpoints.wait()
     if loop.preempted:
         print(f"preempted: saved checkpoint at step {loop.step} to {loop.checkpoints.path(loop.step)}", flush=True)

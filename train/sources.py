@@ -5,8 +5,9 @@
     logits = source.model.forward(batch)
 
 - run directory (``config.yaml`` + ``checkpoints/``, or step directories as ``python -m
-  train.export --format checkpoint`` writes them): the newest intact step's parameters, the
-  run's config and its tokenizer (``data.tokenizer``, read relative to the working directory);
+  train.export --format checkpoint`` writes them): the newest intact step's parameters (``best``:
+  the best checkpoint's, ``checkpoint.keep_best``), the run's config and its tokenizer
+  (``data.tokenizer``, read relative to the working directory);
 - export directory (``python -m train.export``: ``model.json`` + ``params/``): the parameters,
   and a Hugging Face tokenizer when one was saved next to them;
 - Hugging Face model directory (``config.json`` + safetensors, ``models.hf.load``) with its own
@@ -31,7 +32,7 @@ from models.config import ModelConfig
 from sharding.mesh import MeshConfig, make_mesh
 from sharding.rules import RULES, Rules, logical_to_mesh
 from train import packages
-from train.checkpoint import newest_params, restore_target
+from train.checkpoint import best_params, newest_params, restore_target
 from train.config import Config, ConfigError, load_config
 from train.export import load as load_export
 from train.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
@@ -60,11 +61,10 @@ def load_source(path: str | pathlib.Path, *, mesh: Mesh | None = None, best: boo
     is_run = (location / "config.yaml").is_file() and any(p.name.isdigit() for p in steps.iterdir())
     if (location / "config.yaml").is_file() and (location / "checkpoints").is_dir() and not is_run:
         raise ConfigError(f"run '{path}' holds no checkpoint yet; let it save one (checkpoint.every, or the end)")
-    if best:
-        what = f"run '{path}'" if is_run else f"'{path}' is not a run, so it"
-        raise ConfigError(f"{what} has no best checkpoint; leave out best to use the newest step")
+    if best and not is_run:
+        raise ConfigError(f"'{path}' is not a run, so it has no best checkpoint; leave out --best")
     if is_run:
-        source = _from_run(location, mesh)
+        source = _from_run(location, mesh, best)
     elif (location / "model.json").is_file() and (location / "params").is_dir():
         source = _from_export(location, mesh)
     elif hf.is_model_dir(location):
@@ -122,19 +122,17 @@ def _target(cfg: ModelConfig, mesh: Mesh | None, rules: Rules) -> nnx.State:
     return restore_target(abstract, shardings_for(abstract, mesh, rules))
 
 
-def _from_run(location: pathlib.Path, mesh: Mesh | None) -> Source:
+def _from_run(location: pathlib.Path, mesh: Mesh | None, best: bool) -> Source:
     try:
         run_config = load_config(location / "config.yaml")
     except ConfigError as e:
         raise ConfigError(f"run '{location}' has a config.yaml this version cannot read ({e})") from None
     where = f"the model config saved in {location}"
-    step, params, saved = newest_params(
-        location,
-        lambda saved: _target(
-            ModelConfig.from_dict(saved.get("model", {}), where), mesh, run_config.mesh.logical_rules
-        ),
-        what="SOURCE",
-    )
+
+    def target(saved: dict) -> nnx.State:
+        return _target(ModelConfig.from_dict(saved.get("model", {}), where), mesh, run_config.mesh.logical_rules)
+
+    step, params, saved = (best_params if best else newest_params)(location, target, what="SOURCE")
     cfg = ModelConfig.from_dict(saved["model"], where)
     model = nnx.merge(abstract_model(cfg)[0], params)
     tokenizer = load_tokenizer(run_config.data.tokenizer)

@@ -15,17 +15,8 @@ import math
 import pathlib
 from typing import Any
 
-from train.config import ConfigError, apply_overrides, build_config, load_yaml
+from train.config import EVAL_METRICS, MAXIMIZED, ConfigError, apply_overrides, build_config, load_yaml
 
-# The keys of the eval records each objective writes (the evaluators in train/data/tasks.py).
-EVAL_METRICS = {
-    "causal_lm": ("eval_loss", "eval_bpb"),
-    "masked_lm": ("eval_loss",),
-    "span_corruption": ("eval_loss",),
-    "seq2seq": ("eval_loss", "eval_token_accuracy"),
-    "classification": ("eval_loss", "eval_accuracy", "eval_macro_f1"),
-}
-MAXIMIZED = ("eval_accuracy", "eval_macro_f1", "eval_token_accuracy")  # the rest are losses
 SAMPLERS = ("tpe", "random", "grid", "cmaes")
 PRUNERS = ("median", "hyperband", "none")
 PARAM_TYPES = ("float", "int", "categorical")
