@@ -108,7 +108,7 @@ def test_rows_are_padding_after_eos_as_in_transformers(pair):
     assert list(got[0, : end + 1]) == list(greedy[0, : end + 1]) and (got[0, end + 1 :] == 5).all()
 
 
-@pytest.mark.parametrize("pair", ["llama-gqa", "t5-v1.0"], indirect=True)
+@pytest.mark.parametrize("pair", ["llama-gqa"], indirect=True)
 def test_cached_and_recomputed_sampling_draw_the_same_tokens(pair):
     _, _, ours, prompts = pair
     kwargs = {"temperature": 0.9, "top_k": 20, "top_p": 0.95, "seed": 3}
@@ -117,7 +117,7 @@ def test_cached_and_recomputed_sampling_draw_the_same_tokens(pair):
     assert not np.array_equal(sampled, generate(ours, prompts, NEW, **(kwargs | {"seed": 4})))
 
 
-@pytest.mark.parametrize("pair", ["gpt2", "t5-v1.1"], indirect=True)
+@pytest.mark.parametrize("pair", ["gpt2"], indirect=True)
 def test_streamed_pieces_join_into_the_generated_tokens(pair):
     _, _, ours, prompts = pair
     pieces = list(stream(ours, prompts, NEW + 2, chunk=4, temperature=0.7, seed=1))
