@@ -93,7 +93,8 @@ class MetricsLog(Callback):
         }
         if self.first:
             record["compile_s"], self.first = loop.compile_s, False
-            record["params"], record["trainable_params"] = count_params(loop.spec.abstract.params), loop.spec.trainable_params
+            record["params"] = count_params(loop.spec.abstract.params)
+            record["trainable_params"] = loop.spec.trainable_params
         self.progress.update(self.interval_steps)  # the steps this record covers have finished
         self.progress.set_postfix(loss=f"{record['loss']:.3f}", mfu=f"{record['mfu']:.0%}")
         if step == t.steps:

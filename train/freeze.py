@@ -37,6 +37,9 @@ class Freeze:
     layers: int = 0  # train.freeze_layers
 
 
+NOTHING = Freeze()
+
+
 def param_path(key_path) -> str:
     """A tree path into the parameters (or into a tree shaped like them) -> 'stack/blocks/attn/q/kernel'."""
     parts = []

@@ -19,7 +19,7 @@ from models import abstract_model, build_model
 from models.config import ModelConfig
 from sharding.rules import RULES, Rules, logical_to_mesh, replicated
 from train.config import OptimizerConfig
-from train.freeze import Freeze
+from train.freeze import NOTHING, Freeze
 from train.optimizer import make_optimizer
 
 
@@ -46,7 +46,7 @@ def make_state_spec(
     total_steps: int,
     mesh: Mesh,
     rules: Rules = RULES,
-    freeze: Freeze = Freeze(),
+    freeze: Freeze = NOTHING,
 ) -> StateSpec:
     """The run's state described once: shapes, and shardings from the logical axes through ``rules``.
 
