@@ -45,6 +45,14 @@ FAST = [
 GPT2 = ["configs/tiny-gpt2.yaml", *FAST, "train.grad_accum=2", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
 LLAMA = ["configs/tiny-llama.yaml", *FAST, "train.grad_accum=4", "mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2"]
 GPT2_STEPS, LLAMA_STEPS = 8, 30
+# Adafactor with factored moments (64-wide matrices factor above 32), the embeddings and layer 0 frozen
+FROZEN_ADAFACTOR = [
+    "optimizer.name=adafactor",
+    "optimizer.lr=0.05",
+    "optimizer.min_dim_size_to_factor=32",
+    "train.freeze=embed|pos_embed",
+    "train.freeze_layers=1",
+]
 STOP_REASON = "eval_loss is low enough"
 
 
@@ -108,6 +116,9 @@ def runs(tmp_path_factory) -> dict:
             "gpt2-ref": args(GPT2, "gpt2-ref", GPT2_STEPS),
             "gpt2-stopped": args(GPT2, "gpt2-resumed", 3),
             "gpt2-resumed": args(GPT2, "gpt2-resumed", GPT2_STEPS),
+            "adafactor-ref": args(GPT2, "adafactor-ref", GPT2_STEPS, *FROZEN_ADAFACTOR),
+            "adafactor-stopped": args(GPT2, "adafactor-resumed", 3, *FROZEN_ADAFACTOR),
+            "adafactor-resumed": args(GPT2, "adafactor-resumed", GPT2_STEPS, *FROZEN_ADAFACTOR),
             "gpt2-other-model": args(GPT2, "gpt2-ref", GPT2_STEPS, "model.n_layers=3", "model.d_ff=128"),
             "gpt2-init": args(GPT2, "gpt2-init", 2, f"checkpoint.init_from={root / 'gpt2-ref'}", "checkpoint.every=1"),
             "llama-ref": args(LLAMA, "llama-ref", LLAMA_STEPS),
@@ -162,6 +173,26 @@ def test_a_run_stopped_at_step_3_and_continued_is_bitwise_the_uninterrupted_run(
     assert list(resumed.losses()) == list(range(1, steps + 1))
     assert resumed.losses() == ref.losses()  # exact float equality, every step
     assert_states_equal(saved_state(resumed.dir, steps), saved_state(ref.dir, steps))
+
+
+def test_a_frozen_adafactor_run_resumes_bitwise_and_reports_its_trainable_params(runs):
+    ref, stopped, resumed = runs["adafactor-ref"], runs["adafactor-stopped"], runs["adafactor-resumed"]
+    assert_ok(ref, stopped, resumed)
+    assert f"resumed from {resumed.dir / 'checkpoints' / '3'}" in resumed.out
+    assert resumed.losses() == ref.losses()
+    final = saved_state(ref.dir, GPT2_STEPS)
+    assert_states_equal(saved_state(resumed.dir, GPT2_STEPS), final)
+    assert not any("embed'" in path for path in final if path.startswith("['opt_state']"))  # frozen: no moments
+    sizes = {path: value.size for path, value in final.items() if path.startswith("['params']")}
+    frozen = sum(size for path, size in sizes.items() if "embed'" in path)
+    stacked = sum(size for path, size in sizes.items() if path.startswith("['params']['stack']"))
+    first = ref.metrics[0]
+    assert (first["params"], first["trainable_params"]) == (
+        sum(sizes.values()),
+        sum(sizes.values()) - frozen - stacked // 2,
+    )
+    assert "params" not in ref.metrics[1]
+    assert f"model: {first['params'] / 1e6:.2f}M params ({first['trainable_params'] / 1e6:.2f}M trainable)" in ref.out
 
 
 def test_sigterm_finishes_the_step_saves_once_and_the_resumed_run_is_bitwise_uninterrupted(runs):

@@ -21,6 +21,7 @@ from train import metrics as perf
 from train.best import Best, tracked
 from train.optimizer import schedule
 from train.preemption import Preemption
+from train.state import count_params
 from train.writers import plot_losses
 
 if TYPE_CHECKING:
@@ -94,6 +95,8 @@ class MetricsLog(Callback):
         }
         if self.first:
             record["compile_s"], self.first = loop.compile_s, False
+            record["params"] = count_params(loop.spec.abstract.params)
+            record["trainable_params"] = loop.spec.trainable_params
         self.progress.update(self.interval_steps)  # the steps this record covers have finished
         self.progress.set_postfix(loss=f"{record['loss']:.3f}", mfu=f"{record['mfu']:.0%}")
         if step == t.steps:

@@ -63,16 +63,24 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
+    name: Literal["adamw", "adafactor", "sgd"] = "adamw"
     lr: float = 1e-3  # peak learning rate
     min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio (cosine, linear, wsd)
-    schedule: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
+    schedule: Literal["cosine", "linear", "constant", "wsd", "rsqrt"] = "cosine"  # rsqrt: lr*sqrt(warmup/step)
     warmup_steps: int = 100
     decay_fraction: float = 0.2  # wsd: fraction of steps spent in the final decay
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
-    weight_decay: float = 0.1  # applied to matrices only, never to norms or biases
-    clip_norm: float = 1.0  # global-norm clipping; 0 disables
+    b1: float = 0.9  # adamw
+    b2: float = 0.95  # adamw
+    eps: float = 1e-8  # adamw
+    weight_decay: float = 0.1  # decoupled (lr * weight_decay * w a step), on matrices only, never norms or biases
+    clip_norm: float = 1.0  # global-norm clipping of the trainable gradients; 0 disables
+    momentum: float = 0.9  # sgd: heavy-ball momentum; 0: plain SGD
+    nesterov: bool = False  # sgd: Nesterov momentum
+    decay_rate: float = 0.8  # adafactor: second-moment decay 1 - step**-decay_rate (t5x)
+    factored: bool = True  # adafactor: row and column second moments for matrices instead of full ones
+    min_dim_size_to_factor: int = 128  # adafactor: factor only when the two largest axes are at least this long
+    clipping_threshold: float = 1.0  # adafactor: cap each update's RMS at this; 0 disables
+    multiply_by_parameter_scale: bool = True  # adafactor: steps relative to the parameter's RMS (at least 1e-3)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +110,8 @@ class TrainConfig:
     sample_tokens: int = 200
     progress_bar: bool = True
     early_stopping: EarlyStoppingConfig = dataclasses.field(default_factory=EarlyStoppingConfig)
+    freeze: str = ""  # regex over parameter paths kept fixed ('embed|stack/blocks/attn'; train/freeze.py)
+    freeze_layers: int = 0  # keep the lower N layers of every layer stack fixed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -322,6 +332,7 @@ def validate(config: Config) -> list[str]:
         )
     if o.lr <= 0 or o.warmup_steps < 0 or not 0 <= o.min_lr_ratio <= 1:
         out.append("optimizer.lr must be > 0, warmup_steps >= 0 and min_lr_ratio in [0, 1]")
+    out += optimizer_problems(o) + freeze_problems(t)
     if not 0 <= config.data.val_fraction < 1:
         out.append(f"data.val_fraction must be in [0, 1), got {config.data.val_fraction}")
     if not 0 <= config.data.test_fraction < 1:
@@ -337,6 +348,28 @@ def validate(config: Config) -> list[str]:
         out.append("run.num_processes > 1 needs run.coordinator=host:port (or run.auto_distributed=true)")
     if config.checkpoint.every < 0 or config.checkpoint.keep < 1:
         out.append("checkpoint.every must be >= 0 and checkpoint.keep >= 1")
+    return out
+
+
+def optimizer_problems(o: OptimizerConfig) -> list[str]:
+    out = []
+    if o.weight_decay < 0 or o.clip_norm < 0:
+        out.append("optimizer.weight_decay and optimizer.clip_norm must be >= 0 (0: off)")
+    if not 0 <= o.momentum < 1:
+        out.append(f"optimizer.momentum must be in [0, 1), got {o.momentum}")
+    if o.decay_rate <= 0 or o.clipping_threshold < 0 or o.min_dim_size_to_factor < 1:
+        out.append("optimizer.decay_rate must be > 0, clipping_threshold >= 0 (0: off) and min_dim_size_to_factor >= 1")
+    return out
+
+
+def freeze_problems(t: TrainConfig) -> list[str]:
+    out = []
+    try:
+        re.compile(t.freeze)
+    except re.error as e:
+        out.append(f"train.freeze={t.freeze!r} is not a regular expression ({e}); fix or quote it")
+    if t.freeze_layers < 0:
+        out.append(f"train.freeze_layers must be >= 0 (0: off), got {t.freeze_layers}")
     return out
 
 

@@ -25,6 +25,7 @@ from train.callbacks import Callback, builtin, describe
 from train.checkpoint import Checkpoints, Restored, restore_target
 from train.config import Config, ConfigError, fit_sizes, save_config
 from train.data.tasks import ExampleTask, StreamTask, global_batch, make_task, vocab_needed
+from train.freeze import Freeze
 from train.optimizer import schedule
 from train.precision import resolve_compute_dtype
 from train.state import StateSpec, TrainState, count_params, init_state, make_state_spec
@@ -69,7 +70,8 @@ def prepare(config: Config) -> Setup:
     mesh = make_mesh(config.mesh)
     check_fits(model_cfg, mesh.shape, config.mesh.logical_rules, **fit_sizes(config, jax.process_count()))
     task = make_task(config, model_cfg, tokenizer)
-    spec = make_state_spec(model_cfg, config.optimizer, config.train.steps, mesh, config.mesh.logical_rules)
+    freeze = Freeze(config.train.freeze, config.train.freeze_layers)
+    spec = make_state_spec(model_cfg, config.optimizer, config.train.steps, mesh, config.mesh.logical_rules, freeze)
     resolved = dataclasses.replace(config, model=model_cfg, data=task.data_config)
     return Setup(resolved, tokenizer, mesh, task, spec)
 
@@ -121,7 +123,8 @@ def warn_if_schedule_changed(restored: Restored, config: Config) -> None:
 def report(setup: Setup, params, peak: float, peak_source: str) -> None:
     model, mesh = setup.config.model, setup.mesh
     print(
-        f"model: {count_params(params) / 1e6:.2f}M params, mesh {dict(mesh.shape)}, {model.compute_dtype} compute; "
+        f"model: {count_params(params) / 1e6:.2f}M params ({setup.spec.trainable_params / 1e6:.2f}M trainable), "
+        f"mesh {dict(mesh.shape)}, {model.compute_dtype} compute; "
         f"data: {setup.task.summary}; "
         f"peak {peak / 1e12:.2f} TFLOP/s ({peak_source})",
         flush=True,

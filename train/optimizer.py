@@ -1,16 +1,26 @@
-"""AdamW with a learning-rate schedule, global-norm clipping and a weight-decay mask (optax)."""
+"""The optimizer (AdamW, Adafactor or SGD with momentum) with a learning-rate schedule, global-norm
+clipping, decoupled weight decay on matrices, and frozen parameters (train/freeze.py), from optax.
+
+Weight decay is decoupled for every optimizer: each step also subtracts ``lr * weight_decay * w``
+from the matrices (never from norms or biases).
+"""
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
 
 from train.config import OptimizerConfig
+from train.freeze import Freeze, with_freezing
+
+ADAFACTOR_EPS = 1e-30  # added to squared gradients (t5x's epsilon1)
+ADAFACTOR_MIN_SCALE = 1e-3  # multiply_by_parameter_scale: floor of the parameter RMS (t5x's epsilon2)
 
 
 def schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
-    """Linear warm-up to ``cfg.lr``, then cosine / linear / constant / warmup-stable-decay."""
+    """Linear warm-up to ``cfg.lr``, then cosine / linear / constant / warmup-stable-decay / rsqrt."""
     warmup = min(cfg.warmup_steps, total_steps)
     rest = max(total_steps - warmup, 1)
     end = cfg.lr * cfg.min_lr_ratio
@@ -20,6 +30,8 @@ def schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
         after = optax.cosine_decay_schedule(cfg.lr, rest, alpha=cfg.min_lr_ratio)
     elif cfg.schedule == "linear":
         after = optax.linear_schedule(cfg.lr, end, rest)
+    elif cfg.schedule == "rsqrt":
+        after = rsqrt_schedule(cfg.lr, max(warmup, 1))
     else:  # wsd: stable at the peak, then a linear decay over the last decay_fraction of steps
         decay = max(int(rest * cfg.decay_fraction), 1)
         after = optax.join_schedules(
@@ -28,6 +40,12 @@ def schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
     if warmup == 0:
         return after
     return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), after], [warmup])
+
+
+def rsqrt_schedule(lr: float, start: int) -> optax.Schedule:
+    """``lr * sqrt(start / (start + count))``: after a warm-up of ``start`` steps, ``lr * sqrt(start / step)``
+    (T5's ``1 / sqrt(max(step, 10_000))`` is lr 0.01 with warmup_steps 10_000)."""
+    return lambda count: lr * jnp.sqrt(start / (start + count))
 
 
 def decay_mask(logical_specs):
@@ -39,16 +57,39 @@ def decay_mask(logical_specs):
     return jax.tree.map(is_matrix, logical_specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
 
 
-def make_optimizer(cfg: OptimizerConfig, total_steps: int, logical_specs: nnx.State) -> optax.GradientTransformation:
-    """``logical_specs``: the parameters' logical PartitionSpecs (same tree as the params)."""
-    adamw = optax.adamw(
-        schedule(cfg, total_steps),
-        b1=cfg.b1,
-        b2=cfg.b2,
-        eps=cfg.eps,
-        weight_decay=cfg.weight_decay,
-        mask=decay_mask(logical_specs),
+def scaling(cfg: OptimizerConfig) -> list[optax.GradientTransformation]:
+    """The optimizer's own direction, before weight decay and the learning rate."""
+    if cfg.name == "adamw":
+        return [optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)]
+    if cfg.name == "sgd":
+        return [optax.trace(decay=cfg.momentum, nesterov=cfg.nesterov)] if cfg.momentum else []
+    out = [  # adafactor, as t5x: factored second moments, update clipping, relative step sizes
+        optax.scale_by_factored_rms(
+            factored=cfg.factored,
+            decay_rate=cfg.decay_rate,
+            min_dim_size_to_factor=cfg.min_dim_size_to_factor,
+            epsilon=ADAFACTOR_EPS,
+        )
+    ]
+    if cfg.clipping_threshold > 0:
+        out.append(optax.clip_by_block_rms(cfg.clipping_threshold))
+    if cfg.multiply_by_parameter_scale:
+        out.append(optax.scale_by_param_block_rms(ADAFACTOR_MIN_SCALE))
+    return out
+
+
+def make_optimizer(
+    cfg: OptimizerConfig, total_steps: int, abstract_params: nnx.State, logical_specs: nnx.State, freeze: Freeze
+) -> tuple[optax.GradientTransformation, int]:
+    """The run's transformation and its number of trainable parameter values.
+
+    ``abstract_params``: the parameters' shapes; ``logical_specs``: their logical PartitionSpecs (same tree).
+    """
+    tx = optax.chain(
+        *scaling(cfg),
+        optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask(logical_specs)),
+        optax.scale_by_learning_rate(schedule(cfg, total_steps)),
     )
     if cfg.clip_norm > 0:
-        return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw)
-    return adamw
+        tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), tx)
+    return with_freezing(tx, abstract_params, logical_specs, freeze)

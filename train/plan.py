@@ -33,6 +33,7 @@ from sharding.mesh import make_mesh
 from sharding.rules import batch_sharding
 from sharding.topology import Topology, abstract_devices, compile_only_environment, has_libtpu, parse_topology
 from train.config import Config, ConfigError, fit_sizes, load_config
+from train.freeze import Freeze
 from train.state import count_params, make_state_spec
 from train.step import make_train_step
 
@@ -135,7 +136,8 @@ def make_plan(cfg: Config, topology: Topology, slices: int = 1) -> Plan:
     mesh_shape = dict(mesh.shape)
     check_fits(cfg.model, mesh_shape, cfg.mesh.logical_rules, **fit_sizes(cfg, process_count=1))
 
-    spec = make_state_spec(cfg.model, cfg.optimizer, cfg.train.steps, mesh, cfg.mesh.logical_rules)
+    freeze = Freeze(cfg.train.freeze, cfg.train.freeze_layers)
+    spec = make_state_spec(cfg.model, cfg.optimizer, cfg.train.steps, mesh, cfg.mesh.logical_rules, freeze)
     step = make_train_step(spec, mesh, cfg.train.grad_accum)
     batch = abstract_batch(cfg)
     batch_shardings = jax.tree.map(lambda _: batch_sharding(mesh), batch)

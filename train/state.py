@@ -13,12 +13,13 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import AxisType, Mesh, NamedSharding
 
 from models import abstract_model, build_model
 from models.config import ModelConfig
 from sharding.rules import RULES, Rules, logical_to_mesh, replicated
 from train.config import OptimizerConfig
+from train.freeze import NOTHING, Freeze
 from train.optimizer import make_optimizer
 
 
@@ -36,27 +37,57 @@ class StateSpec:
     shardings: TrainState  # NamedSharding leaves
     logical_specs: nnx.State  # logical PartitionSpec per parameter
     rules: Rules = RULES  # logical axis -> mesh axes: parameters here, activations in the steps
+    trainable_params: int = 0  # parameter values the optimizer changes (all but the frozen ones)
 
 
 def make_state_spec(
-    model_cfg: ModelConfig, opt_cfg: OptimizerConfig, total_steps: int, mesh: Mesh, rules: Rules = RULES
+    model_cfg: ModelConfig,
+    opt_cfg: OptimizerConfig,
+    total_steps: int,
+    mesh: Mesh,
+    rules: Rules = RULES,
+    freeze: Freeze = NOTHING,
 ) -> StateSpec:
-    """The run's state described once: shapes, and shardings from the logical axes through ``rules``."""
+    """The run's state described once: shapes, and shardings from the logical axes through ``rules``.
+
+    Raises ConfigError when ``freeze`` names no parameter, too many layers, or every parameter.
+    """
     graphdef, abstract_params = abstract_model(model_cfg)
     logical_specs = nnx.get_partition_spec(abstract_params)
-    tx = make_optimizer(opt_cfg, total_steps, logical_specs)
+    tx, trainable = make_optimizer(opt_cfg, total_steps, abstract_params, logical_specs, freeze)
     param_shardings = logical_to_mesh(logical_specs, mesh, rules)
-    abstract_opt = jax.eval_shape(tx.init, abstract_params)
-    opt_shardings = optax.tree_map_params(
-        tx, lambda _, s: s, abstract_opt, param_shardings, transform_non_params=lambda _: replicated(mesh)
-    )
+    abstract_opt, opt_shardings = optimizer_state_shardings(tx, abstract_params, param_shardings, mesh)
     abstract = TrainState(
         step=jax.ShapeDtypeStruct((), jnp.int32),
         params=abstract_params,
         opt_state=abstract_opt,
     )
     shardings = TrainState(step=replicated(mesh), params=param_shardings, opt_state=opt_shardings)
-    return StateSpec(graphdef, tx, abstract, shardings, logical_specs, rules)
+    return StateSpec(graphdef, tx, abstract, shardings, logical_specs, rules, trainable)
+
+
+def optimizer_state_shardings(tx: optax.GradientTransformation, abstract_params, param_shardings, mesh: Mesh):
+    """(abstract optimizer state, its NamedShardings on ``mesh``), as JAX propagates the parameters'
+    shardings through ``tx.init``.
+
+    Traced on an explicit-sharding copy of the mesh, every state array carries the sharding its
+    computation from the parameters gives: moments shaped like a parameter are sharded like it,
+    Adafactor's factored row / column moments (a parameter reduced over one axis) keep the mesh
+    axes of the other axes, and scalars and placeholders are replicated.
+    """
+    explicit = Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Explicit,) * len(mesh.axis_names))
+    typed = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(explicit, s.spec)),
+        abstract_params,
+        param_shardings,
+    )
+    with jax.set_mesh(explicit):
+        traced = jax.eval_shape(tx.init, typed)
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), traced)
+    shardings = jax.tree.map(
+        lambda a: replicated(mesh) if a.sharding is None else NamedSharding(mesh, a.sharding.spec), traced
+    )  # scalars: None
+    return abstract, shardings
 
 
 def init_state(spec: StateSpec, model_cfg: ModelConfig, seed: int) -> TrainState:
