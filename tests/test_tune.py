@@ -147,7 +147,9 @@ def test_study_prunes_bad_trials_fails_invalid_ones_and_best_yaml_reruns_the_bes
     evals = records(study_dir / "trial-0002", "eval_loss")
     assert [e["step"] for e in evals] == [5] and f"{evals[0]['eval_bpb']:.6g}" == bad["eval_bpb"]
     assert (study_dir / "trial-0002" / "checkpoints" / "5").is_dir()
-    assert float(bad["eval_bpb"]) > records(study_dir / "trial-0000", "eval_loss")[0]["eval_bpb"]
+    good_evals = records(study_dir / "trial-0000", "eval_loss")
+    assert float(bad["eval_bpb"]) > good_evals[0]["eval_bpb"]
+    assert set(good_evals[0]) == {"step", *EVAL_METRICS["causal_lm"]}  # what the metric check knows
     assert "trial 2 PRUNED optimizer.lr=1e-06 train.batch_size=16 eval_bpb" in out
     assert "2 finished trials (1 pruned) ran 25 of 40 steps: pruning saved 38%" in out
     for name in ("history.png", "intermediate.png", "slice-optimizer.lr.png", "slice-train.batch_size.png"):
