@@ -123,17 +123,21 @@ def test_shipped_search_files_check_against_their_configs():
 
 def test_study_prunes_bad_trials_fails_invalid_ones_and_best_yaml_reruns_the_best(tmp_path):
     """lr 1e-6 is hopeless next to 1e-2: after one complete trial the median pruner stops it at its
-    first eval. Batch 12 does not divide over 8 devices: that trial fails with the reason. (The
-    random sampler with seed 44 draws (1e-2, 16), (1e-6, 12), (1e-6, 16).)"""
+    first eval. Batch 12 does not divide over 8 devices: that trial fails with the reason. The three
+    trials are queued in the study's storage first (Optuna runs queued params before sampling)."""
     study_dir = tmp_path / "study"
     study = (
-        f"  dir: {study_dir}\n  metric: eval_bpb\n  trials: 2\n  sampler: random\n  seed: 44\n"
+        f"  dir: {study_dir}\n  metric: eval_bpb\n  trials: 2\n  sampler: random\n"
         "  pruner: median\n  pruner_options: {n_startup_trials: 1, n_warmup_steps: 0}"
     )
     space = (
         "  optimizer.lr: {type: categorical, choices: [0.01, 1.0e-6]}\n"
         "  train.batch_size: {type: categorical, choices: [16, 12]}"
     )
+    study_dir.mkdir()
+    queued = optuna.create_study(study_name="study", storage=f"sqlite:///{study_dir / 'study.db'}")
+    for lr, batch in [(0.01, 16), (1e-6, 12), (1e-6, 16)]:
+        queued.enqueue_trial({"optimizer.lr": lr, "train.batch_size": batch})
     status, out, err = tune([TINY, search_file(tmp_path, study, space), *FAST])
     assert status == 0, err[-3000:]
     good, invalid, bad = rows(study_dir)
@@ -147,7 +151,9 @@ def test_study_prunes_bad_trials_fails_invalid_ones_and_best_yaml_reruns_the_bes
     evals = records(study_dir / "trial-0002", "eval_loss")
     assert [e["step"] for e in evals] == [5] and f"{evals[0]['eval_bpb']:.6g}" == bad["eval_bpb"]
     assert (study_dir / "trial-0002" / "checkpoints" / "5").is_dir()
-    assert float(bad["eval_bpb"]) > records(study_dir / "trial-0000", "eval_loss")[0]["eval_bpb"]
+    good_evals = records(study_dir / "trial-0000", "eval_loss")
+    assert float(bad["eval_bpb"]) > good_evals[0]["eval_bpb"]
+    assert set(good_evals[0]) == {"step", *EVAL_METRICS["causal_lm"]}  # what the metric check knows
     assert "trial 2 PRUNED optimizer.lr=1e-06 train.batch_size=16 eval_bpb" in out
     assert "2 finished trials (1 pruned) ran 25 of 40 steps: pruning saved 38%" in out
     for name in ("history.png", "intermediate.png", "slice-optimizer.lr.png", "slice-train.batch_size.png"):
