@@ -408,6 +408,9 @@ OBJECTIVE_FAMILY = {
 }
 
 
+PRETRAINING_OBJECTIVE = {"decoder": "causal_lm", "encoder": "masked_lm", "encoder_decoder": "span_corruption"}
+
+
 def objective_problems(config: Config) -> list[str]:
     """train.objective against the model family and head and the data format."""
     t, model, data = config.train, config.model, config.data

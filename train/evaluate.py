@@ -33,7 +33,7 @@ import pathlib
 import sys
 from typing import TYPE_CHECKING
 
-from train.config import Config, ConfigError
+from train.config import PRETRAINING_OBJECTIVE, Config, ConfigError
 
 if TYPE_CHECKING:
     from jax.sharding import Mesh
@@ -41,7 +41,6 @@ if TYPE_CHECKING:
     from train.sources import Source
     from train.tokenizer import Tokenizer
 
-OBJECTIVE_OF = {"decoder": "causal_lm", "encoder": "masked_lm", "encoder_decoder": "span_corruption"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -91,7 +90,7 @@ def setup(args: argparse.Namespace) -> Setup:
     source = load_source(args.source, mesh=mesh, best=args.best)
     tokenizer = source_tokenizer(source, args.tokenizer)
     run = source.run_config or Config()
-    objective = run.train.objective if source.run_config else OBJECTIVE_OF[source.config.family]
+    objective = run.train.objective if source.run_config else PRETRAINING_OBJECTIVE[source.config.family]
     if source.config.head == "classification" and source.run_config is None:
         raise ConfigError(f"'{args.source}' is a classifier but not a run directory; its label names come from a run")
     seq_len = args.seq_len or (run.train.seq_len if source.run_config else min(source.config.max_seq_len, 1024))

@@ -80,9 +80,14 @@ def write_checkpoint(params, cfg: ModelConfig, out_dir: pathlib.Path) -> None:
     import yaml
 
     from train.checkpoint import Checkpoints
-    from train.config import CheckpointConfig, Config
+    from train.config import PRETRAINING_OBJECTIVE, CheckpointConfig, Config, DataConfig, TrainConfig
 
-    config = dataclasses.replace(Config(), model=cfg, checkpoint=CheckpointConfig(init_from=str(out_dir)))
+    # a config the trainer accepts for this model: its pre-training objective (or classification) at a length it holds
+    classifier = cfg.head == "classification"
+    objective = "classification" if classifier else PRETRAINING_OBJECTIVE[cfg.family]
+    train = TrainConfig(seq_len=min(TrainConfig.seq_len, cfg.max_seq_len), objective=objective)
+    data = DataConfig(format="jsonl") if classifier else DataConfig()
+    config = Config(model=cfg, train=train, data=data, checkpoint=CheckpointConfig(init_from=str(out_dir)))
     checkpoints = Checkpoints(out_dir, CheckpointConfig(async_save=False))
     checkpoints.save(0, {"params": params}, {}, config.to_dict())
     checkpoints.close()
