@@ -196,6 +196,14 @@ class Torch:
 # --- one comparison --------------------------------------------------------------------------
 
 
+def _timed(model, batches: list[np.ndarray], n: int) -> tuple[float, float]:
+    """``n`` steps of ``model``: tokens per second of wall time and per second of this process's CPU time."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    model.run([batches[i % len(batches)] for i in range(n)])
+    tokens = sum(batches[i % len(batches)][:, 1:].size for i in range(n))
+    return tokens / (time.perf_counter() - wall), tokens / (time.process_time() - cpu)
+
+
 def compare(args: argparse.Namespace, batch: int, dtype: str) -> dict:
     from train.config import load_config
     from train.precision import resolve_compute_dtype
@@ -212,24 +220,17 @@ def compare(args: argparse.Namespace, batch: int, dtype: str) -> dict:
     total = args.warmup + args.repeats * args.steps
     ours, ref = Ours(config, model_cfg, total), Torch(config, model_cfg, total, args.threads)
 
-    def timed(model, n: int) -> tuple[float, float]:
-        """tokens per second of wall time and per second of this process's CPU time (all threads)."""
-        wall, cpu = time.perf_counter(), time.process_time()
-        model.run([batches[i % len(batches)] for i in range(n)])
-        tokens = batch * args.seq_len * n
-        return tokens / (time.perf_counter() - wall), tokens / (time.process_time() - cpu)
-
     start = time.perf_counter()
-    timed(ours, args.warmup)  # compiles
+    _timed(ours, batches, args.warmup)  # compiles
     compile_s = time.perf_counter() - start
-    timed(ref, args.warmup)
+    _timed(ref, batches, args.warmup)
     rounds = []  # ((ours wall, ours cpu), (torch wall, torch cpu))
     for r in range(args.repeats):  # ours first in even rounds, torch first in odd ones
         if r % 2:
-            b = timed(ref, args.steps)
-            rounds.append((timed(ours, args.steps), b))
+            b = _timed(ref, batches, args.steps)
+            rounds.append((_timed(ours, batches, args.steps), b))
         else:
-            rounds.append((timed(ours, args.steps), timed(ref, args.steps)))
+            rounds.append((_timed(ours, batches, args.steps), _timed(ref, batches, args.steps)))
     ratios = [a[0] / b[0] for a, b in rounds]
     best = max(a[0] for a, _ in rounds) / max(b[0] for _, b in rounds)
     cpu_ratio = float(np.median([a[1] / b[1] for a, b in rounds]))

@@ -53,7 +53,7 @@ def _matmul_bwd(residuals, g):
     def cpu(x, g):
         # XLA:CPU copies the left operand transposed; let that be the narrower one. The barrier keeps XLA
         # from folding a transpose after the dot (the one below, or a caller's, as a tied head's
-        # ``embedding.T``) back into it: a dot contracting its left operand's first axis runs 2-3x slower.
+        # ``embedding.T``) back into it: a dot contracting its left operand's first axis runs 1.5-3x slower.
         if x.shape[-1] > g.shape[-1]:
             return jax.lax.optimization_barrier(plain(g, x)).T
         return jax.lax.optimization_barrier(plain(x, g))
