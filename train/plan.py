@@ -34,6 +34,7 @@ from sharding.rules import batch_sharding
 from sharding.topology import Topology, abstract_devices, compile_only_environment, has_libtpu, parse_topology
 from train.config import Config, ConfigError, fit_sizes, load_config
 from train.freeze import Freeze
+from train.precision import resolve_compute_dtype
 from train.state import count_params, make_state_spec
 from train.step import make_train_step
 
@@ -127,7 +128,7 @@ def make_plan(cfg: Config, topology: Topology, slices: int = 1) -> Plan:
         raise ConfigError("model.vocab_size must be set for a plan (no tokenizer is loaded); set model.vocab_size=N")
     if slices < 1:
         raise ConfigError(f"slices must be a positive integer, got {slices}")
-    cfg = multislice_mesh(cfg, slices)
+    cfg = dataclasses.replace(multislice_mesh(cfg, slices), model=resolve_compute_dtype(cfg.model, backend="tpu"))
     try:
         devices = abstract_devices(topology, slices)
     except jax.errors.JaxRuntimeError as e:
