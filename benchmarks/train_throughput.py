@@ -149,6 +149,22 @@ def load_preset(name: str):
 # --- one measurement -------------------------------------------------------------------------
 
 
+def model_for(preset: str, args: argparse.Namespace):
+    """(model config, batch, seq_len) of ``preset`` with the command line's overrides applied."""
+    model_cfg, batch, seq_len = load_preset(preset)
+    batch, seq_len = args.batch or batch, args.seq_len or seq_len
+    overrides = {"max_seq_len": max(model_cfg.max_seq_len, seq_len)}
+    if args.dtype:
+        overrides["compute_dtype"] = args.dtype
+    if args.remat:
+        overrides["remat"] = args.remat
+    if args.attention:
+        overrides["attention"] = args.attention
+    if args.scan:
+        overrides["scan_layers"] = args.scan == "on"
+    return dataclasses.replace(model_cfg, **overrides), batch, seq_len
+
+
 def run_one(preset: str, sizes: tuple[int, int, int], args: argparse.Namespace) -> dict:
     import jax
     import numpy as np
@@ -161,19 +177,7 @@ def run_one(preset: str, sizes: tuple[int, int, int], args: argparse.Namespace) 
     from train.state import count_params, init_state, make_state_spec
     from train.step import make_train_step
 
-    model_cfg, batch, seq_len = load_preset(preset)
-    batch, seq_len = args.batch or batch, args.seq_len or seq_len
-    overrides = {"max_seq_len": max(model_cfg.max_seq_len, seq_len)}
-    if args.dtype:
-        overrides["compute_dtype"] = args.dtype
-    if args.remat:
-        overrides["remat"] = args.remat
-    if args.attention:
-        overrides["attention"] = args.attention
-    if args.scan:
-        overrides["scan_layers"] = args.scan == "on"
-    model_cfg = dataclasses.replace(model_cfg, **overrides)
-
+    model_cfg, batch, seq_len = model_for(preset, args)
     mesh = make_mesh(MeshConfig(data=sizes[0], fsdp=sizes[1], tensor=sizes[2]))
     try:
         check_fits(model_cfg, mesh.shape, batch_size=batch, seq_len=seq_len)
