@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
 
 import jax
@@ -131,3 +132,28 @@ def test_resume_with_dropout_is_exact(tmp_path):
     assert "resumed from" in resumed.out
     after = lambda run: {s: v for s, v in run.losses().items() if s > 3}  # metrics.jsonl keeps steps 1-3 too
     assert after(resumed) == after(straight) and len(after(straight)) == 3
+
+
+def test_hugging_face_configs_bring_their_dropout_rates(tmp_path):
+    from models import hf
+
+    gpt2 = {"model_type": "gpt2", "vocab_size": 256, "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 64}
+    bert = {
+        "model_type": "bert", "vocab_size": 256, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "intermediate_size": 64, "max_position_embeddings": 64, "hidden_dropout_prob": 0.15,
+        "attention_probs_dropout_prob": 0.05,
+    }  # fmt: skip
+    t5 = {"model_type": "t5", "vocab_size": 256, "d_model": 32, "num_layers": 2, "num_heads": 4, "d_kv": 8, "d_ff": 64}
+    for name, hf_config in {"gpt2": {**gpt2, "resid_pdrop": 0.2, "attn_pdrop": 0.05}, "bert": bert, "t5": t5}.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(hf_config))
+    cfg = hf.load_config(tmp_path / "gpt2")
+    assert (cfg.dropout, cfg.attention_dropout, cfg.attention) == (0.2, 0.05, "recompute")
+    cfg = hf.load_config(tmp_path / "bert")
+    assert (cfg.dropout, cfg.attention_dropout, cfg.attention) == (0.15, 0.05, "recompute")
+    cfg = hf.load_config(tmp_path / "t5")  # T5's dropout_rate (default 0.1) on both
+    assert (cfg.dropout, cfg.attention_dropout, cfg.attention) == (0.1, 0.1, "recompute")
+    cfg = hf.load_config(tmp_path / "gpt2", dropout=0.0, attention_dropout=0.0, attention="xla")
+    assert (cfg.dropout, cfg.attention_dropout, cfg.attention) == (0.0, 0.0, "xla")
+    with pytest.raises(hf.ConversionError, match="model.attention=recompute or model.attention_dropout=0"):
+        hf.load_config(tmp_path / "gpt2", attention="xla")
