@@ -141,7 +141,8 @@ class Stack(nnx.Module):
         rng: the stack's dropout key (None: no dropout); layer i gets ``fold_in(rng, i)``.
         """
         graphdef, stacked = nnx.split(self.blocks)
-        keys = None if rng is None else jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(self.n_layers))
+        dropping = rng is not None and (self.cfg.dropout > 0 or self.cfg.attention_dropout > 0)
+        keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(self.n_layers)) if dropping else None
 
         def layer(x, inputs):
             layer_state, key = inputs
