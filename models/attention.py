@@ -50,16 +50,17 @@ class Attention(nnx.Module):
         mask: jax.Array | None = None,
         bias: jax.Array | None = None,
         context: jax.Array | None = None,
+        rng: jax.Array | None = None,
     ) -> jax.Array:
         """x: [B, T, embed]; positions: [B, T] int (rope only); context: [B, S, embed] for cross-attention.
 
         mask: bool broadcastable to [B, heads, T, S], True where a query may attend (e.g. key
-        padding [B, 1, 1, S]); bias: float [1 or B, heads, T, S] added to the scores.
-        Returns [B, T, embed].
+        padding [B, 1, 1, S]); bias: float [1 or B, heads, T, S] added to the scores; rng: the key
+        of ``model.attention_dropout`` on the probabilities (None: off). Returns [B, T, embed].
         """
         q = self.queries(x, positions if context is None else None)
         k, v = self.keys_values(x if context is None else context, positions if context is None else None)
-        return self.attend(q, k, v, causal=causal, mask=mask, bias=bias)
+        return self.attend(q, k, v, causal=causal, mask=mask, bias=bias, rng=rng)
 
     def queries(self, x: jax.Array, positions: jax.Array | None = None) -> jax.Array:
         """[B, T, embed] -> [B, T, heads, head_dim]; rotated when ``positions`` [B, T] are given (rope)."""
@@ -89,6 +90,7 @@ class Attention(nnx.Module):
         mask: jax.Array | None = None,
         bias: jax.Array | None = None,
         implementation: str | None = None,
+        rng: jax.Array | None = None,
     ) -> jax.Array:
         """q [B, T, heads, head_dim] over k/v [B, S, kv_heads, head_dim], then the output projection -> [B, T, embed].
 
@@ -98,6 +100,9 @@ class Attention(nnx.Module):
         b, t, n, hd = q.shape
         scale = 1.0 / math.sqrt(hd) if cfg.scale_attention else 1.0
         implementation = implementation or cfg.attention
+        rate = cfg.attention_dropout if rng is not None else 0.0
+        if rate and implementation != "recompute":
+            raise ValueError(f"attention dropout needs model.attention='recompute', not '{implementation}'")
         if implementation == "splash":
             if mask is not None or bias is not None:
                 raise ValueError(
@@ -105,7 +110,8 @@ class Attention(nnx.Module):
                 )
             out = splash_attention(q, k, v, causal=causal, scale=scale)
         elif implementation == "recompute":
-            out = dot_product_attention(q, k, v, causal=causal, scale=scale, mask=mask, bias=bias)
+            drop = (rate, rng) if rate else None
+            out = dot_product_attention(q, k, v, causal=causal, scale=scale, mask=mask, bias=bias, dropout=drop)
         else:  # xla or cudnn
             out = jax.nn.dot_product_attention(
                 q, k, v, bias=bias, mask=mask, scale=scale, is_causal=causal, implementation=implementation

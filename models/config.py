@@ -62,6 +62,9 @@ class ModelConfig:
     head: Literal["lm", "classification"] = "lm"  # encoder: MLM logits [B, T, V] or class logits [B, C]
     num_labels: int = 2  # head='classification': number of classes
     pooling: Literal["cls", "mean"] = "cls"  # head='classification': the [CLS] state (BERT) or the mean over tokens
+    # training only (a forward given an rng key); off in eval, generation and parity
+    dropout: float = 0.0  # on the embeddings and every residual branch (and BERT's pooled output)
+    attention_dropout: float = 0.0  # on the attention probabilities; needs attention='recompute'
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], where: str = "the saved model config") -> ModelConfig:
@@ -145,4 +148,18 @@ class ModelConfig:
             out.append("model.pooling only applies to head='classification'; leave it at 'cls'")
         if self.head == "classification" and self.num_labels < 2:
             out.append(f"model.num_labels={self.num_labels} must be >= 2 for cross-entropy classification")
+        out.extend(self._dropout_problems())
+        return out
+
+    def _dropout_problems(self) -> list[str]:
+        out = []
+        for name in ("dropout", "attention_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                out.append(f"model.{name}={getattr(self, name)} must be in [0, 1); 0 turns it off")
+        if self.attention_dropout > 0 and self.attention != "recompute":
+            out.append(
+                f"model.attention_dropout={self.attention_dropout} needs the attention probabilities, which "
+                f"model.attention='{self.attention}' does not expose; set model.attention=recompute "
+                "or model.attention_dropout=0"
+            )
         return out

@@ -9,7 +9,7 @@ from flax import nnx
 from models.attention import padding_mask
 from models.cache import KVCache, advance, write_slots
 from models.config import ModelConfig
-from models.layers import DTYPES, constrain, matmul, norm
+from models.layers import DTYPES, constrain, dropout, matmul, norm, site_key
 from models.transformer import Stack
 
 
@@ -39,9 +39,10 @@ class DecoderLM(nnx.Module):
                 nnx.with_partitioning(init, ("embed", "vocab"))(rngs.params(), (cfg.d_model, cfg.vocab_size))
             )
 
-    def forward(self, batch: dict[str, jax.Array]) -> jax.Array:
-        """The training interface every family shares: batch -> logits for ``batch['targets']``."""
-        return self(batch["inputs"], batch.get("positions"))
+    def forward(self, batch: dict[str, jax.Array], rng: jax.Array | None = None) -> jax.Array:
+        """The training interface every family shares: batch -> logits for ``batch['targets']``;
+        ``rng`` (a key) turns dropout on (training), None leaves it off."""
+        return self(batch["inputs"], batch.get("positions"), rng=rng)
 
     def __call__(
         self,
@@ -49,12 +50,13 @@ class DecoderLM(nnx.Module):
         positions: jax.Array | None = None,
         mask: jax.Array | None = None,
         cache: KVCache | None = None,
+        rng: jax.Array | None = None,
     ) -> jax.Array | tuple[jax.Array, KVCache]:
         """tokens [B, T] int, positions [B, T] int (default 0..T-1) -> logits [B, T, vocab] float32.
 
         mask [B, T] (1 = token, 0 = padding): padding is never attended to. With ``cache`` the
         tokens fill its slots from ``cache.index`` on, attend to every earlier valid slot, and
-        ``(logits, updated cache)`` is returned.
+        ``(logits, updated cache)`` is returned. rng: dropout key (training only; None: no dropout).
         """
         cfg = self.cfg
         x = self.embed(tokens)  # [B, T, embed]
@@ -64,9 +66,9 @@ class DecoderLM(nnx.Module):
             x = x + pos.astype(x.dtype)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        x = constrain(x, ("batch", "length", "act_embed"))
+        x = constrain(dropout(x, cfg.dropout, site_key(rng, 0)), ("batch", "length", "act_embed"))
         if cache is None:
-            x = self.stack(x, positions, causal=True, mask=padding_mask(mask))
+            x = self.stack(x, positions, causal=True, mask=padding_mask(mask), rng=site_key(rng, 1))
         else:
             cache, attend = write_slots(cache, mask, tokens.shape[1])
             x, cache = self.stack.extend(x, positions, cache, attend)

@@ -21,7 +21,8 @@ kernels are ``[in, out]`` (HF ``Linear.weight`` transposed), LayerNorm ``scale``
     pooler                     bert.pooler.dense                            (head='classification')
     classifier                 classifier
 
-HF's ``position_ids`` buffer is not a parameter. Dropout is not implemented (identity, as eval).
+HF's ``position_ids`` buffer is not a parameter. Dropout (``model.dropout``, given an rng key) is where HF's is:
+after the embedding LayerNorm, on each residual branch before its LayerNorm, and on the pooled output.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.config import ModelConfig
-from models.layers import ACTIVATIONS, constrain, dense, embedding, matmul, norm, table
+from models.layers import ACTIVATIONS, constrain, dense, dropout, embedding, matmul, norm, site_key, table
 from models.transformer import Stack
 
 
@@ -77,10 +78,11 @@ class EncoderLM(nnx.Module):
             self.pooler = dense(cfg, cfg.d_model, cfg.d_model, ("embed", "mlp"), rngs=rngs)
             self.classifier = dense(cfg, cfg.d_model, cfg.num_labels, ("mlp", None), rngs=rngs)
 
-    def forward(self, batch: dict[str, jax.Array]) -> jax.Array:
+    def forward(self, batch: dict[str, jax.Array], rng: jax.Array | None = None) -> jax.Array:
         """Reads ``inputs`` [B, T] and optional ``attention_mask`` [B, T] (1 = token, 0 = padding),
-        ``token_types`` [B, T] and ``positions`` [B, T]."""
-        return self(batch["inputs"], batch.get("attention_mask"), batch.get("token_types"), batch.get("positions"))
+        ``token_types`` [B, T] and ``positions`` [B, T]; ``rng``: dropout key (None: no dropout)."""
+        inputs = (batch["inputs"], batch.get("attention_mask"), batch.get("token_types"), batch.get("positions"))
+        return self(*inputs, rng=rng)
 
     def __call__(
         self,
@@ -88,11 +90,13 @@ class EncoderLM(nnx.Module):
         attention_mask: jax.Array | None = None,
         token_types: jax.Array | None = None,
         positions: jax.Array | None = None,
+        rng: jax.Array | None = None,
     ) -> jax.Array:
-        x = self.encode(tokens, attention_mask, token_types, positions)
+        x = self.encode(tokens, attention_mask, token_types, positions, rng)
         if self.cfg.head == "lm":
             return self.mlm(x, self.embed.embedding[...])
         pooled = jnp.tanh(self.pooler(self.pool(x, attention_mask)))  # [B, embed]
+        pooled = dropout(pooled, self.cfg.dropout, site_key(rng, 2))
         logits = self.classifier(pooled).astype(jnp.float32)  # [B, num_labels]
         return constrain(logits, ("batch", None))
 
@@ -111,8 +115,9 @@ class EncoderLM(nnx.Module):
         attention_mask: jax.Array | None = None,
         token_types: jax.Array | None = None,
         positions: jax.Array | None = None,
+        rng: jax.Array | None = None,
     ) -> jax.Array:
-        """tokens [B, T] -> hidden states [B, T, embed] (HF BertModel's ``last_hidden_state``)."""
+        """tokens [B, T] -> hidden states [B, T, embed] (HF BertModel's ``last_hidden_state``); rng: dropout key."""
         cfg = self.cfg
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
@@ -122,8 +127,8 @@ class EncoderLM(nnx.Module):
             x = x + self.type_embed[...][types].astype(x.dtype)
         if cfg.position == "learned":
             x = x + self.pos_embed[...][positions].astype(x.dtype)
-        x = self.embed_norm(x)
+        x = dropout(self.embed_norm(x), cfg.dropout, site_key(rng, 0))
         x = constrain(x, ("batch", "length", "act_embed"))
         mask = None if attention_mask is None else attention_mask.astype(bool)[:, None, None, :]  # [B, 1, 1, T]
-        x = self.stack(x, positions, causal=False, mask=mask)
+        x = self.stack(x, positions, causal=False, mask=mask, rng=site_key(rng, 1))
         return x if cfg.post_norm else self.final_norm(x)

@@ -24,7 +24,8 @@ Hugging Face correspondence (``T5ForConditionalGeneration``). Block parameters a
 
 With ``tie_embeddings`` (v1.0) the decoder output is scaled by d_model**-0.5 before the tied
 head, as HF does when ``scale_decoder_outputs``. Scores are not scaled (``scale_attention``
-false in the presets). Dropout is not implemented (identity, as eval).
+false in the presets). Dropout (``model.dropout``, given an rng key) is where HF's is: on the embeddings,
+on each residual branch and after each stack's final norm (not inside the MLP).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from flax import nnx
 from models.attention import RelativePositionBias, padding_mask
 from models.cache import KVCache, advance, init_cache, write_slots
 from models.config import ModelConfig
-from models.layers import constrain, embedding, matmul, norm, table
+from models.layers import constrain, dropout, embedding, matmul, norm, site_key, table
 from models.transformer import Stack
 
 
@@ -59,18 +60,21 @@ class EncoderDecoderLM(nnx.Module):
         if not cfg.tie_embeddings:
             self.head = table(cfg, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), rngs=rngs)
 
-    def forward(self, batch: dict[str, jax.Array]) -> jax.Array:
+    def forward(self, batch: dict[str, jax.Array], rng: jax.Array | None = None) -> jax.Array:
         """Reads ``encoder_inputs`` [B, S], ``decoder_inputs`` [B, T] (targets shifted right) and
-        optional ``encoder_mask`` [B, S], ``decoder_mask`` [B, T] (1 = token, 0 = padding)."""
-        encoded = self.encode(batch["encoder_inputs"], batch.get("encoder_mask"))
-        return self.decode(batch["decoder_inputs"], encoded, batch.get("encoder_mask"), batch.get("decoder_mask"))
+        optional ``encoder_mask`` [B, S], ``decoder_mask`` [B, T] (1 = token, 0 = padding);
+        ``rng``: dropout key (None: no dropout)."""
+        encoded = self.encode(batch["encoder_inputs"], batch.get("encoder_mask"), site_key(rng, 0))
+        masks = (batch.get("encoder_mask"), batch.get("decoder_mask"))
+        return self.decode(batch["decoder_inputs"], encoded, *masks, rng=site_key(rng, 1))
 
-    def encode(self, tokens: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-        """tokens [B, S] -> encoder states [B, S, embed] (after the final norm)."""
-        x = constrain(self.embed(tokens), ("batch", "length", "act_embed"))
+    def encode(self, tokens: jax.Array, mask: jax.Array | None = None, rng: jax.Array | None = None) -> jax.Array:
+        """tokens [B, S] -> encoder states [B, S, embed] (after the final norm); rng: dropout key."""
+        rate = self.cfg.dropout
+        x = constrain(dropout(self.embed(tokens), rate, site_key(rng, 0)), ("batch", "length", "act_embed"))
         bias = self.encoder_relpos(tokens.shape[1], tokens.shape[1])  # [1, heads, S, S]
-        x = self.encoder(x, _positions(tokens), causal=False, mask=padding_mask(mask), bias=bias)
-        return self.encoder_norm(x)
+        x = self.encoder(x, _positions(tokens), causal=False, mask=padding_mask(mask), bias=bias, rng=site_key(rng, 1))
+        return dropout(self.encoder_norm(x), rate, site_key(rng, 2))
 
     def decode(
         self,
@@ -79,13 +83,15 @@ class EncoderDecoderLM(nnx.Module):
         encoder_mask: jax.Array | None = None,
         decoder_mask: jax.Array | None = None,
         cache: KVCache | None = None,
+        rng: jax.Array | None = None,
     ) -> jax.Array | tuple[jax.Array, KVCache]:
-        """tokens [B, T], encoded [B, S, embed] -> logits [B, T, vocab] float32.
+        """tokens [B, T], encoded [B, S, embed] -> logits [B, T, vocab] float32; rng: dropout key (no cache).
 
         With ``cache`` (from ``init_cache``, which holds the encoder side) the tokens fill its
         slots from ``cache.index`` on and ``(logits, updated cache)`` is returned.
         """
-        x = constrain(self.embed(tokens), ("batch", "length", "act_embed"))
+        rate = self.cfg.dropout
+        x = constrain(dropout(self.embed(tokens), rate, site_key(rng, 0)), ("batch", "length", "act_embed"))
         t = tokens.shape[1]
         if cache is None:
             x = self.decoder(
@@ -96,13 +102,14 @@ class EncoderDecoderLM(nnx.Module):
                 bias=self.decoder_relpos(t, t),  # [1, heads, T, T]
                 context=encoded,
                 context_mask=padding_mask(encoder_mask),
+                rng=site_key(rng, 1),
             )
         else:
             cache, attend = write_slots(cache, decoder_mask, t)
             bias = self.decoder_relpos.at(cache.index + jnp.arange(t), cache.length)  # [1, heads, T, S]
             x, cache = self.decoder.extend(x, None, cache, attend, bias)
             cache = advance(cache, t)
-        logits = self._logits(self.decoder_norm(x))
+        logits = self._logits(dropout(self.decoder_norm(x), rate, site_key(rng, 2)))
         return logits if cache is None else (logits, cache)
 
     def init_cache(self, encoded: jax.Array, encoder_mask: jax.Array | None, length: int) -> KVCache:

@@ -178,3 +178,20 @@ def table(
     """A normal-initialised fp32 parameter of ``shape`` carrying logical ``axes`` (position tables, heads)."""
     init = nnx.initializers.normal(cfg.init_std if std is None else std)
     return nnx.Param(nnx.with_partitioning(init, axes)(rngs.params(), shape))
+
+
+def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+    """Inverted dropout: zeroes each element with probability ``rate`` and scales the rest by 1 / (1 - rate).
+
+    The identity when ``rng`` (a key) is None (eval, generation) or ``rate`` is 0. The bits come from
+    a partitionable threefry key, so they do not depend on how ``x`` is sharded.
+    """
+    if rng is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
+
+
+def site_key(rng: jax.Array | None, site: int) -> jax.Array | None:
+    """The key of one dropout site (a fixed small int) derived from ``rng``; None stays None."""
+    return None if rng is None else jax.random.fold_in(rng, site)

@@ -14,7 +14,7 @@ from flax import nnx
 from models.attention import Attention, padding_mask
 from models.cache import CACHE_AXES, KVCache
 from models.config import ModelConfig
-from models.layers import MLP, constrain, norm
+from models.layers import MLP, constrain, dropout, norm, site_key
 
 REMAT_POLICIES = {
     "full": None,  # save nothing, recompute the whole block
@@ -35,6 +35,7 @@ class Block(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, cross: bool = False, rngs: nnx.Rngs):
         self.post_norm = cfg.post_norm
+        self.dropout = cfg.dropout
         self.attn_norm = norm(cfg, rngs=rngs)
         self.attn = Attention(cfg, rngs=rngs)
         if cross:
@@ -43,8 +44,11 @@ class Block(nnx.Module):
         self.mlp_norm = norm(cfg, rngs=rngs)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def _residual(self, x: jax.Array, ln: nnx.Module, f) -> jax.Array:
-        return ln(x + f(x)) if self.post_norm else x + f(ln(x))
+    def _residual(self, x: jax.Array, ln: nnx.Module, f, rng: jax.Array | None = None) -> jax.Array:
+        """The branch ``f``'s output goes through dropout (key ``rng``, None: off) before the sum."""
+        if self.post_norm:
+            return ln(x + dropout(f(x), self.dropout, rng))
+        return x + dropout(f(ln(x)), self.dropout, rng)
 
     def __call__(
         self,
@@ -55,14 +59,18 @@ class Block(nnx.Module):
         bias: jax.Array | None = None,
         context: jax.Array | None = None,
         context_mask: jax.Array | None = None,
+        rng: jax.Array | None = None,
     ) -> jax.Array:
         """mask / bias: self-attention padding mask and score bias; context [B, S, embed] and
-        context_mask [B, 1, 1, S] feed the cross-attention (blocks built with ``cross=True``)."""
-        x = self._residual(x, self.attn_norm, lambda h: self.attn(h, positions, causal=causal, mask=mask, bias=bias))
+        context_mask [B, 1, 1, S] feed the cross-attention (blocks built with ``cross=True``).
+        rng: this layer's dropout key (None: no dropout); each site folds in its own number."""
+        attn_rng, cross_rng = site_key(rng, 1), site_key(rng, 3)
+        attn = lambda h: self.attn(h, positions, causal=causal, mask=mask, bias=bias, rng=attn_rng)
+        x = self._residual(x, self.attn_norm, attn, site_key(rng, 0))
         if context is not None:
-            cross = lambda h: self.cross(h, causal=False, mask=context_mask, context=context)
-            x = self._residual(x, self.cross_norm, cross)
-        x = self._residual(x, self.mlp_norm, self.mlp)
+            cross = lambda h: self.cross(h, causal=False, mask=context_mask, context=context, rng=cross_rng)
+            x = self._residual(x, self.cross_norm, cross, site_key(rng, 2))
+        x = self._residual(x, self.mlp_norm, self.mlp, site_key(rng, 4))
         return constrain(x, ("batch", "length", "act_embed"))
 
     def extend(
@@ -126,21 +134,28 @@ class Stack(nnx.Module):
         bias: jax.Array | None = None,
         context: jax.Array | None = None,
         context_mask: jax.Array | None = None,
+        rng: jax.Array | None = None,
     ) -> jax.Array:
-        """x: [B, T, embed] -> [B, T, embed]; the extra inputs are shared by every layer (see ``Block``)."""
-        graphdef, stacked = nnx.split(self.blocks)
+        """x: [B, T, embed] -> [B, T, embed]; the extra inputs are shared by every layer (see ``Block``).
 
-        def layer(x, layer_state):
+        rng: the stack's dropout key (None: no dropout); layer i gets ``fold_in(rng, i)``.
+        """
+        graphdef, stacked = nnx.split(self.blocks)
+        dropping = rng is not None and (self.cfg.dropout > 0 or self.cfg.attention_dropout > 0)
+        keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(self.n_layers)) if dropping else None
+
+        def layer(x, inputs):
+            layer_state, key = inputs
             block = nnx.merge(graphdef, layer_state)
-            return block(x, positions, causal, mask, bias, context, context_mask), None
+            return block(x, positions, causal, mask, bias, context, context_mask, key), None
 
         if self.cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=not self.cfg.scan_layers)
         if self.cfg.scan_layers:
-            x, _ = jax.lax.scan(layer, x, stacked)
+            x, _ = jax.lax.scan(layer, x, (stacked, keys))
             return x
         for i in range(self.n_layers):
-            x, _ = layer(x, jax.tree.map(lambda a, i=i: a[i], stacked))
+            x, _ = layer(x, jax.tree.map(lambda a, i=i: a[i], (stacked, keys)))
         return x
 
     def extend(

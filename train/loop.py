@@ -258,7 +258,7 @@ def run(config: Config, callbacks: Sequence[Callback] = ()) -> dict:
 
         compile_start = time.perf_counter()
         first = global_batch(setup.task.batch(next(setup.task.batches), start), setup.mesh)
-        train_step = make_train_step(setup.spec, setup.mesh, setup.config.train.grad_accum)
+        train_step = make_train_step(setup.spec, setup.mesh, setup.config.train.grad_accum, setup.config.seed)
         compiled = train_step.lower(state, first).compile()
         evaluator = setup.task.evaluator(setup.spec, setup.mesh)
         compile_s = time.perf_counter() - compile_start

@@ -15,7 +15,8 @@
 
 With ``mesh`` every parameter is placed with the sharding the logical-axis rules give it (a run's
 own ``mesh.rules`` over the defaults; a mesh axis that does not divide a dimension is dropped
-there), as in training; without, on the default device. Our models have no dropout, so a loaded model is always in eval mode.
+there), as in training; without, on the default device. A forward without an rng key has no dropout,
+so a loaded model is always in eval mode.
 """
 
 from __future__ import annotations

@@ -25,9 +25,17 @@ def token_weights(batch: Batch) -> jax.Array:
     return batch["weights"] if "weights" in batch else jnp.ones(batch["targets"].shape, jnp.float32)
 
 
-def summed_loss(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch) -> tuple[jax.Array, jax.Array]:
-    """Sum over tokens of the fp32 cross-entropy, and the summed token weight."""
-    return _summed(nnx.merge(graphdef, params).forward(batch), batch)
+def summed_loss(
+    graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, rng: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """Sum over tokens of the fp32 cross-entropy, and the summed token weight; ``rng``: dropout key (None: off)."""
+    return _summed(nnx.merge(graphdef, params).forward(batch, rng=rng), batch)
+
+
+def dropout_key(seed: int, step: jax.Array, micro: jax.Array | int = 0) -> jax.Array:
+    """The dropout key of one micro-batch of one step, derived from (seed, step, micro) alone so a
+    resumed run draws the same masks without keeping RNG state; the model folds in layers and sites."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step), micro)
 
 
 @jax.custom_vjp
@@ -77,13 +85,16 @@ def _micro_batches(batch: Batch, n: int, mesh: Mesh) -> Batch:
 
 
 def make_train_step(
-    spec: StateSpec, mesh: Mesh, grad_accum: int
+    spec: StateSpec, mesh: Mesh, grad_accum: int, seed: int = 0
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
-    """``step(state, batch) -> (state, {'loss', 'grad_norm'})``; the state is donated."""
+    """``step(state, batch) -> (state, {'loss', 'grad_norm'})``; the state is donated.
 
-    def loss_and_grads(params, batch, total_weight):
+    Dropout (``model.dropout`` / ``attention_dropout``) draws from ``dropout_key(seed, step, micro)``.
+    """
+
+    def loss_and_grads(params, batch, total_weight, rng):
         def scaled(p, b):
-            total, _ = summed_loss(spec.graphdef, p, b)
+            total, _ = summed_loss(spec.graphdef, p, b, rng)
             return total / total_weight
 
         return jax.value_and_grad(scaled)(params, batch)
@@ -91,15 +102,17 @@ def make_train_step(
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         total_weight = jnp.sum(token_weights(batch))
         if grad_accum == 1:
-            loss, grads = loss_and_grads(state.params, batch, total_weight)
+            loss, grads = loss_and_grads(state.params, batch, total_weight, dropout_key(seed, state.step))
         else:
 
-            def accumulate(carry, micro):
-                loss, grads = loss_and_grads(state.params, micro, total_weight)
+            def accumulate(carry, inputs):
+                micro, i = inputs
+                loss, grads = loss_and_grads(state.params, micro, total_weight, dropout_key(seed, state.step, i))
                 return jax.tree.map(jnp.add, carry, (loss, grads)), None
 
             zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
-            (loss, grads), _ = jax.lax.scan(accumulate, zeros, _micro_batches(batch, grad_accum, mesh))
+            micros = (_micro_batches(batch, grad_accum, mesh), jnp.arange(grad_accum))
+            (loss, grads), _ = jax.lax.scan(accumulate, zeros, micros)
         updates, opt_state = spec.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)

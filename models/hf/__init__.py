@@ -70,7 +70,12 @@ def load_config(path: str | pathlib.Path, **overrides: Any) -> ModelConfig:
 
 
 def _config(family: ModuleType, hf: dict, weights: Weights | None, overrides: dict, path) -> ModelConfig:
-    cfg = dataclasses.replace(family.config_from_hf(hf, weights), **overrides)
+    """The family's config with ``overrides``; an HF attention-dropout rate brings ``attention='recompute'``
+    (the implementation that has one) unless the overrides choose the attention or its dropout."""
+    cfg = family.config_from_hf(hf, weights)
+    if cfg.attention_dropout > 0 and not {"attention", "attention_dropout"} & set(overrides):
+        cfg = dataclasses.replace(cfg, attention="recompute")
+    cfg = dataclasses.replace(cfg, **overrides)
     problems = cfg.problems()
     if problems:
         raise ConversionError(f"{path}: {problems[0]}")

@@ -93,6 +93,8 @@ def config_from_hf(hf: dict, w: Weights | None = None) -> ModelConfig:
         type_vocab_size=hf.get("type_vocab_size", 2),
         head="classification" if classifier else "lm",
         num_labels=len(hf.get("id2label") or {0: 0, 1: 1}),
+        dropout=hf.get("hidden_dropout_prob", 0.1),
+        attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
     )
 
 

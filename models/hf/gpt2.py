@@ -59,6 +59,8 @@ def config_from_hf(hf: dict, w: Weights | None = None) -> ModelConfig:
         use_bias=True,
         tie_embeddings=hf.get("tie_word_embeddings", True),
         init_std=hf.get("initializer_range", 0.02),
+        dropout=hf.get("resid_pdrop", 0.1),  # embd_pdrop: the same rate in every released GPT-2
+        attention_dropout=hf.get("attn_pdrop", 0.1),
     )
 
 

@@ -78,6 +78,7 @@ def config_from_hf(hf: dict, w: Weights | None = None) -> ModelConfig:
         use_bias=bias,
         tie_embeddings=hf.get("tie_word_embeddings", False),
         init_std=hf.get("initializer_range", 0.02),
+        attention_dropout=hf.get("attention_dropout", 0.0),
     )
 
 

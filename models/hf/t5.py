@@ -78,6 +78,8 @@ def config_from_hf(hf: dict, w: Weights | None = None) -> ModelConfig:
         use_bias=False,
         scale_attention=False,
         tie_embeddings=_scales_output(hf) and not (w is not None and "lm_head.weight" in w),
+        dropout=hf.get("dropout_rate", 0.1),
+        attention_dropout=hf.get("dropout_rate", 0.1),
     )
 
 
