@@ -15,7 +15,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from train.config import Config, natural_mode
+from train.config import Config
+from train.validate import natural_mode
 
 
 @dataclasses.dataclass

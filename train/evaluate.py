@@ -33,7 +33,8 @@ import pathlib
 import sys
 from typing import TYPE_CHECKING
 
-from train.config import PRETRAINING_OBJECTIVE, Config, ConfigError
+from train.config import Config, ConfigError
+from train.validate import PRETRAINING_OBJECTIVE
 
 if TYPE_CHECKING:
     from jax.sharding import Mesh

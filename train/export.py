@@ -80,7 +80,8 @@ def write_checkpoint(params, cfg: ModelConfig, out_dir: pathlib.Path) -> None:
     import yaml
 
     from train.checkpoint import Checkpoints
-    from train.config import PRETRAINING_OBJECTIVE, CheckpointConfig, Config, DataConfig, TrainConfig
+    from train.config import CheckpointConfig, Config, DataConfig, TrainConfig
+    from train.validate import PRETRAINING_OBJECTIVE
 
     # a config the trainer accepts for this model: its pre-training objective (or classification) at a length it holds
     classifier = cfg.head == "classification"

@@ -23,7 +23,7 @@ from sharding.mesh import make_mesh
 from train import metrics as perf
 from train.callbacks import Callback, builtin, describe
 from train.checkpoint import Checkpoints, Restored, restore_target
-from train.config import Config, ConfigError, fit_sizes, save_config
+from train.config import Config, ConfigError, save_config
 from train.data.tasks import ExampleTask, StreamTask, global_batch, make_task, vocab_needed
 from train.freeze import Freeze
 from train.optimizer import schedule
@@ -31,6 +31,7 @@ from train.precision import resolve_compute_dtype
 from train.state import StateSpec, TrainState, count_params, init_state, make_state_spec
 from train.step import make_train_step
 from train.tokenizer import Tokenizer, load_tokenizer
+from train.validate import fit_sizes
 from train.warm_start import warm_start
 from train.writers import MetricsWriter
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import json
 import math
 import pathlib
 from typing import Any
 
-from train.config import EVAL_METRICS, MAXIMIZED, ConfigError, apply_overrides, build_config, load_yaml
+from train.config import ConfigError, apply_overrides, build_config, load_yaml
+from train.validate import EVAL_METRICS, MAXIMIZED, close_match
 
 SAMPLERS = ("tpe", "random", "grid", "cmaes")
 PRUNERS = ("median", "hyperband", "none")
@@ -82,11 +82,6 @@ class Search:
         return self.study.direction == "maximize"
 
 
-def _close_match(word: str, options) -> str:
-    match = difflib.get_close_matches(word, list(options), n=1)
-    return f" (did you mean '{match[0]}'?)" if match else ""
-
-
 def override(key: str, value: Any) -> str:
     """``key=value`` in the override syntax, any scalar kept exactly (JSON is YAML)."""
     return f"{key}={json.dumps(value)}"
@@ -106,7 +101,7 @@ def _param(key: str, spec: Any) -> Param:
     allowed = {"type", "choices"} if kind == "categorical" else {"type", "low", "high", "log", "step"}
     for name in spec:
         if name not in allowed:
-            raise ConfigError(f"unknown key '{where}.{name}' for type {kind}{_close_match(name, allowed)}")
+            raise ConfigError(f"unknown key '{where}.{name}' for type {kind}{close_match(name, allowed)}")
     if kind == "categorical":
         choices = spec.get("choices")
         if not isinstance(choices, list) or not choices:
@@ -136,7 +131,7 @@ def _study(values: Any, path: str) -> StudyConfig:
     fields = {f.name for f in dataclasses.fields(StudyConfig)}
     for key in values:
         if key not in fields:
-            raise ConfigError(f"unknown key 'study.{key}'{_close_match(key, fields)}")
+            raise ConfigError(f"unknown key 'study.{key}'{close_match(key, fields)}")
     study = StudyConfig(**values)
     for name in ("dir", "metric", "direction", "sampler", "pruner", "storage", "name"):
         if not isinstance(getattr(study, name), str):
@@ -151,7 +146,7 @@ def _study(values: Any, path: str) -> StudyConfig:
         value = getattr(study, name)
         if value not in options:
             raise ConfigError(
-                f"study.{name}={value!r} is not one of {', '.join(options)}{_close_match(value, options)}"
+                f"study.{name}={value!r} is not one of {', '.join(options)}{close_match(value, options)}"
             )
     for name in ("sampler_options", "pruner_options"):
         if not isinstance(getattr(study, name), dict):
@@ -170,7 +165,7 @@ def _check_metric(study: StudyConfig, objectives: set[str]) -> StudyConfig:
         if study.metric not in reported:
             raise ConfigError(
                 f"study.metric={study.metric!r} is never reported by train.objective={objective}; "
-                f"use one of {', '.join(reported)}{_close_match(study.metric, reported)}"
+                f"use one of {', '.join(reported)}{close_match(study.metric, reported)}"
             )
     natural = "maximize" if study.metric in MAXIMIZED else "minimize"
     if not study.direction:
@@ -191,7 +186,7 @@ def load_search(path: str, base_tree: dict) -> Search:
     tree = load_yaml(path)
     for key in tree:
         if key not in ("study", "space"):
-            raise ConfigError(f"unknown section '{key}' in search file '{path}'{_close_match(key, ['study', 'space'])}")
+            raise ConfigError(f"unknown section '{key}' in search file '{path}'{close_match(key, ['study', 'space'])}")
     study = _study(tree.get("study"), path)
     space = tree.get("space")
     if not isinstance(space, dict) or not space:

@@ -1,0 +1,194 @@
+"""Checks of a whole run configuration that need no devices or data, and the tables they use.
+
+``validate(config)`` returns every problem as one sentence with its fix; ``load_config`` raises the
+first as a ConfigError.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from typing import TYPE_CHECKING
+
+from sharding.fit import batch_problems
+
+if TYPE_CHECKING:
+    from train.config import Config, OptimizerConfig, TrainConfig
+
+
+def close_match(word: str, options) -> str:
+    """A ' (did you mean ...?)' suffix naming the closest of ``options``, or an empty string."""
+    match = difflib.get_close_matches(word, list(options), n=1)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def validate(config: Config) -> list[str]:
+    """Problems that need no devices or data to see; each one sentence with its fix."""
+    out = list(config.model.problems())
+    t, o = config.train, config.optimizer
+    for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_batches"):
+        if getattr(t, name) <= 0:
+            out.append(f"train.{name} must be positive, got {getattr(t, name)}")
+    for name in ("eval_every", "sample_every", "sample_tokens"):
+        if getattr(t, name) < 0:
+            out.append(f"train.{name} must be >= 0 (0: off), got {getattr(t, name)}")
+    if t.seq_len > config.model.max_seq_len:
+        out.append(
+            f"train.seq_len={t.seq_len} is longer than model.max_seq_len={config.model.max_seq_len}; "
+            "lower train.seq_len or raise model.max_seq_len"
+        )
+    if config.model.attention == "splash" and t.seq_len % 128:
+        out.append(f"model.attention='splash' needs train.seq_len to be a multiple of 128, got {t.seq_len}")
+    out += config.mesh.problems()
+    if not out:  # before the devices are known: one data-parallel shard (the mesh check follows in the run)
+        one = {axis: 1 for axis in ("data", "fsdp", "tensor")}
+        out += batch_problems(
+            t.batch_size, t.grad_accum, one, config.mesh.logical_rules, max(config.run.num_processes, 1)
+        )
+    if o.lr <= 0 or o.warmup_steps < 0 or not 0 <= o.min_lr_ratio <= 1:
+        out.append("optimizer.lr must be > 0, warmup_steps >= 0 and min_lr_ratio in [0, 1]")
+    out += optimizer_problems(o) + freeze_problems(t)
+    if not 0 <= config.data.val_fraction < 1:
+        out.append(f"data.val_fraction must be in [0, 1), got {config.data.val_fraction}")
+    if not 0 <= config.data.test_fraction < 1:
+        out.append(f"data.test_fraction must be in [0, 1), got {config.data.test_fraction}")
+    if config.data.format == "tfds" and (config.data.test_files or config.data.test_fraction):
+        out.append("data.test_files and data.test_fraction are for text and JSONL files, not data.format=tfds")
+    if config.data.format == "tfds" and not config.data.tfds_name:
+        out.append("data.format=tfds needs data.tfds_name, e.g. data.tfds_name=c4/en:3.1.0")
+    out += objective_problems(config)
+    out += best_problems(config)
+    r = config.run
+    if r.num_processes < 1 or (r.num_processes > 1 and not r.coordinator and not r.auto_distributed):
+        out.append("run.num_processes > 1 needs run.coordinator=host:port (or run.auto_distributed=true)")
+    if config.checkpoint.every < 0 or config.checkpoint.keep < 1:
+        out.append("checkpoint.every must be >= 0 and checkpoint.keep >= 1")
+    return out
+
+
+def optimizer_problems(o: OptimizerConfig) -> list[str]:
+    out = []
+    if o.weight_decay < 0 or o.clip_norm < 0:
+        out.append("optimizer.weight_decay and optimizer.clip_norm must be >= 0 (0: off)")
+    if not 0 <= o.momentum < 1:
+        out.append(f"optimizer.momentum must be in [0, 1), got {o.momentum}")
+    if o.decay_rate <= 0 or o.clipping_threshold < 0 or o.min_dim_size_to_factor < 1:
+        out.append("optimizer.decay_rate must be > 0, clipping_threshold >= 0 (0: off) and min_dim_size_to_factor >= 1")
+    return out
+
+
+def freeze_problems(t: TrainConfig) -> list[str]:
+    out = []
+    try:
+        re.compile(t.freeze)
+    except re.error as e:
+        out.append(f"train.freeze={t.freeze!r} is not a regular expression ({e}); fix or quote it")
+    if t.freeze_layers < 0:
+        out.append(f"train.freeze_layers must be >= 0 (0: off), got {t.freeze_layers}")
+    return out
+
+
+def fit_sizes(config: Config, process_count: int) -> dict[str, int]:
+    """The run's sizes that ``sharding.fit.check_fits`` checks against the mesh."""
+    t = config.train
+    return {
+        "batch_size": t.batch_size,
+        "seq_len": t.seq_len,
+        "grad_accum": t.grad_accum,
+        "process_count": process_count,
+    }
+
+
+def split_labels(text: str) -> list[str]:
+    """``data.labels`` ('comedy, history,tragedy') -> ['comedy', 'history', 'tragedy']."""
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+EXAMPLE_OBJECTIVES = ("seq2seq", "classification")  # read JSONL examples, not a packed token stream
+# The keys of the eval records each objective writes (train/data/tasks.py evaluators).
+EVAL_METRICS = {
+    "causal_lm": ("eval_loss", "eval_bpb"),
+    "masked_lm": ("eval_loss",),
+    "span_corruption": ("eval_loss",),
+    "seq2seq": ("eval_loss", "eval_token_accuracy"),
+    "classification": ("eval_loss", "eval_accuracy", "eval_macro_f1"),
+}
+MAXIMIZED = ("eval_accuracy", "eval_macro_f1", "eval_token_accuracy")  # the rest are losses
+OBJECTIVE_FAMILY = {
+    "causal_lm": "decoder",
+    "masked_lm": "encoder",
+    "span_corruption": "encoder_decoder",
+    "seq2seq": "encoder_decoder",
+    "classification": "encoder",
+}
+
+
+PRETRAINING_OBJECTIVE = {"decoder": "causal_lm", "encoder": "masked_lm", "encoder_decoder": "span_corruption"}
+
+
+def objective_problems(config: Config) -> list[str]:
+    """train.objective against the model family and head and the data format."""
+    t, model, data = config.train, config.model, config.data
+    family = OBJECTIVE_FAMILY[t.objective]
+    if model.family != family:
+        return [f"train.objective={t.objective} trains model.family={family}, not {model.family}; change one"]
+    out = []
+    head = "classification" if t.objective == "classification" else "lm"
+    if family == "encoder" and model.head != head:
+        out.append(f"train.objective={t.objective} needs model.head={head}, not {model.head}; set model.head={head}")
+    if t.objective in EXAMPLE_OBJECTIVES and data.format != "jsonl":
+        out.append(f"train.objective={t.objective} reads one example per JSONL row; set data.format=jsonl")
+    labels = split_labels(data.labels)
+    if t.objective == "classification" and labels and len(labels) != model.num_labels:
+        out.append(
+            f"data.labels names {len(labels)} labels but model.num_labels={model.num_labels}; "
+            f"set model.num_labels={len(labels)}"
+        )
+    if t.target_len <= 0:
+        out.append(f"train.target_len must be positive, got {t.target_len}")
+    return out
+
+
+def natural_mode(metric: str) -> str:
+    """'max' for accuracies and F1, 'min' for losses."""
+    return "max" if metric in MAXIMIZED else "min"
+
+
+def _metric_problems(metric: str, mode: str, objective: str, key: str, mode_key: str) -> list[str]:
+    """``metric`` must be a key of the objective's eval records, ``mode`` (if set) its natural direction."""
+    reported = EVAL_METRICS[objective]
+    if metric not in reported:
+        options = f"use one of {', '.join(reported)}{close_match(metric, reported)}"
+        return [f"{key}={metric!r} is never reported by train.objective={objective}; {options}"]
+    natural = natural_mode(metric)
+    if mode and mode != natural:
+        return [f"{mode_key}={mode} would look for the worst {metric}; use {natural} (or leave it empty)"]
+    return []
+
+
+def best_problems(config: Config) -> list[str]:
+    """train.early_stopping and checkpoint.keep_best / best_metric / best_mode (train/best.py)."""
+    es, c, objective = config.train.early_stopping, config.checkpoint, config.train.objective
+    out = []
+    if es.metric:
+        out += _metric_problems(
+            es.metric, es.mode, objective, "train.early_stopping.metric", "train.early_stopping.mode"
+        )
+        if es.patience < 1 or es.min_delta < 0:
+            out.append("train.early_stopping.patience must be >= 1 and min_delta >= 0")
+        if config.train.eval_every == 0:
+            out.append("train.early_stopping needs periodic evals; set train.eval_every > 0")
+        if c.best_metric and (c.best_metric, c.best_mode) != (es.metric, es.mode):
+            out.append(
+                "checkpoint.best_metric / best_mode differ from train.early_stopping's metric / mode; the best "
+                "checkpoint is the early-stopping one: drop checkpoint.best_metric and best_mode"
+            )
+    elif es.mode:
+        out.append("train.early_stopping.mode is set but early stopping is off; set train.early_stopping.metric")
+    if c.best_metric and not es.metric:
+        out += _metric_problems(c.best_metric, c.best_mode, objective, "checkpoint.best_metric", "checkpoint.best_mode")
+    if (c.best_metric or c.best_mode) and not c.keep_best:
+        out.append("checkpoint.best_metric / best_mode are set but checkpoint.keep_best is false; set it true")
+    if c.keep_best and not (es.metric or c.best_metric):
+        out.append("checkpoint.keep_best needs a metric: set checkpoint.best_metric (or train.early_stopping.metric)")
+    return out
