@@ -12,6 +12,9 @@ freezes every attention weight of every layer. Such parameters get no optimizer 
 layers, so those rows keep (zero) moments; their gradient rows are zeroed before clipping and the
 optimizer, and their update rows after it, so weight decay cannot move them either: the update
 is exactly zero and the rows stay bitwise unchanged.
+
+A LoRA run (``lora.rank > 0``, ``Freeze.adapters_only``) freezes every parameter but the adapters
+(paths ending in ``lora_a`` / ``lora_b``, models/lora.py) the same way.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ TRAINABLE, FROZEN = "trainable", "frozen"
 class Freeze:
     pattern: str = ""  # train.freeze
     layers: int = 0  # train.freeze_layers
+    adapters_only: bool = False  # LoRA: everything but the adapters
 
 
 NOTHING = Freeze()
@@ -124,6 +128,8 @@ def with_freezing(
     if freeze.pattern and not frozen:
         example = ", ".join(f"'{p}'" for p in sorted(_paths(logical_specs))[:3])
         raise ConfigError(f"train.freeze='{freeze.pattern}' matches no parameter path; paths look like {example}")
+    if freeze.adapters_only:
+        frozen |= {path for path in _paths(logical_specs) if path.rsplit("/", 1)[-1] not in ("lora_a", "lora_b")}
     rows = kept_rows(abstract_params, logical_specs, freeze.layers)
     trainable = trainable_count(abstract_params, frozen, rows)
     if trainable == 0:

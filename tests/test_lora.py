@@ -1,0 +1,115 @@
+"""LoRA: adapters beside the targeted kernels (logical axes, the scanned stack), only they train,
+``--merge-lora`` folds them into the base, and a LoRA run resumes exactly; 8 fake CPU devices."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+from cli_runs import in_this_process
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from models import build_model, lora
+from models.config import ConfigError, ModelConfig
+from sharding.mesh import make_mesh
+from train import export
+from train.config import MeshConfig, OptimizerConfig
+from train.freeze import Freeze, param_path
+from train.state import count_params, init_state, make_state_spec
+from train.step import make_train_step
+
+R = 4
+ATTN_AND_MLP = "(.*/)?(attn/(q|k|v|o)|mlp/(wi|wo))"
+MODEL = ModelConfig(
+    vocab_size=256, d_model=64, n_layers=2, n_heads=4, d_ff=256, max_seq_len=32, compute_dtype="float32",
+    lora_rank=R, lora_alpha=8.0, lora_targets=ATTN_AND_MLP,
+)  # fmt: skip
+# sum over targets of r * (in + out), times 2 layers: q, k, v, o 64 -> 64; wi 64 -> 256; wo 256 -> 64
+EXPECTED_TRAINABLE = 2 * (4 * R * (64 + 64) + 2 * R * (64 + 256))
+
+
+def spec_for(model_cfg: ModelConfig, mesh_sizes=(2, 2, 2)):
+    data, fsdp, tensor = mesh_sizes
+    mesh = make_mesh(MeshConfig(data=data, fsdp=fsdp, tensor=tensor), jax.devices()[: data * fsdp * tensor])
+    opt = OptimizerConfig(schedule="constant", warmup_steps=0, lr=0.02, weight_decay=0.1)
+    return make_state_spec(model_cfg, opt, 10, mesh, freeze=Freeze(adapters_only=True)), mesh
+
+
+def by_path(tree) -> dict:
+    return {param_path(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """(spec, losses, initial params, final params) after 6 AdamW steps on random tokens, on data x fsdp x tensor."""
+    spec, mesh = spec_for(MODEL)
+    state = init_state(spec, MODEL, seed=0)
+    initial = jax.device_get(state.params)
+    step, losses = make_train_step(spec, mesh, 1), []
+    tokens = np.random.default_rng(0).integers(0, 256, size=(16, 33), dtype=np.int32)
+    for _ in range(6):  # one batch again and again: the adapters alone must fit it
+        state, metrics = step(state, {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]})
+        losses.append(float(metrics["loss"]))
+    return spec, losses, initial, jax.device_get(state.params)
+
+
+def test_adapters_sit_beside_the_targets_stacked_with_logical_axes(trained):
+    spec, *_ = trained
+    specs, shapes = by_path(spec.logical_specs), {k: v.shape for k, v in by_path(spec.abstract.params).items()}
+    assert shapes["stack/blocks/attn/q/lora_a"] == (2, 64, R)
+    assert specs["stack/blocks/attn/q/lora_a"] == P("layers", "embed", None)
+    assert shapes["stack/blocks/attn/k/lora_b"] == (2, R, 64)
+    assert specs["stack/blocks/attn/k/lora_b"] == P("layers", None, "kv_heads")
+    assert specs["stack/blocks/mlp/wo/lora_a"] == P("layers", "mlp", None)
+    adapters = sorted(p.rsplit("/", 2)[1] for p in specs if p.endswith("lora_a"))
+    assert adapters == ["k", "o", "q", "v", "wi", "wo"]
+    # the mesh shards them like their kernels: fsdp over embed, tensor over heads
+    q_b = by_path(spec.shardings.params)["stack/blocks/attn/q/lora_b"].spec
+    assert tuple(q_b)[:3] == (None, None, "tensor")
+
+
+def test_only_the_adapters_train_and_hold_optimizer_state(trained):
+    spec, losses, initial, final = trained
+    assert spec.trainable_params == EXPECTED_TRAINABLE
+    assert EXPECTED_TRAINABLE < 0.1 * count_params(spec.abstract.params)
+    moments = sum(x.size for x in jax.tree.leaves(spec.abstract.opt_state) if x.ndim)
+    assert moments == 2 * EXPECTED_TRAINABLE  # AdamW mu and nu of the adapters only
+    assert losses[-1] < losses[0] - 0.05
+    before, after = by_path(initial), by_path(final)
+    for path, value in after.items():
+        if path.endswith(("lora_a", "lora_b")):
+            assert np.abs(value - before[path]).max() > 0, path
+        else:
+            np.testing.assert_array_equal(value, before[path], err_msg=path)
+
+
+def test_a_fresh_lora_model_equals_its_base_and_the_default_targets_are_attention():
+    tokens = np.random.default_rng(1).integers(0, 256, size=(2, 16), dtype=np.int32)
+    base = build_model(lora.base_config(MODEL), seed=0)(tokens)
+    with_adapters = build_model(MODEL, seed=0)(tokens)
+    np.testing.assert_array_equal(np.asarray(with_adapters), np.asarray(base))  # B starts at zero
+    default = ModelConfig(**{**MODEL.__dict__, "lora_targets": ModelConfig.lora_targets})
+    paths = by_path(nnx.state(nnx.eval_shape(lambda: build_model(default, 0)), nnx.Param))
+    assert sorted(p for p in paths if "lora" in p)[:2] == ["stack/blocks/attn/k/lora_a", "stack/blocks/attn/k/lora_b"]
+    assert not any("mlp" in p and "lora" in p for p in paths)
+
+
+def test_merging_folds_the_adapters_into_the_base_to_fp32_tolerance(trained):
+    spec, _, _, final = trained
+    params = nnx.State(jax.tree.map(np.asarray, nnx.to_pure_dict(final)))
+    abstract = nnx.eval_shape(lambda: build_model(MODEL, 0))
+    nnx.update(abstract, params)
+    merged = lora.merge(nnx.state(abstract, nnx.Param), MODEL)
+    assert not any("lora" in p for p in by_path(merged))
+    plain = nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: build_model(lora.base_config(MODEL), 0))), merged)
+    tokens = np.random.default_rng(2).integers(0, 256, size=(2, 32), dtype=np.int32)
+    expected, got = np.asarray(abstract(tokens)), np.asarray(plain(tokens))
+    assert np.abs(expected - np.asarray(build_model(lora.base_config(MODEL), 0)(tokens))).max() > 1e-3  # adapters matter
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_targets_that_match_no_kernel_are_refused():
+    bad = ModelConfig(**{**MODEL.__dict__, "lora_targets": "stack/blocks/attn/qq"})
+    with pytest.raises(ConfigError, match="lora.targets='stack/blocks/attn/qq' matches no Dense kernel"):
+        build_model(bad, 0)
