@@ -96,7 +96,7 @@ def test_a_fresh_lora_model_equals_its_base_and_the_default_targets_are_attentio
 
 
 def test_merging_folds_the_adapters_into_the_base_to_fp32_tolerance(trained):
-    spec, _, _, final = trained
+    *_, final = trained
     params = nnx.State(jax.tree.map(np.asarray, nnx.to_pure_dict(final)))
     abstract = nnx.eval_shape(lambda: build_model(MODEL, 0))
     nnx.update(abstract, params)
@@ -113,3 +113,68 @@ def test_targets_that_match_no_kernel_are_refused():
     bad = ModelConfig(**{**MODEL.__dict__, "lora_targets": "stack/blocks/attn/qq"})
     with pytest.raises(ConfigError, match="lora.targets='stack/blocks/attn/qq' matches no Dense kernel"):
         build_model(bad, 0)
+
+
+# --- the CLI: a LoRA run from the lora: section, its exact resume and its merged export -----------
+
+FAST = [
+    "configs/tiny-gpt2.yaml",
+    "optimizer.schedule=constant",
+    "optimizer.warmup_steps=0",
+    "optimizer.lr=0.01",
+    "train.seq_len=32",
+    "train.batch_size=16",
+    "train.log_every=1",
+    "train.eval_every=0",
+    "train.eval_batches=1",
+    "train.sample_tokens=0",
+    "checkpoint.every=2",
+    "mesh.data=2",
+    "mesh.fsdp=2",
+    "mesh.tensor=2",
+    f"lora.rank={R}",
+    "lora.alpha=8",
+    f"lora.targets={ATTN_AND_MLP}",
+]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("lora-runs")
+    out = {
+        "ref": in_this_process([*FAST, f"run.dir={root / 'ref'}", "train.steps=6"]),
+        "stopped": in_this_process([*FAST, f"run.dir={root / 'resumed'}", "train.steps=3"]),
+        "resumed": in_this_process([*FAST, f"run.dir={root / 'resumed'}", "train.steps=6"]),
+    }
+    for name, flags in {"merged": ["--merge-lora"], "adapters": []}.items():
+        assert export.main([str(root / "ref"), str(root / name), *flags]) == 0
+        out[name] = export.load(root / name)
+    return out
+
+
+def test_a_lora_run_trains_only_the_adapters_and_resumes_exactly(runs):
+    assert [runs[k].rc for k in ("ref", "stopped", "resumed")] == [0, 0, 0], runs["ref"].err
+    first = next(r for r in runs["ref"].metrics if "loss" in r)
+    assert first["trainable_params"] == EXPECTED_TRAINABLE
+    ref = runs["ref"].losses()
+    assert ref[6] < ref[1]
+    assert {**runs["stopped"].losses(), **runs["resumed"].losses()} == ref  # bitwise: same mesh, same steps
+
+
+def test_merge_lora_exports_a_plain_model_equal_to_the_adapter_model(runs):
+    adapter_cfg, adapter_params = runs["adapters"]
+    merged_cfg, merged_params = runs["merged"]
+    assert adapter_cfg.lora_rank == R and merged_cfg.lora_rank == 0
+    assert not any("lora" in p for p in by_path(merged_params))
+    # the base weights the run saved are the initial ones (jitted, as init_state makes them), bitwise
+    initial = by_path(jax.jit(lambda: nnx.state(build_model(adapter_cfg, seed=0), nnx.Param))())
+    for path, value in by_path(adapter_params).items():
+        if not path.endswith(("lora_a", "lora_b")):
+            np.testing.assert_array_equal(np.asarray(value), np.asarray(initial[path]), err_msg=path)
+    tokens = np.random.default_rng(3).integers(0, 200, size=(2, 32), dtype=np.int32)
+
+    def logits(cfg, params):
+        return np.asarray(nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: build_model(cfg, 0))), params)(tokens))
+
+    np.testing.assert_allclose(logits(merged_cfg, merged_params), logits(adapter_cfg, adapter_params), atol=1e-5)
+
