@@ -16,8 +16,7 @@ from sharding.mesh import make_mesh
 from train import export
 from train.config import MeshConfig, OptimizerConfig
 from train.freeze import Freeze, param_path
-from train.state import count_params, init_state, make_state_spec
-from train.step import make_train_step
+from train.state import count_params, make_state_spec
 
 R = 4
 ATTN_AND_MLP = "(.*/)?(attn/(q|k|v|o)|mlp/(wi|wo))"
@@ -41,21 +40,11 @@ def by_path(tree) -> dict:
 
 
 @pytest.fixture(scope="module")
-def trained():
-    """(spec, losses, initial params, final params) after 6 AdamW steps on random tokens, on data x fsdp x tensor."""
-    spec, mesh = spec_for(MODEL)
-    state = init_state(spec, MODEL, seed=0)
-    initial = jax.device_get(state.params)
-    step, losses = make_train_step(spec, mesh, 1), []
-    tokens = np.random.default_rng(0).integers(0, 256, size=(16, 33), dtype=np.int32)
-    for _ in range(6):  # one batch again and again: the adapters alone must fit it
-        state, metrics = step(state, {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]})
-        losses.append(float(metrics["loss"]))
-    return spec, losses, initial, jax.device_get(state.params)
+def spec():
+    return spec_for(MODEL)[0]
 
 
-def test_adapters_sit_beside_the_targets_stacked_with_logical_axes(trained):
-    spec, *_ = trained
+def test_adapters_sit_beside_the_targets_stacked_with_logical_axes(spec):
     specs, shapes = by_path(spec.logical_specs), {k: v.shape for k, v in by_path(spec.abstract.params).items()}
     assert shapes["stack/blocks/attn/q/lora_a"] == (2, 64, R)
     assert specs["stack/blocks/attn/q/lora_a"] == P("layers", "embed", None)
@@ -69,19 +58,11 @@ def test_adapters_sit_beside_the_targets_stacked_with_logical_axes(trained):
     assert tuple(q_b)[:3] == (None, None, "tensor")
 
 
-def test_only_the_adapters_train_and_hold_optimizer_state(trained):
-    spec, losses, initial, final = trained
+def test_only_the_adapters_count_as_trainable_and_hold_optimizer_state(spec):
     assert spec.trainable_params == EXPECTED_TRAINABLE
     assert EXPECTED_TRAINABLE < 0.1 * count_params(spec.abstract.params)
     moments = sum(x.size for x in jax.tree.leaves(spec.abstract.opt_state) if x.ndim)
     assert moments == 2 * EXPECTED_TRAINABLE  # AdamW mu and nu of the adapters only
-    assert losses[-1] < losses[0] - 0.05
-    before, after = by_path(initial), by_path(final)
-    for path, value in after.items():
-        if path.endswith(("lora_a", "lora_b")):
-            assert np.abs(value - before[path]).max() > 0, path
-        else:
-            np.testing.assert_array_equal(value, before[path], err_msg=path)
 
 
 def test_a_fresh_lora_model_equals_its_base_and_the_default_targets_are_attention():
@@ -93,20 +74,6 @@ def test_a_fresh_lora_model_equals_its_base_and_the_default_targets_are_attentio
     paths = by_path(nnx.state(nnx.eval_shape(lambda: build_model(default, 0)), nnx.Param))
     assert sorted(p for p in paths if "lora" in p)[:2] == ["stack/blocks/attn/k/lora_a", "stack/blocks/attn/k/lora_b"]
     assert not any("mlp" in p and "lora" in p for p in paths)
-
-
-def test_merging_folds_the_adapters_into_the_base_to_fp32_tolerance(trained):
-    *_, final = trained
-    params = nnx.State(jax.tree.map(np.asarray, nnx.to_pure_dict(final)))
-    abstract = nnx.eval_shape(lambda: build_model(MODEL, 0))
-    nnx.update(abstract, params)
-    merged = lora.merge(nnx.state(abstract, nnx.Param), MODEL)
-    assert not any("lora" in p for p in by_path(merged))
-    plain = nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: build_model(lora.base_config(MODEL), 0))), merged)
-    tokens = np.random.default_rng(2).integers(0, 256, size=(2, 32), dtype=np.int32)
-    expected, got = np.asarray(abstract(tokens)), np.asarray(plain(tokens))
-    assert np.abs(expected - np.asarray(build_model(lora.base_config(MODEL), 0)(tokens))).max() > 1e-3  # adapters matter
-    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_targets_that_match_no_kernel_are_refused():
@@ -157,7 +124,7 @@ def test_a_lora_run_trains_only_the_adapters_and_resumes_exactly(runs):
     first = next(r for r in runs["ref"].metrics if "loss" in r)
     assert first["trainable_params"] == EXPECTED_TRAINABLE
     ref = runs["ref"].losses()
-    assert ref[6] < ref[1]
+    assert ref[6] < ref[1] - 0.05
     assert {**runs["stopped"].losses(), **runs["resumed"].losses()} == ref  # bitwise: same mesh, same steps
 
 
@@ -176,5 +143,6 @@ def test_merge_lora_exports_a_plain_model_equal_to_the_adapter_model(runs):
     def logits(cfg, params):
         return np.asarray(nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: build_model(cfg, 0))), params)(tokens))
 
-    np.testing.assert_allclose(logits(merged_cfg, merged_params), logits(adapter_cfg, adapter_params), atol=1e-5)
-
+    expected = logits(adapter_cfg, adapter_params)
+    assert np.abs(expected - np.asarray(build_model(lora.base_config(adapter_cfg), 0)(tokens))).max() > 1e-3  # trained
+    np.testing.assert_allclose(logits(merged_cfg, merged_params), expected, rtol=1e-5, atol=1e-5)
