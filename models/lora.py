@@ -53,8 +53,9 @@ def add_adapters(model: nnx.Module, cfg: ModelConfig, rngs: nnx.Rngs) -> None:
 
 
 def base_config(cfg: ModelConfig) -> ModelConfig:
-    """The same model without adapters."""
-    return dataclasses.replace(cfg, lora_rank=0)
+    """The same model without adapters (its LoRA fields at their defaults)."""
+    defaults = ModelConfig()
+    return dataclasses.replace(cfg, **{k: getattr(defaults, k) for k in ("lora_rank", "lora_alpha", "lora_targets")})
 
 
 def merge(params: nnx.State, cfg: ModelConfig) -> nnx.State:

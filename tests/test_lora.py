@@ -67,8 +67,8 @@ def test_only_the_adapters_count_as_trainable_and_hold_optimizer_state(spec):
 
 def test_a_fresh_lora_model_equals_its_base_and_the_default_targets_are_attention():
     tokens = np.random.default_rng(1).integers(0, 256, size=(2, 16), dtype=np.int32)
-    base = build_model(lora.base_config(MODEL), seed=0)(tokens)
-    with_adapters = build_model(MODEL, seed=0)(tokens)
+    base = jax.jit(lambda t: build_model(lora.base_config(MODEL), seed=0)(t))(tokens)
+    with_adapters = jax.jit(lambda t: build_model(MODEL, seed=0)(t))(tokens)
     np.testing.assert_array_equal(np.asarray(with_adapters), np.asarray(base))  # B starts at zero
     default = ModelConfig(**{**MODEL.__dict__, "lora_targets": ModelConfig.lora_targets})
     paths = by_path(nnx.state(nnx.eval_shape(lambda: build_model(default, 0)), nnx.Param))
@@ -99,6 +99,9 @@ FAST = [
     "mesh.data=2",
     "mesh.fsdp=2",
     "mesh.tensor=2",
+]
+LORA = [
+    *FAST,
     f"lora.rank={R}",
     "lora.alpha=8",
     f"lora.targets={ATTN_AND_MLP}",
@@ -107,20 +110,24 @@ FAST = [
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
+    """A plain base run (2 steps), LoRA runs started from it (init_from), and exports."""
     root = tmp_path_factory.mktemp("lora-runs")
+    lora_run = [*LORA, f"checkpoint.init_from={root / 'base'}"]
     out = {
-        "ref": in_this_process([*FAST, f"run.dir={root / 'ref'}", "train.steps=6"]),
-        "stopped": in_this_process([*FAST, f"run.dir={root / 'resumed'}", "train.steps=3"]),
-        "resumed": in_this_process([*FAST, f"run.dir={root / 'resumed'}", "train.steps=6"]),
+        "base": in_this_process([*FAST, f"run.dir={root / 'base'}", "train.steps=2"]),
+        "ref": in_this_process([*lora_run, f"run.dir={root / 'ref'}", "train.steps=6"]),
+        "stopped": in_this_process([*lora_run, f"run.dir={root / 'resumed'}", "train.steps=3"]),
+        "resumed": in_this_process([*lora_run, f"run.dir={root / 'resumed'}", "train.steps=6"]),
     }
-    for name, flags in {"merged": ["--merge-lora"], "adapters": []}.items():
-        assert export.main([str(root / "ref"), str(root / name), *flags]) == 0
+    for src, name, flags in [("ref", "merged", ["--merge-lora"]), ("ref", "adapters", []), ("base", "base-export", [])]:
+        assert export.main([str(root / src), str(root / name), *flags]) == 0
         out[name] = export.load(root / name)
     return out
 
 
 def test_a_lora_run_trains_only_the_adapters_and_resumes_exactly(runs):
-    assert [runs[k].rc for k in ("ref", "stopped", "resumed")] == [0, 0, 0], runs["ref"].err
+    assert [runs[k].rc for k in ("base", "ref", "stopped", "resumed")] == [0, 0, 0, 0], runs["ref"].err
+    assert "restored 20 parameters; initialised fresh: stack.blocks.attn.k.lora_a, " in runs["ref"].out  # all the base
     first = next(r for r in runs["ref"].metrics if "loss" in r)
     assert first["trainable_params"] == EXPECTED_TRAINABLE
     ref = runs["ref"].losses()
@@ -133,8 +140,10 @@ def test_merge_lora_exports_a_plain_model_equal_to_the_adapter_model(runs):
     merged_cfg, merged_params = runs["merged"]
     assert adapter_cfg.lora_rank == R and merged_cfg.lora_rank == 0
     assert not any("lora" in p for p in by_path(merged_params))
-    # the base weights the run saved are the initial ones (jitted, as init_state makes them), bitwise
-    initial = by_path(jax.jit(lambda: nnx.state(build_model(adapter_cfg, seed=0), nnx.Param))())
+    # the base weights the LoRA run saved are those of the run it started from, bitwise
+    base_cfg, base_params = runs["base-export"]
+    assert merged_cfg == base_cfg == lora.base_config(adapter_cfg)
+    initial = by_path(base_params)
     for path, value in by_path(adapter_params).items():
         if not path.endswith(("lora_a", "lora_b")):
             np.testing.assert_array_equal(np.asarray(value), np.asarray(initial[path]), err_msg=path)
@@ -144,5 +153,5 @@ def test_merge_lora_exports_a_plain_model_equal_to_the_adapter_model(runs):
         return np.asarray(nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: build_model(cfg, 0))), params)(tokens))
 
     expected = logits(adapter_cfg, adapter_params)
-    assert np.abs(expected - np.asarray(build_model(lora.base_config(adapter_cfg), 0)(tokens))).max() > 1e-3  # trained
+    assert np.abs(expected - logits(base_cfg, base_params)).max() > 1e-3  # trained
     np.testing.assert_allclose(logits(merged_cfg, merged_params), expected, rtol=1e-5, atol=1e-5)
