@@ -10,7 +10,7 @@ from cli_runs import in_this_process
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from models import build_model, lora
+from models import build_model, hf, lora
 from models.config import ConfigError, ModelConfig
 from sharding.mesh import make_mesh
 from train import export
@@ -122,6 +122,8 @@ def runs(tmp_path_factory) -> dict:
     for src, name, flags in [("ref", "merged", ["--merge-lora"]), ("ref", "adapters", []), ("base", "base-export", [])]:
         assert export.main([str(root / src), str(root / name), *flags]) == 0
         out[name] = export.load(root / name)
+    assert export.main([str(root / "ref"), str(root / "hf"), "--merge-lora", "--format=hf"]) == 0
+    out["hf"] = hf.load(root / "hf", compute_dtype="float32")
     return out
 
 
@@ -155,3 +157,5 @@ def test_merge_lora_exports_a_plain_model_equal_to_the_adapter_model(runs):
     expected = logits(adapter_cfg, adapter_params)
     assert np.abs(expected - logits(base_cfg, base_params)).max() > 1e-3  # trained
     np.testing.assert_allclose(logits(merged_cfg, merged_params), expected, rtol=1e-5, atol=1e-5)
+    hf_model, _ = runs["hf"]  # the merged model in the Hugging Face layout, read back
+    np.testing.assert_allclose(np.asarray(hf_model(tokens)), expected, rtol=1e-5, atol=1e-5)
