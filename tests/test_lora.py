@@ -124,6 +124,10 @@ def runs(tmp_path_factory) -> dict:
         out[name] = export.load(root / name)
     assert export.main([str(root / "ref"), str(root / "hf"), "--merge-lora", "--format=hf"]) == 0
     out["hf"] = hf.load(root / "hf", compute_dtype="float32")
+    with pytest.raises(ConfigError, match="has LoRA adapters, which the Hugging Face layout lacks; add --merge-lora"):
+        export.export(root / "ref", root / "hf-unmerged", "hf")
+    with pytest.raises(ConfigError, match="has no LoRA adapters"):
+        export.export(root / "base", root / "base-merged", merge_lora=True)
     return out
 
 

@@ -123,6 +123,8 @@ def export(
         if not cfg.lora_rank:
             raise ConfigError(f"SRC='{src}' has no LoRA adapters (lora.rank=0); leave out --merge-lora")
         params, cfg = lora.merge(params, cfg), lora.base_config(cfg)
+    elif cfg.lora_rank and format == "hf":
+        raise ConfigError(f"SRC='{src}' has LoRA adapters, which the Hugging Face layout lacks; add --merge-lora")
     if format == "params":
         write_params(params, cfg, out_dir)
     elif format == "checkpoint":
