@@ -65,6 +65,14 @@ def test_only_the_adapters_count_as_trainable_and_hold_optimizer_state(spec):
     assert moments == 2 * EXPECTED_TRAINABLE  # AdamW mu and nu of the adapters only
 
 
+def test_a_lora_classifier_also_trains_its_fresh_head():
+    classifier = ModelConfig(
+        **{**MODEL.__dict__, "family": "encoder", "head": "classification", "num_labels": 3, "type_vocab_size": 2}
+    )
+    head = (64 * 64 + 64) + (64 * 3 + 3)  # pooler and classifier kernels and biases
+    assert spec_for(classifier, (1, 1, 1))[0].trainable_params == EXPECTED_TRAINABLE + head
+
+
 def test_a_fresh_lora_model_equals_its_base_and_the_default_targets_are_attention():
     tokens = np.random.default_rng(1).integers(0, 256, size=(2, 16), dtype=np.int32)
     base = jax.jit(lambda t: build_model(lora.base_config(MODEL), seed=0)(t))(tokens)
