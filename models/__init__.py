@@ -18,7 +18,13 @@ def build_model(cfg: ModelConfig, seed: int) -> nnx.Module:
 
     families = {"decoder": DecoderLM, "encoder": EncoderLM, "encoder_decoder": EncoderDecoderLM}
     with nnx.use_eager_sharding(False):
-        return families[cfg.family](cfg, rngs=nnx.Rngs(params=seed))
+        rngs = nnx.Rngs(params=seed)
+        model = families[cfg.family](cfg, rngs=rngs)
+        if cfg.lora_rank:
+            from models.lora import add_adapters
+
+            add_adapters(model, cfg, rngs)
+        return model
 
 
 def abstract_model(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:

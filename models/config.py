@@ -65,6 +65,10 @@ class ModelConfig:
     # training only (a forward given an rng key); off in eval, generation and parity
     dropout: float = 0.0  # on the embeddings and every residual branch (and BERT's pooled output)
     attention_dropout: float = 0.0  # on the attention probabilities; needs attention='recompute'
+    # LoRA adapters (models/lora.py), set from the run's ``lora:`` section; 0: none
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: str = "(.*/)?(attn|cross)/(q|k|v|o)"
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], where: str = "the saved model config") -> ModelConfig:
@@ -149,6 +153,8 @@ class ModelConfig:
         if self.head == "classification" and self.num_labels < 2:
             out.append(f"model.num_labels={self.num_labels} must be >= 2 for cross-entropy classification")
         out.extend(self._dropout_problems())
+        if self.lora_rank < 0:
+            out.append(f"lora.rank={self.lora_rank} must be >= 0; 0 turns LoRA off")
         return out
 
     def _dropout_problems(self) -> list[str]:

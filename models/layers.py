@@ -72,11 +72,18 @@ class Dense(nnx.Linear):
     Adding the fp32 bias before the one rounding also makes its gradient an fp32 sum, which
     XLA:CPU reduces fast; a bf16 bias add leaves a bf16 reduction it rewrites into a slow tree.
     The output is named ``projection`` for the ``save_dots`` remat policy (``models.transformer``),
-    which cannot see the matmul inside ``matmul``'s custom gradient.
+    which cannot see the matmul inside ``matmul``'s custom gradient. With LoRA adapters (attached by
+    ``models.lora``) it adds ``lora_scale * (x @ lora_a) @ lora_b``.
     """
 
+    lora_a = lora_b = None  # [d_in, r], [r, d_out] when models.lora attaches them
+
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = matmul(x.astype(self.dtype), self.kernel[...].astype(self.dtype))  # [..., d_out] float32
+        x = x.astype(self.dtype)
+        y = matmul(x, self.kernel[...].astype(self.dtype))  # [..., d_out] float32
+        if self.lora_a is not None:
+            h = matmul(x, self.lora_a[...].astype(self.dtype)).astype(self.dtype)  # [..., r]
+            y = y + self.lora_scale * matmul(h, self.lora_b[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...]
         return checkpoint_name(y.astype(self.dtype), "projection")  # what remat='save_dots' keeps

@@ -126,6 +126,15 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    """Low-rank adapters (models/lora.py); only they train, every other parameter is frozen."""
+
+    rank: int = 0  # 0: off
+    alpha: float = 16.0  # the adapters' update is scaled by alpha / rank
+    targets: str = ModelConfig.lora_targets  # regex over kernel paths; e.g. add '|(.*/)?mlp/(wi|wg|wo)'
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     seed: int = 0
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
@@ -135,6 +144,7 @@ class Config:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
 
     def to_dict(self) -> dict:
         """Plain dicts, lists and scalars (YAML and JSON write it as is)."""
@@ -289,7 +299,11 @@ def config_tree(path: str | pathlib.Path | None = None, overrides: tuple[str, ..
 
 def build_config(tree: dict) -> Config:
     """A tree of sections -> ``Config``, checking keys and types (not the cross-key rules of ``validate``)."""
-    return _build(Config, tree, "")
+    config = _build(Config, tree, "")
+    if config.lora.rank == 0:  # a saved, resolved model config may carry its adapters itself
+        return config
+    lora = {"lora_rank": config.lora.rank, "lora_alpha": config.lora.alpha, "lora_targets": config.lora.targets}
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, **lora))
 
 
 def load_config(path: str | pathlib.Path | None = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:

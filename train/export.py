@@ -1,6 +1,6 @@
 """``python -m train.export SRC OUT_DIR``: a model's parameters in another layout.
 
-    python -m train.export SRC OUT_DIR [--format params|hf|checkpoint] [--tokenizer DIR] [--best]
+    python -m train.export SRC OUT_DIR [--format params|hf|checkpoint] [--tokenizer DIR] [--best] [--merge-lora]
 
 SRC is a run directory (its newest intact checkpoint, or with ``--best`` its best one, kept by
 ``checkpoint.keep_best``; also its ``checkpoints/`` directory or a ``--format checkpoint``
@@ -17,6 +17,10 @@ output) or a Hugging Face model directory (config.json + safetensors).
     ``OUT_DIR/0/`` in the layout of a run's ``checkpoints/`` (state = {"params": ...}) and
     ``OUT_DIR/config.yaml``: ``python -m train OUT_DIR/config.yaml run.dir=...`` fine-tunes it
     (its ``checkpoint.init_from`` points at OUT_DIR).
+
+--merge-lora folds a LoRA run's adapters into its base weights (W + alpha / rank * A @ B) and
+writes the plain model (its config without LoRA) in any format; without it a LoRA run's
+parameters are written with their adapters.
 
 User mistakes print one ``error:`` line and exit with status 2.
 """
@@ -96,10 +100,15 @@ def write_checkpoint(params, cfg: ModelConfig, out_dir: pathlib.Path) -> None:
 
 
 def export(
-    src: pathlib.Path, out_dir: pathlib.Path, format: str = "params", tokenizer: str | None = None, best: bool = False
+    src: pathlib.Path,
+    out_dir: pathlib.Path,
+    format: str = "params",
+    tokenizer: str | None = None,
+    best: bool = False,
+    merge_lora: bool = False,
 ) -> str:
-    """Writes the parameters of ``src`` (``best``: its best checkpoint) to ``out_dir`` in ``format``;
-    returns what was exported."""
+    """Writes the parameters of ``src`` (``best``: its best checkpoint; ``merge_lora``: its LoRA
+    adapters folded in) to ``out_dir`` in ``format``; returns what was exported."""
     from models import hf
 
     out_dir = pathlib.Path(out_dir).absolute()
@@ -108,6 +117,14 @@ def export(
     if tokenizer is not None and format != "hf":
         raise ConfigError("--tokenizer only applies to --format hf; leave it out")
     source, cfg, params = read_model(pathlib.Path(src).absolute(), best)
+    if merge_lora:
+        from models import lora
+
+        if not cfg.lora_rank:
+            raise ConfigError(f"SRC='{src}' has no LoRA adapters (lora.rank=0); leave out --merge-lora")
+        params, cfg = lora.merge(params, cfg), lora.base_config(cfg)
+    elif cfg.lora_rank and format == "hf":
+        raise ConfigError(f"SRC='{src}' has LoRA adapters, which the Hugging Face layout lacks; add --merge-lora")
     if format == "params":
         write_params(params, cfg, out_dir)
     elif format == "checkpoint":
@@ -153,9 +170,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", choices=FORMATS, default="params")
     parser.add_argument("--tokenizer", default=None, help="--format hf: a tokenizer directory to write alongside")
     parser.add_argument("--best", action="store_true", help="a run's best checkpoint (checkpoint.keep_best)")
+    parser.add_argument("--merge-lora", action="store_true", help="fold a LoRA run's adapters into its base weights")
     args = parser.parse_args(argv)
     try:
-        source = export(pathlib.Path(args.src), pathlib.Path(args.out_dir), args.format, args.tokenizer, args.best)
+        source = export(
+            pathlib.Path(args.src), pathlib.Path(args.out_dir), args.format, args.tokenizer, args.best, args.merge_lora
+        )
     except (ConfigError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -12,6 +12,10 @@ freezes every attention weight of every layer. Such parameters get no optimizer 
 layers, so those rows keep (zero) moments; their gradient rows are zeroed before clipping and the
 optimizer, and their update rows after it, so weight decay cannot move them either: the update
 is exactly zero and the rows stay bitwise unchanged.
+
+A LoRA run (``lora.rank > 0``, ``Freeze.adapters_only``) freezes every parameter but the adapters
+(paths ending in ``lora_a`` / ``lora_b``, models/lora.py) and a classifier's fresh head (``pooler``,
+``classifier``: as PEFT's sequence-classification ``modules_to_save``) the same way.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ TRAINABLE, FROZEN = "trainable", "frozen"
 class Freeze:
     pattern: str = ""  # train.freeze
     layers: int = 0  # train.freeze_layers
+    adapters_only: bool = False  # LoRA: everything but the adapters
 
 
 NOTHING = Freeze()
@@ -124,6 +129,8 @@ def with_freezing(
     if freeze.pattern and not frozen:
         example = ", ".join(f"'{p}'" for p in sorted(_paths(logical_specs))[:3])
         raise ConfigError(f"train.freeze='{freeze.pattern}' matches no parameter path; paths look like {example}")
+    if freeze.adapters_only:
+        frozen |= {path for path in _paths(logical_specs) if not _adapter_or_head(path)}
     rows = kept_rows(abstract_params, logical_specs, freeze.layers)
     trainable = trainable_count(abstract_params, frozen, rows)
     if trainable == 0:
@@ -134,6 +141,10 @@ def with_freezing(
         mask = zero_frozen(frozen, rows)
         tx = optax.chain(mask, tx, mask)
     return tx, trainable
+
+
+def _adapter_or_head(path: str) -> bool:
+    return path.rsplit("/", 1)[-1] in ("lora_a", "lora_b") or path.startswith(("pooler/", "classifier/"))
 
 
 def trainable_count(abstract_params, frozen: set[str], rows: dict[str, np.ndarray]) -> int:

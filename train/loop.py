@@ -71,7 +71,7 @@ def prepare(config: Config) -> Setup:
     mesh = make_mesh(config.mesh)
     check_fits(model_cfg, mesh.shape, config.mesh.logical_rules, **fit_sizes(config, jax.process_count()))
     task = make_task(config, model_cfg, tokenizer)
-    freeze = Freeze(config.train.freeze, config.train.freeze_layers)
+    freeze = Freeze(config.train.freeze, config.train.freeze_layers, model_cfg.lora_rank > 0)
     spec = make_state_spec(model_cfg, config.optimizer, config.train.steps, mesh, config.mesh.logical_rules, freeze)
     resolved = dataclasses.replace(config, model=model_cfg, data=task.data_config)
     return Setup(resolved, tokenizer, mesh, task, spec)

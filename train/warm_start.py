@@ -9,7 +9,8 @@ starts a classifier: the encoder is restored, the pooler (unless the source has 
 classifier start fresh.
 
 The source must be the same architecture: every model field except the head's (``head``, ``pooling``,
-``num_labels``) and those that do not change parameters (train/checkpoint.py) must match.
+``num_labels``), the LoRA adapters' (a LoRA run starts from its base, the adapters fresh) and those
+that do not change parameters (train/checkpoint.py) must match.
 """
 
 from __future__ import annotations
@@ -28,14 +29,15 @@ from train.checkpoint import config_mismatch, newest_params
 from train.config import ConfigError
 
 HEAD_FIELDS = frozenset({"head", "num_labels", "pooling"})
+ADAPTER_FIELDS = frozenset({"lora_rank", "lora_alpha", "lora_targets"})
 KEY = "checkpoint.init_from"
 
 Flat = dict[tuple[str, ...], jax.Array]  # parameter path ('stack', 'blocks', 'attn', 'q', 'kernel') -> array
 
 
 def architecture(model: dict) -> dict:
-    """The model fields that must match for parameters to carry over (all but the head's)."""
-    return {k: v for k, v in model.items() if k not in HEAD_FIELDS}
+    """The model fields that must match for parameters to carry over (all but the head's and the adapters')."""
+    return {k: v for k, v in model.items() if k not in HEAD_FIELDS | ADAPTER_FIELDS}
 
 
 def _flat(params) -> Flat:

@@ -1,0 +1,173 @@
+"""LoRA: adapters beside the targeted kernels (logical axes, the scanned stack), only they train,
+``--merge-lora`` folds them into the base, and a LoRA run resumes exactly; 8 fake CPU devices."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+from cli_runs import in_this_process
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from models import build_model, hf, lora
+from models.config import ConfigError, ModelConfig
+from sharding.mesh import make_mesh
+from train import export
+from train.config import MeshConfig, OptimizerConfig
+from train.freeze import Freeze, param_path
+from train.state import count_params, make_state_spec
+
+R = 4
+ATTN_AND_MLP = "(.*/)?(attn/(q|k|v|o)|mlp/(wi|wo))"
+MODEL = ModelConfig(
+    vocab_size=256, d_model=64, n_layers=2, n_heads=4, d_ff=256, max_seq_len=32, compute_dtype="float32",
+    lora_rank=R, lora_alpha=8.0, lora_targets=ATTN_AND_MLP,
+)  # fmt: skip
+# sum over targets of r * (in + out), times 2 layers: q, k, v, o 64 -> 64; wi 64 -> 256; wo 256 -> 64
+EXPECTED_TRAINABLE = 2 * (4 * R * (64 + 64) + 2 * R * (64 + 256))
+
+
+def spec_for(model_cfg: ModelConfig, mesh_sizes=(2, 2, 2)):
+    data, fsdp, tensor = mesh_sizes
+    mesh = make_mesh(MeshConfig(data=data, fsdp=fsdp, tensor=tensor), jax.devices()[: data * fsdp * tensor])
+    opt = OptimizerConfig(schedule="constant", warmup_steps=0, lr=0.02, weight_decay=0.1)
+    return make_state_spec(model_cfg, opt, 10, mesh, freeze=Freeze(adapters_only=True)), mesh
+
+
+def by_path(tree) -> dict:
+    return {param_path(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+@pytest.fixture(scope="module")
+def spec():
+    return spec_for(MODEL)[0]
+
+
+def test_adapters_sit_beside_the_targets_stacked_with_logical_axes(spec):
+    specs, shapes = by_path(spec.logical_specs), {k: v.shape for k, v in by_path(spec.abstract.params).items()}
+    assert shapes["stack/blocks/attn/q/lora_a"] == (2, 64, R)
+    assert specs["stack/blocks/attn/q/lora_a"] == P("layers", "embed", None)
+    assert shapes["stack/blocks/attn/k/lora_b"] == (2, R, 64)
+    assert specs["stack/blocks/attn/k/lora_b"] == P("layers", None, "kv_heads")
+    assert specs["stack/blocks/mlp/wo/lora_a"] == P("layers", "mlp", None)
+    adapters = sorted(p.rsplit("/", 2)[1] for p in specs if p.endswith("lora_a"))
+    assert adapters == ["k", "o", "q", "v", "wi", "wo"]
+    # the mesh shards them like their kernels: fsdp over embed, tensor over heads
+    q_b = by_path(spec.shardings.params)["stack/blocks/attn/q/lora_b"].spec
+    assert tuple(q_b)[:3] == (None, None, "tensor")
+
+
+def test_only_the_adapters_count_as_trainable_and_hold_optimizer_state(spec):
+    assert spec.trainable_params == EXPECTED_TRAINABLE
+    assert EXPECTED_TRAINABLE < 0.1 * count_params(spec.abstract.params)
+    moments = sum(x.size for x in jax.tree.leaves(spec.abstract.opt_state) if x.ndim)
+    assert moments == 2 * EXPECTED_TRAINABLE  # AdamW mu and nu of the adapters only
+
+
+def test_a_lora_classifier_also_trains_its_fresh_head():
+    classifier = ModelConfig(
+        **{**MODEL.__dict__, "family": "encoder", "head": "classification", "num_labels": 3, "type_vocab_size": 2}
+    )
+    head = (64 * 64 + 64) + (64 * 3 + 3)  # pooler and classifier kernels and biases
+    assert spec_for(classifier, (1, 1, 1))[0].trainable_params == EXPECTED_TRAINABLE + head
+
+
+def test_a_fresh_lora_model_equals_its_base_and_the_default_targets_are_attention():
+    tokens = np.random.default_rng(1).integers(0, 256, size=(2, 16), dtype=np.int32)
+    base = jax.jit(lambda t: build_model(lora.base_config(MODEL), seed=0)(t))(tokens)
+    with_adapters = jax.jit(lambda t: build_model(MODEL, seed=0)(t))(tokens)
+    np.testing.assert_array_equal(np.asarray(with_adapters), np.asarray(base))  # B starts at zero
+    default = ModelConfig(**{**MODEL.__dict__, "lora_targets": ModelConfig.lora_targets})
+    paths = by_path(nnx.state(nnx.eval_shape(lambda: build_model(default, 0)), nnx.Param))
+    assert sorted(p for p in paths if "lora" in p)[:2] == ["stack/blocks/attn/k/lora_a", "stack/blocks/attn/k/lora_b"]
+    assert not any("mlp" in p and "lora" in p for p in paths)
+
+
+def test_targets_that_match_no_kernel_are_refused():
+    bad = ModelConfig(**{**MODEL.__dict__, "lora_targets": "stack/blocks/attn/qq"})
+    with pytest.raises(ConfigError, match="lora.targets='stack/blocks/attn/qq' matches no Dense kernel"):
+        build_model(bad, 0)
+
+
+# --- the CLI: a LoRA run from the lora: section, its exact resume and its merged export -----------
+
+FAST = [
+    "configs/tiny-gpt2.yaml",
+    "optimizer.schedule=constant",
+    "optimizer.warmup_steps=0",
+    "optimizer.lr=0.01",
+    "train.seq_len=32",
+    "train.batch_size=16",
+    "train.log_every=1",
+    "train.eval_every=0",
+    "train.eval_batches=1",
+    "train.sample_tokens=0",
+    "checkpoint.every=2",
+    "mesh.data=2",
+    "mesh.fsdp=2",
+    "mesh.tensor=2",
+]
+LORA = [
+    *FAST,
+    f"lora.rank={R}",
+    "lora.alpha=8",
+    f"lora.targets={ATTN_AND_MLP}",
+]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    """A plain base run (2 steps), LoRA runs started from it (init_from), and exports."""
+    root = tmp_path_factory.mktemp("lora-runs")
+    lora_run = [*LORA, f"checkpoint.init_from={root / 'base'}"]
+    out = {
+        "base": in_this_process([*FAST, f"run.dir={root / 'base'}", "train.steps=2"]),
+        "ref": in_this_process([*lora_run, f"run.dir={root / 'ref'}", "train.steps=6"]),
+        "stopped": in_this_process([*lora_run, f"run.dir={root / 'resumed'}", "train.steps=3"]),
+        "resumed": in_this_process([*lora_run, f"run.dir={root / 'resumed'}", "train.steps=6"]),
+    }
+    for src, name, flags in [("ref", "merged", ["--merge-lora"]), ("ref", "adapters", []), ("base", "base-export", [])]:
+        assert export.main([str(root / src), str(root / name), *flags]) == 0
+        out[name] = export.load(root / name)
+    assert export.main([str(root / "ref"), str(root / "hf"), "--merge-lora", "--format=hf"]) == 0
+    out["hf"] = hf.load(root / "hf", compute_dtype="float32")
+    with pytest.raises(ConfigError, match="has LoRA adapters, which the Hugging Face layout lacks; add --merge-lora"):
+        export.export(root / "ref", root / "hf-unmerged", "hf")
+    with pytest.raises(ConfigError, match="has no LoRA adapters"):
+        export.export(root / "base", root / "base-merged", merge_lora=True)
+    return out
+
+
+def test_a_lora_run_trains_only_the_adapters_and_resumes_exactly(runs):
+    assert [runs[k].rc for k in ("base", "ref", "stopped", "resumed")] == [0, 0, 0, 0], runs["ref"].err
+    assert "restored 20 parameters; initialised fresh: stack.blocks.attn.k.lora_a, " in runs["ref"].out  # all the base
+    first = next(r for r in runs["ref"].metrics if "loss" in r)
+    assert first["trainable_params"] == EXPECTED_TRAINABLE
+    ref = runs["ref"].losses()
+    assert ref[6] < ref[1] - 0.05
+    assert {**runs["stopped"].losses(), **runs["resumed"].losses()} == ref  # bitwise: same mesh, same steps
+
+
+def test_merge_lora_exports_a_plain_model_equal_to_the_adapter_model(runs):
+    adapter_cfg, adapter_params = runs["adapters"]
+    merged_cfg, merged_params = runs["merged"]
+    assert adapter_cfg.lora_rank == R and merged_cfg.lora_rank == 0
+    assert not any("lora" in p for p in by_path(merged_params))
+    # the base weights the LoRA run saved are those of the run it started from, bitwise
+    base_cfg, base_params = runs["base-export"]
+    assert merged_cfg == base_cfg == lora.base_config(adapter_cfg)
+    initial = by_path(base_params)
+    for path, value in by_path(adapter_params).items():
+        if not path.endswith(("lora_a", "lora_b")):
+            np.testing.assert_array_equal(np.asarray(value), np.asarray(initial[path]), err_msg=path)
+    tokens = np.random.default_rng(3).integers(0, 200, size=(2, 32), dtype=np.int32)
+
+    def logits(cfg, params):
+        return np.asarray(nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: build_model(cfg, 0))), params)(tokens))
+
+    expected = logits(adapter_cfg, adapter_params)
+    assert np.abs(expected - logits(base_cfg, base_params)).max() > 1e-3  # trained
+    np.testing.assert_allclose(logits(merged_cfg, merged_params), expected, rtol=1e-5, atol=1e-5)
+    hf_model, _ = runs["hf"]  # the merged model in the Hugging Face layout, read back
+    np.testing.assert_allclose(np.asarray(hf_model(tokens)), expected, rtol=1e-5, atol=1e-5)
