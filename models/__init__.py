@@ -10,7 +10,8 @@ from models.config import ModelConfig
 def build_model(cfg: ModelConfig, seed: int) -> nnx.Module:
     """Constructs the model of ``cfg.family`` (concretely, or abstractly under ``nnx.eval_shape``).
 
-    Eager sharding is off: shardings are applied by the caller from the logical names.
+    Eager sharding is off: shardings are applied by the caller from the logical names. With
+    ``cfg.quant`` its Dense layers hold int8 kernels (``models.quant``).
     """
     from models.decoder import DecoderLM
     from models.encoder import EncoderLM
@@ -18,7 +19,12 @@ def build_model(cfg: ModelConfig, seed: int) -> nnx.Module:
 
     families = {"decoder": DecoderLM, "encoder": EncoderLM, "encoder_decoder": EncoderDecoderLM}
     with nnx.use_eager_sharding(False):
-        return families[cfg.family](cfg, rngs=nnx.Rngs(params=seed))
+        model = families[cfg.family](cfg, rngs=nnx.Rngs(params=seed))
+        if cfg.quant != "none":
+            from models.quant import quantize_model
+
+            quantize_model(model, cfg.quant_skip)
+        return model
 
 
 def abstract_model(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Literal
 
 
@@ -65,6 +66,10 @@ class ModelConfig:
     # training only (a forward given an rng key); off in eval, generation and parity
     dropout: float = 0.0  # on the embeddings and every residual branch (and BERT's pooled output)
     attention_dropout: float = 0.0  # on the attention probabilities; needs attention='recompute'
+    # post-training weight-only quantisation (python -m train.quantize writes it; models/quant.py): every
+    # Dense whose path (e.g. 'stack/blocks/mlp/wi') does not match the regex quant_skip holds an int8 kernel
+    quant: Literal["none", "int8"] = "none"
+    quant_skip: str = ""
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], where: str = "the saved model config") -> ModelConfig:
@@ -144,6 +149,8 @@ class ModelConfig:
             out.append("model.type_vocab_size is only used by family='encoder'; set it to 0")
         if self.head == "classification" and self.family != "encoder":
             out.append("model.head='classification' needs family='encoder'; set model.head='lm'")
+        if self.quant_skip and _bad_regex(self.quant_skip):
+            out.append(f"model.quant_skip='{self.quant_skip}' is not a regex ({_bad_regex(self.quant_skip)}); fix it")
         if self.pooling != "cls" and self.head != "classification":
             out.append("model.pooling only applies to head='classification'; leave it at 'cls'")
         if self.head == "classification" and self.num_labels < 2:
@@ -163,3 +170,12 @@ class ModelConfig:
                 "or model.attention_dropout=0"
             )
         return out
+
+
+def _bad_regex(pattern: str) -> str:
+    """Why ``pattern`` does not compile, or ''."""
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        return str(e)
+    return ""
