@@ -149,8 +149,8 @@ class ModelConfig:
             out.append("model.type_vocab_size is only used by family='encoder'; set it to 0")
         if self.head == "classification" and self.family != "encoder":
             out.append("model.head='classification' needs family='encoder'; set model.head='lm'")
-        if self.quant_skip and _bad_regex(self.quant_skip):
-            out.append(f"model.quant_skip='{self.quant_skip}' is not a regex ({_bad_regex(self.quant_skip)}); fix it")
+        if self.quant_skip and regex_problem(self.quant_skip):
+            out.append(f"model.quant_skip='{self.quant_skip}' is not a regex ({regex_problem(self.quant_skip)}); fix it")
         if self.pooling != "cls" and self.head != "classification":
             out.append("model.pooling only applies to head='classification'; leave it at 'cls'")
         if self.head == "classification" and self.num_labels < 2:
@@ -172,7 +172,7 @@ class ModelConfig:
         return out
 
 
-def _bad_regex(pattern: str) -> str:
+def regex_problem(pattern: str) -> str:
     """Why ``pattern`` does not compile, or ''."""
     try:
         re.compile(pattern)
