@@ -150,7 +150,9 @@ class ModelConfig:
         if self.head == "classification" and self.family != "encoder":
             out.append("model.head='classification' needs family='encoder'; set model.head='lm'")
         if self.quant_skip and regex_problem(self.quant_skip):
-            out.append(f"model.quant_skip='{self.quant_skip}' is not a regex ({regex_problem(self.quant_skip)}); fix it")
+            out.append(
+                f"model.quant_skip='{self.quant_skip}' is not a regex ({regex_problem(self.quant_skip)}); fix it"
+            )
         if self.pooling != "cls" and self.head != "classification":
             out.append("model.pooling only applies to head='classification'; leave it at 'cls'")
         if self.head == "classification" and self.num_labels < 2:

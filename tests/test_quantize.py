@@ -18,16 +18,15 @@ from models import abstract_model, build_model
 from models.config import ModelConfig
 from models.quant import dequantize, quantize, quantize_model
 from sharding.mesh import MeshConfig, make_mesh
-from train import evaluate, quantize as quantize_cli
+from train import evaluate
+from train import quantize as quantize_cli
 from train.__main__ import main as train_main
 from train.export import load
 from train.sources import load_source, shardings_for
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 PLAYS = REPO / "data" / "shakespeare"
-TINY = ModelConfig(
-    d_model=64, n_layers=2, n_heads=4, d_ff=256, vocab_size=256, max_seq_len=32, compute_dtype="float32"
-)
+TINY = ModelConfig(d_model=64, n_layers=2, n_heads=4, d_ff=256, vocab_size=256, max_seq_len=32, compute_dtype="float32")
 LLAMA = dataclasses.replace(
     TINY, n_kv_heads=2, position="rope", norm="rmsnorm", mlp="swiglu", use_bias=False, tie_embeddings=False
 )
@@ -88,11 +87,15 @@ def test_quantised_weights_and_scales_shard_as_the_float_kernels(sizes):
             kernel = floats["stack"]["blocks"][block][dense]["kernel"].spec
             assert layers[block][dense]["kernel"].spec == kernel
             spec = tuple(kernel) + (None,) * (3 - len(kernel))  # [layers, in, out] -> [layers, out]
-            assert tuple(layers[block][dense]["scale"].spec) + (None,) * (2 - len(layers[block][dense]["scale"].spec)) == (
+            assert tuple(layers[block][dense]["scale"].spec) + (None,) * (
+                2 - len(layers[block][dense]["scale"].spec)
+            ) == (
                 spec[0],
                 spec[2],
             )
-        assert any(layers[b][d]["kernel"].spec != jax.sharding.PartitionSpec() for b, d in (n.split("/") for n in DENSE))
+        assert any(
+            layers[b][d]["kernel"].spec != jax.sharding.PartitionSpec() for b, d in (n.split("/") for n in DENSE)
+        )
 
 
 @pytest.fixture(scope="module")
