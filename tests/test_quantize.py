@@ -151,3 +151,9 @@ def test_a_quantised_export_is_not_quantised_again(tiny_run, tmp_path, capsys):
     assert quantize_cli.main([str(tiny_run), str(tmp_path / "a")]) == 0
     assert quantize_cli.main([str(tmp_path / "a"), str(tmp_path / "b")]) == 2
     assert "already quantised" in capsys.readouterr().err
+
+
+def test_a_quantised_model_is_not_trained(tmp_path, capsys):
+    argv = [str(REPO / "configs/tiny-gpt2.yaml"), f"run.dir={tmp_path / 'run'}", "model.quant=int8"]
+    assert train_main(argv) == 2
+    assert "cannot be trained" in capsys.readouterr().err and not (tmp_path / "run").exists()
