@@ -23,7 +23,7 @@ def build_model(cfg: ModelConfig, seed: int) -> nnx.Module:
         if cfg.quant != "none":
             from models.quant import quantize_model
 
-            quantize_model(model, cfg.quant_skip)
+            quantize_model(model, cfg.quant_skip, cfg.quant_embeddings)
         return model
 
 

@@ -70,6 +70,7 @@ class ModelConfig:
     # Dense whose path (e.g. 'stack/blocks/mlp/wi') does not match the regex quant_skip holds an int8 kernel
     quant: Literal["none", "int8"] = "none"
     quant_skip: str = ""
+    quant_embeddings: bool = False  # token tables (and so tied LM heads) in int8 too
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], where: str = "the saved model config") -> ModelConfig:

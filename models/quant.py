@@ -5,7 +5,9 @@ whose path (``'stack/blocks/attn/q'``, joined by ``/``) does not match ``cfg.qua
 swapped for a ``QDense``: ``kernel`` int8 [..., d_in, d_out] with the float kernel's logical axes
 and ``scale`` float32 [..., d_out] with the same axes less the reduced input one (so
 ``('layers', 'embed', 'heads')`` -> ``('layers', 'heads')``), and the model shards as the float one.
-Embeddings and LM heads (tied or untied) are not ``Dense`` and stay float.
+With ``cfg.quant_embeddings`` every token table (``nnx.Embed``) becomes a ``QEmbed`` too: int8
+``table`` [vocab, embed] with a float32 ``scale`` per row [vocab] (axes ``('vocab',)``), which is also
+per output channel of a tied LM head. Untied LM heads, position tables, norms and biases stay float.
 """
 
 from __future__ import annotations
@@ -65,18 +67,45 @@ class QDense(nnx.Module):
         return checkpoint_name(y.astype(self.dtype), "projection")
 
 
-def quantize_model(model: nnx.Module, skip: str = "") -> list[str]:
-    """Swaps in place every ``Dense`` of ``model`` whose path does not match the regex ``skip``
-    (``re.search``; '' skips none) for a ``QDense``; returns the quantised paths."""
+class QEmbed(nnx.Module):
+    """``nnx.Embed`` with an int8 table: ``tokens [...] -> table[tokens] * scale[tokens]`` [..., embed].
+
+    ``embedding`` is the dequantised float32 table [vocab, embed], for the tied LM heads that read
+    ``embed.embedding[...]`` (a jax array indexes with ``[...]`` as a Param does); it is computed
+    inside the jitted forward, so only the int8 table and its scales are kept.
+    """
+
+    def __init__(self, embed: nnx.Embed):
+        axes = embed.embedding.get_metadata().get("out_sharding")
+        q, scale = quantize(embed.embedding[...].T)  # per row: the rows are the output channels of w.T
+        self.table = nnx.Param(q.T, out_sharding=axes, eager_sharding=False)
+        self.scale = nnx.Param(scale, out_sharding=None if axes is None else (axes[0],), eager_sharding=False)
+        self.dtype = embed.dtype
+
+    @property
+    def embedding(self) -> jax.Array:
+        return dequantize(self.table[...].T, self.scale[...]).T
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        rows = self.table[...][tokens].astype(jnp.float32) * self.scale[...][tokens][..., None]
+        return rows.astype(self.dtype)
+
+
+def quantize_model(model: nnx.Module, skip: str = "", embeddings: bool = False) -> list[str]:
+    """Swaps in place every ``Dense`` (and with ``embeddings`` every ``nnx.Embed``) of ``model`` whose
+    path does not match the regex ``skip`` (``re.search``; '' skips none) for its int8 twin; returns
+    the quantised paths."""
     pattern = re.compile(skip) if skip else None
+    kinds = {Dense: QDense, nnx.Embed: QEmbed} if embeddings else {Dense: QDense}
     done = []
     for path, module in list(nnx.iter_modules(model)):
         name = "/".join(str(p) for p in path)
-        if not isinstance(module, Dense) or (pattern is not None and pattern.search(name)):
+        twin = kinds.get(type(module))
+        if twin is None or (pattern is not None and pattern.search(name)):
             continue
         parent = model
         for p in path[:-1]:
             parent = getattr(parent, p) if isinstance(p, str) else parent[p]
-        setattr(parent, path[-1], QDense(module))
+        setattr(parent, path[-1], twin(module))
         done.append(name)
     return done

@@ -58,6 +58,17 @@ def test_quantised_logits_stay_close_to_float(cfg):
     assert float(jnp.max(jnp.abs(probs - reference_probs))) < 1e-4
 
 
+@pytest.mark.parametrize("cfg", [TINY, dataclasses.replace(TINY, family="encoder")], ids=["gpt2", "bert"])
+def test_int8_token_tables_feed_the_inputs_and_the_tied_head(cfg):
+    model = build_model(cfg, seed=0)
+    tokens = jax.random.randint(jax.random.key(1), (2, 32), 0, cfg.vocab_size)
+    reference = model(tokens)
+    assert "embed" in quantize_model(model, embeddings=True)
+    assert model.embed.table[...].dtype == jnp.int8 and model.embed.scale[...].shape == (cfg.vocab_size,)
+    logits = model(tokens)
+    assert float(jnp.max(jnp.abs(logits - reference))) < 0.01 * float(jnp.max(jnp.abs(reference)))
+
+
 def test_skip_keeps_matching_layers_in_float():
     model = build_model(TINY, seed=0)
     done = quantize_model(model, skip="mlp/wo|attn/[qk]$")
@@ -103,7 +114,7 @@ def tiny_run(tmp_path_factory) -> pathlib.Path:
     root = tmp_path_factory.mktemp("quant")
     argv = [
         str(REPO / "configs/tiny-gpt2.yaml"), f"run.dir={root / 'run'}", f"data.train_files={PLAYS / 'tempest.txt'}",
-        f"data.val_files={PLAYS / 'hamlet.txt'}", "train.steps=20", "train.seq_len=32", "train.batch_size=8",
+        f"data.val_files={PLAYS / 'hamlet.txt'}", "train.steps=5", "train.seq_len=32", "train.batch_size=8",
         "train.eval_every=0", "train.eval_batches=1", "train.sample_tokens=0",
     ]  # fmt: skip
     assert train_main(argv) == 0
@@ -122,7 +133,7 @@ def test_cli_writes_an_int8_export_that_evaluates_like_the_float_run(tiny_run, t
     text = tmp_path / "lines.txt"
     text.write_text((PLAYS / "hamlet.txt").read_text()[:4096])
     assert quantize_cli.main([str(tiny_run), str(tmp_path / "int8")]) == 0
-    assert "quantised 6 Dense layers" in capsys.readouterr().out
+    assert "quantised 6 layers" in capsys.readouterr().out
     export(tiny_run, tmp_path / "fp32")
     cfg, params = load(tmp_path / "int8")
     assert cfg.quant == "int8" and params["stack"]["blocks"]["mlp"]["wi"]["kernel"][...].dtype == jnp.int8
@@ -138,7 +149,7 @@ def test_cli_writes_an_int8_export_that_evaluates_like_the_float_run(tiny_run, t
 
 @pytest.mark.parametrize(
     "argv, message",
-    [(["--bits", "4"], "only --bits 8"), (["--skip", "("], "is not a regex"), (["--skip", "."], "matches every Dense")],
+    [(["--bits", "4"], "only --bits 8"), (["--skip", "("], "is not a regex"), (["--skip", "."], "matches every layer")],
 )
 def test_cli_mistakes_are_one_error_line(tiny_run, tmp_path, capsys, argv, message):
     assert quantize_cli.main([str(tiny_run), str(tmp_path / "out"), *argv]) == 2

@@ -1,10 +1,11 @@
-"""``python -m train.quantize SOURCE OUT [--bits 8] [--skip REGEX]``: a post-training int8 export.
+"""``python -m train.quantize SOURCE OUT [--bits 8] [--skip REGEX] [--embeddings]``: a post-training int8 export.
 
 SOURCE is a run directory (its newest intact checkpoint), an export or a Hugging Face model
 directory. OUT gets the layout of ``python -m train.export`` (``model.json`` + ``params/``), with
 ``model.quant='int8'``: every Dense kernel whose path (e.g. ``stack/blocks/mlp/wi``) does not match
 ``--skip`` (``re.search``) is stored as int8 with a float32 scale per output channel
-(``models/quant.py``); embeddings, LM heads, norms and biases stay float32. ``train.evaluate``,
+(``models/quant.py``); with ``--embeddings`` the token tables too (one scale per row; a tied LM
+head reads the same int8 table). Untied LM heads, position tables, norms and biases stay float32. ``train.evaluate``,
 ``train.generate``, ``train.export.load`` and ``train.sources.load_source`` read it as any export.
 A Hugging Face tokenizer of SOURCE is saved alongside.
 
@@ -23,7 +24,9 @@ from models.config import ConfigError
 BITS = (8,)
 
 
-def quantize_source(src: pathlib.Path, out_dir: pathlib.Path, bits: int = 8, skip: str = "") -> tuple[str, list[str]]:
+def quantize_source(
+    src: pathlib.Path, out_dir: pathlib.Path, bits: int = 8, skip: str = "", embeddings: bool = False
+) -> tuple[str, list[str]]:
     """Writes the int8 export of ``src`` to ``out_dir``; returns (what was read, the quantised paths)."""
     from flax import nnx
 
@@ -43,10 +46,10 @@ def quantize_source(src: pathlib.Path, out_dir: pathlib.Path, bits: int = 8, ski
     source = load_source(src)
     if source.config.quant != "none":
         raise ConfigError(f"SOURCE '{src}' is already quantised ({source.config.quant}); give a float model")
-    done = quantize_model(source.model, skip)
+    done = quantize_model(source.model, skip, embeddings)
     if not done:
-        raise ConfigError(f"--skip '{skip}' matches every Dense layer, so nothing would be quantised; narrow it")
-    cfg = dataclasses.replace(source.config, quant="int8", quant_skip=skip)
+        raise ConfigError(f"--skip '{skip}' matches every layer, so nothing would be quantised; narrow it")
+    cfg = dataclasses.replace(source.config, quant="int8", quant_skip=skip, quant_embeddings=embeddings)
     write_params(nnx.state(source.model, nnx.Param), cfg, out_dir)
     if isinstance(source.tokenizer, HFTokenizer):
         source.tokenizer.tokenizer.save_pretrained(str(out_dir))
@@ -67,13 +70,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", help="a new directory")
     parser.add_argument("--bits", type=int, default=8, help="weight bits (only 8)")
     parser.add_argument("--skip", default="", help="regex over Dense paths to keep in float (e.g. 'mlp/wo|classifier')")
+    parser.add_argument("--embeddings", action="store_true", help="token tables (and tied LM heads) in int8 too")
     args = parser.parse_args(argv)
     try:
-        source, done = quantize_source(pathlib.Path(args.source), pathlib.Path(args.out), args.bits, args.skip)
+        source, done = quantize_source(
+            pathlib.Path(args.source), pathlib.Path(args.out), args.bits, args.skip, args.embeddings
+        )
     except (ConfigError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"quantised {len(done)} Dense layers of {source} to int8 in {args.out}", flush=True)
+    print(f"quantised {len(done)} layers of {source} to int8 in {args.out}", flush=True)
     return 0
 
 
