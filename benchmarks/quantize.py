@@ -4,11 +4,12 @@ one JSON object per line per (model, dtype).
     PYTHONPATH=. python benchmarks/quantize.py SOURCE --files F1,F2 [--tokenizer T]   # a run or export
     PYTHONPATH=. python benchmarks/quantize.py                                      # gpt-10m, random weights
 
-With SOURCE, ``python -m train.export`` and ``python -m train.quantize`` write both exports to a
+With SOURCE, ``python -m train.export`` and ``python -m train.quantize`` (without and with
+``--embeddings``) write the exports to a
 temporary directory and ``train.evaluate`` scores each on ``--files`` (skipped without them).
 Without SOURCE, ``gpt-10m`` of ``benchmarks/train_throughput.py`` (random weights) is quantised in
 memory and only sizes and speed are measured. Decoding: ``models.generate`` with the KV cache,
-greedy, batch ``--batch``, prompt 64, ``--new-tokens`` tokens; fp32 and int8 calls alternate,
+greedy, batch ``--batch``, prompt 64, ``--new-tokens`` tokens; the three models' calls alternate,
 the first of each compiles, the median of ``--repeats`` gives ``tokens_per_sec``.
 """
 
@@ -54,7 +55,7 @@ def _bpb(export_dir: pathlib.Path, args) -> float | None:
 
 
 def _models(args, tmp: pathlib.Path) -> dict[str, tuple]:
-    """dtype -> (model, disk bytes of params/ or None, eval_bpb or None)."""
+    """weights -> (model, disk bytes of params/ or None, eval_bpb or None); 'int8+emb': token tables too."""
     from models import build_model
     from models.quant import quantize_model
     from train.export import export
@@ -65,13 +66,15 @@ def _models(args, tmp: pathlib.Path) -> dict[str, tuple]:
         from benchmarks.train_throughput import presets
 
         cfg = dataclasses.replace(presets()["gpt-10m"][0], compute_dtype="float32")
-        fp32, int8 = build_model(cfg, seed=0), build_model(cfg, seed=0)
+        fp32, int8, both = build_model(cfg, seed=0), build_model(cfg, seed=0), build_model(cfg, seed=0)
         quantize_model(int8)
-        return {"float32": (fp32, None, None), "int8": (int8, None, None)}
+        quantize_model(both, embeddings=True)
+        return {"float32": (fp32, None, None), "int8": (int8, None, None), "int8+emb": (both, None, None)}
     export(pathlib.Path(args.source), tmp / "float32")
     quantize_source(pathlib.Path(args.source), tmp / "int8")
+    quantize_source(pathlib.Path(args.source), tmp / "int8+emb", embeddings=True)
     out = {}
-    for name in ("float32", "int8"):
+    for name in ("float32", "int8", "int8+emb"):
         disk = sum(f.stat().st_size for f in (tmp / name / "params").rglob("*") if f.is_file())
         out[name] = (load_source(tmp / name).model, disk, _bpb(tmp / name, args))
     return out
