@@ -10,7 +10,8 @@ from models.config import ModelConfig
 def build_model(cfg: ModelConfig, seed: int) -> nnx.Module:
     """Constructs the model of ``cfg.family`` (concretely, or abstractly under ``nnx.eval_shape``).
 
-    Eager sharding is off: shardings are applied by the caller from the logical names.
+    Eager sharding is off: shardings are applied by the caller from the logical names. With
+    ``cfg.quant`` its Dense layers hold int8 kernels (``models.quant``).
     """
     from models.decoder import DecoderLM
     from models.encoder import EncoderLM
@@ -24,6 +25,10 @@ def build_model(cfg: ModelConfig, seed: int) -> nnx.Module:
             from models.lora import add_adapters
 
             add_adapters(model, cfg, rngs)
+        if cfg.quant != "none":
+            from models.quant import quantize_model
+
+            quantize_model(model, cfg.quant_skip, cfg.quant_embeddings)
         return model
 
 

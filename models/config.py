@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Literal
 
 
@@ -69,6 +70,11 @@ class ModelConfig:
     lora_rank: int = 0
     lora_alpha: float = 16.0
     lora_targets: str = "(.*/)?(attn|cross)/(q|k|v|o)"
+    # post-training weight-only quantisation (python -m train.quantize writes it; models/quant.py): every
+    # Dense whose path (e.g. 'stack/blocks/mlp/wi') does not match the regex quant_skip holds an int8 kernel
+    quant: Literal["none", "int8"] = "none"
+    quant_skip: str = ""
+    quant_embeddings: bool = False  # token tables (and so tied LM heads) in int8 too
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], where: str = "the saved model config") -> ModelConfig:
@@ -148,6 +154,10 @@ class ModelConfig:
             out.append("model.type_vocab_size is only used by family='encoder'; set it to 0")
         if self.head == "classification" and self.family != "encoder":
             out.append("model.head='classification' needs family='encoder'; set model.head='lm'")
+        if self.quant_skip and regex_problem(self.quant_skip):
+            out.append(
+                f"model.quant_skip='{self.quant_skip}' is not a regex ({regex_problem(self.quant_skip)}); fix it"
+            )
         if self.pooling != "cls" and self.head != "classification":
             out.append("model.pooling only applies to head='classification'; leave it at 'cls'")
         if self.head == "classification" and self.num_labels < 2:
@@ -169,3 +179,12 @@ class ModelConfig:
                 "or model.attention_dropout=0"
             )
         return out
+
+
+def regex_problem(pattern: str) -> str:
+    """Why ``pattern`` does not compile, or ''."""
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        return str(e)
+    return ""

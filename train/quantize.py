@@ -1,0 +1,87 @@
+"""``python -m train.quantize SOURCE OUT [--bits 8] [--skip REGEX] [--embeddings]``: a post-training int8 export.
+
+SOURCE is a run directory (its newest intact checkpoint), an export or a Hugging Face model
+directory. OUT gets the layout of ``python -m train.export`` (``model.json`` + ``params/``), with
+``model.quant='int8'``: every Dense kernel whose path (e.g. ``stack/blocks/mlp/wi``) does not match
+``--skip`` (``re.search``) is stored as int8 with a float32 scale per output channel
+(``models/quant.py``); with ``--embeddings`` the token tables too (one scale per row; a tied LM
+head reads the same int8 table). Untied LM heads, position tables, norms and biases stay float32. ``train.evaluate``,
+``train.generate``, ``train.export.load`` and ``train.sources.load_source`` read it as any export.
+A Hugging Face tokenizer of SOURCE is saved alongside.
+
+User mistakes print one ``error:`` line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import pathlib
+import sys
+
+from models.config import ConfigError
+
+BITS = (8,)
+
+
+def quantize_source(
+    src: pathlib.Path, out_dir: pathlib.Path, bits: int = 8, skip: str = "", embeddings: bool = False
+) -> tuple[str, list[str]]:
+    """Writes the int8 export of ``src`` to ``out_dir``; returns (what was read, the quantised paths)."""
+    from flax import nnx
+
+    from models.config import regex_problem
+    from models.quant import quantize_model
+    from train.export import write_params
+    from train.sources import load_source
+    from train.tokenizer import HFTokenizer
+
+    if bits not in BITS:
+        raise ConfigError(f"--bits {bits} is not supported; only --bits 8 (weight-only int8) is")
+    if skip and regex_problem(skip):
+        raise ConfigError(f"--skip '{skip}' is not a regex ({regex_problem(skip)}); fix it")
+    out_dir = pathlib.Path(out_dir).absolute()
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise ConfigError(f"OUT '{out_dir}' exists and is not empty; choose a new directory")
+    source = load_source(src)
+    if source.config.quant != "none":
+        raise ConfigError(f"SOURCE '{src}' is already quantised ({source.config.quant}); give a float model")
+    done = quantize_model(source.model, skip, embeddings)
+    if not done:
+        raise ConfigError(f"--skip '{skip}' matches every layer, so nothing would be quantised; narrow it")
+    cfg = dataclasses.replace(source.config, quant="int8", quant_skip=skip, quant_embeddings=embeddings)
+    write_params(nnx.state(source.model, nnx.Param), cfg, out_dir)
+    if isinstance(source.tokenizer, HFTokenizer):
+        source.tokenizer.tokenizer.save_pretrained(str(out_dir))
+    return f"{source.kind} {source.path}" + (f" (step {source.step})" if source.step is not None else ""), done
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        print(f"error: {message} (see python -m train.quantize --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _Parser(
+        prog="python -m train.quantize", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("source", help="a run, export or Hugging Face model directory")
+    parser.add_argument("out", help="a new directory")
+    parser.add_argument("--bits", type=int, default=8, help="weight bits (only 8)")
+    parser.add_argument("--skip", default="", help="regex over Dense paths to keep in float (e.g. 'mlp/wo|classifier')")
+    parser.add_argument("--embeddings", action="store_true", help="token tables (and tied LM heads) in int8 too")
+    args = parser.parse_args(argv)
+    try:
+        source, done = quantize_source(
+            pathlib.Path(args.source), pathlib.Path(args.out), args.bits, args.skip, args.embeddings
+        )
+    except (ConfigError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"quantised {len(done)} layers of {source} to int8 in {args.out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
