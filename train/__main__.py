@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
+from train import cli
 from train.config import Config, ConfigError, load_config
 
 USAGE = "usage: python -m train [CONFIG.yaml] [section.key=value ...]"
@@ -34,19 +35,18 @@ def main(argv: list[str], callbacks: Sequence = ()) -> int:
         return 0
     path = argv[0] if argv and "=" not in argv[0] else None
     overrides = argv[1:] if path else argv
-    try:
+
+    def command() -> None:
         config = load_config(path, overrides)
-        from train.distributed import initialize, select_platforms  # imports jax: after the config is valid
+        from train.distributed import initialize  # imports jax: after the config is valid
         from train.loop import run
 
-        select_platforms()
+        cli.start_jax()
         initialize(config.run)
         check_backend(config)
         run(config, callbacks)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return cli.guarded(command)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ import pathlib
 import sys
 from typing import TYPE_CHECKING
 
+from train import cli
 from train.config import Config, ConfigError
 from train.validate import PRETRAINING_OBJECTIVE
 
@@ -43,14 +44,8 @@ if TYPE_CHECKING:
     from train.tokenizer import Tokenizer
 
 
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise ConfigError(f"{message}; see python -m train.evaluate --help")
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = _Parser(prog="python -m train.evaluate", description=__doc__.split("\n\n")[1])
+    parser = cli.Parser(prog="python -m train.evaluate", description=__doc__.split("\n\n")[1])
     parser.add_argument("source", help="run directory, export directory or Hugging Face model directory")
     parser.add_argument("--best", action="store_true", help="a run's best checkpoint (checkpoint.keep_best)")
     parser.add_argument(
@@ -157,21 +152,12 @@ def evaluate(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        args = parse_args(argv)
-        from absl import logging as absl_logging  # Orbax warns about read-only checkpoint directories
+    def command() -> None:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+        cli.start_jax()
+        print(json.dumps(evaluate(args)), flush=True)
 
-        from train.distributed import select_platforms
-
-        absl_logging.set_verbosity(absl_logging.ERROR)
-        select_platforms()
-        result = evaluate(args)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(result), flush=True)
-    return 0
+    return cli.guarded(command)
 
 
 if __name__ == "__main__":

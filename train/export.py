@@ -34,6 +34,7 @@ import pathlib
 import sys
 
 from models.config import ConfigError, ModelConfig
+from train import cli
 
 FORMATS = ("params", "hf", "checkpoint")
 
@@ -155,14 +156,8 @@ def load(out_dir: pathlib.Path) -> tuple[ModelConfig, object]:
     return model_cfg, abstract
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        print(f"error: {message} (see python -m train.export --help)", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = _Parser(
+    parser = cli.Parser(
         prog="python -m train.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("src", help="a run directory or a Hugging Face model directory")
@@ -171,16 +166,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer", default=None, help="--format hf: a tokenizer directory to write alongside")
     parser.add_argument("--best", action="store_true", help="a run's best checkpoint (checkpoint.keep_best)")
     parser.add_argument("--merge-lora", action="store_true", help="fold a LoRA run's adapters into its base weights")
-    args = parser.parse_args(argv)
-    try:
+
+    def command() -> None:
+        args = parser.parse_args(argv)
+        cli.start_jax()
         source = export(
             pathlib.Path(args.src), pathlib.Path(args.out_dir), args.format, args.tokenizer, args.best, args.merge_lora
         )
-    except (ConfigError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"exported {source} to {args.out_dir}", flush=True)
-    return 0
+        print(f"exported {source} to {args.out_dir}", flush=True)
+
+    return cli.guarded(command)
 
 
 if __name__ == "__main__":

@@ -22,19 +22,15 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from train import cli
 from train.config import ConfigError, MeshConfig, load_config
 
 CHUNK = 16  # tokens decoded between two writes to stdout
 DEFAULT_NEW_TOKENS = 200
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise ConfigError(f"{message}; see python -m train.generate --help")
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = _Parser(prog="python -m train.generate", description=__doc__.split("\n\n")[1])
+    parser = cli.Parser(prog="python -m train.generate", description=__doc__.split("\n\n")[1])
     parser.add_argument("source", help="run directory, export directory or Hugging Face model directory")
     parser.add_argument("--prompt", required=True, help="the text to continue (T5: the encoder's input)")
     parser.add_argument("--max-new-tokens", type=int, default=0, help=f"default: up to {DEFAULT_NEW_TOKENS}")
@@ -137,15 +133,9 @@ def _unseen(tokens: list[int], shown: list[str], i: int, tokenizer, *, final: bo
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        args = parse_args(argv)
-        from absl import logging as absl_logging  # Orbax warns about read-only checkpoint directories
-
-        from train.distributed import select_platforms
-
-        absl_logging.set_verbosity(absl_logging.ERROR)
-        select_platforms()
+    def command() -> None:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+        cli.start_jax()
         for i, text in samples(args):
             if args.num_samples > 1:
                 print(f"--- sample {i + 1} ---", flush=True)
@@ -153,10 +143,8 @@ def main(argv: list[str] | None = None) -> int:
             print(text, end="", flush=True)
         if args.num_samples == 1:
             print(flush=True)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return cli.guarded(command)
 
 
 if __name__ == "__main__":

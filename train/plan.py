@@ -32,6 +32,7 @@ from sharding.fit import check_fits
 from sharding.mesh import make_mesh
 from sharding.rules import batch_sharding
 from sharding.topology import Topology, abstract_devices, compile_only_environment, has_libtpu, parse_topology
+from train import cli
 from train.config import Config, ConfigError, load_config
 from train.freeze import Freeze
 from train.precision import resolve_compute_dtype
@@ -268,7 +269,8 @@ def _parse_args(argv: list[str]) -> tuple[str, str, int | None, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
+
+    def command() -> int:
         path, name, slices, overrides = _parse_args(sys.argv[1:] if argv is None else argv)
         cfg = load_config(path, overrides)
         topology = parse_topology(name)
@@ -278,12 +280,10 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("libtpu is not installed, and TPU plans compile with it; run pip install -e '.[tpu]'")
         compile_only_environment(topology)
         plan = make_plan(cfg, topology, slices)
-        cfg = multislice_mesh(cfg, slices)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(format_plan(plan, cfg, path))
-    return 0 if plan.fits else 1
+        print(format_plan(plan, multislice_mesh(cfg, slices), path))
+        return 0 if plan.fits else 1
+
+    return cli.guarded(command)
 
 
 if __name__ == "__main__":

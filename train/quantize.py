@@ -20,6 +20,7 @@ import pathlib
 import sys
 
 from models.config import ConfigError
+from train import cli
 
 BITS = (8,)
 
@@ -56,14 +57,8 @@ def quantize_source(
     return f"{source.kind} {source.path}" + (f" (step {source.step})" if source.step is not None else ""), done
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        print(f"error: {message} (see python -m train.quantize --help)", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = _Parser(
+    parser = cli.Parser(
         prog="python -m train.quantize", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("source", help="a run, export or Hugging Face model directory")
@@ -71,16 +66,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bits", type=int, default=8, help="weight bits (only 8)")
     parser.add_argument("--skip", default="", help="regex over Dense paths to keep in float (e.g. 'mlp/wo|classifier')")
     parser.add_argument("--embeddings", action="store_true", help="token tables (and tied LM heads) in int8 too")
-    args = parser.parse_args(argv)
-    try:
+
+    def command() -> None:
+        args = parser.parse_args(argv)
+        cli.start_jax()
         source, done = quantize_source(
             pathlib.Path(args.source), pathlib.Path(args.out), args.bits, args.skip, args.embeddings
         )
-    except (ConfigError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"quantised {len(done)} layers of {source} to int8 in {args.out}", flush=True)
-    return 0
+        print(f"quantised {len(done)} layers of {source} to int8 in {args.out}", flush=True)
+
+    return cli.guarded(command)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pathlib
 import sys
 
+from train import cli
 from train.config import ConfigError, config_tree, load_config
 
 USAGE = "usage: python -m train.tune CONFIG.yaml SEARCH.yaml [section.key=value ...]"
@@ -31,11 +32,10 @@ def tune(config_path: str, search_path: str, overrides: list[str]) -> int:
     except ImportError:
         raise ConfigError("train.tune needs Optuna; pip install -e '.[tune]'") from None
 
-    from train.distributed import select_platforms  # imports jax: after the input is valid
     from train.tune import results
     from train.tune.study import open_study, work
 
-    select_platforms()
+    cli.start_jax()  # imports jax: after the input is valid
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # one progress line per trial instead
 
     def report(study: optuna.Study, number: int) -> None:
@@ -64,11 +64,7 @@ def main(argv: list[str]) -> int:
     if len(argv) < 2 or "=" in argv[0] or "=" in argv[1]:
         print(f"error: give a config and a search file; {USAGE}", file=sys.stderr)
         return 2
-    try:
-        return tune(argv[0], argv[1], argv[2:])
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return cli.guarded(lambda: tune(argv[0], argv[1], argv[2:]))
 
 
 if __name__ == "__main__":
