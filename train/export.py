@@ -70,15 +70,29 @@ def read_model(src: pathlib.Path, best: bool = False) -> tuple[str, ModelConfig,
     return f"{what} {step} of {src}", ModelConfig.from_dict(config["model"], f"{src}"), params
 
 
-def write_params(params, cfg: ModelConfig, out_dir: pathlib.Path) -> None:
+def new_out_dir(out_dir: str | pathlib.Path, name: str = "OUT") -> pathlib.Path:
+    """``out_dir`` made absolute; ConfigError when it already holds anything (exports never overwrite)."""
+    out_dir = pathlib.Path(out_dir).absolute()
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise ConfigError(f"{name} '{out_dir}' exists and is not empty; choose a new directory")
+    return out_dir
+
+
+def write_params(params, cfg: ModelConfig, out_dir: pathlib.Path, tokenizer=None) -> None:
+    """``model.json`` + ``params/`` (Orbax) in ``out_dir``, and a Hugging Face ``tokenizer``
+    (train.tokenizer.HFTokenizer) saved beside them; other tokenizers are not written."""
     import orbax.checkpoint as ocp
     from flax import nnx
+
+    from train.tokenizer import HFTokenizer
 
     out_dir.mkdir(parents=True, exist_ok=True)
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(out_dir / "params", nnx.to_pure_dict(params))
         checkpointer.wait_until_finished()
     (out_dir / "model.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    if isinstance(tokenizer, HFTokenizer):
+        tokenizer.tokenizer.save_pretrained(str(out_dir))
 
 
 def write_checkpoint(params, cfg: ModelConfig, out_dir: pathlib.Path) -> None:
@@ -112,9 +126,7 @@ def export(
     adapters folded in) to ``out_dir`` in ``format``; returns what was exported."""
     from models import hf
 
-    out_dir = pathlib.Path(out_dir).absolute()
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise ConfigError(f"OUT_DIR '{out_dir}' exists and is not empty; choose a new directory")
+    out_dir = new_out_dir(out_dir, "OUT_DIR")
     if tokenizer is not None and format != "hf":
         raise ConfigError("--tokenizer only applies to --format hf; leave it out")
     source, cfg, params = read_model(pathlib.Path(src).absolute(), best)

@@ -33,17 +33,14 @@ def quantize_source(
 
     from models.config import regex_problem
     from models.quant import quantize_model
-    from train.export import write_params
+    from train.export import new_out_dir, write_params
     from train.sources import load_source
-    from train.tokenizer import HFTokenizer
 
     if bits not in BITS:
         raise ConfigError(f"--bits {bits} is not supported; only --bits 8 (weight-only int8) is")
     if skip and regex_problem(skip):
         raise ConfigError(f"--skip '{skip}' is not a regex ({regex_problem(skip)}); fix it")
-    out_dir = pathlib.Path(out_dir).absolute()
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise ConfigError(f"OUT '{out_dir}' exists and is not empty; choose a new directory")
+    out_dir = new_out_dir(out_dir)
     source = load_source(src)
     if source.config.quant != "none":
         raise ConfigError(f"SOURCE '{src}' is already quantised ({source.config.quant}); give a float model")
@@ -51,10 +48,8 @@ def quantize_source(
     if not done:
         raise ConfigError(f"--skip '{skip}' matches every layer, so nothing would be quantised; narrow it")
     cfg = dataclasses.replace(source.config, quant="int8", quant_skip=skip, quant_embeddings=embeddings)
-    write_params(nnx.state(source.model, nnx.Param), cfg, out_dir)
-    if isinstance(source.tokenizer, HFTokenizer):
-        source.tokenizer.tokenizer.save_pretrained(str(out_dir))
-    return f"{source.kind} {source.path}" + (f" (step {source.step})" if source.step is not None else ""), done
+    write_params(nnx.state(source.model, nnx.Param), cfg, out_dir, source.tokenizer)
+    return source.description, done
 
 
 def main(argv: list[str] | None = None) -> int:

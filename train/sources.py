@@ -52,6 +52,11 @@ class Source:
     path: pathlib.Path | None = None
     step: int | None = None  # the checkpoint step of a run
 
+    @property
+    def description(self) -> str:
+        """E.g. ``run /abs/runs/default (step 1400)``, for messages."""
+        return f"{self.kind} {self.path}" + (f" (step {self.step})" if self.step is not None else "")
+
 
 def load_source(path: str | pathlib.Path, *, mesh: Mesh | None = None, best: bool = False) -> Source:
     """The model, config and tokenizer ``path`` holds; ConfigError with one sentence when it holds none."""

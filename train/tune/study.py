@@ -42,20 +42,24 @@ def open_storage(search: Search) -> optuna.storages.BaseStorage | str:
         raise ConfigError(f"study.storage={url!r} cannot be opened ({type(e).__name__}: {e}); fix the URL") from None
 
 
+def _build(kind: str, name: str, table: dict, options: dict, errors: tuple[type[Exception], ...], **fixed):
+    """``table[name](**fixed, **options)``; ConfigError when the options do not fit it."""
+    try:
+        return table[name](**fixed, **options)
+    except errors as e:
+        raise ConfigError(f"study.{kind}_options do not fit the {name} {kind} ({e})") from None
+
+
 def make_sampler(search: Search) -> optuna.samplers.BaseSampler:
     s = search.study
     samplers = {
         "tpe": optuna.samplers.TPESampler,
         "random": optuna.samplers.RandomSampler,
         "cmaes": optuna.samplers.CmaEsSampler,
+        "grid": optuna.samplers.GridSampler,
     }
-    try:
-        if s.sampler == "grid":
-            grid = {p.key: p.grid() for p in search.space}
-            return optuna.samplers.GridSampler(grid, seed=s.seed, **s.sampler_options)
-        return samplers[s.sampler](seed=s.seed, **s.sampler_options)
-    except TypeError as e:
-        raise ConfigError(f"study.sampler_options do not fit the {s.sampler} sampler ({e})") from None
+    fixed = {"search_space": {p.key: p.grid() for p in search.space}} if s.sampler == "grid" else {}
+    return _build("sampler", s.sampler, samplers, s.sampler_options, (TypeError,), seed=s.seed, **fixed)
 
 
 def make_pruner(search: Search) -> optuna.pruners.BasePruner:
@@ -65,10 +69,7 @@ def make_pruner(search: Search) -> optuna.pruners.BasePruner:
         "hyperband": optuna.pruners.HyperbandPruner,
         "none": optuna.pruners.NopPruner,
     }
-    try:
-        return pruners[s.pruner](**s.pruner_options)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"study.pruner_options do not fit the {s.pruner} pruner ({e})") from None
+    return _build("pruner", s.pruner, pruners, s.pruner_options, (TypeError, ValueError))
 
 
 def open_study(search: Search) -> optuna.Study:
