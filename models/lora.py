@@ -3,7 +3,7 @@
 A targeted kernel W [..., in, out] (``...``: the ``layers`` axis of a stacked block) gets
 ``lora_a`` A [..., in, r] (logical axes (..., in_axis, None), normal(1/sqrt(in)) init) and
 ``lora_b`` B [..., r, out] ((..., None, out_axis), zeros), so the model starts equal to its base;
-``Dense`` then computes ``x @ W + (alpha / r) * (x @ A) @ B``. ``merge`` folds them back:
+``Dense`` then computes ``x @ W + (alpha / r) * (dropout(x) @ A) @ B`` (``lora_dropout``, training only). ``merge`` folds them back:
 ``W + (alpha / r) * A @ B``. We attach plain ``nnx.Param`` variables rather than wrap kernels in
 ``nnx.LoRA``: that one adds its own ``LoRAParam`` type (our state, checkpoints and HF mapping are
 ``nnx.Param`` trees), nests the base under ``base_module`` (changing every parameter path), has no
@@ -23,6 +23,7 @@ from models.config import ConfigError, ModelConfig
 from models.layers import Dense
 
 ADAPTERS = ("lora_a", "lora_b")
+FIELDS = ("lora_rank", "lora_alpha", "lora_targets", "lora_dropout")  # the ModelConfig fields of the adapters
 
 
 def _targets(cfg: ModelConfig) -> re.Pattern:
@@ -50,12 +51,13 @@ def add_adapters(model: nnx.Module, cfg: ModelConfig, rngs: nnx.Rngs) -> None:
         m.lora_a = nnx.Param(a, out_sharding=(*axes[:-1], None))
         m.lora_b = nnx.Param(jnp.zeros((*lead, r, d_out), jnp.float32), out_sharding=(*axes[:-2], None, axes[-1]))
         m.lora_scale = cfg.lora_alpha / r
+        m.lora_dropout = cfg.lora_dropout
 
 
 def base_config(cfg: ModelConfig) -> ModelConfig:
     """The same model without adapters (its LoRA fields at their defaults)."""
     defaults = ModelConfig()
-    return dataclasses.replace(cfg, **{k: getattr(defaults, k) for k in ("lora_rank", "lora_alpha", "lora_targets")})
+    return dataclasses.replace(cfg, **{k: getattr(defaults, k) for k in FIELDS})
 
 
 def merge(params: nnx.State, cfg: ModelConfig) -> nnx.State:

@@ -113,6 +113,7 @@ LORA = [
     f"lora.rank={R}",
     "lora.alpha=8",
     f"lora.targets={ATTN_AND_MLP}",
+    "lora.dropout=0.1",  # so the exact resume also covers the adapters' dropout masks
 ]
 
 
@@ -171,3 +172,27 @@ def test_merge_lora_exports_a_plain_model_equal_to_the_adapter_model(runs):
     np.testing.assert_allclose(logits(merged_cfg, merged_params), expected, rtol=1e-5, atol=1e-5)
     hf_model, _ = runs["hf"]  # the merged model in the Hugging Face layout, read back
     np.testing.assert_allclose(np.asarray(hf_model(tokens)), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_adapter_dropout_is_off_without_a_key_and_a_zero_rate_changes_nothing():
+    """lora.dropout acts on the adapter path only: rate 0 with a key, or any rate without one (eval),
+    gives the model without dropout bitwise; with a key and a rate the output changes, the same per key."""
+    tokens = np.random.default_rng(2).integers(0, 256, size=(2, 16), dtype=np.int32)
+
+    def forward(cfg, rng=None):
+        graphdef, params = nnx.split(build_model(cfg, seed=0))
+        b = {p: x for p, x in by_path(params).items() if p.endswith("lora_b")}
+        params = jax.tree_util.tree_map_with_path(  # nonzero B, so the adapters contribute
+            lambda p, x: x + 0.05 if param_path(p) in b else x, params
+        )
+        run = jax.jit(lambda p, t, r: nnx.merge(graphdef, p).forward({"inputs": t}, rng=r))
+        return np.asarray(run(params, tokens, rng))
+
+    key = jax.random.key(5)
+    dropping = ModelConfig(**{**MODEL.__dict__, "lora_dropout": 0.5})
+    plain = forward(MODEL)
+    np.testing.assert_array_equal(forward(MODEL, key), plain)
+    np.testing.assert_array_equal(forward(dropping), plain)
+    dropped = forward(dropping, key)
+    assert np.abs(dropped - plain).max() > 1e-3
+    np.testing.assert_array_equal(forward(dropping, key), dropped)

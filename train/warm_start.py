@@ -29,7 +29,7 @@ from train.checkpoint import config_mismatch, newest_params
 from train.config import ConfigError
 
 HEAD_FIELDS = frozenset({"head", "num_labels", "pooling"})
-ADAPTER_FIELDS = frozenset({"lora_rank", "lora_alpha", "lora_targets"})
+ADAPTER_FIELDS = frozenset({"lora_rank", "lora_alpha", "lora_targets", "lora_dropout"})
 KEY = "checkpoint.init_from"
 
 Flat = dict[tuple[str, ...], jax.Array]  # parameter path ('stack', 'blocks', 'attn', 'q', 'kernel') -> array
