@@ -61,8 +61,9 @@ def restore_target(abstract: Any, shardings: Any) -> Any:
 
 # Fields that change how the model runs, not what its parameters are (max_seq_len: unless
 # positions are learned, when it is the position table's length).
+DROPOUT_FIELDS = ("dropout", "attention_dropout", "lora_dropout")
 RESTORE_TOLERANT_FIELDS = frozenset(
-    {"compute_dtype", "scan_layers", "remat", "attention", "max_seq_len", "dropout", "attention_dropout", "lora_dropout"}
+    {"compute_dtype", "scan_layers", "remat", "attention", "max_seq_len", *DROPOUT_FIELDS}
 )
 
 
