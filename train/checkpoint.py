@@ -110,6 +110,7 @@ class Checkpoints:
         self.directory = pathlib.Path(directory).absolute()
         self.cfg = cfg
         self.best: dict | None = None
+        self.base: dict | None = None  # a LoRA run's base reference (train/adapters.py), saved with each step
         policies = [preservation.LatestN(cfg.keep)]
         if cfg.keep_every:
             policies.append(preservation.EveryNSteps(cfg.keep_every))
@@ -141,7 +142,8 @@ class Checkpoints:
         if step in self.manager.all_steps():
             return
         arrays = start_fingerprints(state)
-        json_items = {"data": data_state, "config": config, **({"best": self.best} if self.best else {})}
+        extra = {name: value for name, value in (("best", self.best), ("base", self.base)) if value}
+        json_items = {"data": data_state, "config": config, **extra}
         items = {name: json_digest(value) for name, value in json_items.items()}
         self.manager.save(
             step,
@@ -228,7 +230,7 @@ class Checkpoints:
         """
 
         def restore(step: int, _config: dict):
-            args = ocp.args.Composite(state=_partial_restore(target), data=ocp.args.JsonRestore())
+            args = ocp.args.Composite(state=partial_restore(target), data=ocp.args.JsonRestore())
             restored = self.manager.restore(step, args=args)
             verify(self.read_manifest(step), restored.state, data=restored.data)
             return restored
@@ -240,6 +242,7 @@ class Checkpoints:
         for bad, reason in failed:
             self._set_aside(bad, reason, step)
         self.best = self.read_best(step)  # the tracker carries on from it (train/callbacks.py BestEval)
+        self.base = self.read_json(step, "base") if (self.path(step) / "base").is_dir() else None
         return Restored(step, restored.state, restored.data, config)
 
     def _set_aside(self, step: int, reason: str, used: int) -> None:
@@ -338,7 +341,7 @@ def best_params(
     return step, params, config
 
 
-def _partial_restore(target: Any) -> ocp.args.PyTreeRestore:
+def partial_restore(target: Any) -> ocp.args.PyTreeRestore:
     """Restores the arrays of ``target`` (ShapeDtypeStructs with shardings) and skips any others saved.
 
     Checkpoints written before the train state lost its unused ``rng`` still hold one.
@@ -348,7 +351,11 @@ def _partial_restore(target: Any) -> ocp.args.PyTreeRestore:
 
 
 def _restore_params(checkpoints: Checkpoints, step: int, target_params: Any) -> Any:
-    args = ocp.args.Composite(state=_partial_restore({"params": target_params}))
+    if (checkpoints.path(step) / "base").is_dir():  # a LoRA run's adapters: rebuild its base beneath them
+        from train import adapters
+
+        return adapters.restore_params(checkpoints, step, target_params)
+    args = ocp.args.Composite(state=partial_restore({"params": target_params}))
     restored = checkpoints.manager.restore(step, args=args).state
     verify(checkpoints.read_manifest(step), restored)
     return restored["params"]

@@ -85,11 +85,13 @@ def _from_hugging_face(directory: pathlib.Path, target: Flat, model: ModelConfig
     return str(directory), restored, unused
 
 
-def warm_start(init_from: str, fresh: nnx.State, target: nnx.State, model: ModelConfig) -> nnx.State:
+def warm_start(
+    init_from: str, fresh: nnx.State, target: nnx.State, model: ModelConfig, verbose: bool = True
+) -> nnx.State:
     """``fresh`` parameters with every one that ``init_from`` holds (same path and shape) replaced.
 
     ``target``: the parameters' ShapeDtypeStructs carrying their shardings (restores land there
-    directly). Prints one line naming what was restored and what starts fresh. Raises
+    directly). Prints one line naming what was restored and what starts fresh (unless not ``verbose``). Raises
     ConfigError when the source is missing, unreadable or a different architecture.
     """
     location = pathlib.Path(packages.resolve(init_from, KEY)).absolute()
@@ -100,7 +102,7 @@ def warm_start(init_from: str, fresh: nnx.State, target: nnx.State, model: Model
         source, restored, unused = _from_run(location, targets, model)
     values = {p: restored.get(p, x) for p, x in _flat(fresh).items()}
     nnx.replace_by_pure_dict(fresh, traverse_util.unflatten_dict(values))
-    if jax.process_index() == 0:
+    if verbose and jax.process_index() == 0:
         print(describe(source, len(restored), sorted(set(values) - set(restored)), sorted(unused)), flush=True)
     return fresh
 
