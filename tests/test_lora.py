@@ -3,6 +3,10 @@
 
 from __future__ import annotations
 
+import json
+import pathlib
+import shutil
+
 import jax
 import numpy as np
 import pytest
@@ -122,7 +126,9 @@ def runs(tmp_path_factory) -> dict:
     """A plain base run (2 steps), LoRA runs started from it (init_from), and exports."""
     root = tmp_path_factory.mktemp("lora-runs")
     lora_run = [*LORA, f"checkpoint.init_from={root / 'base'}"]
-    out = {
+    out = {"lora_run": lora_run}
+    out |= {
+        "root": root,
         "base": in_this_process([*FAST, f"run.dir={root / 'base'}", "train.steps=2"]),
         "ref": in_this_process([*lora_run, f"run.dir={root / 'ref'}", "train.steps=6"]),
         "stopped": in_this_process([*lora_run, f"run.dir={root / 'resumed'}", "train.steps=3"]),
@@ -196,3 +202,38 @@ def test_adapter_dropout_is_off_without_a_key_and_a_zero_rate_changes_nothing():
     dropped = forward(dropping, key)
     assert np.abs(dropped - plain).max() > 1e-3
     np.testing.assert_array_equal(forward(dropping, key), dropped)
+
+
+def test_a_lora_checkpoint_holds_the_adapters_and_a_reference_to_its_base(runs):
+    root = runs["root"]
+
+    def size(step: pathlib.Path) -> int:
+        return sum(f.stat().st_size for f in step.rglob("*") if f.is_file())
+
+    full, adapters = size(root / "base" / "checkpoints" / "2"), size(root / "ref" / "checkpoints" / "6")
+    assert adapters < 0.1 * full, (adapters, full)
+    ref = json.loads((root / "ref" / "checkpoints" / "6" / "base" / "metadata").read_text())
+    total = count_params(spec_for(MODEL)[0].abstract.params)
+    assert ref["init_from"] == str(root / "base") and ref["seed"] == 0
+    assert ref["params"] == total - EXPECTED_TRAINABLE and len(ref["fingerprint"]) == 64
+
+
+def test_a_moved_or_changed_base_is_named_and_nothing_is_lost(runs, tmp_path, capsys):
+    root = runs["root"]
+    base, aside = root / "base", root / "base.aside"
+    steps = sorted(p.name for p in (root / "resumed" / "checkpoints").iterdir())
+    base.rename(aside)
+    try:
+        assert export.main([str(root / "ref"), str(tmp_path / "a")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: the checkpoint ")
+        assert f"holds only LoRA adapters; its base model '{base}'" in err[0] and "is missing; put the base" in err[0]
+        resume = in_this_process([*runs["lora_run"], f"run.dir={root / 'resumed'}", "train.steps=8"])
+        assert resume.rc == 2 and "is missing; put the base back at that path" in resume.err
+        assert in_this_process([*FAST, f"run.dir={base}", "train.steps=2", "seed=1"]).rc == 0  # another base there
+        with pytest.raises(ConfigError, match=f"its base model '{base}' .* has changed since the run saved it"):
+            export.export(root / "ref", tmp_path / "b")
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+        aside.rename(base)
+    assert sorted(p.name for p in (root / "resumed" / "checkpoints").iterdir()) == steps
