@@ -17,10 +17,11 @@ import re
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, traverse_util
 
 from models.config import ConfigError, ModelConfig
 from models.layers import Dense
+from models.quant import QDense, dequantize_params
 
 ADAPTERS = ("lora_a", "lora_b")
 FIELDS = ("lora_rank", "lora_alpha", "lora_targets", "lora_dropout")  # the ModelConfig fields of the adapters
@@ -34,10 +35,10 @@ def _targets(cfg: ModelConfig) -> re.Pattern:
 
 
 def add_adapters(model: nnx.Module, cfg: ModelConfig, rngs: nnx.Rngs) -> None:
-    """Gives every ``Dense`` whose kernel path ('stack/blocks/attn/q/kernel') ``cfg.lora_targets``
+    """Gives every ``Dense`` (or int8 ``QDense``: QLoRA) whose kernel path ('stack/blocks/attn/q/kernel') ``cfg.lora_targets``
     matches (whole, or a leading part ending at '/') its ``lora_a`` / ``lora_b``."""
     matcher, r = _targets(cfg), cfg.lora_rank
-    hits = [(path, m) for path, m in nnx.iter_modules(model) if isinstance(m, Dense)]
+    hits = [(path, m) for path, m in nnx.iter_modules(model) if isinstance(m, (Dense, QDense))]
     hits = [(path, m) for path, m in hits if matcher.fullmatch("/".join(map(str, path)) + "/kernel")]
     if not hits:
         raise ConfigError(
@@ -60,8 +61,14 @@ def base_config(cfg: ModelConfig) -> ModelConfig:
     return dataclasses.replace(cfg, **{k: getattr(defaults, k) for k in FIELDS})
 
 
+def merged_config(cfg: ModelConfig) -> ModelConfig:
+    """The float model ``merge`` gives: ``base_config(cfg)``, and a QLoRA model's base dequantised."""
+    return dataclasses.replace(base_config(cfg), quant="none", quant_skip="", quant_embeddings=False)
+
+
 def merge(params: nnx.State, cfg: ModelConfig) -> nnx.State:
-    """Parameters of ``base_config(cfg)``: every kernel with adapters becomes W + (alpha / r) A @ B (fp32)."""
+    """Parameters of ``merged_config(cfg)``: every kernel with adapters becomes W + (alpha / r) A @ B (fp32),
+    an int8 base (QLoRA) dequantised first (W = q * scale)."""
     from models import abstract_model
 
     scale = cfg.lora_alpha / cfg.lora_rank
@@ -73,6 +80,7 @@ def merge(params: nnx.State, cfg: ModelConfig) -> nnx.State:
             out["kernel"] = tree["kernel"] + scale * delta
         return out
 
-    _, abstract = abstract_model(base_config(cfg))
-    nnx.replace_by_pure_dict(abstract, fold(nnx.to_pure_dict(params)))
+    pure = traverse_util.unflatten_dict(dequantize_params(traverse_util.flatten_dict(nnx.to_pure_dict(params))))
+    _, abstract = abstract_model(merged_config(cfg))
+    nnx.replace_by_pure_dict(abstract, fold(pure))
     return abstract
