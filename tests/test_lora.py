@@ -237,3 +237,14 @@ def test_a_moved_or_changed_base_is_named_and_nothing_is_lost(runs, tmp_path, ca
         shutil.rmtree(base, ignore_errors=True)
         aside.rename(base)
     assert sorted(p.name for p in (root / "resumed" / "checkpoints").iterdir()) == steps
+
+
+def test_resuming_with_other_optimizer_or_freeze_settings_names_them(runs):
+    root = runs["root"]
+    sgd = in_this_process([*runs["lora_run"], f"run.dir={root / 'resumed'}", "train.steps=8", "optimizer.name=sgd"])
+    frozen = in_this_process([*FAST, f"run.dir={root / 'base'}", "train.steps=4", "train.freeze=embed"])
+    for run, setting in [(sgd, "optimizer.name: 'adamw' -> 'sgd'"), (frozen, "train.freeze: '' -> 'embed'")]:
+        lines = run.err.strip().splitlines()
+        assert run.rc == 2 and len(lines) == 1 and lines[0].startswith("error: checkpoint "), run.err
+        assert f"holds a train state of other settings ({setting}" in lines[0]
+        assert f"or start a new run.dir with checkpoint.init_from={run.dir} to continue" in lines[0]

@@ -28,7 +28,15 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as preservation
 
 from train.config import CheckpointConfig, ConfigError
-from train.manifest import MANIFEST_FORMAT, ManifestRestore, ManifestSave, json_digest, start_fingerprints, verify
+from train.manifest import (
+    MANIFEST_FORMAT,
+    ManifestRestore,
+    ManifestSave,
+    array_paths,
+    json_digest,
+    start_fingerprints,
+    verify,
+)
 from train.state import TrainState
 
 
@@ -64,6 +72,19 @@ def restore_target(abstract: Any, shardings: Any) -> Any:
 DROPOUT_FIELDS = ("dropout", "attention_dropout", "lora_dropout")
 RESTORE_TOLERANT_FIELDS = frozenset(
     {"compute_dtype", "scan_layers", "remat", "attention", "max_seq_len", *DROPOUT_FIELDS}
+)
+
+
+# Settings that shape the optimizer state (and so a checkpoint's train state), besides the model's.
+STATE_SETTINGS = (
+    "optimizer.name",
+    "optimizer.momentum",
+    "optimizer.factored",
+    "optimizer.clip_norm",
+    "train.freeze",
+    "train.freeze_layers",
+    "lora.rank",
+    "lora.targets",
 )
 
 
@@ -202,7 +223,8 @@ class Checkpoints:
                 fix = (
                     "use the same model settings as that run"
                     if what
-                    else "use the saved model settings or a new run.dir"
+                    else "use the saved model settings, or start a new run.dir with "
+                    f"checkpoint.init_from={self.directory.parent} to fine-tune it with these"
                 )
                 raise ConfigError(
                     f"{what}checkpoint {self.path(step)} holds a different model ({'; '.join(mismatch)}); {fix}"
@@ -223,13 +245,19 @@ class Checkpoints:
             )
         return None
 
-    def restore_latest(self, target: TrainState, model_config: dict) -> Restored | None:
+    def restore_latest(self, target: TrainState, model_config: dict, config: dict | None = None) -> Restored | None:
         """The newest step that restores intact onto ``target`` (arrays placed with its shardings).
 
         None when there are no checkpoints. Newer damaged steps are moved aside (``_set_aside``).
+        ConfigError when the step lacks arrays ``target`` has: the run's optimizer, freezing or LoRA
+        settings (``config``, the run's config as a dict) differ from those it was saved with.
         """
+        wanted = array_paths(target)
 
-        def restore(step: int, _config: dict):
+        def restore(step: int, saved_config: dict):
+            manifest = self.read_manifest(step)
+            if manifest is not None and not wanted <= set(manifest["arrays"]):
+                raise ConfigError(self._layout_error(step, saved_config, config or {}))
             args = ocp.args.Composite(state=partial_restore(target), data=ocp.args.JsonRestore())
             restored = self.manager.restore(step, args=args)
             verify(self.read_manifest(step), restored.state, data=restored.data)
@@ -244,6 +272,24 @@ class Checkpoints:
         self.best = self.read_best(step)  # the tracker carries on from it (train/callbacks.py BestEval)
         self.base = self.read_json(step, "base") if (self.path(step) / "base").is_dir() else None
         return Restored(step, restored.state, restored.data, config)
+
+    def _layout_error(self, step: int, saved: dict, current: dict) -> str:
+        """Which of the settings that shape the train state differ between ``saved`` and ``current``, and the fix."""
+
+        def value(config: dict, key: str):
+            section, name = key.split(".")
+            return config.get(section, {}).get(name)
+
+        changed = [
+            f"{k}: {value(saved, k)!r} -> {value(current, k)!r}"
+            for k in STATE_SETTINGS
+            if value(saved, k) != value(current, k)
+        ]
+        return (
+            f"checkpoint {self.path(step)} holds a train state of other settings "
+            f"({'; '.join(changed) or 'another optimizer state layout'}); set them back to resume it, or start a "
+            f"new run.dir with checkpoint.init_from={self.directory.parent} to continue from its parameters"
+        )
 
     def _set_aside(self, step: int, reason: str, used: int) -> None:
         path = self.path(step)

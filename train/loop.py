@@ -99,7 +99,8 @@ def initial_state(setup: Setup, run_dir: pathlib.Path) -> tuple[TrainState, int,
     checkpoints = Checkpoints(run_dir / "checkpoints", config.checkpoint)
     try:
         target = adapters.saved_state(restore_target(spec.abstract, spec.shardings), spec)
-        restored = checkpoints.restore_latest(target, dataclasses.asdict(config.model)) if resuming else None
+        model = dataclasses.asdict(config.model)
+        restored = checkpoints.restore_latest(target, model, config.to_dict()) if resuming else None
         if restored and spec.adapter_only:
             where = f"the checkpoint {checkpoints.path(restored.step)}"
             restored.state = adapters.resumed(restored.state, checkpoints.base, config.model, spec, where)
