@@ -117,6 +117,14 @@ def resumed(state: TrainState, ref: dict, cfg: ModelConfig, spec: StateSpec, whe
     return state.replace(params=overlay(base, state.params))
 
 
+def _replicated_like(shardings: list) -> jax.sharding.Sharding:
+    """A replicated sharding on the devices of the first of ``shardings`` (the default device when none is)."""
+    first = next((s for s in shardings if s is not None), None)
+    if isinstance(first, jax.sharding.NamedSharding):
+        return jax.sharding.NamedSharding(first.mesh, jax.sharding.PartitionSpec())
+    return first or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+
 def restore_params(checkpoints: Checkpoints, step: int, target_params: Any) -> Any:
     """The parameters of an adapter-only ``step`` shaped and placed as ``target_params`` (ShapeDtypeStructs
     with shardings: an nnx.State, or nested dicts with 'value' leaves): the saved ones over the rebuilt base."""
@@ -125,7 +133,7 @@ def restore_params(checkpoints: Checkpoints, step: int, target_params: Any) -> A
     cfg = ModelConfig.from_dict(checkpoints.read_config(step)["model"], str(checkpoints.path(step)))
     abstract = abstract_model(cfg)[1]
     wanted = _flat(target_params)
-    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    default = _replicated_like([getattr(t, "sharding", None) for t in wanted.values()])
 
     def sharding(path) -> jax.sharding.Sharding:
         return getattr(wanted.get(_name(path)), "sharding", None) or default
