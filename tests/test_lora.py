@@ -207,11 +207,19 @@ def test_adapter_dropout_is_off_without_a_key_and_a_zero_rate_changes_nothing():
 def test_a_lora_checkpoint_holds_the_adapters_and_a_reference_to_its_base(runs):
     root = runs["root"]
 
-    def size(step: pathlib.Path) -> int:
+    def disk(step: pathlib.Path) -> int:
         return sum(f.stat().st_size for f in step.rglob("*") if f.is_file())
 
-    full, adapters = size(root / "base" / "checkpoints" / "2"), size(root / "ref" / "checkpoints" / "6")
-    assert adapters < 0.1 * full, (adapters, full)
+    def array_bytes(step: pathlib.Path) -> int:  # what the arrays the manifest lists hold
+        arrays = json.loads((step / "manifest" / "metadata").read_text())["arrays"].values()
+        return sum(4 * int(np.prod(json.loads(a.split("[", 1)[1].split("]")[0].join("[]")))) for a in arrays)
+
+    full, adapters = root / "base" / "checkpoints" / "2", root / "ref" / "checkpoints" / "6"
+    assert array_bytes(adapters) < 0.1 * array_bytes(full), (array_bytes(adapters), array_bytes(full))
+    # On disk Orbax adds a fixed cost per array and writes an array replicated over several of the 8 fake
+    # devices more than once (a 110 KB tree replicated 8 ways takes 404 KB), which weighs on this tiny model's
+    # tiny adapters: one device and the default GPT give 2.5% (README.md, benchmarks/lora_checkpoint_size.py).
+    assert disk(adapters) < 0.35 * disk(full), (disk(adapters), disk(full))
     ref = json.loads((root / "ref" / "checkpoints" / "6" / "base" / "metadata").read_text())
     total = count_params(spec_for(MODEL)[0].abstract.params)
     assert ref["init_from"] == str(root / "base") and ref["seed"] == 0
