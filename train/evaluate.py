@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from train.tokenizer import Tokenizer
 
 
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         raise ConfigError(f"{message}; see python -m train.evaluate --help")
