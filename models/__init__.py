@@ -11,7 +11,8 @@ def build_model(cfg: ModelConfig, seed: int) -> nnx.Module:
     """Constructs the model of ``cfg.family`` (concretely, or abstractly under ``nnx.eval_shape``).
 
     Eager sharding is off: shardings are applied by the caller from the logical names. With
-    ``cfg.quant`` its Dense layers hold int8 kernels (``models.quant``).
+    ``cfg.quant`` its Dense layers hold int8 kernels (``models.quant``); with ``cfg.lora_rank`` the targeted
+    ones (int8 or not) get LoRA adapters (``models.lora``).
     """
     from models.decoder import DecoderLM
     from models.encoder import EncoderLM
@@ -21,14 +22,14 @@ def build_model(cfg: ModelConfig, seed: int) -> nnx.Module:
     with nnx.use_eager_sharding(False):
         rngs = nnx.Rngs(params=seed)
         model = families[cfg.family](cfg, rngs=rngs)
-        if cfg.lora_rank:
-            from models.lora import add_adapters
-
-            add_adapters(model, cfg, rngs)
         if cfg.quant != "none":
             from models.quant import quantize_model
 
             quantize_model(model, cfg.quant_skip, cfg.quant_embeddings)
+        if cfg.lora_rank:  # beside the int8 kernels too (QLoRA)
+            from models.lora import add_adapters
+
+            add_adapters(model, cfg, rngs)
         return model
 
 

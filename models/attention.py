@@ -19,7 +19,7 @@ from flax import nnx
 
 from models.config import ModelConfig
 from models.dot_attention import dot_product_attention
-from models.layers import constrain, dense, residual_std, rope, table
+from models.layers import constrain, dense, residual_std, rope, site_key, table
 from models.splash import splash_attention
 
 
@@ -56,25 +56,29 @@ class Attention(nnx.Module):
 
         mask: bool broadcastable to [B, heads, T, S], True where a query may attend (e.g. key
         padding [B, 1, 1, S]); bias: float [1 or B, heads, T, S] added to the scores; rng: the key
-        of ``model.attention_dropout`` on the probabilities (None: off). Returns [B, T, embed].
+        of ``model.attention_dropout`` on the probabilities (None: off), and through ``fold_in(rng, 1)``
+        of the LoRA adapters' dropout (q, k, v, o fold in 0, 1, 2, 3). Returns [B, T, embed].
         """
-        q = self.queries(x, positions if context is None else None)
-        k, v = self.keys_values(x if context is None else context, positions if context is None else None)
-        return self.attend(q, k, v, causal=causal, mask=mask, bias=bias, rng=rng)
+        lora = site_key(rng, 1)
+        q = self.queries(x, positions if context is None else None, lora)
+        k, v = self.keys_values(x if context is None else context, positions if context is None else None, lora)
+        return self.attend(q, k, v, causal=causal, mask=mask, bias=bias, rng=rng, lora_rng=lora)
 
-    def queries(self, x: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+    def queries(self, x: jax.Array, positions: jax.Array | None = None, lora_rng: jax.Array | None = None) -> jax.Array:
         """[B, T, embed] -> [B, T, heads, head_dim]; rotated when ``positions`` [B, T] are given (rope)."""
         cfg = self.cfg
-        q = self.q(x).reshape(*x.shape[:2], cfg.n_heads, cfg.dim_per_head)
+        q = self.q(x, site_key(lora_rng, 0)).reshape(*x.shape[:2], cfg.n_heads, cfg.dim_per_head)
         if cfg.position == "rope" and positions is not None:
             q = rope(q, positions, cfg.rope_theta)
         return constrain(q, ("batch", "length", "act_heads", None))
 
-    def keys_values(self, kv: jax.Array, positions: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    def keys_values(
+        self, kv: jax.Array, positions: jax.Array | None = None, lora_rng: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array]:
         """[B, S, embed] -> keys and values [B, S, kv_heads, head_dim] (what a KV cache holds)."""
         cfg = self.cfg
         shape = (*kv.shape[:2], cfg.kv_heads, cfg.dim_per_head)
-        k, v = self.k(kv).reshape(shape), self.v(kv).reshape(shape)
+        k, v = self.k(kv, site_key(lora_rng, 1)).reshape(shape), self.v(kv, site_key(lora_rng, 2)).reshape(shape)
         if cfg.position == "rope" and positions is not None:
             k = rope(k, positions, cfg.rope_theta)
         axes = ("batch", "length", "act_kv_heads", None)
@@ -91,10 +95,12 @@ class Attention(nnx.Module):
         bias: jax.Array | None = None,
         implementation: str | None = None,
         rng: jax.Array | None = None,
+        lora_rng: jax.Array | None = None,
     ) -> jax.Array:
         """q [B, T, heads, head_dim] over k/v [B, S, kv_heads, head_dim], then the output projection -> [B, T, embed].
 
-        ``implementation`` overrides ``model.attention`` (decoding from a cache uses 'recompute').
+        ``implementation`` overrides ``model.attention`` (decoding from a cache uses 'recompute'); rng: the
+        probabilities' dropout key; lora_rng: the adapters' (the output projection folds in 3). None: off.
         """
         cfg = self.cfg
         b, t, n, hd = q.shape
@@ -117,7 +123,7 @@ class Attention(nnx.Module):
                 q, k, v, bias=bias, mask=mask, scale=scale, is_causal=causal, implementation=implementation
             )
         out = constrain(out, ("batch", "length", "act_heads", None))
-        return self.o(out.reshape(b, t, n * hd).astype(self.o.dtype))
+        return self.o(out.reshape(b, t, n * hd).astype(self.o.dtype), site_key(lora_rng, 3))
 
 
 def padding_mask(mask: jax.Array | None) -> jax.Array | None:

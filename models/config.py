@@ -70,6 +70,7 @@ class ModelConfig:
     lora_rank: int = 0
     lora_alpha: float = 16.0
     lora_targets: str = "(.*/)?(attn|cross)/(q|k|v|o)"
+    lora_dropout: float = 0.0  # on the adapters' input inside the blocks (training only)
     # post-training weight-only quantisation (python -m train.quantize writes it; models/quant.py): every
     # Dense whose path (e.g. 'stack/blocks/mlp/wi') does not match the regex quant_skip holds an int8 kernel
     quant: Literal["none", "int8"] = "none"
@@ -165,6 +166,8 @@ class ModelConfig:
         out.extend(self._dropout_problems())
         if self.lora_rank < 0:
             out.append(f"lora.rank={self.lora_rank} must be >= 0; 0 turns LoRA off")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            out.append(f"lora.dropout={self.lora_dropout} must be in [0, 1); 0 turns it off")
         return out
 
     def _dropout_problems(self) -> list[str]:

@@ -73,20 +73,29 @@ class Dense(nnx.Linear):
     XLA:CPU reduces fast; a bf16 bias add leaves a bf16 reduction it rewrites into a slow tree.
     The output is named ``projection`` for the ``save_dots`` remat policy (``models.transformer``),
     which cannot see the matmul inside ``matmul``'s custom gradient. With LoRA adapters (attached by
-    ``models.lora``) it adds ``lora_scale * (x @ lora_a) @ lora_b``.
+    ``models.lora``) it adds ``lora_scale * (dropout(x) @ lora_a) @ lora_b`` (``adapter``).
     """
 
     lora_a = lora_b = None  # [d_in, r], [r, d_out] when models.lora attaches them
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+        """x [..., d_in] -> [..., d_out]; rng: the adapters' dropout key (None: off)."""
         x = x.astype(self.dtype)
-        y = matmul(x, self.kernel[...].astype(self.dtype))  # [..., d_out] float32
-        if self.lora_a is not None:
-            h = matmul(x, self.lora_a[...].astype(self.dtype)).astype(self.dtype)  # [..., r]
-            y = y + self.lora_scale * matmul(h, self.lora_b[...].astype(self.dtype))
+        y = adapter(self, x, matmul(x, self.kernel[...].astype(self.dtype)), rng)  # [..., d_out] float32
         if self.bias is not None:
             y = y + self.bias[...]
         return checkpoint_name(y.astype(self.dtype), "projection")  # what remat='save_dots' keeps
+
+
+def adapter(layer: nnx.Module, x: jax.Array, y: jax.Array, rng: jax.Array | None) -> jax.Array:
+    """``y`` [..., d_out] float32 plus the LoRA update of ``layer`` (a Dense or QDense) if it has
+    adapters: ``lora_scale * (dropout(x, lora_dropout, rng) @ lora_a) @ lora_b``, x [..., d_in] in
+    the compute dtype. The base path never sees the dropout."""
+    if layer.lora_a is None:
+        return y
+    x = dropout(x, layer.lora_dropout, rng)
+    h = matmul(x, layer.lora_a[...].astype(layer.dtype)).astype(layer.dtype)  # [..., r]
+    return y + layer.lora_scale * matmul(h, layer.lora_b[...].astype(layer.dtype))
 
 
 def dense(
@@ -145,11 +154,13 @@ class MLP(nnx.Module):
             self.wg = dense(cfg, cfg.d_model, cfg.d_ff, ("embed", "mlp"), rngs=rngs)
         self.wo = dense(cfg, cfg.d_ff, cfg.d_model, ("mlp", "embed"), rngs=rngs, std=residual_std(cfg))
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+        """rng: the key of the LoRA adapters' dropout (None: off); wi, wg, wo fold in 0, 1, 2."""
         act = jax.checkpoint(ACTIVATIONS[self.activation])  # keep only its input for the backward pass
-        h = act(self.wg(x)) * self.wi(x) if self.gated else act(self.wi(x))
+        wi = self.wi(x, site_key(rng, 0))
+        h = act(self.wg(x, site_key(rng, 1))) * wi if self.gated else act(wi)
         h = constrain(h, ("batch", "length", "act_mlp"))
-        return self.wo(h)
+        return self.wo(h, site_key(rng, 2))
 
 
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:

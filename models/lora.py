@@ -3,7 +3,7 @@
 A targeted kernel W [..., in, out] (``...``: the ``layers`` axis of a stacked block) gets
 ``lora_a`` A [..., in, r] (logical axes (..., in_axis, None), normal(1/sqrt(in)) init) and
 ``lora_b`` B [..., r, out] ((..., None, out_axis), zeros), so the model starts equal to its base;
-``Dense`` then computes ``x @ W + (alpha / r) * (x @ A) @ B``. ``merge`` folds them back:
+``Dense`` then computes ``x @ W + (alpha / r) * (dropout(x) @ A) @ B`` (``lora_dropout``, training only). ``merge`` folds them back:
 ``W + (alpha / r) * A @ B``. We attach plain ``nnx.Param`` variables rather than wrap kernels in
 ``nnx.LoRA``: that one adds its own ``LoRAParam`` type (our state, checkpoints and HF mapping are
 ``nnx.Param`` trees), nests the base under ``base_module`` (changing every parameter path), has no
@@ -17,12 +17,14 @@ import re
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, traverse_util
 
 from models.config import ConfigError, ModelConfig
 from models.layers import Dense
+from models.quant import QDense, dequantize_params
 
 ADAPTERS = ("lora_a", "lora_b")
+FIELDS = ("lora_rank", "lora_alpha", "lora_targets", "lora_dropout")  # the ModelConfig fields of the adapters
 
 
 def _targets(cfg: ModelConfig) -> re.Pattern:
@@ -33,10 +35,10 @@ def _targets(cfg: ModelConfig) -> re.Pattern:
 
 
 def add_adapters(model: nnx.Module, cfg: ModelConfig, rngs: nnx.Rngs) -> None:
-    """Gives every ``Dense`` whose kernel path ('stack/blocks/attn/q/kernel') ``cfg.lora_targets``
+    """Gives every ``Dense`` (or int8 ``QDense``: QLoRA) whose kernel path ('stack/blocks/attn/q/kernel') ``cfg.lora_targets``
     matches (whole, or a leading part ending at '/') its ``lora_a`` / ``lora_b``."""
     matcher, r = _targets(cfg), cfg.lora_rank
-    hits = [(path, m) for path, m in nnx.iter_modules(model) if isinstance(m, Dense)]
+    hits = [(path, m) for path, m in nnx.iter_modules(model) if isinstance(m, (Dense, QDense))]
     hits = [(path, m) for path, m in hits if matcher.fullmatch("/".join(map(str, path)) + "/kernel")]
     if not hits:
         raise ConfigError(
@@ -50,16 +52,23 @@ def add_adapters(model: nnx.Module, cfg: ModelConfig, rngs: nnx.Rngs) -> None:
         m.lora_a = nnx.Param(a, out_sharding=(*axes[:-1], None))
         m.lora_b = nnx.Param(jnp.zeros((*lead, r, d_out), jnp.float32), out_sharding=(*axes[:-2], None, axes[-1]))
         m.lora_scale = cfg.lora_alpha / r
+        m.lora_dropout = cfg.lora_dropout
 
 
 def base_config(cfg: ModelConfig) -> ModelConfig:
     """The same model without adapters (its LoRA fields at their defaults)."""
     defaults = ModelConfig()
-    return dataclasses.replace(cfg, **{k: getattr(defaults, k) for k in ("lora_rank", "lora_alpha", "lora_targets")})
+    return dataclasses.replace(cfg, **{k: getattr(defaults, k) for k in FIELDS})
+
+
+def merged_config(cfg: ModelConfig) -> ModelConfig:
+    """The float model ``merge`` gives: ``base_config(cfg)``, and a QLoRA model's base dequantised."""
+    return dataclasses.replace(base_config(cfg), quant="none", quant_skip="", quant_embeddings=False)
 
 
 def merge(params: nnx.State, cfg: ModelConfig) -> nnx.State:
-    """Parameters of ``base_config(cfg)``: every kernel with adapters becomes W + (alpha / r) A @ B (fp32)."""
+    """Parameters of ``merged_config(cfg)``: every kernel with adapters becomes W + (alpha / r) A @ B (fp32),
+    an int8 base (QLoRA) dequantised first (W = q * scale)."""
     from models import abstract_model
 
     scale = cfg.lora_alpha / cfg.lora_rank
@@ -71,6 +80,7 @@ def merge(params: nnx.State, cfg: ModelConfig) -> nnx.State:
             out["kernel"] = tree["kernel"] + scale * delta
         return out
 
-    _, abstract = abstract_model(base_config(cfg))
-    nnx.replace_by_pure_dict(abstract, fold(nnx.to_pure_dict(params)))
+    pure = traverse_util.unflatten_dict(dequantize_params(traverse_util.flatten_dict(nnx.to_pure_dict(params))))
+    _, abstract = abstract_model(merged_config(cfg))
+    nnx.replace_by_pure_dict(abstract, fold(pure))
     return abstract

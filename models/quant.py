@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from models.layers import Dense, matmul
+from models.layers import Dense, adapter, matmul
 
 QMAX = 127  # symmetric int8: [-127, 127], so 0 is exact and the range is the same both ways
 
@@ -47,8 +47,11 @@ class QDense(nnx.Module):
 
     The int8 kernel is cast to the compute dtype inside the jitted matmul (exact: bf16 holds every
     integer up to 256) and the per-channel scale multiplies the float32 product, which equals
-    ``x @ (kernel * scale)``; the weights stay int8 in memory.
+    ``x @ (kernel * scale)``; the weights stay int8 in memory. LoRA adapters (``models.lora``,
+    QLoRA) add their float update as on a ``Dense`` (``models.layers.adapter``).
     """
+
+    lora_a = lora_b = None  # [d_in, r], [r, d_out] when models.lora attaches them
 
     def __init__(self, dense: Dense):
         kernel = dense.kernel
@@ -60,8 +63,10 @@ class QDense(nnx.Module):
         self.bias = dense.bias
         self.dtype = dense.dtype
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        y = matmul(x.astype(self.dtype), self.kernel[...].astype(self.dtype)) * self.scale[...]  # [..., d_out] f32
+    def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+        """x [..., d_in] -> [..., d_out]; rng: the adapters' dropout key (None: off)."""
+        x = x.astype(self.dtype)
+        y = adapter(self, x, matmul(x, self.kernel[...].astype(self.dtype)) * self.scale[...], rng)  # [..., d_out] f32
         if self.bias is not None:
             y = y + self.bias[...]
         return checkpoint_name(y.astype(self.dtype), "projection")
@@ -109,3 +114,22 @@ def quantize_model(model: nnx.Module, skip: str = "", embeddings: bool = False) 
         setattr(parent, path[-1], twin(module))
         done.append(name)
     return done
+
+
+def dequantize_params(flat: dict[tuple, jax.Array]) -> dict[tuple, jax.Array]:
+    """Flat parameters of a quantised model (path tuple -> array) -> those of its float twin: each int8
+    ``kernel`` and its ``scale`` become the float32 ``kernel`` q * scale, each int8 ``table`` and its
+    ``scale`` the ``embedding`` (one scale per row); the rest is unchanged."""
+    out = dict(flat)
+    for path, q in flat.items():
+        parent, name = path[:-1], path[-1]
+        scale = flat.get((*parent, "scale"))
+        if name not in ("kernel", "table") or scale is None or q.dtype != jnp.int8:
+            continue
+        del out[(*parent, "scale")]
+        if name == "kernel":
+            out[path] = dequantize(q, scale)
+        else:
+            del out[path]
+            out[(*parent, "embedding")] = dequantize(q.T, scale).T
+    return out

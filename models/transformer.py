@@ -63,14 +63,15 @@ class Block(nnx.Module):
     ) -> jax.Array:
         """mask / bias: self-attention padding mask and score bias; context [B, S, embed] and
         context_mask [B, 1, 1, S] feed the cross-attention (blocks built with ``cross=True``).
-        rng: this layer's dropout key (None: no dropout); each site folds in its own number."""
+        rng: this layer's dropout key (None: no dropout); each site folds in its own number (the attention's
+        adapters derive theirs from site 1, the MLP's from site 5)."""
         attn_rng, cross_rng = site_key(rng, 1), site_key(rng, 3)
         attn = lambda h: self.attn(h, positions, causal=causal, mask=mask, bias=bias, rng=attn_rng)
         x = self._residual(x, self.attn_norm, attn, site_key(rng, 0))
         if context is not None:
             cross = lambda h: self.cross(h, causal=False, mask=context_mask, context=context, rng=cross_rng)
             x = self._residual(x, self.cross_norm, cross, site_key(rng, 2))
-        x = self._residual(x, self.mlp_norm, self.mlp, site_key(rng, 4))
+        x = self._residual(x, self.mlp_norm, lambda h: self.mlp(h, site_key(rng, 5)), site_key(rng, 4))
         return constrain(x, ("batch", "length", "act_embed"))
 
     def extend(
@@ -141,7 +142,7 @@ class Stack(nnx.Module):
         rng: the stack's dropout key (None: no dropout); layer i gets ``fold_in(rng, i)``.
         """
         graphdef, stacked = nnx.split(self.blocks)
-        dropping = rng is not None and (self.cfg.dropout > 0 or self.cfg.attention_dropout > 0)
+        dropping = rng is not None and max(self.cfg.dropout, self.cfg.attention_dropout, self.cfg.lora_dropout) > 0
         keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(self.n_layers)) if dropping else None
 
         def layer(x, inputs):

@@ -3,6 +3,10 @@
 
 from __future__ import annotations
 
+import json
+import pathlib
+import shutil
+
 import jax
 import numpy as np
 import pytest
@@ -113,6 +117,7 @@ LORA = [
     f"lora.rank={R}",
     "lora.alpha=8",
     f"lora.targets={ATTN_AND_MLP}",
+    "lora.dropout=0.1",  # so the exact resume also covers the adapters' dropout masks
 ]
 
 
@@ -121,7 +126,9 @@ def runs(tmp_path_factory) -> dict:
     """A plain base run (2 steps), LoRA runs started from it (init_from), and exports."""
     root = tmp_path_factory.mktemp("lora-runs")
     lora_run = [*LORA, f"checkpoint.init_from={root / 'base'}"]
-    out = {
+    out = {"lora_run": lora_run}
+    out |= {
+        "root": root,
         "base": in_this_process([*FAST, f"run.dir={root / 'base'}", "train.steps=2"]),
         "ref": in_this_process([*lora_run, f"run.dir={root / 'ref'}", "train.steps=6"]),
         "stopped": in_this_process([*lora_run, f"run.dir={root / 'resumed'}", "train.steps=3"]),
@@ -171,3 +178,81 @@ def test_merge_lora_exports_a_plain_model_equal_to_the_adapter_model(runs):
     np.testing.assert_allclose(logits(merged_cfg, merged_params), expected, rtol=1e-5, atol=1e-5)
     hf_model, _ = runs["hf"]  # the merged model in the Hugging Face layout, read back
     np.testing.assert_allclose(np.asarray(hf_model(tokens)), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_adapter_dropout_is_off_without_a_key_and_a_zero_rate_changes_nothing():
+    """lora.dropout acts on the adapter path only: rate 0 with a key, or any rate without one (eval),
+    gives the model without dropout bitwise; with a key and a rate the output changes, the same per key."""
+    tokens = np.random.default_rng(2).integers(0, 256, size=(2, 16), dtype=np.int32)
+
+    def forward(cfg, rng=None):
+        graphdef, params = nnx.split(build_model(cfg, seed=0))
+        b = {p: x for p, x in by_path(params).items() if p.endswith("lora_b")}
+        params = jax.tree_util.tree_map_with_path(  # nonzero B, so the adapters contribute
+            lambda p, x: x + 0.05 if param_path(p) in b else x, params
+        )
+        run = jax.jit(lambda p, t, r: nnx.merge(graphdef, p).forward({"inputs": t}, rng=r))
+        return np.asarray(run(params, tokens, rng))
+
+    key = jax.random.key(5)
+    dropping = ModelConfig(**{**MODEL.__dict__, "lora_dropout": 0.5})
+    plain = forward(MODEL)
+    np.testing.assert_array_equal(forward(MODEL, key), plain)
+    np.testing.assert_array_equal(forward(dropping), plain)
+    dropped = forward(dropping, key)
+    assert np.abs(dropped - plain).max() > 1e-3
+    np.testing.assert_array_equal(forward(dropping, key), dropped)
+
+
+def test_a_lora_checkpoint_holds_the_adapters_and_a_reference_to_its_base(runs):
+    root = runs["root"]
+
+    def disk(step: pathlib.Path) -> int:
+        return sum(f.stat().st_size for f in step.rglob("*") if f.is_file())
+
+    def array_bytes(step: pathlib.Path) -> int:  # what the arrays the manifest lists hold
+        arrays = json.loads((step / "manifest" / "metadata").read_text())["arrays"].values()
+        return sum(4 * int(np.prod(json.loads(a.split("[", 1)[1].split("]")[0].join("[]")))) for a in arrays)
+
+    full, adapters = root / "base" / "checkpoints" / "2", root / "ref" / "checkpoints" / "6"
+    assert array_bytes(adapters) < 0.1 * array_bytes(full), (array_bytes(adapters), array_bytes(full))
+    # On disk Orbax adds a fixed cost per array and writes an array replicated over several of the 8 fake
+    # devices more than once (a 110 KB tree replicated 8 ways takes 404 KB), which weighs on this tiny model's
+    # tiny adapters: one device and the default GPT give 2.5% (README.md, benchmarks/lora_checkpoint_size.py).
+    assert disk(adapters) < 0.35 * disk(full), (disk(adapters), disk(full))
+    ref = json.loads((root / "ref" / "checkpoints" / "6" / "base" / "metadata").read_text())
+    first = next(r for r in runs["ref"].metrics if "loss" in r)
+    assert ref["init_from"] == str(root / "base") and ref["seed"] == 0
+    assert ref["params"] == first["params"] - EXPECTED_TRAINABLE and len(ref["fingerprint"]) == 64
+
+
+def test_a_moved_or_changed_base_is_named_and_nothing_is_lost(runs, tmp_path, capsys):
+    root = runs["root"]
+    base, aside = root / "base", root / "base.aside"
+    steps = sorted(p.name for p in (root / "resumed" / "checkpoints").iterdir())
+    base.rename(aside)
+    try:
+        assert export.main([str(root / "ref"), str(tmp_path / "a")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: the checkpoint ")
+        assert f"holds only LoRA adapters; its base model '{base}'" in err[0] and "is missing; put the base" in err[0]
+        resume = in_this_process([*runs["lora_run"], f"run.dir={root / 'resumed'}", "train.steps=8"])
+        assert resume.rc == 2 and "is missing; put the base back at that path" in resume.err
+        assert in_this_process([*FAST, f"run.dir={base}", "train.steps=2", "seed=1"]).rc == 0  # another base there
+        with pytest.raises(ConfigError, match=f"its base model '{base}' .* has changed since the run saved it"):
+            export.export(root / "ref", tmp_path / "b")
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+        aside.rename(base)
+    assert sorted(p.name for p in (root / "resumed" / "checkpoints").iterdir()) == steps
+
+
+def test_resuming_with_other_optimizer_or_freeze_settings_names_them(runs):
+    root = runs["root"]
+    sgd = in_this_process([*runs["lora_run"], f"run.dir={root / 'resumed'}", "train.steps=8", "optimizer.name=sgd"])
+    frozen = in_this_process([*FAST, f"run.dir={root / 'base'}", "train.steps=4", "train.freeze=embed"])
+    for run, setting in [(sgd, "optimizer.name: 'adamw' -> 'sgd'"), (frozen, "train.freeze: '' -> 'embed'")]:
+        lines = run.err.strip().splitlines()
+        assert run.rc == 2 and len(lines) == 1 and lines[0].startswith("error: checkpoint "), run.err
+        assert f"holds a train state of other settings ({setting}" in lines[0]
+        assert f"or start a new run.dir with checkpoint.init_from={run.dir} to continue" in lines[0]

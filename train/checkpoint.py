@@ -28,7 +28,15 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as preservation
 
 from train.config import CheckpointConfig, ConfigError
-from train.manifest import MANIFEST_FORMAT, ManifestRestore, ManifestSave, json_digest, start_fingerprints, verify
+from train.manifest import (
+    MANIFEST_FORMAT,
+    ManifestRestore,
+    ManifestSave,
+    array_paths,
+    json_digest,
+    start_fingerprints,
+    verify,
+)
 from train.state import TrainState
 
 
@@ -61,8 +69,22 @@ def restore_target(abstract: Any, shardings: Any) -> Any:
 
 # Fields that change how the model runs, not what its parameters are (max_seq_len: unless
 # positions are learned, when it is the position table's length).
+DROPOUT_FIELDS = ("dropout", "attention_dropout", "lora_dropout")
 RESTORE_TOLERANT_FIELDS = frozenset(
-    {"compute_dtype", "scan_layers", "remat", "attention", "max_seq_len", "dropout", "attention_dropout"}
+    {"compute_dtype", "scan_layers", "remat", "attention", "max_seq_len", *DROPOUT_FIELDS}
+)
+
+
+# Settings that shape the optimizer state (and so a checkpoint's train state), besides the model's.
+STATE_SETTINGS = (
+    "optimizer.name",
+    "optimizer.momentum",
+    "optimizer.factored",
+    "optimizer.clip_norm",
+    "train.freeze",
+    "train.freeze_layers",
+    "lora.rank",
+    "lora.targets",
 )
 
 
@@ -109,6 +131,7 @@ class Checkpoints:
         self.directory = pathlib.Path(directory).absolute()
         self.cfg = cfg
         self.best: dict | None = None
+        self.base: dict | None = None  # a LoRA run's base reference (train/adapters.py), saved with each step
         policies = [preservation.LatestN(cfg.keep)]
         if cfg.keep_every:
             policies.append(preservation.EveryNSteps(cfg.keep_every))
@@ -140,7 +163,8 @@ class Checkpoints:
         if step in self.manager.all_steps():
             return
         arrays = start_fingerprints(state)
-        json_items = {"data": data_state, "config": config, **({"best": self.best} if self.best else {})}
+        extra = {name: value for name, value in (("best", self.best), ("base", self.base)) if value}
+        json_items = {"data": data_state, "config": config, **extra}
         items = {name: json_digest(value) for name, value in json_items.items()}
         self.manager.save(
             step,
@@ -199,7 +223,8 @@ class Checkpoints:
                 fix = (
                     "use the same model settings as that run"
                     if what
-                    else "use the saved model settings or a new run.dir"
+                    else "use the saved model settings, or start a new run.dir with "
+                    f"checkpoint.init_from={self.directory.parent} to fine-tune it with these"
                 )
                 raise ConfigError(
                     f"{what}checkpoint {self.path(step)} holds a different model ({'; '.join(mismatch)}); {fix}"
@@ -220,14 +245,20 @@ class Checkpoints:
             )
         return None
 
-    def restore_latest(self, target: TrainState, model_config: dict) -> Restored | None:
+    def restore_latest(self, target: TrainState, model_config: dict, config: dict | None = None) -> Restored | None:
         """The newest step that restores intact onto ``target`` (arrays placed with its shardings).
 
         None when there are no checkpoints. Newer damaged steps are moved aside (``_set_aside``).
+        ConfigError when the step lacks arrays ``target`` has: the run's optimizer, freezing or LoRA
+        settings (``config``, the run's config as a dict) differ from those it was saved with.
         """
+        wanted = array_paths(target)
 
-        def restore(step: int, _config: dict):
-            args = ocp.args.Composite(state=_partial_restore(target), data=ocp.args.JsonRestore())
+        def restore(step: int, saved_config: dict):
+            manifest = self.read_manifest(step)
+            if manifest is not None and not wanted <= set(manifest["arrays"]):
+                raise ConfigError(self._layout_error(step, saved_config, config or {}))
+            args = ocp.args.Composite(state=partial_restore(target), data=ocp.args.JsonRestore())
             restored = self.manager.restore(step, args=args)
             verify(self.read_manifest(step), restored.state, data=restored.data)
             return restored
@@ -239,7 +270,26 @@ class Checkpoints:
         for bad, reason in failed:
             self._set_aside(bad, reason, step)
         self.best = self.read_best(step)  # the tracker carries on from it (train/callbacks.py BestEval)
+        self.base = self.read_json(step, "base") if (self.path(step) / "base").is_dir() else None
         return Restored(step, restored.state, restored.data, config)
+
+    def _layout_error(self, step: int, saved: dict, current: dict) -> str:
+        """Which of the settings that shape the train state differ between ``saved`` and ``current``, and the fix."""
+
+        def value(config: dict, key: str):
+            section, name = key.split(".")
+            return config.get(section, {}).get(name)
+
+        changed = [
+            f"{k}: {value(saved, k)!r} -> {value(current, k)!r}"
+            for k in STATE_SETTINGS
+            if value(saved, k) != value(current, k)
+        ]
+        return (
+            f"checkpoint {self.path(step)} holds a train state of other settings "
+            f"({'; '.join(changed) or 'another optimizer state layout'}); set them back to resume it, or start a "
+            f"new run.dir with checkpoint.init_from={self.directory.parent} to continue from its parameters"
+        )
 
     def _set_aside(self, step: int, reason: str, used: int) -> None:
         path = self.path(step)
@@ -337,7 +387,7 @@ def best_params(
     return step, params, config
 
 
-def _partial_restore(target: Any) -> ocp.args.PyTreeRestore:
+def partial_restore(target: Any) -> ocp.args.PyTreeRestore:
     """Restores the arrays of ``target`` (ShapeDtypeStructs with shardings) and skips any others saved.
 
     Checkpoints written before the train state lost its unused ``rng`` still hold one.
@@ -347,7 +397,11 @@ def _partial_restore(target: Any) -> ocp.args.PyTreeRestore:
 
 
 def _restore_params(checkpoints: Checkpoints, step: int, target_params: Any) -> Any:
-    args = ocp.args.Composite(state=_partial_restore({"params": target_params}))
+    if (checkpoints.path(step) / "base").is_dir():  # a LoRA run's adapters: rebuild its base beneath them
+        from train import adapters
+
+        return adapters.restore_params(checkpoints, step, target_params)
+    args = ocp.args.Composite(state=partial_restore({"params": target_params}))
     restored = checkpoints.manager.restore(step, args=args).state
     verify(checkpoints.read_manifest(step), restored)
     return restored["params"]

@@ -132,6 +132,7 @@ class LoRAConfig:
     rank: int = 0  # 0: off
     alpha: float = 16.0  # the adapters' update is scaled by alpha / rank
     targets: str = ModelConfig.lora_targets  # regex over kernel paths; e.g. add '|(.*/)?mlp/(wi|wg|wo)'
+    dropout: float = 0.0  # on the adapters' input (x -> dropout(x) A B); training only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -302,7 +303,7 @@ def build_config(tree: dict) -> Config:
     config = _build(Config, tree, "")
     if config.lora.rank == 0:  # a saved, resolved model config may carry its adapters itself
         return config
-    lora = {"lora_rank": config.lora.rank, "lora_alpha": config.lora.alpha, "lora_targets": config.lora.targets}
+    lora = {f"lora_{name}": getattr(config.lora, name) for name in ("rank", "alpha", "targets", "dropout")}
     return dataclasses.replace(config, model=dataclasses.replace(config.model, **lora))
 
 

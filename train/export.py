@@ -18,8 +18,8 @@ output) or a Hugging Face model directory (config.json + safetensors).
     ``OUT_DIR/config.yaml``: ``python -m train OUT_DIR/config.yaml run.dir=...`` fine-tunes it
     (its ``checkpoint.init_from`` points at OUT_DIR).
 
---merge-lora folds a LoRA run's adapters into its base weights (W + alpha / rank * A @ B) and
-writes the plain model (its config without LoRA) in any format; without it a LoRA run's
+--merge-lora folds a LoRA run's adapters into its base weights (W + alpha / rank * A @ B; an int8
+base, QLoRA, is dequantised first) and writes the plain float model (its config without LoRA) in any format; without it a LoRA run's
 parameters are written with their adapters.
 
 User mistakes print one ``error:`` line and exit with status 2.
@@ -135,7 +135,7 @@ def export(
 
         if not cfg.lora_rank:
             raise ConfigError(f"SRC='{src}' has no LoRA adapters (lora.rank=0); leave out --merge-lora")
-        params, cfg = lora.merge(params, cfg), lora.base_config(cfg)
+        params, cfg = lora.merge(params, cfg), lora.merged_config(cfg)
     elif cfg.lora_rank and format == "hf":
         raise ConfigError(f"SRC='{src}' has LoRA adapters, which the Hugging Face layout lacks; add --merge-lora")
     if format == "params":

@@ -125,12 +125,7 @@ def with_freezing(
 
     ``tx`` is assumed to include the gradient clipping, so clipping sees only trainable gradients.
     """
-    frozen = frozen_paths(logical_specs, freeze.pattern)
-    if freeze.pattern and not frozen:
-        example = ", ".join(f"'{p}'" for p in sorted(_paths(logical_specs))[:3])
-        raise ConfigError(f"train.freeze='{freeze.pattern}' matches no parameter path; paths look like {example}")
-    if freeze.adapters_only:
-        frozen |= {path for path in _paths(logical_specs) if not _adapter_or_head(path)}
+    frozen = frozen_set(logical_specs, freeze)
     rows = kept_rows(abstract_params, logical_specs, freeze.layers)
     trainable = trainable_count(abstract_params, frozen, rows)
     if trainable == 0:
@@ -141,6 +136,18 @@ def with_freezing(
         mask = zero_frozen(frozen, rows)
         tx = optax.chain(mask, tx, mask)
     return tx, trainable
+
+
+def frozen_set(logical_specs, freeze: Freeze) -> set[str]:
+    """The paths of the parameters ``freeze`` keeps whole (``train.freeze``, and with ``adapters_only``
+    all but the adapters and a classifier's head); ConfigError when ``train.freeze`` matches none."""
+    frozen = frozen_paths(logical_specs, freeze.pattern)
+    if freeze.pattern and not frozen:
+        example = ", ".join(f"'{p}'" for p in sorted(_paths(logical_specs))[:3])
+        raise ConfigError(f"train.freeze='{freeze.pattern}' matches no parameter path; paths look like {example}")
+    if freeze.adapters_only:
+        frozen |= {path for path in _paths(logical_specs) if not _adapter_or_head(path)}
+    return frozen
 
 
 def _adapter_or_head(path: str) -> bool:

@@ -20,6 +20,7 @@ import jax
 from models.config import ModelConfig
 from sharding.fit import check_fits
 from sharding.mesh import make_mesh
+from train import adapters
 from train import metrics as perf
 from train.callbacks import Callback, builtin, describe
 from train.checkpoint import Checkpoints, Restored, restore_target
@@ -88,18 +89,29 @@ def fresh_state(setup: Setup) -> TrainState:
 
 
 def initial_state(setup: Setup, run_dir: pathlib.Path) -> tuple[TrainState, int, Checkpoints]:
-    """(state, step, checkpoints): the newest intact checkpoint in ``run_dir``, or a fresh state at 0."""
+    """(state, step, checkpoints): the newest intact checkpoint in ``run_dir``, or a fresh state at 0.
+
+    A LoRA run's checkpoints hold its adapters and a reference to its base (train/adapters.py).
+    """
+    config, spec = setup.config, setup.spec
     resuming = (run_dir / "checkpoints").exists()
     state = None if resuming else fresh_state(setup)  # reads init_from before any directory is created
-    checkpoints = Checkpoints(run_dir / "checkpoints", setup.config.checkpoint)
+    checkpoints = Checkpoints(run_dir / "checkpoints", config.checkpoint)
     try:
-        target = restore_target(setup.spec.abstract, setup.spec.shardings)
-        restored = checkpoints.restore_latest(target, dataclasses.asdict(setup.config.model)) if resuming else None
+        target = adapters.saved_state(restore_target(spec.abstract, spec.shardings), spec)
+        model = dataclasses.asdict(config.model)
+        restored = checkpoints.restore_latest(target, model, config.to_dict()) if resuming else None
+        if restored and spec.adapter_only:
+            where = f"the checkpoint {checkpoints.path(restored.step)}"
+            restored.state = adapters.resumed(restored.state, checkpoints.base, config.model, spec, where)
     except BaseException:
         checkpoints.close()
         raise
     if not restored:
-        return fresh_state(setup) if state is None else state, 0, checkpoints
+        state = fresh_state(setup) if state is None else state
+        if spec.adapter_only:
+            checkpoints.base = adapters.reference(config.checkpoint.init_from, config.seed, state.params, spec.frozen)
+        return state, 0, checkpoints
     setup.task.batches.set_state(restored.data_state)
     print(f"resumed from {checkpoints.path(restored.step)}", flush=True)
     warn_if_schedule_changed(restored, setup.config)
@@ -198,7 +210,8 @@ class Loop:
         """Starts saving the current step (state, data position, config) unless it is saved."""
         if self.saved_step != self.step:
             data_state = self.setup.task.batches.get_state()
-            self.checkpoints.save(self.step, self.state, data_state, self.config.to_dict())
+            state = adapters.saved_state(self.state, self.spec)  # a LoRA run's: without its base
+            self.checkpoints.save(self.step, state, data_state, self.config.to_dict())
             self.saved_step = self.step
 
     def next_batch(self) -> dict:

@@ -37,6 +37,11 @@ def _path_name(path) -> str:
     return "/".join(parts)
 
 
+def array_paths(tree: Any) -> set[str]:
+    """The names the manifest gives the array leaves of ``tree``."""
+    return {_path_name(path) for path, _ in jax.tree_util.tree_leaves_with_path(tree)}
+
+
 def _fmix32(h: jax.Array) -> jax.Array:
     """MurmurHash3's finaliser: a bijection of uint32 that mixes every input bit into every output bit."""
     h = h ^ (h >> 16)

@@ -19,7 +19,7 @@ from models import abstract_model, build_model
 from models.config import ModelConfig
 from sharding.rules import RULES, Rules, logical_to_mesh, replicated
 from train.config import OptimizerConfig
-from train.freeze import NOTHING, Freeze
+from train.freeze import NOTHING, Freeze, frozen_set
 from train.optimizer import make_optimizer
 
 
@@ -38,6 +38,8 @@ class StateSpec:
     logical_specs: nnx.State  # logical PartitionSpec per parameter
     rules: Rules = RULES  # logical axis -> mesh axes: parameters here, activations in the steps
     trainable_params: int = 0  # parameter values the optimizer changes (all but the frozen ones)
+    frozen: frozenset[str] = frozenset()  # paths of the parameters kept whole (train/freeze.py)
+    adapter_only: bool = False  # a LoRA run: checkpoints hold the trainable parameters only (train/adapters.py)
 
 
 def make_state_spec(
@@ -63,7 +65,8 @@ def make_state_spec(
         opt_state=abstract_opt,
     )
     shardings = TrainState(step=replicated(mesh), params=param_shardings, opt_state=opt_shardings)
-    return StateSpec(graphdef, tx, abstract, shardings, logical_specs, rules, trainable)
+    frozen = frozenset(frozen_set(logical_specs, freeze))
+    return StateSpec(graphdef, tx, abstract, shardings, logical_specs, rules, trainable, frozen, freeze.adapters_only)
 
 
 def optimizer_state_shardings(tx: optax.GradientTransformation, abstract_params, param_shardings, mesh: Mesh):

@@ -73,6 +73,11 @@ def _summed(logits: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]:
     return jnp.sum(losses * weights), jnp.sum(weights)
 
 
+def _integer_zeros(grad: jax.Array, param: jax.Array) -> jax.Array:
+    """The gradient of a float parameter, zeros for an integer one (a QLoRA int8 base: frozen, never updated)."""
+    return jnp.zeros_like(param) if grad.dtype == jax.dtypes.float0 else grad
+
+
 def _micro_batches(batch: Batch, n: int, mesh: Mesh) -> Batch:
     """[B, ...] -> [n, B/n, ...] with each micro-batch still spread over all data shards."""
 
@@ -97,7 +102,8 @@ def make_train_step(
             total, _ = summed_loss(spec.graphdef, p, b, rng)
             return total / total_weight
 
-        return jax.value_and_grad(scaled)(params, batch)
+        loss, grads = jax.value_and_grad(scaled, allow_int=True)(params, batch)
+        return loss, jax.tree.map(_integer_zeros, grads, params)
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         total_weight = jnp.sum(token_weights(batch))

@@ -39,10 +39,11 @@ def validate(config: Config) -> list[str]:
         )
     if config.model.attention == "splash" and t.seq_len % 128:
         out.append(f"model.attention='splash' needs train.seq_len to be a multiple of 128, got {t.seq_len}")
-    if config.model.quant != "none":
+    if config.model.quant != "none" and not config.model.lora_rank:
         out.append(
-            f"model.quant={config.model.quant} holds int8 weights that cannot be trained; train or fine-tune "
-            "with model.quant=none and quantise the result with python -m train.quantize"
+            f"model.quant={config.model.quant} holds int8 weights that cannot be trained; train LoRA adapters over "
+            "them (lora.rank > 0, checkpoint.init_from a python -m train.quantize export), or train with "
+            "model.quant=none and quantise the result with python -m train.quantize"
         )
     out += config.mesh.problems()
     if not out:  # before the devices are known: one data-parallel shard (the mesh check follows in the run)

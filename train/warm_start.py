@@ -2,7 +2,9 @@
 
 The source is a run directory (its newest intact checkpoint; also its ``checkpoints/`` or the
 output of ``python -m train.export HF_DIR OUT --format checkpoint``), a Hugging Face model directory (config.json +
-safetensors), or ``python-package:NAME`` naming one (train/packages.py). Every parameter the
+safetensors), an export (``python -m train.export`` or ``python -m train.quantize``: model.json + params/; an
+int8 one is dequantised into a float model, and kept int8 by a QLoRA run, ``model.quant: int8``), or
+``python-package:NAME`` naming one (train/packages.py). Every parameter the
 source holds at the same path with the same shape is restored; the rest keep their fresh
 initialisation, and one line says which. So a masked-LM encoder, or a bare ``BertModel``,
 starts a classifier: the encoder is restored, the pooler (unless the source has one) and the
@@ -29,7 +31,7 @@ from train.checkpoint import config_mismatch, newest_params
 from train.config import ConfigError
 
 HEAD_FIELDS = frozenset({"head", "num_labels", "pooling"})
-ADAPTER_FIELDS = frozenset({"lora_rank", "lora_alpha", "lora_targets"})
+ADAPTER_FIELDS = frozenset({"lora_rank", "lora_alpha", "lora_targets", "lora_dropout"})
 KEY = "checkpoint.init_from"
 
 Flat = dict[tuple[str, ...], jax.Array]  # parameter path ('stack', 'blocks', 'attn', 'q', 'kernel') -> array
@@ -85,22 +87,48 @@ def _from_hugging_face(directory: pathlib.Path, target: Flat, model: ModelConfig
     return str(directory), restored, unused
 
 
-def warm_start(init_from: str, fresh: nnx.State, target: nnx.State, model: ModelConfig) -> nnx.State:
+def _from_export(directory: pathlib.Path, target: Flat, model: ModelConfig) -> tuple[str, Flat, list]:
+    """(description, restored arrays, unused source paths) from a ``python -m train.export`` or
+    ``python -m train.quantize`` directory; an int8 one into a float model is dequantised (q * scale)."""
+    from models.quant import dequantize_params
+    from train.export import load
+
+    source_cfg, params = load(directory)
+    arrays = _flat(params)
+    if source_cfg.quant != "none" and model.quant == "none":
+        arrays = dequantize_params(arrays)
+        source_cfg = dataclasses.replace(source_cfg, quant="none", quant_skip="", quant_embeddings=False)
+    mismatch = config_mismatch(architecture(dataclasses.asdict(source_cfg)), architecture(dataclasses.asdict(model)))
+    if mismatch:
+        raise ConfigError(f"{KEY}: {directory} holds a different model ({'; '.join(mismatch)}); use its model settings")
+    restored = {p: jax.device_put(x, target[p].sharding) for p, x in arrays.items() if _fits(x, target.get(p))}
+    return str(directory), restored, [p for p in arrays if p not in restored]
+
+
+def _fits(array: jax.Array, want) -> bool:
+    return want is not None and array.shape == want.shape and array.dtype == want.dtype
+
+
+def warm_start(
+    init_from: str, fresh: nnx.State, target: nnx.State, model: ModelConfig, verbose: bool = True
+) -> nnx.State:
     """``fresh`` parameters with every one that ``init_from`` holds (same path and shape) replaced.
 
     ``target``: the parameters' ShapeDtypeStructs carrying their shardings (restores land there
-    directly). Prints one line naming what was restored and what starts fresh. Raises
+    directly). Prints one line naming what was restored and what starts fresh (unless not ``verbose``). Raises
     ConfigError when the source is missing, unreadable or a different architecture.
     """
     location = pathlib.Path(packages.resolve(init_from, KEY)).absolute()
     targets = _flat(target)
     if hf.is_model_dir(location):
         source, restored, unused = _from_hugging_face(location, targets, model)
+    elif (location / "model.json").is_file() and (location / "params").is_dir():
+        source, restored, unused = _from_export(location, targets, model)
     else:
         source, restored, unused = _from_run(location, targets, model)
     values = {p: restored.get(p, x) for p, x in _flat(fresh).items()}
     nnx.replace_by_pure_dict(fresh, traverse_util.unflatten_dict(values))
-    if jax.process_index() == 0:
+    if verbose and jax.process_index() == 0:
         print(describe(source, len(restored), sorted(set(values) - set(restored)), sorted(unused)), flush=True)
     return fresh
 
