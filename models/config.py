@@ -160,7 +160,9 @@ class ModelConfig:
                 f"model.quant_skip='{self.quant_skip}' is not a regex ({regex_problem(self.quant_skip)}); fix it"
             )
         if self.quant == "none" and (self.quant_skip or self.quant_embeddings):
-            out.append("model.quant_skip and model.quant_embeddings apply to model.quant=qat or int8; set model.quant=qat")
+            out.append(
+                "model.quant_skip and model.quant_embeddings apply to model.quant=qat or int8; set model.quant=qat"
+            )
         if self.pooling != "cls" and self.head != "classification":
             out.append("model.pooling only applies to head='classification'; leave it at 'cls'")
         if self.head == "classification" and self.num_labels < 2:

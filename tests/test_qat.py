@@ -158,7 +158,10 @@ def test_a_qat_run_learns_and_its_int8_export_scores_what_it_scored(qat_run, tmp
     assert "quantised 8 layers" in capsys.readouterr().out  # q k v wi wg wo (attn/o skipped), embed, head
     int8 = load_source(tmp_path / "int8")
     assert int8.config.quant == "int8" and int8.config.quant_skip == "attn/o" and int8.config.quant_embeddings
-    assert int8.model.head.kernel[...].dtype == jnp.int8 and int8.model.stack.blocks.attn.o.kernel[...].dtype == jnp.float32
+    assert (
+        int8.model.head.kernel[...].dtype == jnp.int8
+        and int8.model.stack.blocks.attn.o.kernel[...].dtype == jnp.float32
+    )
     argv = ["--files", str(text), "--tokenizer", "byte", "--seq-len", "32", "--batch", "8"]
     scores = {}
     for name, source in (("qat", qat_run), ("int8", tmp_path / "int8")):
