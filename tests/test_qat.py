@@ -127,7 +127,6 @@ def test_quant_fields_need_int8_to_block_a_restore():
     "overrides, message",
     [(["model.quant=qat", "lora.rank=4"], "use one of model.quant=qat and lora.rank"),
      (["model.quant_embeddings=true"], "set model.quant=qat"),
-     (["model.quant=qat", "model.quant_skip=."], "matches every layer"),
      (["model.quant=int8"], "fine-tune for int8 with model.quant=qat")],
 )  # fmt: skip
 def test_qat_config_mistakes_are_one_error_line(tmp_path, capsys, overrides, message):
