@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from flax import nnx
 
-from models.config import ModelConfig
+from models.config import ConfigError, ModelConfig
 
 
 def build_model(cfg: ModelConfig, seed: int) -> nnx.Module:
     """Constructs the model of ``cfg.family`` (concretely, or abstractly under ``nnx.eval_shape``).
 
     Eager sharding is off: shardings are applied by the caller from the logical names. With
-    ``cfg.quant`` its Dense layers hold int8 kernels (``models.quant``); with ``cfg.lora_rank`` the targeted
-    ones (int8 or not) get LoRA adapters (``models.lora``).
+    ``cfg.quant='int8'`` its Dense layers hold int8 kernels; with ``'qat'`` the same weights stay float
+    and read as their int8 round trip (``models.quant``); with ``cfg.lora_rank`` the targeted ones
+    (int8 or not) get LoRA adapters (``models.lora``).
     """
     from models.decoder import DecoderLM
     from models.encoder import EncoderLM
@@ -22,10 +23,18 @@ def build_model(cfg: ModelConfig, seed: int) -> nnx.Module:
     with nnx.use_eager_sharding(False):
         rngs = nnx.Rngs(params=seed)
         model = families[cfg.family](cfg, rngs=rngs)
-        if cfg.quant != "none":
+        if cfg.quant == "int8":
             from models.quant import quantize_model
 
             quantize_model(model, cfg.quant_skip, cfg.quant_embeddings)
+        elif cfg.quant == "qat":
+            from models.quant import add_fake_quant
+
+            if not add_fake_quant(model, cfg.quant_skip, cfg.quant_embeddings):
+                raise ConfigError(
+                    f"model.quant_skip='{cfg.quant_skip}' matches every layer, so model.quant=qat would round "
+                    "nothing; narrow it"
+                )
         if cfg.lora_rank:  # beside the int8 kernels too (QLoRA)
             from models.lora import add_adapters
 

@@ -71,11 +71,12 @@ class ModelConfig:
     lora_alpha: float = 16.0
     lora_targets: str = "(.*/)?(attn|cross)/(q|k|v|o)"
     lora_dropout: float = 0.0  # on the adapters' input inside the blocks (training only)
-    # post-training weight-only quantisation (python -m train.quantize writes it; models/quant.py): every
-    # Dense whose path (e.g. 'stack/blocks/mlp/wi') does not match the regex quant_skip holds an int8 kernel
-    quant: Literal["none", "int8"] = "none"
+    # weight-only int8 (models/quant.py): every Dense whose path (e.g. 'stack/blocks/mlp/wi') does not match
+    # the regex quant_skip holds an int8 kernel (int8: written by python -m train.quantize), or, for
+    # quantisation-aware training (qat), a float kernel the forward pass reads rounded to int8
+    quant: Literal["none", "int8", "qat"] = "none"
     quant_skip: str = ""
-    quant_embeddings: bool = False  # token tables (and so tied LM heads) in int8 too
+    quant_embeddings: bool = False  # token tables and LM heads (tied or not) too
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], where: str = "the saved model config") -> ModelConfig:
@@ -158,6 +159,10 @@ class ModelConfig:
         if self.quant_skip and regex_problem(self.quant_skip):
             out.append(
                 f"model.quant_skip='{self.quant_skip}' is not a regex ({regex_problem(self.quant_skip)}); fix it"
+            )
+        if self.quant == "none" and (self.quant_skip or self.quant_embeddings):
+            out.append(
+                "model.quant_skip and model.quant_embeddings apply to model.quant=qat or int8; set model.quant=qat"
             )
         if self.pooling != "cls" and self.head != "classification":
             out.append("model.pooling only applies to head='classification'; leave it at 'cls'")

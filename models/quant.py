@@ -7,12 +7,20 @@ and ``scale`` float32 [..., d_out] with the same axes less the reduced input one
 ``('layers', 'embed', 'heads')`` -> ``('layers', 'heads')``), and the model shards as the float one.
 With ``cfg.quant_embeddings`` every token table (``nnx.Embed``) becomes a ``QEmbed`` too: int8
 ``table`` [vocab, embed] with a float32 ``scale`` per row [vocab] (axes ``('vocab',)``), which is also
-per output channel of a tied LM head. Untied LM heads, position tables, norms and biases stay float.
+per output channel of a tied LM head, and every untied LM head (a parameter with axes ``('embed', 'vocab')``:
+``head``, BERT's ``mlm/decoder``) becomes a ``QHead``: int8 ``kernel`` [embed, vocab] and float32 ``scale`` [vocab]
+(axes ``('vocab',)``). Position tables, norms and biases stay float.
+
+Quantisation-aware training (``cfg.quant='qat'``) selects the same weights but keeps them float: each becomes
+a ``FakeQuant`` parameter, which reads (``p[...]``) as its int8 round trip ``dequantize(*quantize(w))``
+with a straight-through gradient, so a QAT model computes what its int8 export will, and trains for it.
 """
 
 from __future__ import annotations
 
+import functools
 import re
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -96,22 +104,75 @@ class QEmbed(nnx.Module):
         return rows.astype(self.dtype)
 
 
-def quantize_model(model: nnx.Module, skip: str = "", embeddings: bool = False) -> list[str]:
-    """Swaps in place every ``Dense`` (and with ``embeddings`` every ``nnx.Embed``) of ``model`` whose
-    path does not match the regex ``skip`` (``re.search``; '' skips none) for its int8 twin; returns
-    the quantised paths."""
+class QHead(nnx.Module):
+    """An untied LM head [embed, vocab] in int8: ``kernel`` int8 [embed, vocab], ``scale`` float32 [vocab].
+
+    ``head[...]`` is the dequantised float32 [embed, vocab] matrix (read as the float ``nnx.Param`` it
+    replaces), computed inside the jitted forward, so only the int8 kernel and its scales are kept.
+    """
+
+    def __init__(self, head: nnx.Param):
+        axes = head.get_metadata().get("out_sharding")
+        q, scale = quantize(head[...])
+        self.kernel = nnx.Param(q, out_sharding=axes, eager_sharding=False)
+        self.scale = nnx.Param(scale, out_sharding=None if axes is None else (axes[-1],), eager_sharding=False)
+
+    def __getitem__(self, key) -> jax.Array:
+        return dequantize(self.kernel[...], self.scale[...])[key]
+
+
+HEAD_AXES = ("embed", "vocab")  # the logical axes of an untied LM head
+
+
+def selected(model: nnx.Module, skip: str = "", embeddings: bool = False) -> Iterator[tuple[str, object, str | int]]:
+    """(path, parent, attribute) of each weight quantisation takes: every ``Dense``, and with ``embeddings``
+    every ``nnx.Embed`` and untied LM head parameter (axes ``('embed', 'vocab')``), whose path
+    (``'stack/blocks/mlp/wi'``, ``'embed'``, ``'head'``) does not match the regex ``skip`` ('' skips none).
+    ``getattr(parent, attribute)`` (``parent[attribute]`` for an int) is the Dense, Embed or Param."""
     pattern = re.compile(skip) if skip else None
-    kinds = {Dense: QDense, nnx.Embed: QEmbed} if embeddings else {Dense: QDense}
-    done = []
     for path, module in list(nnx.iter_modules(model)):
-        name = "/".join(str(p) for p in path)
-        twin = kinds.get(type(module))
-        if twin is None or (pattern is not None and pattern.search(name)):
-            continue
-        parent = model
-        for p in path[:-1]:
-            parent = getattr(parent, p) if isinstance(p, str) else parent[p]
-        setattr(parent, path[-1], twin(module))
+        hits = []
+        if type(module) is Dense or (embeddings and type(module) is nnx.Embed):
+            hits.append((path, _parent(model, path), path[-1]))
+        if embeddings:
+            heads = [k for k, v in vars(module).items() if type(v) is nnx.Param and _axes(v) == HEAD_AXES]
+            hits += [((*path, k), module, k) for k in heads]
+        for where, parent, attribute in hits:
+            name = "/".join(str(p) for p in where)
+            if pattern is None or not pattern.search(name):
+                yield name, parent, attribute
+
+
+def _parent(model: nnx.Module, path: tuple) -> nnx.Module:
+    for p in path[:-1]:
+        model = getattr(model, p) if isinstance(p, str) else model[p]
+    return model
+
+
+def _axes(param: nnx.Variable) -> tuple | None:
+    axes = param.get_metadata().get("out_sharding")
+    return None if axes is None else tuple(axes)
+
+
+def _get(parent, attribute):
+    return parent[attribute] if isinstance(attribute, int) else getattr(parent, attribute)
+
+
+def _set(parent, attribute, value) -> None:
+    if isinstance(attribute, int):
+        parent[attribute] = value
+    else:
+        setattr(parent, attribute, value)
+
+
+def quantize_model(model: nnx.Module, skip: str = "", embeddings: bool = False) -> list[str]:
+    """Swaps in place every weight ``selected(model, skip, embeddings)`` names for its int8 twin (``QDense``,
+    ``QEmbed``, ``QHead``); returns the quantised paths."""
+    twins = {Dense: QDense, nnx.Embed: QEmbed, nnx.Param: QHead}
+    done = []
+    for name, parent, attribute in list(selected(model, skip, embeddings)):
+        old = _get(parent, attribute)
+        _set(parent, attribute, twins[type(old)](old))
         done.append(name)
     return done
 
@@ -133,3 +194,62 @@ def dequantize_params(flat: dict[tuple, jax.Array]) -> dict[tuple, jax.Array]:
             del out[path]
             out[(*parent, "embedding")] = dequantize(q.T, scale).T
     return out
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def fake_quantize(w: jax.Array, axis: int = -2) -> jax.Array:
+    """w float -> its int8 round trip float32 (same shape), per channel: ``axis`` is the one the absmax
+    reduces (-2: a kernel [..., d_in, d_out], one scale per output channel; -1: a token table
+    [vocab, embed], one per row). The same arithmetic as ``dequantize(*quantize(w))``, so the values
+    equal an int8 export's. The gradient is straight-through: the identity, as if it were not rounded.
+    """
+    if axis == -1:
+        return jnp.swapaxes(dequantize(*quantize(jnp.swapaxes(w, -1, -2))), -1, -2)
+    return dequantize(*quantize(w))
+
+
+@fake_quantize.defjvp
+def _fake_quantize_jvp(axis, primals, tangents):
+    (w,), (dw,) = primals, tangents
+    return fake_quantize(w, axis), dw.astype(jnp.float32)
+
+
+class FakeQuant(nnx.Param):
+    """A float parameter that reads (``p[...]``) as ``fake_quantize(value, p.quant_axis)``: its int8 round
+    trip with a straight-through gradient. Its stored value, state path, shape, logical axes and
+    optimizer state are the plain ``nnx.Param``'s; only the forward pass sees the rounding. ``get_value()``
+    reads the stored float value (of a gradient tree too, whose leaves keep this type)."""
+
+    def __getitem__(self, key) -> jax.Array:
+        return fake_quantize(self.get_value(), self.quant_axis)[key]
+
+
+def add_fake_quant(model: nnx.Module, skip: str = "", embeddings: bool = False) -> list[str]:
+    """Quantisation-aware training: turns in place the float weight of everything ``selected(model, skip,
+    embeddings)`` names (a Dense ``kernel``, an Embed's ``embedding``, an untied head) into a ``FakeQuant``
+    parameter with the same value and metadata; returns the paths. ``float_weights`` undoes it."""
+    done = []
+    for name, parent, attribute in list(selected(model, skip, embeddings)):
+        old = _get(parent, attribute)
+        if isinstance(old, Dense):
+            old.kernel = _fake(old.kernel, -2)
+        elif isinstance(old, nnx.Embed):
+            old.embedding = _fake(old.embedding, -1)
+        else:
+            _set(parent, attribute, _fake(old, -2))
+        done.append(name)
+    return done
+
+
+def _fake(param: nnx.Param, axis: int) -> FakeQuant:
+    return FakeQuant(param.get_value(), quant_axis=axis, **param.get_metadata())
+
+
+def float_weights(model: nnx.Module) -> None:
+    """Turns every ``FakeQuant`` parameter of ``model`` back into a plain ``nnx.Param`` (same value and
+    axes) in place: the float model a QAT run trained, ready for ``quantize_model``."""
+    for _, module in list(nnx.iter_modules(model)):
+        for name, value in list(vars(module).items()):
+            if isinstance(value, FakeQuant):
+                metadata = {k: v for k, v in value.get_metadata().items() if k != "quant_axis"}
+                setattr(module, name, nnx.Param(value.get_value(), **metadata))

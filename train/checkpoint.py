@@ -88,9 +88,15 @@ STATE_SETTINGS = (
 )
 
 
+# Also those of quantisation while neither side stores int8 (none and qat hold the same float parameters).
+QUANT_FIELDS = frozenset({"quant", "quant_skip", "quant_embeddings"})
+
+
 def config_mismatch(saved_model: dict, current_model: dict) -> list[str]:
     """Model fields whose values differ, as 'name: saved -> current'."""
     tolerant = RESTORE_TOLERANT_FIELDS - ({"max_seq_len"} if current_model.get("position") == "learned" else set())
+    if "int8" not in (saved_model.get("quant"), current_model.get("quant")):
+        tolerant = tolerant | QUANT_FIELDS
     return [
         f"{k}: {saved_model.get(k)!r} -> {v!r}"
         for k, v in current_model.items()

@@ -39,11 +39,16 @@ def validate(config: Config) -> list[str]:
         )
     if config.model.attention == "splash" and t.seq_len % 128:
         out.append(f"model.attention='splash' needs train.seq_len to be a multiple of 128, got {t.seq_len}")
-    if config.model.quant != "none" and not config.model.lora_rank:
+    if config.model.quant == "int8" and not config.model.lora_rank:
         out.append(
-            f"model.quant={config.model.quant} holds int8 weights that cannot be trained; train LoRA adapters over "
-            "them (lora.rank > 0, checkpoint.init_from a python -m train.quantize export), or train with "
-            "model.quant=none and quantise the result with python -m train.quantize"
+            "model.quant=int8 holds int8 weights that cannot be trained; train LoRA adapters over them (lora.rank > 0, "
+            "checkpoint.init_from a python -m train.quantize export), fine-tune for int8 with model.quant=qat, or "
+            "train with model.quant=none and quantise the result with python -m train.quantize"
+        )
+    if config.model.quant == "qat" and config.model.lora_rank:
+        out.append(
+            "model.quant=qat trains the weights int8 will round, but LoRA freezes them and adds float adapters; "
+            "use one of model.quant=qat and lora.rank"
         )
     out += config.mesh.problems()
     if not out:  # before the devices are known: one data-parallel shard (the mesh check follows in the run)

@@ -145,9 +145,7 @@ def _study(values: Any, path: str) -> StudyConfig:
     for name, options in (("sampler", SAMPLERS), ("pruner", PRUNERS)):
         value = getattr(study, name)
         if value not in options:
-            raise ConfigError(
-                f"study.{name}={value!r} is not one of {', '.join(options)}{close_match(value, options)}"
-            )
+            raise ConfigError(f"study.{name}={value!r} is not one of {', '.join(options)}{close_match(value, options)}")
     for name in ("sampler_options", "pruner_options"):
         if not isinstance(getattr(study, name), dict):
             raise ConfigError(f"study.{name} must be a mapping of keyword arguments")
