@@ -149,7 +149,12 @@ def word_predictions(predicted: np.ndarray, positions: Sequence[np.ndarray], lab
     return out
 
 
+def word_tags(predicted: np.ndarray, tagged: TaggedArrays, labels: Sequence[str]) -> tuple[list, list]:
+    """(gold, predicted) tag lists per row, one tag per word, from argmax sub-word predictions int [N, T]."""
+    gold = [[labels[i] for i in row] for row in tagged.tags]
+    return gold, word_predictions(predicted, tagged.positions, labels)
+
+
 def tagged_scores(predicted: np.ndarray, tagged: TaggedArrays, labels: Sequence[str]) -> dict:
     """``scores.entity_scores`` of the argmax sub-word predictions (int [N, T]) against ``tagged``'s words."""
-    gold = [[labels[i] for i in row] for row in tagged.tags]
-    return entity_scores(gold, word_predictions(predicted, tagged.positions, labels))
+    return entity_scores(*word_tags(predicted, tagged, labels))
