@@ -52,7 +52,7 @@ class DataConfig:
     tfds_reader: Literal["data_source", "tf_data"] = "data_source"  # tf_data needs TensorFlow: pip install -e '.[tf]'
     # classification / token_classification / seq2seq examples (train/data/examples.py): one JSONL row per example
     label_field: str = "label"  # classification: the field holding the label (a string or an integer)
-    labels: str = ""  # (token_)classification: label names in id order, comma-separated; empty: sorted labels of the data
+    labels: str = ""  # (token_)classification: label names in id order, comma-separated; empty: sorted, from the data
     tokens_field: str = "tokens"  # token_classification: the field holding the words (a list of strings)
     tags_field: str = "tags"  # token_classification: the field holding one tag per word (B-PER, I-PER, O, ...)
     input_field: str = "input"  # seq2seq: the field holding the input text

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from train.config import ConfigError
-from train.scores import classification_scores
+from train.scores import classification_scores, seqeval_metrics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,9 +55,7 @@ def classification_report(predictions: np.ndarray, targets: np.ndarray, labels: 
 
 def entity_table(gold: list[list[str]], predicted: list[list[str]]) -> str:
     """seqeval's per-entity-type precision / recall / F1 / support table of BIO tag lists (one per row)."""
-    from seqeval import metrics
-
-    return metrics.classification_report(gold, predicted, digits=4, zero_division=0)
+    return seqeval_metrics().classification_report(gold, predicted, digits=4, zero_division=0)
 
 
 def plot_confusion(confusion: np.ndarray, labels: Sequence[str], path: pathlib.Path, title: str = "") -> pathlib.Path:

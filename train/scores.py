@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from models.config import ConfigError
+
 
 def classification_scores(predictions: np.ndarray, targets: np.ndarray, num_labels: int) -> dict[str, float]:
     """``{'accuracy', 'macro_f1'}`` of int predictions against int targets, both [N].
@@ -29,6 +31,15 @@ def token_accuracy(predictions: np.ndarray, targets: np.ndarray, weights: np.nda
     return float(np.sum(weights * (predictions == targets)) / np.sum(weights))
 
 
+def seqeval_metrics():
+    """``seqeval.metrics``, or a ConfigError saying how to install it."""
+    try:
+        from seqeval import metrics
+    except ImportError:
+        raise ConfigError("token_classification scores entities with seqeval; pip install -e '.[eval]'") from None
+    return metrics
+
+
 def entity_scores(gold: list[list[str]], predicted: list[list[str]]) -> dict:
     """Entity-level scores of tag sequences (BIO, per word), as named-entity work reports them.
 
@@ -38,16 +49,19 @@ def entity_scores(gold: list[list[str]], predicted: list[list[str]]) -> dict:
     ``'token_accuracy'`` (share of words tagged right) and ``'per_type'``: ``{type: {'precision',
     'recall', 'f1', 'support'}}``, support the number of gold entities of the type.
     """
-    from seqeval import metrics
-
+    metrics = seqeval_metrics()
     if len(gold) != len(predicted) or any(len(g) != len(p) for g, p in zip(gold, predicted)):
         raise ValueError("need one predicted tag per gold tag, row by row")
     words = sum(len(g) for g in gold)
     right = sum(a == b for g, p in zip(gold, predicted) for a, b in zip(g, p))
     report = metrics.classification_report(gold, predicted, output_dict=True, zero_division=0)
     per_type = {
-        name: {**{k: float(s[m]) for k, m in (("precision", "precision"), ("recall", "recall"), ("f1", "f1-score"))},
-               "support": int(s["support"])}
+        name: {
+            "precision": float(s["precision"]),
+            "recall": float(s["recall"]),
+            "f1": float(s["f1-score"]),
+            "support": int(s["support"]),
+        }
         for name, s in report.items()
         if not name.endswith(" avg")
     }

@@ -244,8 +244,10 @@ def export(
     hf_config = family.config_to_hf(cfg)
     if labels:
         if cfg.head == "lm" or len(labels) != cfg.num_labels:
-            raise ConversionError(f"{len(labels)} label names given for a model with head={cfg.head}, "
-                                  f"num_labels={cfg.num_labels}; pass one name per class of a classifier")
+            raise ConversionError(
+                f"{len(labels)} label names given for a model with head={cfg.head}, "
+                f"num_labels={cfg.num_labels}; pass one name per class of a classifier"
+            )
         hf_config.id2label = dict(enumerate(labels))
         hf_config.label2id = {name: i for i, name in enumerate(labels)}
     tok = None

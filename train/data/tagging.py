@@ -78,9 +78,7 @@ def _offsets(tokenizer: Tokenizer, texts: list[str]) -> list[tuple[np.ndarray, n
             "Hugging Face tokenizer or data.tokenizer=byte"
         )
     encodings = fast.encode_batch(texts, add_special_tokens=False)
-    return [
-        (np.asarray(e.ids, np.int32), np.asarray(e.offsets, np.int64).reshape(-1, 2)) for e in encodings
-    ]
+    return [(np.asarray(e.ids, np.int32), np.asarray(e.offsets, np.int64).reshape(-1, 2)) for e in encodings]
 
 
 def word_of_tokens(offsets: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
@@ -119,7 +117,8 @@ def tagged_arrays(
     m = markers(tokenizer)
     room = seq_len - 2  # [CLS] ... [SEP]
     sequences, targets, weights, positions = [], [], [], []
-    for (text, starts, ends), (sub_ids, offsets), row_tags in zip(spans, _offsets(tokenizer, [s[0] for s in spans]), tags):
+    encoded = _offsets(tokenizer, [text for text, _, _ in spans])
+    for (_, starts, ends), (sub_ids, offsets), row_tags in zip(spans, encoded, tags):
         word = word_of_tokens(offsets, starts, ends)[:room]
         first = np.full(len(starts), -1, np.int64)  # position (after [CLS]) of each word's first sub-word
         for position in range(len(word) - 1, -1, -1):

@@ -5,9 +5,9 @@
     scores = task.evaluator(spec, mesh)(params)          # {'eval_loss', ...} over the held-out data
 
 ``StreamTask`` (causal_lm, masked_lm, span_corruption) cuts a packed token stream into windows;
-``ExampleTask`` (classification, token_classification, seq2seq) reads one example per JSONL row. Both draw batches from
-a grain iterator whose ``get_state`` / ``set_state`` resume exactly, and a batch is a pure
-function of (seed, step).
+``ExampleTask`` (classification, token_classification, seq2seq) reads one example per JSONL row.
+Both draw batches from a grain iterator whose ``get_state`` / ``set_state`` resume exactly, and a
+batch is a pure function of (seed, step).
 """
 
 from __future__ import annotations
@@ -149,6 +149,7 @@ class ExampleTask:
                 )
             self.data_config = dataclasses.replace(d, labels=",".join(self.labels))
             if tagged:
+                scores.seqeval_metrics()  # before any training: the evals need it
                 make = lambda rows: tagging.tagged_arrays(rows, d, self.labels, tokenizer, t.seq_len)
             else:
                 make = lambda rows: examples.classification_arrays(rows, d, self.labels, tokenizer, t.seq_len)
