@@ -133,6 +133,7 @@ def tagged_arrays(
         targets.append(target)
         weights.append(weight)
         positions.append(first)
+    # the classification layout ([CLS] text [SEP], padding, token types), per-token targets in place of its labels
     batch = classification(sequences, np.zeros(len(rows)), seq_len=seq_len, pad_id=m.pad, cls_id=m.cls, sep_id=m.sep)
     batch["targets"], batch["weights"] = np.stack(targets), np.stack(weights)
     return TaggedArrays(batch, positions, tags)
