@@ -60,8 +60,9 @@ class ModelConfig:
     relative_buckets: int = 32  # position='relative': T5 relative_attention_num_buckets
     relative_max_distance: int = 128  # position='relative': T5 relative_attention_max_distance
     n_decoder_layers: int = 0  # encoder_decoder: decoder depth; 0: same as n_layers
-    head: Literal["lm", "classification"] = "lm"  # encoder: MLM logits [B, T, V] or class logits [B, C]
-    num_labels: int = 2  # head='classification': number of classes
+    # encoder: MLM logits [B, T, V], class logits [B, C] or per-token class logits [B, T, C] (token_classification)
+    head: Literal["lm", "classification", "token_classification"] = "lm"
+    num_labels: int = 2  # head='classification' / 'token_classification': number of classes
     pooling: Literal["cls", "mean"] = "cls"  # head='classification': the [CLS] state (BERT) or the mean over tokens
     # training only (a forward given an rng key); off in eval, generation and parity
     dropout: float = 0.0  # on the embeddings and every residual branch (and BERT's pooled output)
@@ -154,8 +155,8 @@ class ModelConfig:
             out.append("model.type_vocab_size must be >= 0 (0: no token-type embeddings)")
         if self.type_vocab_size and self.family != "encoder":
             out.append("model.type_vocab_size is only used by family='encoder'; set it to 0")
-        if self.head == "classification" and self.family != "encoder":
-            out.append("model.head='classification' needs family='encoder'; set model.head='lm'")
+        if self.head != "lm" and self.family != "encoder":
+            out.append(f"model.head='{self.head}' needs family='encoder'; set model.head='lm'")
         if self.quant_skip and regex_problem(self.quant_skip):
             out.append(
                 f"model.quant_skip='{self.quant_skip}' is not a regex ({regex_problem(self.quant_skip)}); fix it"
@@ -166,7 +167,7 @@ class ModelConfig:
             )
         if self.pooling != "cls" and self.head != "classification":
             out.append("model.pooling only applies to head='classification'; leave it at 'cls'")
-        if self.head == "classification" and self.num_labels < 2:
+        if self.head != "lm" and self.num_labels < 2:
             out.append(f"model.num_labels={self.num_labels} must be >= 2 for cross-entropy classification")
         out.extend(self._dropout_problems())
         if self.lora_rank < 0:

@@ -1,6 +1,7 @@
-"""Encoder-only Transformer (BERT) with a masked-LM or a sequence-classification head.
+"""Encoder-only Transformer (BERT) with a masked-LM, a sequence- or a token-classification head.
 
-Hugging Face correspondence (``BertForMaskedLM`` / ``BertForSequenceClassification``).
+Hugging Face correspondence (``BertForMaskedLM`` / ``BertForSequenceClassification`` /
+``BertForTokenClassification``).
 Block parameters are stacked, ``[layers, ...]`` = ``bert.encoder.layer.{0..L-1}``; our
 kernels are ``[in, out]`` (HF ``Linear.weight`` transposed), LayerNorm ``scale`` is HF ``weight``.
 
@@ -19,10 +20,11 @@ kernels are ``[in, out]`` (HF ``Linear.weight`` transposed), LayerNorm ``scale``
     mlm.bias                   cls.predictions.bias (= decoder.bias; decoder.weight is tied to
                                word_embeddings; ``mlm.decoder`` [embed, vocab] only when untied)
     pooler                     bert.pooler.dense                            (head='classification')
-    classifier                 classifier
+    classifier                 classifier                                   (both classification heads)
 
 HF's ``position_ids`` buffer is not a parameter. Dropout (``model.dropout``, given an rng key) is where HF's is:
-after the embedding LayerNorm, on each residual branch before its LayerNorm, and on the pooled output.
+after the embedding LayerNorm, on each residual branch before its LayerNorm, and on the pooled output
+(token classification: on every token's final state).
 """
 
 from __future__ import annotations
@@ -59,7 +61,8 @@ class MLMHead(nnx.Module):
 
 
 class EncoderLM(nnx.Module):
-    """BERT: tokens [B, T] int -> MLM logits [B, T, vocab] or class logits [B, num_labels], float32."""
+    """BERT: tokens [B, T] int -> float32 MLM logits [B, T, vocab], class logits [B, num_labels] or
+    per-token class logits [B, T, num_labels] (``head='token_classification'``, no pooler)."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -74,6 +77,8 @@ class EncoderLM(nnx.Module):
             self.final_norm = norm(cfg, rngs=rngs)
         if cfg.head == "lm":
             self.mlm = MLMHead(cfg, rngs=rngs)
+        elif cfg.head == "token_classification":  # every token's state [embed] -> its class logits
+            self.classifier = dense(cfg, cfg.d_model, cfg.num_labels, ("embed", None), rngs=rngs)
         else:
             self.pooler = dense(cfg, cfg.d_model, cfg.d_model, ("embed", "mlp"), rngs=rngs)
             self.classifier = dense(cfg, cfg.d_model, cfg.num_labels, ("mlp", None), rngs=rngs)
@@ -95,6 +100,10 @@ class EncoderLM(nnx.Module):
         x = self.encode(tokens, attention_mask, token_types, positions, rng)
         if self.cfg.head == "lm":
             return self.mlm(x, self.embed.embedding[...])
+        if self.cfg.head == "token_classification":
+            x = dropout(x, self.cfg.dropout, site_key(rng, 2))
+            logits = self.classifier(x).astype(jnp.float32)  # [B, T, num_labels]
+            return constrain(logits, ("batch", "length", None))
         pooled = jnp.tanh(self.pooler(self.pool(x, attention_mask)))  # [B, embed]
         pooled = dropout(pooled, self.cfg.dropout, site_key(rng, 2))
         logits = self.classifier(pooled).astype(jnp.float32)  # [B, num_labels]

@@ -50,9 +50,11 @@ class DataConfig:
     tfds_train_split: str = "train"
     tfds_val_split: str = "validation"
     tfds_reader: Literal["data_source", "tf_data"] = "data_source"  # tf_data needs TensorFlow: pip install -e '.[tf]'
-    # classification / seq2seq examples (train/data/examples.py): one JSONL row per example
+    # classification / token_classification / seq2seq examples (train/data/examples.py): one JSONL row per example
     label_field: str = "label"  # classification: the field holding the label (a string or an integer)
-    labels: str = ""  # classification: label names in id order, comma-separated; empty: sorted labels of the data
+    labels: str = ""  # (token_)classification: label names in id order, comma-separated; empty: sorted, from the data
+    tokens_field: str = "tokens"  # token_classification: the field holding the words (a list of strings)
+    tags_field: str = "tags"  # token_classification: the field holding one tag per word (B-PER, I-PER, O, ...)
     input_field: str = "input"  # seq2seq: the field holding the input text
     target_field: str = "target"  # seq2seq: the field holding the target text
     group_field: str = ""  # hold out whole groups of rows sharing this field's value (val_fraction of groups)
@@ -96,7 +98,9 @@ class TrainConfig:
     batch_size: int = 32  # global, in sequences
     seq_len: int = 256
     grad_accum: int = 1  # micro-batches per step, accumulated inside the jitted step
-    objective: Literal["causal_lm", "masked_lm", "span_corruption", "seq2seq", "classification"] = "causal_lm"
+    objective: Literal[
+        "causal_lm", "masked_lm", "span_corruption", "seq2seq", "classification", "token_classification"
+    ] = "causal_lm"
     target_len: int = 64  # seq2seq: target tokens (the encoder reads seq_len tokens)
     mask_rate: float = 0.15  # masked_lm: share of tokens chosen (80% [MASK], 10% random, 10% kept)
     noise_density: float = 0.15  # span_corruption: share of tokens in noise spans

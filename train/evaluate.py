@@ -15,7 +15,8 @@ train/sources.py) on text and prints one JSON line. ``--best``: a run's best che
   trainer's fixed eval seed; ``eval_loss`` and ``perplexity`` over the ``tokens`` it scores.
 - Classifiers: accuracy, macro-F1 and scikit-learn's per-class table on stdout, a confusion
   matrix PNG (``--out``, default the source directory), then the JSON line. Seq2seq: loss and
-  token accuracy.
+  token accuracy. Token classifiers: word accuracy, entity precision / recall / F1 (micro, exact
+  spans) and seqeval's per-entity-type table on stdout, then the JSON line (per type too).
 
 Without ``--files`` a run is scored on its own validation split (``--split test``: its test
 split, which training never reads). ``--tokenizer`` replaces the source's tokenizer (an export
@@ -35,7 +36,7 @@ from typing import TYPE_CHECKING
 
 from train import cli
 from train.config import Config, ConfigError
-from train.validate import PRETRAINING_OBJECTIVE
+from train.validate import EXAMPLE_OBJECTIVES, PRETRAINING_OBJECTIVE
 
 if TYPE_CHECKING:
     from jax.sharding import Mesh
@@ -87,7 +88,7 @@ def setup(args: argparse.Namespace) -> Setup:
     tokenizer = source_tokenizer(source, args.tokenizer)
     run = source.run_config or Config()
     objective = run.train.objective if source.run_config else PRETRAINING_OBJECTIVE[source.config.family]
-    if source.config.head == "classification" and source.run_config is None:
+    if source.config.head != "lm" and source.run_config is None:
         raise ConfigError(f"'{args.source}' is a classifier but not a run directory; its label names come from a run")
     seq_len = args.seq_len or (run.train.seq_len if source.run_config else min(source.config.max_seq_len, 1024))
     if not 0 < seq_len <= source.config.max_seq_len:
@@ -143,7 +144,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     from train import scoring
 
     s = setup(args)
-    if s.config.train.objective in ("classification", "seq2seq"):
+    if s.config.train.objective in EXAMPLE_OBJECTIVES:
         out = pathlib.Path(args.out) if args.out else s.source.path
         result = scoring.score_examples(s, rows(s, args.files, args.split), args.split, out)
     else:

@@ -102,9 +102,9 @@ def write_checkpoint(params, cfg: ModelConfig, out_dir: pathlib.Path) -> None:
     from train.config import CheckpointConfig, Config, DataConfig, TrainConfig
     from train.validate import PRETRAINING_OBJECTIVE
 
-    # a config the trainer accepts for this model: its pre-training objective (or classification) at a length it holds
-    classifier = cfg.head == "classification"
-    objective = "classification" if classifier else PRETRAINING_OBJECTIVE[cfg.family]
+    # a config the trainer accepts for this model: its pre-training objective (or its head's) at a length it holds
+    classifier = cfg.head != "lm"
+    objective = cfg.head if classifier else PRETRAINING_OBJECTIVE[cfg.family]
     train = TrainConfig(seq_len=min(TrainConfig.seq_len, cfg.max_seq_len), objective=objective)
     data = DataConfig(format="jsonl") if classifier else DataConfig()
     config = Config(model=cfg, train=train, data=data, checkpoint=CheckpointConfig(init_from=str(out_dir)))
@@ -143,8 +143,21 @@ def export(
     elif format == "checkpoint":
         write_checkpoint(params, cfg, out_dir)
     else:
-        hf.export(params, cfg, out_dir, tokenizer=tokenizer)
+        hf.export(params, cfg, out_dir, tokenizer=tokenizer, labels=_run_labels(pathlib.Path(src), cfg))
     return source
+
+
+def _run_labels(src: pathlib.Path, cfg: ModelConfig) -> list[str]:
+    """A classifier run's label names (its config.yaml's ``data.labels``), for the HF ``id2label``; else []."""
+    import yaml
+
+    from train.validate import split_labels
+
+    config = src / "config.yaml"
+    if cfg.head == "lm" or not config.is_file():
+        return []
+    labels = split_labels(str(((yaml.safe_load(config.read_text()) or {}).get("data") or {}).get("labels", "")))
+    return labels if len(labels) == cfg.num_labels else []
 
 
 def load(out_dir: pathlib.Path) -> tuple[ModelConfig, object]:

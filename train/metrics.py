@@ -43,7 +43,9 @@ def _mlp_params(cfg: ModelConfig) -> int:
 
 def _head_params(cfg: ModelConfig) -> int:
     """The LM head, tied or not, and BERT's dense transform before it; a classification head reads
-    one token per sequence and is not counted."""
+    one token per sequence and is not counted, a token-classification head reads every token."""
+    if cfg.head == "token_classification":
+        return cfg.d_model * cfg.num_labels
     if cfg.head != "lm":
         return 0
     transform = cfg.d_model * cfg.d_model if cfg.family == "encoder" else 0

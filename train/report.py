@@ -1,8 +1,10 @@
-"""A classifier's report on a held-out split: scikit-learn's per-class table and a confusion-matrix PNG.
+"""A classifier's report on a held-out split: scikit-learn's per-class table and a confusion-matrix PNG;
+a token classifier's per-entity-type table (seqeval).
 
 report = classification_report(predictions, targets, labels)  # accuracy, macro-F1, per class
 print(report.table)
 plot_confusion(report.confusion, labels, path)
+print(entity_table(gold_tags, predicted_tags))                # token classification: per entity type
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from train.config import ConfigError
-from train.scores import classification_scores
+from train.scores import classification_scores, seqeval_metrics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +51,11 @@ def classification_report(predictions: np.ndarray, targets: np.ndarray, labels: 
     }
     confusion = metrics.confusion_matrix(targets, predictions, labels=list(range(len(labels))))
     return Report(found["accuracy"], found["macro_f1"], per_class, table, confusion)
+
+
+def entity_table(gold: list[list[str]], predicted: list[list[str]]) -> str:
+    """seqeval's per-entity-type precision / recall / F1 / support table of BIO tag lists (one per row)."""
+    return seqeval_metrics().classification_report(gold, predicted, digits=4, zero_division=0)
 
 
 def plot_confusion(confusion: np.ndarray, labels: Sequence[str], path: pathlib.Path, title: str = "") -> pathlib.Path:

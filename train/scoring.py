@@ -3,6 +3,7 @@
     starts, weights = causal_windows(num_tokens, seq_len, stride)
     result = score_stream(setup, documents)                # {'eval_loss', 'perplexity', 'eval_bpb', ...}
     result = score_examples(setup, rows, split, out_dir)   # classifiers: + table on stdout, confusion PNG
+    result = score_tagged(setup, rows, split)              # token classifiers: + per-entity-type table
 
 Sums of the loss and of the token weights are accumulated per batch in the same order as the
 trainer's eval (train/data/tasks.py), so the same windows give the same numbers.
@@ -19,7 +20,7 @@ from flax import nnx
 
 from train import report, scores
 from train.config import ConfigError
-from train.data import examples
+from train.data import examples, tagging
 from train.data.objectives import raw_length
 from train.data.tasks import EVAL_SEED_OFFSET, global_batch, make_objective, process_rows
 from train.data.text import PackedTokens
@@ -114,6 +115,8 @@ def score_examples(setup, rows: Sequence, split: str, out_dir: pathlib.Path) -> 
     """Classification: prints the per-class table, writes ``confusion-<split>.png`` into ``out_dir``;
     returns loss, accuracy, macro-F1, per-class scores. Seq2seq: loss and token accuracy."""
     c, t = setup.config, setup.config.train
+    if t.objective == "token_classification":
+        return score_tagged(setup, rows, split)
     if t.objective == "classification":
         labels = split_labels(c.data.labels)
         arrays = examples.classification_arrays(rows, c.data, labels, setup.tokenizer, t.seq_len)
@@ -141,6 +144,37 @@ def score_examples(setup, rows: Sequence, split: str, out_dir: pathlib.Path) -> 
         "examples": len(rows),
         "per_class": found.per_class,
         "confusion_matrix": str(png),
+    }
+
+
+def score_tagged(setup, rows: Sequence, split: str) -> dict:
+    """Token classification: prints the per-entity-type table; returns loss, word accuracy, micro entity
+    precision / recall / F1 and the per-type scores (exact spans, conlleval's reading of BIO tags)."""
+    c, t = setup.config, setup.config.train
+    labels = split_labels(c.data.labels)
+    tagged = tagging.tagged_arrays(rows, c.data, labels, setup.tokenizer, t.seq_len)
+    total = weight = 0.0
+    predicted = []
+    for s, w, p, _ in _run(setup, ((b, 0.0) for b in examples.padded_batches(tagged.arrays, t.batch_size))):
+        total, weight = total + s, weight + w
+        predicted.append(p)
+    gold, guessed = tagging.word_tags(np.concatenate(predicted)[: len(rows)], tagged, labels)
+    found = scores.entity_scores(gold, guessed)
+    print(
+        f"{split}: {len(rows)} examples, {sum(map(len, gold))} words, token accuracy {found['token_accuracy']:.4f}, "
+        f"entity F1 {found['f1']:.4f}\n{report.entity_table(gold, guessed)}"
+    )
+    return {
+        "split": split,
+        "eval_loss": total / weight,
+        "token_accuracy": found["token_accuracy"],
+        "entity_precision": found["precision"],
+        "entity_recall": found["recall"],
+        "entity_f1": found["f1"],
+        "examples": len(rows),
+        "words": sum(map(len, gold)),
+        "words_cut": int(sum((p < 0).sum() for p in tagged.positions)),
+        "per_type": found["per_type"],
     }
 
 

@@ -115,7 +115,9 @@ def split_labels(text: str) -> list[str]:
     return [name.strip() for name in text.split(",") if name.strip()]
 
 
-EXAMPLE_OBJECTIVES = ("seq2seq", "classification")  # read JSONL examples, not a packed token stream
+# read JSONL examples, not a packed token stream
+EXAMPLE_OBJECTIVES = ("seq2seq", "classification", "token_classification")
+ENTITY_METRICS = ("eval_entity_precision", "eval_entity_recall", "eval_entity_f1")  # micro, exact spans
 # The keys of the eval records each objective writes (train/data/tasks.py evaluators).
 EVAL_METRICS = {
     "causal_lm": ("eval_loss", "eval_bpb"),
@@ -123,14 +125,16 @@ EVAL_METRICS = {
     "span_corruption": ("eval_loss",),
     "seq2seq": ("eval_loss", "eval_token_accuracy"),
     "classification": ("eval_loss", "eval_accuracy", "eval_macro_f1"),
+    "token_classification": ("eval_loss", "eval_token_accuracy", *ENTITY_METRICS),
 }
-MAXIMIZED = ("eval_accuracy", "eval_macro_f1", "eval_token_accuracy")  # the rest are losses
+MAXIMIZED = ("eval_accuracy", "eval_macro_f1", "eval_token_accuracy", *ENTITY_METRICS)  # the rest are losses
 OBJECTIVE_FAMILY = {
     "causal_lm": "decoder",
     "masked_lm": "encoder",
     "span_corruption": "encoder_decoder",
     "seq2seq": "encoder_decoder",
     "classification": "encoder",
+    "token_classification": "encoder",
 }
 
 
@@ -144,13 +148,13 @@ def objective_problems(config: Config) -> list[str]:
     if model.family != family:
         return [f"train.objective={t.objective} trains model.family={family}, not {model.family}; change one"]
     out = []
-    head = "classification" if t.objective == "classification" else "lm"
+    head = t.objective if t.objective in ("classification", "token_classification") else "lm"
     if family == "encoder" and model.head != head:
         out.append(f"train.objective={t.objective} needs model.head={head}, not {model.head}; set model.head={head}")
     if t.objective in EXAMPLE_OBJECTIVES and data.format != "jsonl":
         out.append(f"train.objective={t.objective} reads one example per JSONL row; set data.format=jsonl")
     labels = split_labels(data.labels)
-    if t.objective == "classification" and labels and len(labels) != model.num_labels:
+    if head != "lm" and labels and len(labels) != model.num_labels:
         out.append(
             f"data.labels names {len(labels)} labels but model.num_labels={model.num_labels}; "
             f"set model.num_labels={len(labels)}"

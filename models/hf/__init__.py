@@ -5,7 +5,7 @@ our parameter tree (per-layer weights stacked on the leading ``layers`` axis, to
 weights transposed to our [in, out]); with a mesh every array is placed directly with the
 ``NamedSharding`` our logical axis rules give it. ``export(model, cfg, path)`` writes a
 directory that transformers' ``from_pretrained`` loads (``AutoModelForCausalLM`` for GPT-2 and
-Llama, ``AutoModelForMaskedLM``/``...SequenceClassification`` for BERT, ``AutoModelForSeq2SeqLM``
+Llama, ``AutoModelForMaskedLM``/``...SequenceClassification``/``...TokenClassification`` for BERT, ``AutoModelForSeq2SeqLM``
 for T5).
 
 One module per family holds the name and layout mapping, with the same few names:
@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import pathlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from types import ModuleType
 from typing import Any
 
@@ -37,7 +37,7 @@ from models.config import ModelConfig
 from models.hf import bert, gpt2, llama, t5
 from models.hf.common import ConversionError, Params, Path, Weights, read_config
 
-__all__ = ["ConversionError", "export", "load", "load_config", "params_to_numpy", "read_params"]
+__all__ = ["ConversionError", "export", "label_names", "load", "load_config", "params_to_numpy", "read_params"]
 
 FAMILIES: tuple[ModuleType, ...] = (gpt2, llama, bert, t5)
 Rules = tuple[tuple[str, Any], ...]  # (logical axis, mesh axes) pairs, as sharding.rules.RULES
@@ -61,6 +61,12 @@ def _family_of(cfg: ModelConfig) -> ModuleType:
         f"mlp={cfg.mlp}, use_bias={cfg.use_bias}); GPT-2 needs learned/layernorm/gelu with biases, "
         "Llama rope/rmsnorm/swiglu, BERT an encoder with post_norm, T5 relative/rmsnorm without biases"
     )
+
+
+def label_names(path: str | pathlib.Path) -> list[str]:
+    """A classifier's class names in id order from its ``config.json`` ``id2label`` ([] when it has none)."""
+    id2label = read_config(pathlib.Path(path)).get("id2label") or {}
+    return [str(id2label[k]) for k in sorted(id2label, key=int)]
 
 
 def load_config(path: str | pathlib.Path, **overrides: Any) -> ModelConfig:
@@ -221,6 +227,7 @@ def export(
     cfg: ModelConfig,
     path: str | pathlib.Path,
     tokenizer: str | pathlib.Path | None = None,
+    labels: Sequence[str] = (),
 ) -> pathlib.Path:
     """Writes ``path/config.json`` + ``path/model.safetensors`` (float32) for transformers.
 
@@ -228,12 +235,21 @@ def export(
 
     ``model_or_params``: our model, its ``nnx.State`` or a nested dict of arrays. With
     ``tokenizer`` (a directory AutoTokenizer reads) its files are written too and the config
-    takes its bos/eos/pad ids. Every process must call this; only process 0 writes.
+    takes its bos/eos/pad ids. A classifier's ``labels`` (names in id order) become the config's
+    ``id2label`` / ``label2id``. Every process must call this; only process 0 writes.
     """
     from safetensors.numpy import save_file
 
     family = _family_of(cfg)
     hf_config = family.config_to_hf(cfg)
+    if labels:
+        if cfg.head == "lm" or len(labels) != cfg.num_labels:
+            raise ConversionError(
+                f"{len(labels)} label names given for a model with head={cfg.head}, "
+                f"num_labels={cfg.num_labels}; pass one name per class of a classifier"
+            )
+        hf_config.id2label = dict(enumerate(labels))
+        hf_config.label2id = {name: i for i, name in enumerate(labels)}
     tok = None
     if tokenizer is not None:
         import transformers

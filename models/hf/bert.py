@@ -1,4 +1,5 @@
-"""BERT (``BertForMaskedLM``, ``BertForSequenceClassification``, ``BertModel``) <-> our encoder.
+"""BERT (``BertForMaskedLM``, ``BertForSequenceClassification``, ``BertForTokenClassification``,
+``BertModel``) <-> our encoder.
 
 Post-norm blocks, learned positions and token types, exact-erf GELU ('gelu'). A bare
 ``BertModel`` checkpoint (e.g. sentence-transformers/all-MiniLM-L6-v2) has no head: it loads
@@ -22,7 +23,8 @@ MODEL_TYPES = ("bert",)
 PREFIXES = ("bert.",)
 IGNORE = (r"position_ids$", r"^pooler\.", r"^cls\.predictions\.decoder\.(weight|bias)$", r"^cls\.seq_relationship\.")
 ACTIVATIONS = {"gelu": "gelu_exact", "gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "relu": "relu"}
-CLASSIFIERS = ("BertForSequenceClassification",)
+HEADS = {"BertForSequenceClassification": "classification", "BertForTokenClassification": "token_classification"}
+ARCHITECTURES = {"lm": "BertForMaskedLM", **{head: arch for arch, head in HEADS.items()}}
 
 # (our path under stack.blocks, HF name under encoder.layer.{i}, is a torch Linear weight)
 LAYER_WEIGHTS = (
@@ -73,7 +75,7 @@ def config_from_hf(hf: dict, w: Weights | None = None) -> ModelConfig:
     kind = hf.get("position_embedding_type", "absolute")
     require(kind == "absolute", f"BERT position_embedding_type '{kind}' is not supported; only 'absolute' is")
     require(not hf.get("is_decoder", False), "BERT as a decoder (is_decoder=true) is not supported")
-    classifier = any(a in CLASSIFIERS for a in hf.get("architectures") or ())
+    heads = [HEADS[a] for a in hf.get("architectures") or () if a in HEADS]
     return ModelConfig(
         family="encoder",
         vocab_size=hf["vocab_size"],
@@ -91,7 +93,7 @@ def config_from_hf(hf: dict, w: Weights | None = None) -> ModelConfig:
         init_std=hf.get("initializer_range", 0.02),
         post_norm=True,
         type_vocab_size=hf.get("type_vocab_size", 2),
-        head="classification" if classifier else "lm",
+        head=heads[0] if heads else "lm",
         num_labels=len(hf.get("id2label") or {0: 0, 1: 1}),
         dropout=hf.get("hidden_dropout_prob", 0.1),
         attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
@@ -124,8 +126,8 @@ def present_params(w: Weights, cfg: ModelConfig, hf: dict) -> Iterator[tuple[Pat
 def params_from_hf(w: Weights, cfg: ModelConfig, hf: dict) -> Iterator[tuple[Path, np.ndarray]]:
     """Our parameters one at a time (stacked [layers, ...]), so at most one is on the host at once."""
     yield from _encoder_params(w, cfg)
-    if cfg.head == "classification":
-        for ours, theirs, linear in CLASSIFIER_HEAD:
+    if cfg.head != "lm":  # token classification: no pooler (BertForTokenClassification has none)
+        for ours, theirs, linear in CLASSIFIER_HEAD[2 if cfg.head == "token_classification" else 0 :]:
             yield ours, w.get(theirs, transpose=linear)
     elif MLM_HEAD[0][1] in w:
         for ours, theirs, linear in MLM_HEAD:
@@ -180,7 +182,7 @@ def matches(cfg: ModelConfig) -> bool:
 def config_to_hf(cfg: ModelConfig):
     import transformers
 
-    classifier = cfg.head == "classification"
+    classifier = cfg.head != "lm"
     return transformers.BertConfig(
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.d_model,
@@ -195,7 +197,7 @@ def config_to_hf(cfg: ModelConfig):
         tie_word_embeddings=cfg.tie_embeddings,
         num_labels=cfg.num_labels if classifier else 2,
         pad_token_id=None,
-        architectures=["BertForSequenceClassification" if classifier else "BertForMaskedLM"],
+        architectures=[ARCHITECTURES[cfg.head]],
     )
 
 
@@ -212,8 +214,8 @@ def params_to_hf(p: Params, cfg: ModelConfig) -> Iterator[tuple[str, np.ndarray]
     for ours, theirs, linear in LAYER_WEIGHTS:
         array = p[BLOCKS + ours]
         yield from unstack(pre + "encoder.layer.{i}." + theirs, np.swapaxes(array, 1, 2) if linear else array)
-    if cfg.head == "classification":
-        for ours, theirs, linear in CLASSIFIER_HEAD:
+    if cfg.head != "lm":
+        for ours, theirs, linear in CLASSIFIER_HEAD[2 if cfg.head == "token_classification" else 0 :]:
             yield (pre if theirs.startswith("pooler") else "") + theirs, out(p[ours], linear)
         return
     for ours, theirs, linear in MLM_HEAD:

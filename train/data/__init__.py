@@ -5,10 +5,12 @@ split.py        the one train / validation split (val_files, or whole names held
 pipeline.py     the one grain pipeline: records -> this process's shuffled, endless, resumable batches
 text.py         text documents (files or JSONL lines) -> packed token stream -> windows
 examples.py     JSONL examples -> classification / seq2seq arrays
+tagging.py      JSONL words + tags -> token-classification arrays (first sub-word labelled), predictions -> tags
 tfds_source.py  TFDS datasets by name, array_record through tfds.data_source (no TensorFlow)
 tfds_tf.py      TFDS datasets through tf.data (TFRecord; needs TensorFlow)
 objectives.py   masked LM, span corruption, seq2seq and classification batches
 tasks.py        the loop's interface: batches, the objective's batch at a step, eval scores
 tfds_build.py   python -m train.tfds_build: local text -> a TFDS dataset
 genre.py        python -m train.genre: the Shakespeare genre classification data
+speakers.py     python -m train.speakers: the plays' speaker names and stage directions as tagged words
 """

@@ -74,15 +74,20 @@ def test_rows(cfg: DataConfig) -> list[Row]:
 # --- labels ---------------------------------------------------------------------------------
 
 
-def label_names(rows: Sequence[Row], cfg: DataConfig) -> list[str]:
+def label_names(rows: Sequence[Row], cfg: DataConfig, tagged: bool = False) -> list[str]:
     """Label names in id order: ``data.labels`` when set, else the sorted labels of ``rows``
-    (numerically when all are integers)."""
+    (numerically when all are integers); ``tagged``: the tags of token_classification rows."""
     given = split_labels(cfg.labels)
     if given:
         if len(set(given)) != len(given):
             raise ConfigError(f"data.labels='{cfg.labels}' names a label twice; list each label once")
         return given
-    distinct = {field(r, cfg.label_field, "data.label_field", (str, int)) for r in rows}
+    if tagged:
+        from train.data.tagging import tag_names
+
+        distinct = set(tag_names(rows, cfg))
+    else:
+        distinct = {field(r, cfg.label_field, "data.label_field", (str, int)) for r in rows}
     numeric = all(isinstance(v, int) for v in distinct)
     names = [str(v) for v in sorted(distinct, key=lambda v: v if numeric else str(v))]
     for name in names:

@@ -5,9 +5,9 @@
     scores = task.evaluator(spec, mesh)(params)          # {'eval_loss', ...} over the held-out data
 
 ``StreamTask`` (causal_lm, masked_lm, span_corruption) cuts a packed token stream into windows;
-``ExampleTask`` (classification, seq2seq) reads one example per JSONL row. Both draw batches from
-a grain iterator whose ``get_state`` / ``set_state`` resume exactly, and a batch is a pure
-function of (seed, step).
+``ExampleTask`` (classification, token_classification, seq2seq) reads one example per JSONL row.
+Both draw batches from a grain iterator whose ``get_state`` / ``set_state`` resume exactly, and a
+batch is a pure function of (seed, step).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from models.config import ModelConfig
 from sharding.rules import batch_sharding
 from train import scores
 from train.config import Config, ConfigError
-from train.data import examples
+from train.data import examples, tagging
 from train.data.objectives import raw_length, text_objective
 from train.data.text import PackedTokens, eval_batches, read_documents, train_iterator
 from train.data.tfds_source import open_tfds
@@ -132,26 +132,34 @@ class StreamTask:
 
 
 class ExampleTask:
-    """One example per JSONL row (train/data/examples.py): classification or seq2seq."""
+    """One example per JSONL row (train/data/examples.py, tagging.py): (token) classification or seq2seq."""
 
     def __init__(self, config: Config, model: ModelConfig, tokenizer: Tokenizer):
         d, t = config.data, config.train
         train_rows, val_rows = examples.split_rows(d)
         self.objective = t.objective
-        if t.objective == "classification":
-            self.labels = examples.label_names(train_rows + val_rows, d)
+        self.val_words: tagging.TaggedArrays | None = None  # token_classification: the held-out words
+        if t.objective in ("classification", "token_classification"):
+            tagged = t.objective == "token_classification"
+            self.labels = examples.label_names(train_rows + val_rows, d, tagged)
             if len(self.labels) != model.num_labels:
                 raise ConfigError(
                     f"the data has {len(self.labels)} labels ({', '.join(self.labels)}) but "
                     f"model.num_labels={model.num_labels}; set model.num_labels={len(self.labels)}"
                 )
             self.data_config = dataclasses.replace(d, labels=",".join(self.labels))
-            make = lambda rows: examples.classification_arrays(rows, d, self.labels, tokenizer, t.seq_len)
+            if tagged:
+                scores.seqeval_metrics()  # before any training: the evals need it
+                make = lambda rows: tagging.tagged_arrays(rows, d, self.labels, tokenizer, t.seq_len)
+            else:
+                make = lambda rows: examples.classification_arrays(rows, d, self.labels, tokenizer, t.seq_len)
             what = f", labels {', '.join(self.labels)}"
         else:
             self.labels, self.data_config, what = [], d, ""
             make = lambda rows: examples.seq2seq_arrays(rows, d, tokenizer, t.seq_len, t.target_len)
         train, self.val = make(train_rows), make(val_rows)
+        if isinstance(self.val, tagging.TaggedArrays):
+            train, self.val_words, self.val = train.arrays, self.val, self.val.arrays
         self.batches = examples.example_iterator(
             train, t.batch_size, config.seed, d.shuffle, jax.process_index(), jax.process_count()
         )
@@ -164,7 +172,8 @@ class ExampleTask:
 
     def evaluator(self, spec, mesh) -> Callable[[object], dict]:
         """``evaluate(params)`` over every held-out example: ``eval_loss`` and ``eval_accuracy`` /
-        ``eval_macro_f1`` (classification) or ``eval_token_accuracy`` (seq2seq)."""
+        ``eval_macro_f1`` (classification), ``eval_token_accuracy`` (seq2seq; token_classification:
+        of the words) and ``eval_entity_precision`` / ``recall`` / ``f1`` (token_classification)."""
         predict = make_predict_step(spec, mesh)
 
         def evaluate(params) -> dict:
@@ -178,6 +187,10 @@ class ExampleTask:
             if self.objective == "classification":
                 found = scores.classification_scores(predicted, self.val["targets"], len(self.labels))
                 return {**result, "eval_accuracy": found["accuracy"], "eval_macro_f1": found["macro_f1"]}
+            if self.val_words is not None:
+                found = tagging.tagged_scores(predicted, self.val_words, self.labels)
+                entities = {f"eval_entity_{k}": found[k] for k in ("precision", "recall", "f1")}
+                return {**result, "eval_token_accuracy": found["token_accuracy"], **entities}
             accuracy = scores.token_accuracy(predicted, self.val["targets"], self.val["weights"])
             return {**result, "eval_token_accuracy": accuracy}
 
