@@ -7,6 +7,7 @@ shardings); ``init_state`` materialises it directly with the target shardings.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import flax.struct
 import jax
@@ -18,7 +19,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from models import abstract_model, build_model
 from models.config import ModelConfig
 from sharding.rules import RULES, Rules, logical_to_mesh, replicated
-from train.config import OptimizerConfig
+from train.config import OptimizerConfig, PruneConfig
 from train.freeze import NOTHING, Freeze
 from train.optimizer import make_optimizer
 
@@ -38,6 +39,7 @@ class StateSpec:
     logical_specs: nnx.State  # logical PartitionSpec per parameter
     rules: Rules = RULES  # logical axis -> mesh axes: parameters here, activations in the steps
     trainable_params: int = 0  # parameter values the optimizer changes (all but the frozen ones)
+    metrics: Callable[[nnx.State], dict] | None = None  # extra train metrics of the new params (prune: sparsity)
 
 
 def make_state_spec(
@@ -47,14 +49,21 @@ def make_state_spec(
     mesh: Mesh,
     rules: Rules = RULES,
     freeze: Freeze = NOTHING,
+    prune: PruneConfig | None = None,
 ) -> StateSpec:
     """The run's state described once: shapes, and shardings from the logical axes through ``rules``.
 
-    Raises ConfigError when ``freeze`` names no parameter, too many layers, or every parameter.
+    Raises ConfigError when ``freeze`` names no parameter, too many layers, or every parameter, and
+    when ``prune`` (on when its sparsity is > 0: masks in the optimizer state) targets no matrix.
     """
     graphdef, abstract_params = abstract_model(model_cfg)
     logical_specs = nnx.get_partition_spec(abstract_params)
     tx, trainable = make_optimizer(opt_cfg, total_steps, abstract_params, logical_specs, freeze)
+    metrics = None
+    if prune is not None and prune.sparsity > 0:
+        from train.sparsity import with_pruning
+
+        tx, metrics = with_pruning(tx, abstract_params, logical_specs, prune)
     param_shardings = logical_to_mesh(logical_specs, mesh, rules)
     abstract_opt, opt_shardings = optimizer_state_shardings(tx, abstract_params, param_shardings, mesh)
     abstract = TrainState(
@@ -63,7 +72,7 @@ def make_state_spec(
         opt_state=abstract_opt,
     )
     shardings = TrainState(step=replicated(mesh), params=param_shardings, opt_state=opt_shardings)
-    return StateSpec(graphdef, tx, abstract, shardings, logical_specs, rules, trainable)
+    return StateSpec(graphdef, tx, abstract, shardings, logical_specs, rules, trainable, metrics)
 
 
 def optimizer_state_shardings(tx: optax.GradientTransformation, abstract_params, param_shardings, mesh: Mesh):
