@@ -1,7 +1,8 @@
 """``checkpoint.init_from``: start a new run from another model's parameters, whatever its head.
 
 The source is a run directory (its newest intact checkpoint; also its ``checkpoints/`` or the
-output of ``python -m train.export HF_DIR OUT --format checkpoint``), a Hugging Face model directory (config.json +
+output of ``python -m train.export HF_DIR OUT --format checkpoint``), an export (``model.json`` +
+``params/``: ``python -m train.export``, ``train.prune``), a Hugging Face model directory (config.json +
 safetensors), or ``python-package:NAME`` naming one (train/packages.py). Every parameter the
 source holds at the same path with the same shape is restored; the rest keep their fresh
 initialisation, and one line says which. So a masked-LM encoder, or a bare ``BertModel``,
@@ -85,6 +86,25 @@ def _from_hugging_face(directory: pathlib.Path, target: Flat, model: ModelConfig
     return str(directory), restored, unused
 
 
+def _from_export(directory: pathlib.Path, target: Flat, model: ModelConfig) -> tuple[str, Flat, list]:
+    """(description, restored arrays, unused source paths) from a ``python -m train.export`` / ``train.prune``
+    / ``train.quantize`` output (``model.json`` + ``params/``)."""
+    from train.export import load
+
+    source_cfg, params = load(directory)
+    mismatch = config_mismatch(architecture(dataclasses.asdict(source_cfg)), architecture(dataclasses.asdict(model)))
+    if mismatch:
+        raise ConfigError(f"{KEY}: {directory} holds a different model ({'; '.join(mismatch)}); use its model settings")
+    restored, unused = {}, []
+    for path, array in _flat(params).items():
+        want = target.get(path)
+        if want is None or array.shape != want.shape:
+            unused.append(path)
+            continue
+        restored[path] = jax.device_put(array, want.sharding)
+    return str(directory), restored, unused
+
+
 def warm_start(init_from: str, fresh: nnx.State, target: nnx.State, model: ModelConfig) -> nnx.State:
     """``fresh`` parameters with every one that ``init_from`` holds (same path and shape) replaced.
 
@@ -96,6 +116,8 @@ def warm_start(init_from: str, fresh: nnx.State, target: nnx.State, model: Model
     targets = _flat(target)
     if hf.is_model_dir(location):
         source, restored, unused = _from_hugging_face(location, targets, model)
+    elif (location / "model.json").is_file() and (location / "params").is_dir():
+        source, restored, unused = _from_export(location, targets, model)
     else:
         source, restored, unused = _from_run(location, targets, model)
     values = {p: restored.get(p, x) for p, x in _flat(fresh).items()}
