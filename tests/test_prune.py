@@ -32,9 +32,7 @@ GPT2 = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, d_ff=48, ma
 LLAMA = dataclasses.replace(
     GPT2, n_kv_heads=2, position="rope", norm="rmsnorm", mlp="swiglu", use_bias=False, tie_embeddings=False
 )
-BERT = dataclasses.replace(
-    GPT2, family="encoder", mlp="gelu_exact", post_norm=True, type_vocab_size=2, norm_eps=1e-12
-)
+BERT = dataclasses.replace(GPT2, family="encoder", mlp="gelu_exact", post_norm=True, type_vocab_size=2, norm_eps=1e-12)
 T5 = dataclasses.replace(
     GPT2, family="encoder_decoder", position="relative", norm="rmsnorm", use_bias=False, mlp="gated_gelu",
     tie_embeddings=False, scale_attention=False,
@@ -53,7 +51,9 @@ def random_model(cfg: ModelConfig, seed: int = 0) -> nnx.Module:
 
 
 def flat_params(model) -> dict:
-    return {k: np.array(v) for k, v in traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param))).items()}
+    return {
+        k: np.array(v) for k, v in traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param))).items()
+    }
 
 
 def model_from(flat: dict, cfg: ModelConfig) -> nnx.Module:
@@ -80,7 +80,9 @@ def removed(kept: np.ndarray, total: int) -> list[np.ndarray]:
 def test_cubic_schedule_rises_from_zero_to_the_target_at_end_step():
     cfg = PruneConfig(sparsity=0.8, start_step=10, end_step=40, every=10)
     values = [sparsity_at(t, cfg) for t in (0, 10, 20, 25, 30, 40, 100)]
-    assert values == pytest.approx([0.0, 0.0, 0.8 * (1 - (2 / 3) ** 3), 0.8 * (1 - 0.5**3), 0.8 * (1 - (1 / 3) ** 3), 0.8, 0.8])
+    assert values == pytest.approx(
+        [0.0, 0.0, 0.8 * (1 - (2 / 3) ** 3), 0.8 * (1 - 0.5**3), 0.8 * (1 - (1 / 3) ** 3), 0.8, 0.8]
+    )
     assert pruning_steps(cfg) == [10, 20, 30, 40]
     assert pruning_steps(dataclasses.replace(cfg, every=12)) == [10, 22, 34, 40]
     one_shot = PruneConfig(sparsity=0.5, start_step=3, end_step=3)
@@ -135,18 +137,12 @@ def test_pruned_run_resumes_bitwise_and_masked_weights_stay_zero(tmp_path):
     resumed = {r["step"]: (r["loss"], r["sparsity"]) for r in rest.metrics if "loss" in r}
     assert resumed == losses  # bitwise: same losses and measured sparsity at every step
     assert losses[1][1] == 0.0 and losses[8][1] == pytest.approx(0.5, abs=1e-3)
-    cfg, a = _export_params(tmp_path / "whole", tmp_path / "a")
-    _, b = _export_params(tmp_path / "parts", tmp_path / "b")
+    a, b = flat_params(load_source(tmp_path / "whole").model), flat_params(load_source(tmp_path / "parts").model)
     for path in a:
         np.testing.assert_array_equal(a[path], b[path], err_msg="/".join(path))
     for path in [p for p in a if p[-1] == "kernel" and "blocks" in p]:  # per layer row: exactly half zero
         rows = a[path].reshape(a[path].shape[0], -1)
         assert ((rows == 0).sum(1) == rows.shape[1] // 2).all()
-
-
-def _export_params(run: pathlib.Path, out: pathlib.Path):
-    source = load_source(run)
-    return source.config, flat_params(source.model)
 
 
 # --- structured pruning ----------------------------------------------------------------------
@@ -244,7 +240,11 @@ def test_prune_cli_magnitude_keeps_shapes_and_writes_masks(exports, tmp_path):
         ("gpt2", ["--method", "neurons", "--sparsity", "1.0"], "--sparsity 1.0 must be in [0, 1)"),
         ("gpt2", ["--method", "heads", "--sparsity", "0.9"], "would remove all 4 heads"),
         ("gpt2", ["--method", "heads", "--sparsity", "0.1"], "removes none of the 4 heads"),
-        ("gpt2", ["--method", "neurons", "--sparsity", "0.5", "--scope", "layer"], "--scope applies to --method magnitude"),
+        (
+            "gpt2",
+            ["--method", "neurons", "--sparsity", "0.5", "--scope", "layer"],
+            "--scope applies to --method magnitude",
+        ),
         ("gpt2", ["--method", "channels", "--sparsity", "0.5"], "--method channels is not one of"),
         ("t5", ["--method", "heads", "--sparsity", "0.5"], "does not apply to family encoder_decoder"),
     ],

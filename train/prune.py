@@ -25,7 +25,6 @@ User mistakes print one ``error:`` line and exit with status 2.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import pathlib
 import sys

@@ -133,9 +133,7 @@ def shrink_heads(flat: Flat, cfg: ModelConfig, sparsity: float) -> tuple[Flat, M
                 out[attn + (name, "bias")] = _take(flat[attn + (name, "bias")], 1, index, hd)
         out[attn + ("o", "kernel")] = _take(flat[attn + ("o", "kernel")], 1, heads, hd)
     n_heads = groups_left * per_group
-    small = dataclasses.replace(
-        cfg, n_heads=n_heads, n_kv_heads=groups_left if cfg.n_kv_heads else 0, head_dim=hd
-    )
+    small = dataclasses.replace(cfg, n_heads=n_heads, n_kv_heads=groups_left if cfg.n_kv_heads else 0, head_dim=hd)
     return out, small, kept
 
 

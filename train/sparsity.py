@@ -55,7 +55,7 @@ def pruning_steps(cfg: PruneConfig) -> list[int]:
 
 def zeros_for(sparsity: float, n: int) -> int:
     """round(sparsity * n): how many of ``n`` values a sparsity zeroes."""
-    return int(math.floor(sparsity * n + 0.5))
+    return math.floor(sparsity * n + 0.5)
 
 
 def _flat(tree) -> dict[str, jax.Array]:
@@ -168,13 +168,13 @@ def with_pruning(
 
     def recompute(params, count):
         weights = _flat(params)
-        new = magnitude_masks({p: weights[p] for p in layer_axes}, layer_axes, counts[jnp.argmax(steps == count)], cfg.scope)
+        new = magnitude_masks(
+            {p: weights[p] for p in layer_axes}, layer_axes, counts[jnp.argmax(steps == count)], cfg.scope
+        )
         return by_path(lambda p, x: new[p] if p in layer_axes else optax.MaskedNode(), params)
 
     def update(updates, state, params=None):
-        masks = jax.lax.cond(
-            jnp.any(steps == state.count), recompute, lambda *_: state.masks, params, state.count
-        )
+        masks = jax.lax.cond(jnp.any(steps == state.count), recompute, lambda *_: state.masks, params, state.count)
         flat = _flat(masks)
         masked = by_path(lambda p, u: jnp.where(flat[p], u, 0) if p in layer_axes else u, updates)
         inner_updates, inner = tx.update(masked, state.inner, params)
