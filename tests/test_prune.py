@@ -193,6 +193,19 @@ def test_neurons_of_least_weight_norm_go_first():
     assert all(5 not in row for row in kept["stack"]) and kept["stack"].shape == (2, 47)
 
 
+def test_taylor_importance_keeps_the_units_with_the_largest_loss_estimates():
+    flat = flat_params(random_model(LLAMA))
+    wo = np.zeros((2, LLAMA.d_ff))
+    wo[:, [3, 17, 40]] = [1.0, 2.0, 3.0]  # three neurons matter, in both layers
+    o = np.zeros((2, LLAMA.n_heads * LLAMA.dim_per_head))
+    o[0, -1], o[1, 0] = 1.0, 1.0  # layer 0: a row of head 3 (group 1); layer 1: of head 0 (group 0)
+    contributions = {("stack", "blocks", "mlp", "wo", "kernel"): wo, ("stack", "blocks", "attn", "o", "kernel"): o}
+    _, _, neurons = shrink_neurons(flat, LLAMA, 45 / 48, contributions)
+    _, _, heads = shrink_heads(flat, LLAMA, 0.5, contributions)
+    assert neurons["stack"].tolist() == [[3, 17, 40]] * 2
+    assert heads["stack"].tolist() == [[2, 3], [0, 1]]
+
+
 # --- the CLI ---------------------------------------------------------------------------------
 
 
@@ -247,6 +260,7 @@ def test_prune_cli_magnitude_keeps_shapes_and_writes_masks(exports, tmp_path):
         ),
         ("gpt2", ["--method", "channels", "--sparsity", "0.5"], "--method channels is not one of"),
         ("t5", ["--method", "heads", "--sparsity", "0.5"], "does not apply to family encoder_decoder"),
+        ("gpt2", ["--method", "neurons", "--sparsity", "0.5", "--importance", "taylor"], "needs a run directory"),
     ],
 )
 def test_prune_cli_refuses_bad_requests_with_one_error_line(exports, tmp_path, capsys, source, args, message):

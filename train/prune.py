@@ -17,6 +17,10 @@ read, plus ``prune.json`` (what was done), and SOURCE's Hugging Face tokenizer i
     Removes round(S * n_heads) attention heads of every layer (whole key/value groups under
     grouped-query attention: round(S * n_kv_heads) groups): smaller ``n_heads`` / ``n_kv_heads``,
     ``head_dim`` written out. Not for encoder-decoder (T5) models.
+--importance weight|taylor
+    Structured methods: rank heads / neurons by weight norm (default), or by the first-order Taylor
+    estimate of the loss change when each is removed, averaged over ``--batches`` training batches
+    of SOURCE, which must then be a run directory (its data and objective make the batches).
 
 A smaller model fine-tunes with ``checkpoint.init_from=OUT`` and the sizes the command prints.
 User mistakes print one ``error:`` line and exit with status 2.
@@ -34,7 +38,7 @@ from models.config import ConfigError, ModelConfig
 METHODS = ("magnitude", "heads", "neurons")
 
 
-def check_request(cfg: ModelConfig, method: str, sparsity: float, scope: str) -> None:
+def check_request(cfg: ModelConfig, method: str, sparsity: float, scope: str, importance: str = "weight") -> None:
     """ConfigError when ``method`` / ``sparsity`` / ``scope`` do not apply to a model of ``cfg``."""
     if method not in METHODS:
         raise ConfigError(f"--method {method} is not one of {', '.join(METHODS)}")
@@ -44,6 +48,10 @@ def check_request(cfg: ModelConfig, method: str, sparsity: float, scope: str) ->
         raise ConfigError(f"--scope {scope} is not global or layer")
     if method != "magnitude" and scope != "global":
         raise ConfigError(f"--scope applies to --method magnitude only; leave it out for --method {method}")
+    if importance not in ("weight", "taylor"):
+        raise ConfigError(f"--importance {importance} is not weight or taylor")
+    if method == "magnitude" and importance != "weight":
+        raise ConfigError("--importance applies to --method heads and neurons; magnitude ranks weights by size")
     if cfg.quant != "none":
         raise ConfigError(f"SOURCE is quantised ({cfg.quant}); prune the float model, then quantise the result")
     if cfg.lora_rank:
@@ -73,8 +81,54 @@ def magnitude(params, cfg: ModelConfig, sparsity: float, scope: str, pattern: st
     return params, traverse_util.unflatten_dict(masks, sep="/"), counts
 
 
+def taylor_contributions(source, batches: int) -> dict:
+    """path -> [L, rows] mean over ``batches`` training batches of |<dL/dW_r, W_r>| for every output row r
+    of each stack's ``mlp/wo`` and ``attn/o`` kernels (train/shrink.py ``taylor_scores``)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx, traverse_util
+
+    from train.data.tasks import make_task
+    from train.step import summed_loss
+
+    if source.run_config is None:
+        raise ConfigError(
+            f"--importance taylor needs a run directory as SOURCE (its training data makes the batches), not "
+            f"a {source.kind} directory; use --importance weight"
+        )
+    if batches < 1:
+        raise ConfigError(f"--batches {batches} must be at least 1")
+    task = make_task(source.run_config, source.config, source.tokenizer)
+    graphdef, params = nnx.split(source.model)
+    outputs = {("mlp", "wo", "kernel"), ("attn", "o", "kernel")}
+
+    @jax.jit
+    def rows(params, batch):
+        def mean_loss(p):
+            total, weight = summed_loss(graphdef, p, batch)
+            return total / weight
+
+        grads = traverse_util.flatten_dict(nnx.to_pure_dict(jax.grad(mean_loss)(params)))
+        weights = traverse_util.flatten_dict(nnx.to_pure_dict(params))
+        return {p: jnp.abs(jnp.sum(g * weights[p], axis=-1)) for p, g in grads.items() if p[-3:] in outputs}
+
+    total = None
+    for step in range(batches):
+        found = rows(params, {k: jnp.asarray(v) for k, v in task.batch(next(task.batches), step).items()})
+        total = found if total is None else jax.tree.map(jnp.add, total, found)
+    return {p: np.asarray(x) / batches for p, x in total.items()}
+
+
 def prune_source(
-    src: pathlib.Path, out_dir: pathlib.Path, method: str, sparsity: float, scope: str = "global", targets: str = ""
+    src: pathlib.Path,
+    out_dir: pathlib.Path,
+    method: str,
+    sparsity: float,
+    scope: str = "global",
+    targets: str = "",
+    importance: str = "weight",
+    batches: int = 8,
 ) -> dict:
     """Writes the pruned export of ``src`` to ``out_dir``; returns its ``prune.json`` record."""
     import numpy as np
@@ -92,7 +146,7 @@ def prune_source(
         raise ConfigError(f"OUT '{out_dir}' exists and is not empty; choose a new directory")
     source = load_source(src)
     cfg = source.config
-    check_request(cfg, method, sparsity, scope)
+    check_request(cfg, method, sparsity, scope, importance)
     params = nnx.state(source.model, nnx.Param)
     before = _count(params)
     record = {"source": str(source.path), "step": source.step, "method": method, "sparsity": sparsity}
@@ -106,9 +160,11 @@ def prune_source(
         record |= {"scope": scope, "zeros": sum(counts.values()), "targeted": total}
     else:
         flat = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(nnx.to_pure_dict(params)).items()}
-        small, cfg, _ = SHRINK[method](flat, cfg, sparsity)
+        contributions = taylor_contributions(source, batches) if importance == "taylor" else None
+        small, cfg, _ = SHRINK[method](flat, cfg, sparsity, contributions)
         params = _as_state(small, cfg)
         write_params(params, cfg, out_dir)
+        record |= {"importance": importance, **({"batches": batches} if contributions else {})}
         record |= {"n_heads": cfg.n_heads, "n_kv_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "d_ff": cfg.d_ff}
     record |= {"params_before": before, "params_after": _count(params)}
     (out_dir / "prune.json").write_text(json.dumps(record, indent=2) + "\n")
@@ -161,10 +217,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sparsity", type=float, required=True, help="share removed / zeroed, in [0, 1)")
     parser.add_argument("--scope", default="global", help="magnitude: global (default) or layer")
     parser.add_argument("--targets", default="", help="magnitude: regex over parameter paths (default prune.targets)")
+    parser.add_argument("--importance", default="weight", help="heads / neurons: weight (default) or taylor")
+    parser.add_argument("--batches", type=int, default=8, help="--importance taylor: training batches to average")
     args = parser.parse_args(argv)
     try:
         record = prune_source(
-            pathlib.Path(args.source), pathlib.Path(args.out), args.method, args.sparsity, args.scope, args.targets
+            pathlib.Path(args.source),
+            pathlib.Path(args.out),
+            args.method,
+            args.sparsity,
+            args.scope,
+            args.targets,
+            args.importance,
+            args.batches,
         )
     except (ConfigError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

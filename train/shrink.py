@@ -5,12 +5,17 @@ The result is a smaller model of the same family (``n_heads`` / ``n_kv_heads`` o
 rows zeroed (tested). Every layer keeps the same count, since a stack's layers are one array each;
 which heads / neurons stay is chosen per layer.
 
-Importance, by weight norm (per layer):
+Importance (per layer), ``weight`` by default:
 
-- neuron f: ``||[wi[:, f]; wg[:, f]]|| * ||wo[f, :]||`` (how much it can read times how much it can write);
-- attention head h: ``||v_g(h)|| * ||o[h]||``, the norm of its value columns (its key/value group's)
-  times its rows of the output projection. Queries and keys only shape the attention pattern; the
-  value-output path bounds what a head adds to the residual stream.
+- ``weight``: a neuron f scores ``||[wi[:, f]; wg[:, f]]|| * ||wo[f, :]||`` (how much it can read
+  times how much it can write); an attention head h ``||v_g(h)|| * ||o[h]||``, the norm of its value
+  columns (its key/value group's) times its rows of the output projection. Queries and keys only
+  shape the attention pattern; the value-output path bounds what a head adds to the residual stream.
+- ``taylor`` (data): removing a head or neuron is zeroing its output rows W_r, which changes the loss
+  by about ``<dL/dW_r, W_r>`` (first-order Taylor, as Molchanov et al. 2019); a unit scores the mean
+  over a few batches of that estimate's absolute value. ``dL/dW_r`` sums the activation of the unit
+  times the gradient at the output over the batch's tokens, so this weighs what the unit actually
+  writes on real data. The gradients come from the caller (train/prune.py).
 
 Grouped-query attention removes whole key/value groups (a kv head and its ``n_heads / n_kv_heads``
 query heads, scored by their summed importance), so the group size stays the same. T5's relative
@@ -84,6 +89,22 @@ def group_scores(flat: Flat, stack: tuple[str, ...], cfg: ModelConfig) -> np.nda
     return heads.reshape(heads.shape[0], cfg.kv_heads, per_group).sum(-1)
 
 
+def taylor_scores(contributions: Flat, stack: tuple[str, ...], cfg: ModelConfig, unit: str) -> np.ndarray:
+    """[L, d_ff] (``unit='neurons'``) or [L, kv_heads] (``'heads'``) importance from ``contributions``:
+    path -> mean over batches of |<dL/dW_r, W_r>| of each output row r of ``mlp/wo`` / ``attn/o`` ([L, rows])."""
+    if unit == "neurons":
+        return contributions[stack + ("blocks", "mlp", "wo", "kernel")]
+    rows = contributions[stack + ("blocks", "attn", "o", "kernel")]  # [L, heads * head_dim]
+    return rows.reshape(rows.shape[0], cfg.kv_heads, -1).sum(-1)
+
+
+def importance(flat: Flat, stack: tuple[str, ...], cfg: ModelConfig, unit: str, contributions: Flat | None):
+    """[L, units] scores of ``stack``'s neurons or key/value groups: by weight, or Taylor when given ``contributions``."""
+    if contributions is not None:
+        return taylor_scores(contributions, stack, cfg, unit)
+    return neuron_scores(flat, stack, cfg) if unit == "neurons" else group_scores(flat, stack, cfg)
+
+
 def _take(x: np.ndarray, axis: int, index: np.ndarray, width: int) -> np.ndarray:
     """x [L, ...] keeping, per layer, the blocks ``index`` [L, keep] of ``width`` values along ``axis``."""
     x = np.moveaxis(np.asarray(x), axis, -1)
@@ -93,13 +114,15 @@ def _take(x: np.ndarray, axis: int, index: np.ndarray, width: int) -> np.ndarray
     return np.moveaxis(kept.reshape(*x.shape[:-1], -1), -1, axis)
 
 
-def shrink_neurons(flat: Flat, cfg: ModelConfig, sparsity: float) -> tuple[Flat, ModelConfig, dict]:
+def shrink_neurons(
+    flat: Flat, cfg: ModelConfig, sparsity: float, contributions: Flat | None = None
+) -> tuple[Flat, ModelConfig, dict]:
     """(parameters, config, {stack: kept [L, d_ff'] indices}) without the ``sparsity`` share of each
-    layer's MLP neurons of least importance."""
+    layer's MLP neurons of least importance (by weight, or ``taylor_scores`` of ``contributions``)."""
     keep = cfg.d_ff - removed_count(cfg.d_ff, sparsity, "MLP neurons")
     out, kept = dict(flat), {}
     for stack in stacks(flat):
-        index = _top(neuron_scores(flat, stack, cfg), keep)
+        index = _top(importance(flat, stack, cfg, "neurons", contributions), keep)
         kept["/".join(stack)] = index
         mlp = stack + ("blocks", "mlp")
         for name in ("wi", "wg") if cfg.mlp in GATED else ("wi",):
@@ -110,9 +133,12 @@ def shrink_neurons(flat: Flat, cfg: ModelConfig, sparsity: float) -> tuple[Flat,
     return out, dataclasses.replace(cfg, d_ff=keep), kept
 
 
-def shrink_heads(flat: Flat, cfg: ModelConfig, sparsity: float) -> tuple[Flat, ModelConfig, dict]:
+def shrink_heads(
+    flat: Flat, cfg: ModelConfig, sparsity: float, contributions: Flat | None = None
+) -> tuple[Flat, ModelConfig, dict]:
     """(parameters, config, {stack: kept [L, n_heads'] query heads}) without the ``sparsity`` share of
-    each layer's attention heads (key/value groups under GQA) of least importance."""
+    each layer's attention heads (key/value groups under GQA) of least importance (by weight, or
+    ``taylor_scores`` of ``contributions``)."""
     if cfg.family == "encoder_decoder":
         raise ConfigError(
             "--method heads does not apply to family encoder_decoder (T5): its relative-position bias is one "
@@ -123,7 +149,7 @@ def shrink_heads(flat: Flat, cfg: ModelConfig, sparsity: float) -> tuple[Flat, M
     per_group, hd = cfg.n_heads // cfg.kv_heads, cfg.dim_per_head
     out, kept = dict(flat), {}
     for stack in stacks(flat):
-        groups = _top(group_scores(flat, stack, cfg), groups_left)  # [L, K']
+        groups = _top(importance(flat, stack, cfg, "heads", contributions), groups_left)  # [L, K']
         heads = (groups[:, :, None] * per_group + np.arange(per_group)).reshape(groups.shape[0], -1)  # [L, H']
         kept["/".join(stack)] = heads
         attn = stack + ("blocks", "attn")
