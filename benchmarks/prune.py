@@ -4,6 +4,7 @@ fine-tune, and the size of each export; one JSON object per line per point, and 
     PYTHONPATH=. python benchmarks/prune.py SOURCE --work DIR [--steps 100] [--magnitude 0,0.5] \
         [--neurons 0.5] [--heads 0.5] [--png benchmarks/figures/prune.png]
     PYTHONPATH=. python benchmarks/prune.py --plot DIR/points.jsonl --png FILE   # redraw only
+    PYTHONPATH=. python benchmarks/prune.py --speed DIR/none-0,DIR/magnitude-0.9,DIR/neurons-0.5
 
 Each point: ``python -m train.prune SOURCE`` (method, sparsity; magnitude with ``--scope global``)
 writes an export, ``train.evaluate`` scores it on ``--files`` (the default run's held-out plays),
@@ -12,6 +13,9 @@ smaller sizes, AdamW at ``--lr`` with a cosine schedule after 10% warm-up; magni
 their masks fixed with a one-shot ``prune:`` at step 0, which finds exactly the zeros of the export)
 and ``train.evaluate`` scores the result. Sparsity 0 is the control: the unpruned model fine-tuned
 with the same recipe, so it gets the same extra steps.
+
+``--speed`` times the jitted forward pass (batch 8 x 128 tokens, the default run's train batch) of
+each export, the exports' calls alternating so they see the same CPU load; median of ``--repeats``.
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--heads", default="0.25,0.5,0.75")
     p.add_argument("--plot", default="", help="only redraw the PNG from this points.jsonl")
     p.add_argument("--png", default="", help="write the sparsity / eval_bpb plot here")
+    p.add_argument("--speed", default="", help="only time the forward pass of these exports (comma-separated)")
+    p.add_argument("--repeats", type=int, default=20)
     return p.parse_args(argv)
 
 
@@ -103,6 +109,37 @@ def point(method: str, sparsity: float, args, work: pathlib.Path, log) -> dict:
     return {**record, **machine()}
 
 
+def speed(exports: list[str], repeats: int) -> None:
+    import statistics
+
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from benchmarks.common import machine
+    from train.sources import load_source
+
+    tokens = np.random.default_rng(0).integers(0, 2048, (8, 128))
+    calls = {}
+    for path in exports:
+        graphdef, params = nnx.split(load_source(path).model)
+        calls[path] = (jax.jit(lambda p, x, g=graphdef: nnx.merge(g, p)(x)), params)
+    times = {path: [] for path in exports}
+    for _ in range(repeats + 1):  # the first call of each compiles
+        for path, (fn, params) in calls.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn(params, tokens))
+            times[path].append(time.perf_counter() - start)
+    base = statistics.median(times[exports[0]][1:])
+    for path, (_, params) in calls.items():
+        ms = statistics.median(times[path][1:])
+        zeros = sum(int((x == 0).sum()) for x in jax.tree.leaves(params))
+        record = {"export": pathlib.Path(path).name, "forward_ms": round(1000 * ms, 2), "vs_first": round(ms / base, 3)}
+        print(
+            json.dumps({**record, "params": sum(x.size for x in jax.tree.leaves(params)), "zeros": zeros, **machine()})
+        )
+
+
 def plot(points: list[dict], png: pathlib.Path) -> None:
     import matplotlib
 
@@ -117,9 +154,16 @@ def plot(points: list[dict], png: pathlib.Path) -> None:
             continue
         xs = [p["sparsity"] for p in pts]
         ax.plot(xs, [p["eval_bpb_pruned"] for p in pts], "--o", color=color, label=f"{method}, pruned")
-        if all("eval_bpb_recovered" in p for p in pts):
-            steps = pts[0]["recovery_steps"]
-            ax.plot(xs, [p["eval_bpb_recovered"] for p in pts], "-s", color=color, label=f"{method}, +{steps} steps")
+        done = [p for p in pts if "eval_bpb_recovered" in p]
+        if len(done) > 1:
+            steps = done[0]["recovery_steps"]
+            ax.plot(
+                [p["sparsity"] for p in done],
+                [p["eval_bpb_recovered"] for p in done],
+                "-s",
+                color=color,
+                label=f"{method}, +{steps} steps",
+            )
     ax.set_xlabel("sparsity (share of weights zeroed / neurons or heads removed)")
     ax.set_ylabel("held-out eval_bpb (Hamlet, Twelfth Night)")
     ax.set_yscale("log")
@@ -133,6 +177,9 @@ def plot(points: list[dict], png: pathlib.Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = _parse_args(argv)
+    if args.speed:
+        speed(args.speed.split(","), args.repeats)
+        return
     if args.plot:
         points = [json.loads(line) for line in pathlib.Path(args.plot).read_text().splitlines() if line]
         plot(points, pathlib.Path(args.png))
