@@ -166,7 +166,6 @@ def plot(points: list[dict], png: pathlib.Path) -> None:
             )
     ax.set_xlabel("sparsity (share of weights zeroed / neurons or heads removed)")
     ax.set_ylabel("held-out eval_bpb (Hamlet, Twelfth Night)")
-    ax.set_yscale("log")
     ax.set_title("Pruning the default run (1.07M params, 1,400 steps)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
