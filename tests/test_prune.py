@@ -111,6 +111,23 @@ def test_magnitude_pruning_zeroes_exactly_round_s_n_of_the_smallest(scope):
         assert (flat[path][~np.asarray(mask)] == 0).all() and (flat[path][np.asarray(mask)] != 0).all()
 
 
+def test_masks_are_sharded_like_their_parameters_on_the_stacked_layers():
+    from sharding.mesh import MeshConfig, make_mesh
+    from train.config import OptimizerConfig
+    from train.freeze import param_path
+    from train.state import make_state_spec
+
+    cfg = dataclasses.replace(LLAMA, scan_layers=True)
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    spec = make_state_spec(cfg, OptimizerConfig(), 10, mesh, prune=PruneConfig(sparsity=0.5, scope="layer"))
+    params = {param_path(p): s for p, s in jax.tree_util.tree_leaves_with_path(spec.shardings.params)}
+    masks = {param_path(p): s for p, s in jax.tree_util.tree_leaves_with_path(spec.shardings.opt_state.masks)}
+    kinds = {param_path(p): a.dtype for p, a in jax.tree_util.tree_leaves_with_path(spec.abstract.opt_state.masks)}
+    assert sorted(masks) == sorted(p for p in params if p.startswith("stack/blocks/") and p.endswith("kernel"))
+    assert all(masks[p].spec == params[p].spec for p in masks) and set(kinds.values()) == {jnp.dtype(bool)}
+    assert masks["stack/blocks/mlp/wi/kernel"].spec[2] == "tensor"  # [layers, embed, mlp]: mlp over tensor
+
+
 class StopAt(Callback):
     def __init__(self, step: int):
         self.step = step
