@@ -92,6 +92,7 @@ class MetricsLog(Callback):
             "tokens_per_sec": tokens_per_sec,
             "step_ms": 1000 * elapsed / self.interval_steps,
             "mfu": perf.mfu(tokens_per_sec, self.flops_per_token, self.peak_flops),
+            **{k: float(v) for k, v in fetched.items() if k not in ("loss", "grad_norm")},  # e.g. prune's sparsity
         }
         if self.first:
             record["compile_s"], self.first = loop.compile_s, False

@@ -140,6 +140,18 @@ class LoRAConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PruneConfig:
+    """Magnitude pruning during training (train/sparsity.py); off while ``sparsity`` is 0."""
+
+    sparsity: float = 0.0  # final share of zeros in the targeted matrices, in [0, 1)
+    scope: Literal["global", "layer"] = "global"  # one ranking of all targeted values, or per matrix per layer
+    start_step: int = 0  # first pruning step (0-based, the state's step before the update)
+    end_step: int = 0  # last pruning step, where the sparsity is reached; = start_step: one-shot
+    every: int = 100  # steps between mask updates from start_step to end_step
+    targets: str = r"(attn|cross)/(q|k|v|o)/kernel|mlp/(wi|wg|wo)/kernel"  # re.search over parameter paths
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     seed: int = 0
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
@@ -150,6 +162,7 @@ class Config:
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
+    prune: PruneConfig = dataclasses.field(default_factory=PruneConfig)
 
     def to_dict(self) -> dict:
         """Plain dicts, lists and scalars (YAML and JSON write it as is)."""

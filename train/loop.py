@@ -73,7 +73,9 @@ def prepare(config: Config) -> Setup:
     check_fits(model_cfg, mesh.shape, config.mesh.logical_rules, **fit_sizes(config, jax.process_count()))
     task = make_task(config, model_cfg, tokenizer)
     freeze = Freeze(config.train.freeze, config.train.freeze_layers, model_cfg.lora_rank > 0)
-    spec = make_state_spec(model_cfg, config.optimizer, config.train.steps, mesh, config.mesh.logical_rules, freeze)
+    spec = make_state_spec(
+        model_cfg, config.optimizer, config.train.steps, mesh, config.mesh.logical_rules, freeze, config.prune
+    )
     resolved = dataclasses.replace(config, model=model_cfg, data=task.data_config)
     return Setup(resolved, tokenizer, mesh, task, spec)
 

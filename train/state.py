@@ -7,6 +7,7 @@ shardings); ``init_state`` materialises it directly with the target shardings.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import flax.struct
 import jax
@@ -18,7 +19,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from models import abstract_model, build_model
 from models.config import ModelConfig
 from sharding.rules import RULES, Rules, logical_to_mesh, replicated
-from train.config import OptimizerConfig
+from train.config import OptimizerConfig, PruneConfig
 from train.freeze import NOTHING, Freeze, frozen_set
 from train.optimizer import make_optimizer
 
@@ -40,6 +41,7 @@ class StateSpec:
     trainable_params: int = 0  # parameter values the optimizer changes (all but the frozen ones)
     frozen: frozenset[str] = frozenset()  # paths of the parameters kept whole (train/freeze.py)
     adapter_only: bool = False  # a LoRA run: checkpoints hold the trainable parameters only (train/adapters.py)
+    metrics: Callable[[nnx.State], dict] | None = None  # extra train metrics of the new params (prune: sparsity)
 
 
 def make_state_spec(
@@ -49,14 +51,21 @@ def make_state_spec(
     mesh: Mesh,
     rules: Rules = RULES,
     freeze: Freeze = NOTHING,
+    prune: PruneConfig | None = None,
 ) -> StateSpec:
     """The run's state described once: shapes, and shardings from the logical axes through ``rules``.
 
-    Raises ConfigError when ``freeze`` names no parameter, too many layers, or every parameter.
+    Raises ConfigError when ``freeze`` names no parameter, too many layers, or every parameter, and
+    when ``prune`` (on when its sparsity is > 0: masks in the optimizer state) targets no matrix.
     """
     graphdef, abstract_params = abstract_model(model_cfg)
     logical_specs = nnx.get_partition_spec(abstract_params)
     tx, trainable = make_optimizer(opt_cfg, total_steps, abstract_params, logical_specs, freeze)
+    metrics = None
+    if prune is not None and prune.sparsity > 0:
+        from train.sparsity import with_pruning
+
+        tx, metrics = with_pruning(tx, abstract_params, logical_specs, prune)
     param_shardings = logical_to_mesh(logical_specs, mesh, rules)
     abstract_opt, opt_shardings = optimizer_state_shardings(tx, abstract_params, param_shardings, mesh)
     abstract = TrainState(
@@ -66,7 +75,9 @@ def make_state_spec(
     )
     shardings = TrainState(step=replicated(mesh), params=param_shardings, opt_state=opt_shardings)
     frozen = frozenset(frozen_set(logical_specs, freeze))
-    return StateSpec(graphdef, tx, abstract, shardings, logical_specs, rules, trainable, frozen, freeze.adapters_only)
+    return StateSpec(
+        graphdef, tx, abstract, shardings, logical_specs, rules, trainable, frozen, freeze.adapters_only, metrics
+    )
 
 
 def optimizer_state_shardings(tx: optax.GradientTransformation, abstract_params, param_shardings, mesh: Mesh):

@@ -122,7 +122,8 @@ def make_train_step(
         updates, opt_state = spec.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-        return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+        return new_state, metrics | (spec.metrics(params) if spec.metrics else {})
 
     jitted = jax.jit(
         step,

@@ -58,7 +58,7 @@ def validate(config: Config) -> list[str]:
         )
     if o.lr <= 0 or o.warmup_steps < 0 or not 0 <= o.min_lr_ratio <= 1:
         out.append("optimizer.lr must be > 0, warmup_steps >= 0 and min_lr_ratio in [0, 1]")
-    out += optimizer_problems(o) + freeze_problems(t)
+    out += optimizer_problems(o) + freeze_problems(t) + prune_problems(config)
     if not 0 <= config.data.val_fraction < 1:
         out.append(f"data.val_fraction must be in [0, 1), got {config.data.val_fraction}")
     if not 0 <= config.data.test_fraction < 1:
@@ -96,6 +96,28 @@ def freeze_problems(t: TrainConfig) -> list[str]:
         out.append(f"train.freeze={t.freeze!r} is not a regular expression ({e}); fix or quote it")
     if t.freeze_layers < 0:
         out.append(f"train.freeze_layers must be >= 0 (0: off), got {t.freeze_layers}")
+    return out
+
+
+def prune_problems(config: Config) -> list[str]:
+    """The ``prune:`` section (train/sparsity.py)."""
+    p, steps = config.prune, config.train.steps
+    if not 0 <= p.sparsity < 1:
+        return [f"prune.sparsity={p.sparsity} must be in [0, 1) (0: off)"]
+    if p.sparsity == 0:
+        return []
+    out = []
+    if not 0 <= p.start_step <= p.end_step < steps or p.every < 1:
+        out.append(
+            f"prune needs 0 <= start_step <= end_step < train.steps={steps} and every >= 1, got start_step="
+            f"{p.start_step}, end_step={p.end_step}, every={p.every}"
+        )
+    try:
+        re.compile(p.targets)
+    except re.error as e:
+        out.append(f"prune.targets={p.targets!r} is not a regular expression ({e}); fix or quote it")
+    if config.model.lora_rank:
+        out.append("prune does not apply to LoRA runs (the base weights are frozen); set prune.sparsity=0")
     return out
 
 

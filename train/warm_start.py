@@ -2,7 +2,7 @@
 
 The source is a run directory (its newest intact checkpoint; also its ``checkpoints/`` or the
 output of ``python -m train.export HF_DIR OUT --format checkpoint``), a Hugging Face model directory (config.json +
-safetensors), an export (``python -m train.export`` or ``python -m train.quantize``: model.json + params/; an
+safetensors), an export (``python -m train.export``, ``train.prune`` or ``train.quantize``: model.json + params/; an
 int8 one is dequantised into a float model, and kept int8 by a QLoRA run, ``model.quant: int8``), or
 ``python-package:NAME`` naming one (train/packages.py). Every parameter the
 source holds at the same path with the same shape is restored; the rest keep their fresh
