@@ -41,11 +41,13 @@ def load_teacher(config: Config, mesh: Mesh, tokenizer: Tokenizer) -> tuple[Teac
         source = load_source(d.teacher, mesh=mesh)
     except ConfigError as e:
         raise ConfigError(f"distill.teacher: {e}") from None
-    problem = (
-        model_problem(source.config, config)
-        or tokenizer_problem(source, tokenizer, config)
-        or labels_problem(source, config)
+    problems = (
+        family_problem(source.config, config),
+        tokenizer_problem(source, tokenizer, config),  # before the vocabulary: the usual cause of a mismatch
+        size_problem(source.config, config),
+        labels_problem(source, config),
     )
+    problem = next((p for p in problems if p), "")
     if problem:
         raise ConfigError(f"distill.teacher='{d.teacher}' {problem}")
     cfg = dataclasses.replace(source.config, compute_dtype=config.model.compute_dtype)  # the student's numerics
@@ -62,11 +64,13 @@ def load_teacher(config: Config, mesh: Mesh, tokenizer: Tokenizer) -> tuple[Teac
     return TeacherSpec(graphdef, shardings, d.temperature, d.alpha, d.top_k), params
 
 
-def model_problem(teacher: ModelConfig, config: Config) -> str:
-    """Why a teacher of config ``teacher`` cannot teach the run's student (empty: it can)."""
+def family_problem(teacher: ModelConfig, config: Config) -> str:
+    """Why a teacher of config ``teacher`` gives logits of another kind than the student's (empty: same)."""
     student, objective = config.model, config.train.objective
     if teacher.family != student.family:
-        return f"is a {teacher.family} model but the student is a {student.family}; use a teacher of the same family"
+        return (
+            f"has model.family={teacher.family} but the student {student.family}; use a teacher of the student's family"
+        )
     if teacher.family == "encoder" and teacher.head != student.head:
         return (
             f"has a {teacher.head} head but train.objective={objective} needs {student.head} logits; "
@@ -74,6 +78,12 @@ def model_problem(teacher: ModelConfig, config: Config) -> str:
         )
     if student.head == "classification" and teacher.num_labels != student.num_labels:
         return f"has {teacher.num_labels} labels, the student {student.num_labels}; use a teacher of the same task"
+    return ""
+
+
+def size_problem(teacher: ModelConfig, config: Config) -> str:
+    """Why the teacher's vocabulary or positions do not fit the student's batches (empty: they do)."""
+    student = config.model
     if teacher.vocab_size != student.vocab_size:
         return (
             f"has model.vocab_size={teacher.vocab_size}, the student {student.vocab_size}; teacher and student "
