@@ -105,10 +105,9 @@ def one_device_mesh():
 @pytest.mark.parametrize(
     "objective, temperature, alpha, top_k",
     [
-        ("causal_lm", 2.0, 0.5, 0),
-        ("causal_lm", 1.5, 0.0, 5),
+        ("causal_lm", 2.0, 0.5, 5),
         ("masked_lm", 3.0, 0.25, 0),
-        ("classification", 2.0, 1.0, 2),
+        ("classification", 1.5, 0.0, 2),
     ],
 )
 def test_the_train_steps_loss_and_its_parts_equal_a_numpy_reference(objective, temperature, alpha, top_k):
@@ -147,8 +146,8 @@ def test_the_hand_written_gradient_equals_autodiff_of_the_kl():
             p = jax.nn.softmax(t)
             return 2.5**2 * jnp.sum(p * (jnp.log(jnp.where(p > 0, p, 1)) - jax.nn.log_softmax(s / 2.5)))
 
-        ours = jax.grad(lambda s, k=top_k: jnp.sum(kl_per_position(s, teacher, 2.5, k)))(student)
-        np.testing.assert_allclose(ours, jax.grad(plain)(student), rtol=1e-5, atol=1e-7)
+        ours = jax.jit(jax.grad(lambda s, k=top_k: jnp.sum(kl_per_position(s, teacher, 2.5, k))))(student)
+        np.testing.assert_allclose(ours, jax.jit(jax.grad(plain))(student), rtol=1e-5, atol=1e-7)
 
 
 # --- the frozen teacher in the jitted step ---------------------------------------------------
@@ -199,12 +198,13 @@ def test_the_teacher_gets_no_gradient_no_optimizer_state_and_stays_unchanged(dec
     # and no gradient reaches the teacher's parameters through the loss
     teacher, teacher_params = make_teacher(student_and_teacher("causal_lm")[1], one_device_mesh())
     batch = batch_for("causal_lm")
-    student_logits = nnx.merge(spec.graphdef, state.params).forward(batch)
 
-    def loss(tp):
-        return jnp.sum(kl_per_position(student_logits, teacher.logits(tp, batch), 2.0))
+    @jax.jit
+    def teacher_grads(params, tp):
+        student_logits = nnx.merge(spec.graphdef, params).forward(batch)
+        return jax.grad(lambda t: jnp.sum(kl_per_position(student_logits, teacher.logits(t, batch), 2.0)))(tp)
 
-    assert all(not np.any(np.asarray(g)) for g in jax.tree.leaves(jax.grad(loss)(teacher_params)))
+    assert all(not np.any(np.asarray(g)) for g in jax.tree.leaves(teacher_grads(state.params, teacher_params)))
 
 
 def test_distillation_on_8_devices_matches_one_device(decoder_runs):
@@ -212,8 +212,9 @@ def test_distillation_on_8_devices_matches_one_device(decoder_runs):
     for a, b in zip(one[0], eight[0]):
         for key in ("loss", "hard_loss", "distill_loss", "grad_norm"):
             np.testing.assert_allclose(b[key], a[key], rtol=2e-5, err_msg=key)
+    # atol: the attention key bias has a zero gradient up to rounding, which Adam turns into ~1e-5 steps
     for a, b in zip(jax.tree.leaves(one[1].params), jax.tree.leaves(eight[1].params)):
-        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=5e-5)
 
 
 # --- runs: resume, errors, lower-layer init --------------------------------------------------
