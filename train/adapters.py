@@ -76,12 +76,13 @@ def fingerprint(params: nnx.State, base: set[str] | frozenset[str]) -> str:
     return json_digest(fingerprints({p: x for p, x in _flat(params).items() if p in base}))
 
 
-def reference(init_from: str, seed: int, params: nnx.State, base: frozenset[str]) -> dict:
+def reference(init_from: str, seed: int, params: nnx.State, base: frozenset[str], init_layers: str = "") -> dict:
     """The ``base`` item of a LoRA run starting from ``params`` (its base at the paths ``base``)."""
     if init_from and not init_from.startswith(packages.PREFIX):
         init_from = str(pathlib.Path(init_from).absolute())
     count = sum(x.size for p, x in _flat(params).items() if p in base)
-    return {"init_from": init_from, "seed": seed, "fingerprint": fingerprint(params, base), "params": count}
+    ref = {"init_from": init_from, "seed": seed, "fingerprint": fingerprint(params, base), "params": count}
+    return ref | ({"init_layers": init_layers} if init_layers else {})
 
 
 def base_params(ref: dict, cfg: ModelConfig, shardings, base: set[str], where: str) -> nnx.State:
@@ -97,7 +98,7 @@ def base_params(ref: dict, cfg: ModelConfig, shardings, base: set[str], where: s
             raise ConfigError(f"{what} is missing; put the base back at that path (nothing was deleted)")
         target = restore_target(abstract_model(cfg)[1], shardings)
         try:
-            params = warm_start(source, params, target, cfg, verbose=False)
+            params = warm_start(source, params, target, cfg, ref.get("init_layers", ""), verbose=False)
         except ConfigError as e:
             raise ConfigError(f"{what} cannot be read ({e}); put the original base back at that path") from None
     if fingerprint(params, base) != ref["fingerprint"]:

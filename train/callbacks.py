@@ -38,7 +38,8 @@ class Callback:
         """After each finished step (``loop.step == step``)."""
 
     def on_log(self, loop: Loop, record: dict) -> None:
-        """A train record was written (``step, loss, lr, grad_norm, tokens_per_sec, step_ms, mfu``)."""
+        """A train record was written (``step, loss, lr, grad_norm, tokens_per_sec, step_ms, mfu``, and any
+        further metrics of the step, e.g. distillation's ``hard_loss, distill_loss``)."""
 
     def on_eval(self, loop: Loop, record: dict) -> None:
         """An eval record was written (``step, eval_loss, ...``)."""
@@ -92,7 +93,9 @@ class MetricsLog(Callback):
             "tokens_per_sec": tokens_per_sec,
             "step_ms": 1000 * elapsed / self.interval_steps,
             "mfu": perf.mfu(tokens_per_sec, self.flops_per_token, self.peak_flops),
-            **{k: float(v) for k, v in fetched.items() if k not in ("loss", "grad_norm")},  # e.g. prune's sparsity
+            **{
+                k: float(v) for k, v in fetched.items() if k not in ("loss", "grad_norm")
+            },  # prune's sparsity, distillation's parts
         }
         if self.first:
             record["compile_s"], self.first = loop.compile_s, False

@@ -124,6 +124,7 @@ class CheckpointConfig:
     keep_every: int = 0  # also keep every Nth step forever; 0: off
     async_save: bool = True
     init_from: str = ""  # start a new run from another run's parameters
+    init_layers: Literal["", "lower"] = ""  # lower: a source with more layers gives its rows [0, n_layers)
     keep_best: bool = False  # also keep the step of the best eval (train/best.py)
     best_metric: str = ""  # keep_best without early stopping: the eval key that ranks steps
     best_mode: Literal["", "min", "max"] = ""  # empty: max for accuracies and F1, min for losses
@@ -152,6 +153,16 @@ class PruneConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DistillConfig:
+    """Knowledge distillation from a frozen teacher (train/distill.py); empty teacher: off."""
+
+    teacher: str = ""  # a run, export or Hugging Face directory sharing the student's tokenizer
+    temperature: float = 2.0  # T: both distributions are softmax(logits / T); the KL term is scaled by T^2
+    alpha: float = 0.5  # weight of the usual (hard-label) loss next to the KL term
+    top_k: int = 0  # distil only the teacher's k most likely classes, renormalised; 0: all
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     seed: int = 0
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
@@ -163,6 +174,7 @@ class Config:
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
     prune: PruneConfig = dataclasses.field(default_factory=PruneConfig)
+    distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
 
     def to_dict(self) -> dict:
         """Plain dicts, lists and scalars (YAML and JSON write it as is)."""

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 
 import jax
+from flax import nnx
 
 from models.config import ModelConfig
 from sharding.fit import check_fits
@@ -26,6 +27,8 @@ from train.callbacks import Callback, builtin, describe
 from train.checkpoint import Checkpoints, Restored, restore_target
 from train.config import Config, ConfigError, save_config
 from train.data.tasks import ExampleTask, StreamTask, global_batch, make_task, vocab_needed
+from train.distill import load_teacher
+from train.distill_loss import TeacherSpec
 from train.freeze import Freeze
 from train.optimizer import schedule
 from train.precision import resolve_compute_dtype
@@ -63,10 +66,12 @@ class Setup:
     mesh: jax.sharding.Mesh
     task: StreamTask | ExampleTask
     spec: StateSpec
+    teacher: TeacherSpec | None = None  # distill.teacher: its step-time spec (train/distill.py) ...
+    teacher_params: nnx.State | None = None  # ... and its placed, frozen parameters
 
 
 def prepare(config: Config) -> Setup:
-    """Tokenizer -> model config -> mesh -> task (reads the data) -> state spec."""
+    """Tokenizer -> model config -> mesh -> task (reads the data) -> state spec -> teacher (if any)."""
     tokenizer = load_tokenizer(config.data.tokenizer)
     model_cfg = resolve_model(config.model, vocab_needed(config, tokenizer))
     mesh = make_mesh(config.mesh)
@@ -77,7 +82,7 @@ def prepare(config: Config) -> Setup:
         model_cfg, config.optimizer, config.train.steps, mesh, config.mesh.logical_rules, freeze, config.prune
     )
     resolved = dataclasses.replace(config, model=model_cfg, data=task.data_config)
-    return Setup(resolved, tokenizer, mesh, task, spec)
+    return Setup(resolved, tokenizer, mesh, task, spec, *load_teacher(resolved, mesh, tokenizer))
 
 
 def fresh_state(setup: Setup) -> TrainState:
@@ -87,7 +92,8 @@ def fresh_state(setup: Setup) -> TrainState:
     if not config.checkpoint.init_from:
         return state
     target = restore_target(spec.abstract.params, spec.shardings.params)
-    return state.replace(params=warm_start(config.checkpoint.init_from, state.params, target, config.model))
+    params = warm_start(config.checkpoint.init_from, state.params, target, config.model, config.checkpoint.init_layers)
+    return state.replace(params=params)
 
 
 def initial_state(setup: Setup, run_dir: pathlib.Path) -> tuple[TrainState, int, Checkpoints]:
@@ -112,7 +118,9 @@ def initial_state(setup: Setup, run_dir: pathlib.Path) -> tuple[TrainState, int,
     if not restored:
         state = fresh_state(setup) if state is None else state
         if spec.adapter_only:
-            checkpoints.base = adapters.reference(config.checkpoint.init_from, config.seed, state.params, spec.frozen)
+            checkpoints.base = adapters.reference(
+                config.checkpoint.init_from, config.seed, state.params, spec.frozen, config.checkpoint.init_layers
+            )
         return state, 0, checkpoints
     setup.task.batches.set_state(restored.data_state)
     print(f"resumed from {checkpoints.path(restored.step)}", flush=True)
@@ -274,8 +282,11 @@ def run(config: Config, callbacks: Sequence[Callback] = ()) -> dict:
 
         compile_start = time.perf_counter()
         first = global_batch(setup.task.batch(next(setup.task.batches), start), setup.mesh)
-        train_step = make_train_step(setup.spec, setup.mesh, setup.config.train.grad_accum, setup.config.seed)
-        compiled = train_step.lower(state, first).compile()
+        train_step = make_train_step(
+            setup.spec, setup.mesh, setup.config.train.grad_accum, setup.config.seed, setup.teacher
+        )
+        teacher = () if setup.teacher is None else (setup.teacher_params,)  # passed to every step, never donated
+        compiled = train_step.lower(state, first, *teacher).compile()
         evaluator = setup.task.evaluator(setup.spec, setup.mesh)
         compile_s = time.perf_counter() - compile_start
 
@@ -283,4 +294,4 @@ def run(config: Config, callbacks: Sequence[Callback] = ()) -> dict:
             setup, run_dir, checkpoints, writer, evaluator, state, start, compile_s,
             callbacks=[*builtin(peak), *callbacks], resources=resources, is_main=is_main,
         )  # fmt: skip
-        return run_steps(loop, compiled, first)
+        return run_steps(loop, lambda state, batch: compiled(state, batch, *teacher), first)

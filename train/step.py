@@ -16,6 +16,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from sharding.rules import RULES, Rules, activation_context, batch_sharding, replicated
+from train.distill_loss import TeacherSpec, summed_distill_loss
 from train.state import StateSpec, TrainState
 
 Batch = dict[str, jax.Array]
@@ -90,46 +91,58 @@ def _micro_batches(batch: Batch, n: int, mesh: Mesh) -> Batch:
 
 
 def make_train_step(
-    spec: StateSpec, mesh: Mesh, grad_accum: int, seed: int = 0
-) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+    spec: StateSpec, mesh: Mesh, grad_accum: int, seed: int = 0, teacher: TeacherSpec | None = None
+) -> Callable[..., tuple[TrainState, dict]]:
     """``step(state, batch) -> (state, {'loss', 'grad_norm'})``; the state is donated.
 
     Dropout (``model.dropout`` / ``attention_dropout``) draws from ``dropout_key(seed, step, micro)``.
+    With a ``teacher`` (train/distill_loss.py) the step is ``step(state, batch, teacher_params)``: the
+    frozen teacher runs on each micro-batch, ``loss`` is ``alpha * hard_loss + distill_loss`` and the
+    metrics add both parts; the teacher's parameters get no gradient and are not returned.
     """
 
-    def loss_and_grads(params, batch, total_weight, rng):
+    def loss_and_grads(params, batch, total_weight, rng, teacher_params):
+        teacher_logits = None if teacher is None else teacher.logits(teacher_params, batch)
+
         def scaled(p, b):
-            total, _ = summed_loss(spec.graphdef, p, b, rng)
-            return total / total_weight
+            logits = nnx.merge(spec.graphdef, p).forward(b, rng=rng)
+            hard, _ = _summed(logits, b)
+            if teacher is None:
+                return hard / total_weight, {}
+            soft = summed_distill_loss(teacher, logits, teacher_logits, token_weights(b)) / total_weight
+            hard = hard / total_weight
+            return teacher.alpha * hard + soft, {"hard_loss": hard, "distill_loss": soft}
 
-        loss, grads = jax.value_and_grad(scaled, allow_int=True)(params, batch)
-        return loss, jax.tree.map(_integer_zeros, grads, params)
+        (loss, parts), grads = jax.value_and_grad(scaled, has_aux=True, allow_int=True)(params, batch)
+        return (loss, parts), jax.tree.map(_integer_zeros, grads, params)
 
-    def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+    def step(state: TrainState, batch: Batch, teacher_params=None) -> tuple[TrainState, dict]:
         total_weight = jnp.sum(token_weights(batch))
         if grad_accum == 1:
-            loss, grads = loss_and_grads(state.params, batch, total_weight, dropout_key(seed, state.step))
+            rng = dropout_key(seed, state.step)
+            (loss, parts), grads = loss_and_grads(state.params, batch, total_weight, rng, teacher_params)
         else:
 
             def accumulate(carry, inputs):
                 micro, i = inputs
-                loss, grads = loss_and_grads(state.params, micro, total_weight, dropout_key(seed, state.step, i))
-                return jax.tree.map(jnp.add, carry, (loss, grads)), None
+                rng = dropout_key(seed, state.step, i)
+                out = loss_and_grads(state.params, micro, total_weight, rng, teacher_params)
+                return jax.tree.map(jnp.add, carry, out), None
 
-            zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
+            parts = {} if teacher is None else {"hard_loss": 0.0, "distill_loss": 0.0}
+            zero = jnp.zeros((), jnp.float32)
+            zeros = ((zero, jax.tree.map(lambda _: zero, parts)), jax.tree.map(jnp.zeros_like, state.params))
             micros = (_micro_batches(batch, grad_accum, mesh), jnp.arange(grad_accum))
-            (loss, grads), _ = jax.lax.scan(accumulate, zeros, micros)
+            ((loss, parts), grads), _ = jax.lax.scan(accumulate, zeros, micros)
         updates, opt_state = spec.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **parts}
         return new_state, metrics | (spec.metrics(params) if spec.metrics else {})
 
+    in_shardings = (spec.shardings, batch_sharding(mesh), *(() if teacher is None else (teacher.shardings,)))
     jitted = jax.jit(
-        step,
-        in_shardings=(spec.shardings, batch_sharding(mesh)),
-        out_shardings=(spec.shardings, replicated(mesh)),
-        donate_argnums=0,
+        step, in_shardings=in_shardings, out_shardings=(spec.shardings, replicated(mesh)), donate_argnums=0
     )
     return _under_mesh(jitted, mesh, spec.rules)
 

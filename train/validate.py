@@ -68,7 +68,7 @@ def validate(config: Config) -> list[str]:
     if config.data.format == "tfds" and not config.data.tfds_name:
         out.append("data.format=tfds needs data.tfds_name, e.g. data.tfds_name=c4/en:3.1.0")
     out += objective_problems(config)
-    out += best_problems(config)
+    out += best_problems(config) + distill_problems(config)
     r = config.run
     if r.num_processes < 1 or (r.num_processes > 1 and not r.coordinator and not r.auto_distributed):
         out.append("run.num_processes > 1 needs run.coordinator=host:port (or run.auto_distributed=true)")
@@ -183,6 +183,23 @@ def objective_problems(config: Config) -> list[str]:
         )
     if t.target_len <= 0:
         out.append(f"train.target_len must be positive, got {t.target_len}")
+    return out
+
+
+DISTILLED_OBJECTIVES = ("causal_lm", "masked_lm", "classification")
+
+
+def distill_problems(config: Config) -> list[str]:
+    """The ``distill:`` section (train/distill.py checks the teacher itself when the run starts)."""
+    d = config.distill
+    out = []
+    if d.temperature <= 0 or d.alpha < 0 or d.top_k < 0:
+        out.append("distill.temperature must be > 0, distill.alpha >= 0 and distill.top_k >= 0 (0: all)")
+    if d.teacher and config.train.objective not in DISTILLED_OBJECTIVES:
+        out.append(
+            f"distill.teacher is set but train.objective={config.train.objective} cannot be distilled; "
+            f"use one of {', '.join(DISTILLED_OBJECTIVES)} or drop distill.teacher"
+        )
     return out
 
 

@@ -12,7 +12,10 @@ classifier start fresh.
 
 The source must be the same architecture: every model field except the head's (``head``, ``pooling``,
 ``num_labels``), the LoRA adapters' (a LoRA run starts from its base, the adapters fresh) and those
-that do not change parameters (train/checkpoint.py) must match.
+that do not change parameters (train/checkpoint.py) must match. With ``checkpoint.init_layers:
+lower`` the source may have more layers (``n_layers``, ``n_decoder_layers``): every stacked layer
+parameter takes the source's rows [0, n_layers) (``lower_layers``), e.g. a 3-layer student from
+the lower half of a 6-layer teacher.
 """
 
 from __future__ import annotations
@@ -32,14 +35,17 @@ from train.config import ConfigError
 
 HEAD_FIELDS = frozenset({"head", "num_labels", "pooling"})
 ADAPTER_FIELDS = frozenset({"lora_rank", "lora_alpha", "lora_targets", "lora_dropout"})
+LAYER_FIELDS = frozenset({"n_layers", "n_decoder_layers"})
 KEY = "checkpoint.init_from"
 
 Flat = dict[tuple[str, ...], jax.Array]  # parameter path ('stack', 'blocks', 'attn', 'q', 'kernel') -> array
 
 
-def architecture(model: dict) -> dict:
-    """The model fields that must match for parameters to carry over (all but the head's and the adapters')."""
-    return {k: v for k, v in model.items() if k not in HEAD_FIELDS | ADAPTER_FIELDS}
+def architecture(model: dict, lower: bool = False) -> dict:
+    """The model fields that must match for parameters to carry over (all but the head's and the
+    adapters', and with ``lower`` the layer counts)."""
+    skip = HEAD_FIELDS | ADAPTER_FIELDS | (LAYER_FIELDS if lower else frozenset())
+    return {k: v for k, v in model.items() if k not in skip}
 
 
 def _flat(params) -> Flat:
@@ -52,33 +58,72 @@ def _saved_shapes(saved_config: dict) -> dict[tuple[str, ...], tuple[int, ...]]:
     return {p: x.shape for p, x in _flat(abstract_model(model)[1]).items()}
 
 
-def _from_run(directory: pathlib.Path, target: Flat, model: ModelConfig) -> tuple[str, Flat, list]:
+def _from_run(directory: pathlib.Path, target: Flat, model: ModelConfig, lower: bool) -> tuple[str, Flat, list]:
     """(description, restored arrays, unused source paths) from a run's newest intact checkpoint."""
+    axes = layer_axes(model) if lower else {}
 
     def shared_target(saved_config: dict) -> dict:
+        _check_layers(saved_config.get("model", {}), model, lower, directory)
         shapes = _saved_shapes(saved_config)
-        shared = {p + ("value",): t for p, t in target.items() if shapes.get(p) == t.shape}
+        shared = {}
+        for p, t in target.items():
+            if shapes.get(p) == t.shape:
+                shared[p + ("value",)] = t
+            elif p in axes and _taller(shapes.get(p), t.shape, axes[p]):  # restored whole, cut below
+                shared[p + ("value",)] = jax.ShapeDtypeStruct(
+                    shapes[p], t.dtype, sharding=hf.fit_sharding(t.sharding, shapes[p])
+                )
         if not shared:
             raise ConfigError(f"{KEY}='{directory}' shares no parameter with this model; point it at a similar model")
         return traverse_util.unflatten_dict(shared)
 
-    step, params, saved_config = newest_params(directory, shared_target, architecture(dataclasses.asdict(model)), KEY)
+    architecture_ = architecture(dataclasses.asdict(model), lower=True)  # layer counts: _check_layers
+    step, params, saved_config = newest_params(directory, shared_target, architecture_, KEY)
     restored = {p[:-1]: x for p, x in traverse_util.flatten_dict(params).items()}  # drop the trailing 'value'
+    restored = {
+        p: lower_layers(x, target[p], axes[p]) if x.shape != target[p].shape else x for p, x in restored.items()
+    }
     return f"{directory} step {step}", restored, [p for p in _saved_shapes(saved_config) if p not in restored]
 
 
-def _from_hugging_face(directory: pathlib.Path, target: Flat, model: ModelConfig) -> tuple[str, Flat, list]:
+def _check_layers(saved_model: dict, model: ModelConfig, lower: bool, source) -> None:
+    """ConfigError when the source's layer counts differ from ``model``'s (without ``lower``) or are
+    fewer (with it)."""
+    for name in sorted(LAYER_FIELDS):
+        theirs, ours = saved_model.get(name, getattr(model, name)), getattr(model, name)
+        if theirs == ours:
+            continue
+        if not lower:
+            raise ConfigError(
+                f"{KEY}: {source} holds a different model ({name}: {theirs!r} -> {ours!r}); use its model settings, "
+                "or set checkpoint.init_layers=lower to start from its lower layers"
+            )
+        if theirs < ours or (theirs == 0) != (ours == 0):
+            raise ConfigError(
+                f"{KEY}: {source} has {name}={theirs}, fewer layers than this model's {ours}; "
+                f"checkpoint.init_layers=lower needs a source with at least as many"
+            )
+
+
+def _from_hugging_face(
+    directory: pathlib.Path, target: Flat, model: ModelConfig, lower: bool
+) -> tuple[str, Flat, list]:
     """(description, restored arrays, unused source paths) from a Hugging Face model directory."""
     try:
         source_cfg, arrays = hf.read_params(directory)
     except hf.ConversionError as e:
         raise ConfigError(f"{KEY}: {e}") from None
-    mismatch = config_mismatch(architecture(dataclasses.asdict(source_cfg)), architecture(dataclasses.asdict(model)))
+    ours = architecture(dataclasses.asdict(model), lower=True)  # layer counts: _check_layers
+    mismatch = config_mismatch(architecture(dataclasses.asdict(source_cfg), lower=True), ours)
     if mismatch:
         raise ConfigError(f"{KEY}: {directory} holds a different model ({'; '.join(mismatch)}); use its model settings")
+    _check_layers(dataclasses.asdict(source_cfg), model, lower, directory)
+    axes = layer_axes(model) if lower else {}
     restored, unused = {}, []
     for path, array in arrays:
         want = target.get(path)
+        if want is not None and path in axes and _taller(tuple(array.shape), want.shape, axes[path]):
+            array = np.asarray(array)[(slice(None),) * axes[path] + (slice(0, want.shape[axes[path]]),)]
         if want is None or tuple(array.shape) != want.shape:
             unused.append(path)
             continue
@@ -110,22 +155,28 @@ def _fits(array: jax.Array, want) -> bool:
 
 
 def warm_start(
-    init_from: str, fresh: nnx.State, target: nnx.State, model: ModelConfig, verbose: bool = True
+    init_from: str,
+    fresh: nnx.State,
+    target: nnx.State,
+    model: ModelConfig,
+    init_layers: str = "",
+    verbose: bool = True,
 ) -> nnx.State:
     """``fresh`` parameters with every one that ``init_from`` holds (same path and shape) replaced.
 
     ``target``: the parameters' ShapeDtypeStructs carrying their shardings (restores land there
-    directly). Prints one line naming what was restored and what starts fresh (unless not ``verbose``). Raises
-    ConfigError when the source is missing, unreadable or a different architecture.
+    directly). ``init_layers='lower'``: a source with more layers gives its lower ones. Prints one
+    line naming what was restored and what starts fresh (unless not ``verbose``). Raises ConfigError
+    when the source is missing, unreadable or a different architecture.
     """
     location = pathlib.Path(packages.resolve(init_from, KEY)).absolute()
-    targets = _flat(target)
+    targets, lower = _flat(target), init_layers == "lower"
     if hf.is_model_dir(location):
-        source, restored, unused = _from_hugging_face(location, targets, model)
+        source, restored, unused = _from_hugging_face(location, targets, model, lower)
     elif (location / "model.json").is_file() and (location / "params").is_dir():
         source, restored, unused = _from_export(location, targets, model)
     else:
-        source, restored, unused = _from_run(location, targets, model)
+        source, restored, unused = _from_run(location, targets, model, lower)
     values = {p: restored.get(p, x) for p, x in _flat(fresh).items()}
     nnx.replace_by_pure_dict(fresh, traverse_util.unflatten_dict(values))
     if verbose and jax.process_index() == 0:
@@ -141,3 +192,25 @@ def describe(source: str, restored: int, fresh: list, unused: list) -> str:
 
     line = f"init_from {source}: restored {restored} parameters; initialised fresh: {names(fresh)}"
     return line + (f"; not used: {names(unused)}" if unused else "")
+
+
+# --- checkpoint.init_layers: lower ------------------------------------------------------------
+
+
+def layer_axes(model: ModelConfig) -> dict[tuple[str, ...], int]:
+    """Parameter path -> index of its ``layers`` axis, for every stacked layer parameter of ``model``."""
+    specs = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.get_partition_spec(abstract_model(model)[1])))
+    return {path: tuple(spec).index("layers") for path, spec in specs.items() if spec and "layers" in tuple(spec)}
+
+
+def _taller(source: tuple[int, ...] | None, want: tuple[int, ...], axis: int) -> bool:
+    """Whether ``source`` is ``want`` with more rows along ``axis`` (a deeper stack of the same layer)."""
+    if source is None or len(source) != len(want) or source[axis] <= want[axis]:
+        return False
+    return all(s == w for i, (s, w) in enumerate(zip(source, want)) if i != axis)
+
+
+def lower_layers(stacked: jax.Array, want: jax.ShapeDtypeStruct, axis: int) -> jax.Array:
+    """Rows [0, n) along the ``layers`` ``axis`` of a deeper source stack, placed as ``want`` [.., n, ..]."""
+    n = want.shape[axis]
+    return jax.jit(lambda x: jax.lax.slice_in_dim(x, 0, n, axis=axis), out_shardings=want.sharding)(stacked)
