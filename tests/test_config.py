@@ -27,6 +27,7 @@ def write_yaml(tmp_path: pathlib.Path, tree: dict) -> pathlib.Path:
 def test_every_shipped_config_loads_and_validates(path):
     config = load_config(path)
     assert isinstance(config, Config)
+
     # Every key written in the file arrives in the Config unchanged (nothing silently dropped).
     def check(node, values: dict, where: str) -> None:
         for key, value in values.items():
