@@ -27,14 +27,17 @@ def write_yaml(tmp_path: pathlib.Path, tree: dict) -> pathlib.Path:
 def test_every_shipped_config_loads_and_validates(path):
     config = load_config(path)
     assert isinstance(config, Config)
+
     # Every key written in the file arrives in the Config unchanged (nothing silently dropped).
-    for section, values in yaml.safe_load(path.read_text()).items():
-        if not isinstance(values, dict):
-            assert getattr(config, section) == values
-            continue
+    def check(node, values: dict, where: str) -> None:
         for key, value in values.items():
-            got = getattr(getattr(config, section), key)
-            assert got == value, f"{path.name}: {section}.{key} is {got!r}, the file says {value!r}"
+            got = getattr(node, key)
+            if isinstance(value, dict):  # a nested section (train.early_stopping)
+                check(got, value, f"{where}{key}.")
+            else:
+                assert got == value, f"{path.name}: {where}{key} is {got!r}, the file says {value!r}"
+
+    check(config, yaml.safe_load(path.read_text()), "")
 
 
 def test_no_path_loads_the_shipped_default():

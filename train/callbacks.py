@@ -196,11 +196,12 @@ class Samples(Callback):
 
 
 class PeriodicSave(Callback):
-    """Saves a checkpoint every ``checkpoint.every`` steps (the loop saves the step it ends on)."""
+    """Saves a checkpoint every ``checkpoint.every`` steps before the last: the loop saves the step it
+    ends on after its final eval, so that checkpoint holds the best-eval record that eval updated."""
 
     def on_step_end(self, loop: Loop, step: int) -> None:
         every = loop.config.checkpoint.every
-        if every and step % every == 0:
+        if every and step % every == 0 and step < loop.config.train.steps:
             loop.save()
 
 
