@@ -285,6 +285,7 @@ BAD_LABELS = ["data.labels=O,B-NAME,B-STAGE,I-STAGE,I-NAME", "model.num_labels=5
             [],
             "train.objective=token_classification trains model.family=encoder, not decoder",
         ),
+        (["configs/tiny-bert.yaml", "train.prior_bias=true"], [], "train.prior_bias is for train.objective=token_"),
     ],
 )
 def test_bad_input_is_one_error_line(trained, argv, rows, message):
