@@ -16,7 +16,7 @@ from models import build_model, hf
 from models.config import ModelConfig
 from train import evaluate, scores
 from train.config import DataConfig
-from train.data import speakers, tagging
+from train.data import examples, speakers, tagging
 from train.data.files import Row
 from train.tokenizer import load_tokenizer
 
@@ -285,6 +285,7 @@ BAD_LABELS = ["data.labels=O,B-NAME,B-STAGE,I-STAGE,I-NAME", "model.num_labels=5
             [],
             "train.objective=token_classification trains model.family=encoder, not decoder",
         ),
+        (["configs/tiny-bert.yaml", "train.prior_bias=true"], [], "train.prior_bias is for train.objective=token_"),
     ],
 )
 def test_bad_input_is_one_error_line(trained, argv, rows, message):
@@ -294,3 +295,32 @@ def test_bad_input_is_one_error_line(trained, argv, rows, message):
     run = in_this_process([*argv, f"data.train_files={bad}", f"run.dir={root / 'bad'}"])
     assert run.rc == 2 and message in run.err
     assert run.err.startswith("error: ") and len(run.err.strip().splitlines()) == 1
+
+
+def test_log_prior_counts_the_weighted_positions_only():
+    targets = np.array([[0, 0, 1, 3], [2, 0, 0, 1]])
+    weights = np.array([[1, 1, 1, 0], [0, 1, 1, 0]], np.float32)  # counted: 0 x4, 1 x1
+    expected = np.log(np.array([5, 2, 1, 1]) / 9)
+    np.testing.assert_allclose(tagging.log_prior(targets, weights, 4), expected, rtol=1e-6)
+
+
+def test_prior_bias_starts_the_classifier_at_the_training_tag_frequencies(tmp_path):
+    """A fresh state with train.prior_bias: the classifier bias is the log tag prior of the training words,
+    so the first loss is already near the prior's entropy (the speakers collapse started from ln(labels))."""
+    from train.config import load_config
+    from train.loop import fresh_state, prepare
+
+    data = tmp_path / "tagged.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in synthetic_rows(128)))
+    overrides = [*TRAIN[1:], f"data.train_files={data}", "train.prior_bias=true"]
+    setup = prepare(load_config(REPO / TRAIN[0], overrides))
+    bias = np.asarray(fresh_state(setup).params["classifier"]["bias"].value)
+    assert setup.task.labels == ["B-NAME", "B-STAGE", "I-STAGE", "O"]
+    train_rows, _ = examples.split_rows(setup.config.data)
+    tagged = tagging.tagged_arrays(train_rows, setup.config.data, setup.task.labels, setup.tokenizer, 64)
+    kept = np.concatenate([tags[first >= 0] for tags, first in zip(tagged.tags, tagged.positions)])
+    counts = np.bincount(kept, minlength=4) + 1.0  # the words of the training rows, one added to each count
+    np.testing.assert_allclose(bias, np.log(counts / counts.sum()), rtol=1e-6)
+    assert bias.argmax() == 3  # O
+    without = prepare(load_config(REPO / TRAIN[0], overrides[:-1]))
+    assert not np.asarray(fresh_state(without).params["classifier"]["bias"].value).any()

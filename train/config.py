@@ -105,6 +105,9 @@ class TrainConfig:
     mask_rate: float = 0.15  # masked_lm: share of tokens chosen (80% [MASK], 10% random, 10% kept)
     noise_density: float = 0.15  # span_corruption: share of tokens in noise spans
     mean_span: float = 3.0  # span_corruption: mean noise-span length
+    # token_classification: start the classifier bias at the log tag frequencies of the training words, so the
+    # first steps need not shift every token's state to learn the prior (train/data/tagging.py log_prior)
+    prior_bias: bool = False
     log_every: int = 10
     eval_every: int = 200  # 0 disables periodic eval (a final eval still runs)
     eval_batches: int = 8

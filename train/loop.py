@@ -89,6 +89,9 @@ def fresh_state(setup: Setup) -> TrainState:
     """Initial parameters (or ``checkpoint.init_from``'s) and a fresh optimizer state."""
     config, spec = setup.config, setup.spec
     state = init_state(spec, config.model, config.seed)
+    if config.train.prior_bias and getattr(setup.task, "log_prior", None) is not None:
+        bias = state.params["classifier"]["bias"]
+        bias.value = jax.device_put(setup.task.log_prior, bias.value.sharding)
     if not config.checkpoint.init_from:
         return state
     target = restore_target(spec.abstract.params, spec.shardings.params)

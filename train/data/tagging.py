@@ -139,6 +139,13 @@ def tagged_arrays(
     return TaggedArrays(batch, positions, tags)
 
 
+def log_prior(targets: np.ndarray, weights: np.ndarray, num_labels: int) -> np.ndarray:
+    """float32 [num_labels]: log frequency of each label id over the weighted positions of int [N, T]
+    ``targets`` (one added to every count, so an unseen label stays finite)."""
+    counts = np.bincount(targets[weights > 0], minlength=num_labels)[:num_labels] + 1.0
+    return np.log(counts / counts.sum()).astype(np.float32)
+
+
 def word_predictions(predicted: np.ndarray, positions: Sequence[np.ndarray], labels: Sequence[str]) -> list[list[str]]:
     """Per row, the tag predicted for each word: the label of its first sub-word's argmax (``predicted``:
     int [N, T]), ``O`` where the word has no sub-word within ``seq_len``."""

@@ -158,8 +158,10 @@ class ExampleTask:
             self.labels, self.data_config, what = [], d, ""
             make = lambda rows: examples.seq2seq_arrays(rows, d, tokenizer, t.seq_len, t.target_len)
         train, self.val = make(train_rows), make(val_rows)
+        self.log_prior = None  # token_classification: the training tags' log frequencies [num_labels]
         if isinstance(self.val, tagging.TaggedArrays):
             train, self.val_words, self.val = train.arrays, self.val, self.val.arrays
+            self.log_prior = tagging.log_prior(train["targets"], train["weights"], len(self.labels))
         self.batches = examples.example_iterator(
             train, t.batch_size, config.seed, d.shuffle, jax.process_index(), jax.process_count()
         )
