@@ -46,9 +46,9 @@ def main(argv: list[str] | None = None) -> None:
     import numpy as np
 
     from sharding.mesh import make_mesh
-    from train.checkpoint import Checkpoints
-    from train.config import CheckpointConfig, MeshConfig, load_config
-    from train.state import count_params, init_state, make_state_spec
+    from train.checkpoints.store import Checkpoints
+    from train.config.sections import CheckpointConfig, MeshConfig, load_config
+    from train.core.state import count_params, init_state, make_state_spec
 
     path = pathlib.Path(args.preset)
     if not path.is_file():

@@ -36,9 +36,9 @@ def devices_for(topology: str | None) -> list:
 def compile_step(model_cfg: ModelConfig, batch: int, seq_len: int, devices: list) -> Compiled:
     """Lowers and compiles the train step (AdamW, fsdp over all ``devices``) against abstract inputs."""
     from sharding.mesh import make_mesh
-    from train.config import MeshConfig, OptimizerConfig
-    from train.state import make_state_spec
-    from train.step import make_train_step
+    from train.config.sections import MeshConfig, OptimizerConfig
+    from train.core.state import make_state_spec
+    from train.core.step import make_train_step
 
     mesh = make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1), devices)
     spec = make_state_spec(model_cfg, OptimizerConfig(warmup_steps=0), 100, mesh)

@@ -32,9 +32,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batches", type=int, default=100, help="train batches of 16 x 64 to draw after packing")
     args = p.parse_args(argv)
 
-    from train.config import DataConfig
+    from train.config.sections import DataConfig
     from train.data.text import PackedTokens, read_documents, train_iterator
-    from train.tokenizer import load_tokenizer
+    from train.data.tokenizer import load_tokenizer
 
     docs, _ = read_documents(DataConfig(train_files=args.files, val_files="", val_fraction=0.0))
     for name in args.tokenizers.split(","):

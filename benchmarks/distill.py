@@ -124,10 +124,10 @@ def overhead(args) -> None:
     """Median step time of the student with and without the teacher, in alternating blocks."""
     import jax
 
-    from train.config import load_config
+    from train.config.sections import load_config
     from train.data.tasks import global_batch
-    from train.loop import fresh_state, prepare
-    from train.step import make_train_step
+    from train.run.loop import fresh_state, prepare
+    from train.core.step import make_train_step
 
     config = load_config(args.config, [*distill_args(args.teacher, args), *args.overrides])
     setup = prepare(config)

@@ -6,7 +6,7 @@
 Trains each preset twice for ``--steps`` steps (a plain run, then ``lora.rank=--rank`` from the
 plain run's checkpoint through ``checkpoint.init_from``) and sums the files of the step directory
 each saved. A LoRA checkpoint holds the adapters (plus a classifier's head), their optimizer
-state and a reference to the base (train/adapters.py); the plain one the whole model and its
+state and a reference to the base (train/checkpoints/adapters.py); the plain one the whole model and its
 AdamW moments.
 """
 
@@ -31,8 +31,8 @@ def step_bytes(run_dir: pathlib.Path) -> int:
 
 
 def measure(preset: str, steps: int, rank: int, root: pathlib.Path) -> dict:
-    from train.config import load_config
-    from train.loop import run
+    from train.config.sections import load_config
+    from train.run.loop import run
 
     path = pathlib.Path(preset) if pathlib.Path(preset).is_file() else REPO_ROOT / "configs" / f"{preset}.yaml"
     common = [f"train.steps={steps}", "train.eval_every=0", "train.eval_batches=1", "train.sample_tokens=0"]

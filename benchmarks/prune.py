@@ -68,8 +68,8 @@ def _disk(directory: pathlib.Path) -> int:
 
 def _recover(export: pathlib.Path, run_dir: pathlib.Path, record: dict, args, log) -> float:
     """Fine-tunes ``export`` for ``args.steps`` steps in ``run_dir``; returns the seconds it took."""
-    from train.config import load_config
-    from train.loop import run
+    from train.config.sections import load_config
+    from train.run.loop import run
     from train.prune import recovery_overrides
 
     overrides = [
@@ -117,7 +117,7 @@ def speed(exports: list[str], repeats: int) -> None:
     from flax import nnx
 
     from benchmarks.common import machine
-    from train.sources import load_source
+    from train.checkpoints.sources import load_source
 
     tokens = np.random.default_rng(0).integers(0, 2048, (8, 128))
     calls = {}

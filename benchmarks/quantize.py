@@ -83,7 +83,7 @@ def _exports(source: pathlib.Path, tmp: pathlib.Path) -> dict[str, pathlib.Path]
 def _also(args, tmp: pathlib.Path) -> None:
     """Prints eval_bpb of each ``--also`` run and of its int8 export."""
     from train.quantize import quantize_source
-    from train.sources import load_source
+    from train.checkpoints.sources import load_source
 
     for i, run in enumerate(filter(None, args.also.split(","))):
         out = tmp / f"also-{i}"
@@ -99,8 +99,10 @@ def _classifier(args, tmp: pathlib.Path) -> None:
     import jax
     from flax import nnx
 
-    from train import evaluate, scoring
-    from train.sources import load_source
+    from train import evaluate
+
+    from train.evaluation import scoring
+    from train.checkpoints.sources import load_source
 
     setup = evaluate.setup(evaluate.parse_args([args.source]))
     rows = evaluate.rows(setup, "", "val")
@@ -120,7 +122,7 @@ def _models(args, tmp: pathlib.Path) -> dict[str, tuple]:
     """weights -> (model, disk bytes of params/ or None, eval_bpb or None); 'int8+emb': token tables too."""
     from models import build_model
     from models.quant import quantize_model
-    from train.sources import load_source
+    from train.checkpoints.sources import load_source
 
     if not args.source:
         from benchmarks.train_throughput import presets

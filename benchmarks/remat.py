@@ -82,7 +82,7 @@ def _time_steps(result, model_cfg, args) -> dict:
     import numpy as np
 
     from sharding.rules import batch_sharding
-    from train.state import init_state
+    from train.core.state import init_state
 
     state = init_state(result.spec, model_cfg, seed=0)
     tokens = np.random.default_rng(0).integers(0, model_cfg.vocab_size, (args.batch, args.seq_len + 1), np.int32)

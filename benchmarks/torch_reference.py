@@ -3,7 +3,7 @@
     PYTHONPATH=. python benchmarks/torch_reference.py                          # batch 12 and 64, fp32 and auto
     PYTHONPATH=. python benchmarks/torch_reference.py --batch 12 --dtype float32 --repeats 7
 
-Ours is the run's own jitted train step (``train.step.make_train_step``, the code path of
+Ours is the run's own jitted train step (``train.core.step.make_train_step``, the code path of
 ``python -m train``) on the model and optimizer of ``--config`` (default: the default run).
 The reference is a nanoGPT-style eager model of the same shape: pre-LN blocks, fused QKV,
 ``F.scaled_dot_product_attention``, tanh-GELU MLP, tied embeddings, AdamW with the same
@@ -63,7 +63,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def token_windows(config, tokenizer_name: str, seq_len: int, count: int, seed: int = 0) -> tuple[np.ndarray, int]:
     """``count`` random int32 [seq_len + 1] windows of the config's training text, and the tokenizer's vocab."""
-    from train.tokenizer import load_tokenizer
+    from train.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_name)
     paths = sorted(p for pattern in config.data.train_files.split(",") for p in glob.glob(pattern.strip()))
@@ -86,8 +86,8 @@ class Ours:
 
         from sharding.mesh import make_mesh
         from sharding.rules import batch_sharding
-        from train.state import init_state, make_state_spec
-        from train.step import make_train_step
+        from train.core.state import init_state, make_state_spec
+        from train.core.step import make_train_step
 
         mesh = make_mesh(config.mesh)
         spec = make_state_spec(model_cfg, config.optimizer, total_steps, mesh)
@@ -163,7 +163,7 @@ class Torch:
     def __init__(self, config, model_cfg, total_steps: int, threads: int):
         import torch
 
-        from train.optimizer import schedule
+        from train.core.optimizer import schedule
 
         torch.set_num_threads(threads)
         self.torch = torch
@@ -205,8 +205,8 @@ def _timed(model, batches: list[np.ndarray], n: int) -> tuple[float, float]:
 
 
 def compare(args: argparse.Namespace, batch: int, dtype: str) -> dict:
-    from train.config import load_config
-    from train.precision import resolve_compute_dtype
+    from train.config.sections import load_config
+    from train.core.precision import resolve_compute_dtype
 
     config = load_config(args.config, [*args.overrides, f"model.compute_dtype={dtype}"])
     windows, vocab = token_windows(config, args.tokenizer or config.data.tokenizer, args.seq_len, 8 * batch)
@@ -267,7 +267,7 @@ def _machine() -> dict:
     import jax
     import torch
 
-    from train.precision import cpu_flags
+    from train.core.precision import cpu_flags
 
     flags = cpu_flags()
     model = next((line.split(":", 1)[1].strip() for line in _cpuinfo_lines() if line.startswith("model name")), "")

@@ -134,9 +134,9 @@ def load_preset(name: str):
         path = REPO_ROOT / "configs" / f"{name}.yaml"
     if not path.is_file():
         sys.exit(f"error: preset '{name}' is neither one of {', '.join(table)} nor a YAML config; pick one of those")
-    from train.config import load_config
-    from train.precision import resolve_compute_dtype
-    from train.tokenizer import load_tokenizer
+    from train.config.sections import load_config
+    from train.core.precision import resolve_compute_dtype
+    from train.data.tokenizer import load_tokenizer
 
     cfg = load_config(path)
     model = resolve_compute_dtype(cfg.model)
@@ -172,10 +172,10 @@ def run_one(preset: str, sizes: tuple[int, int, int], args: argparse.Namespace) 
     from sharding.fit import check_fits
     from sharding.mesh import make_mesh
     from sharding.rules import batch_sharding
-    from train import metrics
-    from train.config import ConfigError, MeshConfig, OptimizerConfig
-    from train.state import count_params, init_state, make_state_spec
-    from train.step import make_train_step
+    from train.core import flops as metrics
+    from train.config.sections import ConfigError, MeshConfig, OptimizerConfig
+    from train.core.state import count_params, init_state, make_state_spec
+    from train.core.step import make_train_step
 
     model_cfg, batch, seq_len = model_for(preset, args)
     mesh = make_mesh(MeshConfig(data=sizes[0], fsdp=sizes[1], tensor=sizes[2]))

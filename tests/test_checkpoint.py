@@ -20,15 +20,15 @@ import pytest
 from models.config import ModelConfig
 from sharding.mesh import make_mesh
 from train import export
-from train.checkpoint import (
+from train.checkpoints.store import (
     CheckpointError,
     Checkpoints,
     params_only,
     restore_target,
 )
-from train.config import CheckpointConfig, ConfigError, MeshConfig, OptimizerConfig
-from train.manifest import fingerprints
-from train.state import init_state, make_state_spec
+from train.config.sections import CheckpointConfig, ConfigError, MeshConfig, OptimizerConfig
+from train.checkpoints.manifest import fingerprints
+from train.core.state import init_state, make_state_spec
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 TINY = ModelConfig(vocab_size=384, d_model=64, n_layers=2, n_heads=4, d_ff=128, max_seq_len=32, compute_dtype="float32")
@@ -119,9 +119,9 @@ def test_fingerprints_are_the_same_on_every_mesh_and_see_any_single_changed_bit(
 
 KILLED_CHILD = """
 import sys, pathlib, jax.numpy as jnp
-from train.checkpoint import Checkpoints
-from train.manifest import fingerprints
-from train.config import CheckpointConfig
+from train.checkpoints.store import Checkpoints
+from train.checkpoints.manifest import fingerprints
+from train.config.sections import CheckpointConfig
 checkpoints = Checkpoints(pathlib.Path(sys.argv[1]), CheckpointConfig(keep=5, async_save=True))
 checkpoints.save(1, {"w": jnp.full((256,), 1.0)}, {"position": 1}, {"model": {}})
 checkpoints.wait()

@@ -17,10 +17,10 @@ import sys
 
 import pytest
 
-from train.config import load_config
-from train.loop import resolve_model
-from train.optimizer import schedule
-from train.tokenizer import ByteTokenizer
+from train.config.sections import load_config
+from train.run.loop import resolve_model
+from train.core.optimizer import schedule
+from train.data.tokenizer import ByteTokenizer
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 GPT2 = "configs/tiny-gpt2.yaml"

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from models.config import ModelConfig
-from train.config import Config, ConfigError, load_config
+from train.config.sections import Config, ConfigError, load_config
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 TINY = REPO / "configs" / "tiny-gpt2.yaml"

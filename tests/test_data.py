@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from train import train_tokenizer
-from train.config import ConfigError, DataConfig
+from train.config.sections import ConfigError, DataConfig
 from train.data.text import PackedTokens, eval_batches, read_documents, train_iterator
-from train.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
+from train.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 PLAYS = str(REPO / "data" / "shakespeare" / "*.txt")

@@ -21,13 +21,13 @@ from test_resume import GPT2
 from models import build_model
 from sharding.mesh import make_mesh
 from train import export
-from train.checkpoint import restore_target
-from train.config import ConfigError, MeshConfig, OptimizerConfig, load_config
-from train.distill_loss import TeacherSpec, kl_per_position
-from train.sources import load_source, shardings_for
-from train.state import init_state, make_state_spec
-from train.step import make_train_step
-from train.warm_start import warm_start
+from train.checkpoints.store import restore_target
+from train.config.sections import ConfigError, MeshConfig, OptimizerConfig, load_config
+from train.compress.distill_loss import TeacherSpec, kl_per_position
+from train.checkpoints.sources import load_source, shardings_for
+from train.core.state import init_state, make_state_spec
+from train.core.step import make_train_step
+from train.checkpoints.warm_start import warm_start
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 TINY = {"d_model": 32, "d_ff": 64, "n_heads": 4, "vocab_size": 128, "compute_dtype": "float32", "max_seq_len": 16}

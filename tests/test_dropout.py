@@ -17,9 +17,9 @@ from flax import nnx
 from models import build_model
 from models.dot_attention import dot_product_attention
 from sharding.mesh import make_mesh
-from train.config import ConfigError, MeshConfig, OptimizerConfig, load_config
-from train.state import init_state, make_state_spec
-from train.step import make_train_step
+from train.config.sections import ConfigError, MeshConfig, OptimizerConfig, load_config
+from train.core.state import init_state, make_state_spec
+from train.core.step import make_train_step
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 ON = {"dropout": 0.2, "attention_dropout": 0.2, "attention": "recompute"}

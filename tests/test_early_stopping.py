@@ -23,9 +23,9 @@ from flax import nnx
 
 from train import evaluate, export
 from train.__main__ import main as train_main
-from train.best import Best
-from train.checkpoint import CheckpointError, Checkpoints, best_params, restore_target
-from train.config import CheckpointConfig, ConfigError, load_config
+from train.checkpoints.best import Best
+from train.checkpoints.store import CheckpointError, Checkpoints, best_params, restore_target
+from train.config.sections import CheckpointConfig, ConfigError, load_config
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 PLAYS = REPO / "data" / "shakespeare"

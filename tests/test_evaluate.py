@@ -11,11 +11,13 @@ import pathlib
 import numpy as np
 import pytest
 
-from train import evaluate, report
+from train import evaluate
+
+from train.evaluation import report
 from train.__main__ import main as train_main
 from train.data.text import PackedTokens
-from train.scoring import causal_windows
-from train.tokenizer import ByteTokenizer, encode_with_bytes, load_tokenizer
+from train.evaluation.scoring import causal_windows
+from train.data.tokenizer import ByteTokenizer, encode_with_bytes, load_tokenizer
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 PLAYS = REPO / "data" / "shakespeare"
@@ -67,7 +69,7 @@ def test_hugging_face_tokenizer_neither_pads_nor_truncates():
 
 
 def test_a_test_split_takes_whole_documents_out_of_training_and_leaves_validation_mostly_alone():
-    from train.config import DataConfig
+    from train.config.sections import DataConfig
     from train.data.text import read_documents, test_documents
 
     plays = str(PLAYS / "*.txt")
@@ -153,7 +155,7 @@ def test_an_export_scores_as_its_run(gpt_run, capsys, tmp_path):
 
 @pytest.mark.parametrize("preset", ["tiny-bert", "tiny-t5"])
 def test_masked_lm_and_span_corruption_score_as_the_trainer(preset, capsys, tmp_path):
-    from train.config import load_config
+    from train.config.sections import load_config
     from train.data.objectives import raw_length
 
     t = load_config(REPO / "configs" / f"{preset}.yaml").train
@@ -247,7 +249,7 @@ def test_a_classifier_reports_what_the_trainer_reported_with_a_table_and_a_confu
 
 
 def test_the_test_split_is_whole_plays_training_never_read_and_is_reported_on(classifier_run, capsys, tmp_path):
-    from train.config import load_config
+    from train.config.sections import load_config
     from train.data.examples import split_rows
 
     config = load_config(classifier_run / "config.yaml")

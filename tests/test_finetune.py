@@ -23,7 +23,7 @@ from cli_runs import Run, in_one_process
 
 from models import build_model, hf
 from models.config import ModelConfig
-from train import packages
+from train.config import packages
 from train.export import export
 
 REPO = pathlib.Path(__file__).resolve().parent.parent

@@ -144,7 +144,7 @@ def test_sampling_keeps_only_the_top_k_and_the_nucleus():
 def test_sharded_generation_equals_one_device_and_the_cache_is_sharded(tmp_path):
     from sharding.mesh import make_mesh
     from sharding.rules import RULES, activation_context
-    from train.config import MeshConfig
+    from train.config.sections import MeshConfig
 
     assert jax.device_count() >= 8, "conftest asks for 8 fake CPU devices"
     torch.manual_seed(0)
@@ -183,7 +183,7 @@ def test_generation_refuses_encoders_and_sequences_past_learned_positions(pair):
 
 def test_cli_streams_the_greedy_continuation_and_refuses_bad_sources(tmp_path, capsys):
     from train.generate import main
-    from train.tokenizer import ByteTokenizer
+    from train.data.tokenizer import ByteTokenizer
 
     torch.manual_seed(0)
     config = transformers.GPT2Config(vocab_size=257, n_positions=40, n_embd=32, n_layer=2, n_head=4)

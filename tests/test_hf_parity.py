@@ -211,7 +211,7 @@ def test_import_onto_fsdp_tensor_mesh_shards_every_parameter_and_keeps_logits(na
         return
     from sharding.mesh import make_mesh
     from sharding.rules import RULES, activation_context
-    from train.config import MeshConfig
+    from train.config.sections import MeshConfig
 
     case = CASES[name]
     torch.manual_seed(0)
@@ -288,7 +288,7 @@ def test_cli_import_then_export_writes_the_same_weights(name, tmp_path):
     torch.manual_seed(0)
     getattr(transformers, CASES[name].auto).from_config(CASES[name].config()).save_pretrained(tmp_path / "hf")
     assert export_cli([str(tmp_path / "hf"), str(tmp_path / "ckpt"), "--format", "checkpoint"]) == 0
-    from train.config import load_config
+    from train.config.sections import load_config
 
     assert load_config(tmp_path / "ckpt" / "config.yaml").model.vocab_size > 0  # a config the trainer accepts
     assert export_cli([str(tmp_path / "ckpt"), str(tmp_path / "out"), "--format", "hf"]) == 0

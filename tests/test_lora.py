@@ -18,9 +18,9 @@ from models import build_model, hf, lora
 from models.config import ConfigError, ModelConfig
 from sharding.mesh import make_mesh
 from train import export
-from train.config import MeshConfig, OptimizerConfig
-from train.freeze import Freeze, param_path
-from train.state import count_params, make_state_spec
+from train.config.sections import MeshConfig, OptimizerConfig
+from train.core.freeze import Freeze, param_path
+from train.core.state import count_params, make_state_spec
 
 R = 4
 ATTN_AND_MLP = "(.*/)?(attn/(q|k|v|o)|mlp/(wi|wo))"

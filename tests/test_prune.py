@@ -21,12 +21,12 @@ from flax import nnx, traverse_util
 from models import abstract_model, build_model
 from models.config import ConfigError, ModelConfig
 from train import prune as prune_cli
-from train.callbacks import Callback
-from train.config import PruneConfig
+from train.run.callbacks import Callback
+from train.config.sections import PruneConfig
 from train.export import write_params
-from train.shrink import shrink_heads, shrink_neurons
-from train.sources import load_source
-from train.sparsity import pruning_steps, sparsity_at
+from train.compress.structured import shrink_heads, shrink_neurons
+from train.checkpoints.sources import load_source
+from train.compress.magnitude import pruning_steps, sparsity_at
 
 GPT2 = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, d_ff=48, max_seq_len=16, compute_dtype="float32")
 LLAMA = dataclasses.replace(
@@ -113,9 +113,9 @@ def test_magnitude_pruning_zeroes_exactly_round_s_n_of_the_smallest(scope):
 
 def test_masks_are_sharded_like_their_parameters_on_the_stacked_layers():
     from sharding.mesh import MeshConfig, make_mesh
-    from train.config import OptimizerConfig
-    from train.freeze import param_path
-    from train.state import make_state_spec
+    from train.config.sections import OptimizerConfig
+    from train.core.freeze import param_path
+    from train.core.state import make_state_spec
 
     cfg = dataclasses.replace(LLAMA, scan_layers=True)
     mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
@@ -237,8 +237,8 @@ def exports(tmp_path_factory) -> dict[str, pathlib.Path]:
 
 
 def test_prune_cli_writes_a_smaller_export_that_loads_and_warm_starts(exports, tmp_path, capsys):
-    from train.checkpoint import restore_target
-    from train.warm_start import warm_start
+    from train.checkpoints.store import restore_target
+    from train.checkpoints.warm_start import warm_start
 
     out = tmp_path / "neurons"
     assert prune_cli.main([str(exports["gpt2"]), str(out), "--method", "neurons", "--sparsity", "0.5"]) == 0
@@ -288,7 +288,7 @@ def test_prune_cli_refuses_bad_requests_with_one_error_line(exports, tmp_path, c
 
 
 def test_prune_config_errors_name_the_key():
-    from train.config import load_config
+    from train.config.sections import load_config
 
     with pytest.raises(ConfigError, match=r"prune.sparsity=1.5 must be in \[0, 1\)"):
         load_config(None, ["prune.sparsity=1.5"])

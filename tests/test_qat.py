@@ -21,8 +21,8 @@ from sharding.mesh import MeshConfig, make_mesh
 from train import evaluate
 from train import quantize as quantize_cli
 from train.__main__ import main as train_main
-from train.checkpoint import config_mismatch
-from train.sources import load_source, shardings_for
+from train.checkpoints.store import config_mismatch
+from train.checkpoints.sources import load_source, shardings_for
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 PLAYS = REPO / "data" / "shakespeare"

@@ -22,7 +22,7 @@ from train import evaluate
 from train import quantize as quantize_cli
 from train.__main__ import main as train_main
 from train.export import load
-from train.sources import load_source, shardings_for
+from train.checkpoints.sources import load_source, shardings_for
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 PLAYS = REPO / "data" / "shakespeare"

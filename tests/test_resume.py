@@ -25,7 +25,7 @@ from cli_runs import Run, in_this_process, read_jsonl, run_dir
 from flax import nnx
 
 from train import export
-from train.callbacks import Callback
+from train.run.callbacks import Callback
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 

@@ -17,11 +17,11 @@ from jax.sharding import NamedSharding, PartitionSpec
 from sharding.fit import check_fits
 from sharding.mesh import make_mesh, resolve_shape
 from sharding.rules import MESH_AXES, RULES
-from train.config import ConfigError, MeshConfig, load_config
-from train.loop import resolve_model
-from train.state import init_state, make_state_spec
-from train.tokenizer import ByteTokenizer
-from train.validate import fit_sizes
+from train.config.sections import ConfigError, MeshConfig, load_config
+from train.run.loop import resolve_model
+from train.core.state import init_state, make_state_spec
+from train.data.tokenizer import ByteTokenizer
+from train.config.validate import fit_sizes
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 PRESETS = {"gpt2": REPO / "configs" / "tiny-gpt2.yaml", "llama": REPO / "configs" / "tiny-llama.yaml"}

@@ -19,12 +19,12 @@ import grain
 import numpy as np
 import pytest
 
-from train.config import ConfigError, DataConfig, load_config
+from train.config.sections import ConfigError, DataConfig, load_config
 from train.data import tfds_build
 from train.data.pipeline import endless
 from train.data.text import eval_batches
 from train.data.tfds_source import as_text, open_tfds
-from train.tokenizer import ByteTokenizer
+from train.data.tokenizer import ByteTokenizer
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 PLAYS = REPO / "data" / "shakespeare"

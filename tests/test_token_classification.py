@@ -14,11 +14,12 @@ from flax import nnx, traverse_util
 
 from models import build_model, hf
 from models.config import ModelConfig
-from train import evaluate, scores
-from train.config import DataConfig
+from train import evaluate
+from train.evaluation import scores
+from train.config.sections import DataConfig
 from train.data import examples, speakers, tagging
 from train.data.files import Row
-from train.tokenizer import load_tokenizer
+from train.data.tokenizer import load_tokenizer
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 LABELS = ["O", "B-NAME", "I-NAME", "B-STAGE", "I-STAGE"]
@@ -307,8 +308,8 @@ def test_log_prior_counts_the_weighted_positions_only():
 def test_prior_bias_starts_the_classifier_at_the_training_tag_frequencies(tmp_path):
     """A fresh state with train.prior_bias: the classifier bias is the log tag prior of the training words,
     so the first loss is already near the prior's entropy (the speakers collapse started from ln(labels))."""
-    from train.config import load_config
-    from train.loop import fresh_state, prepare
+    from train.config.sections import load_config
+    from train.run.loop import fresh_state, prepare
 
     data = tmp_path / "tagged.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in synthetic_rows(128)))

@@ -18,12 +18,12 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from sharding.mesh import make_mesh
-from train.config import MeshConfig, load_config
+from train.config.sections import MeshConfig, load_config
 from train.data.text import PackedTokens, read_documents, train_iterator
-from train.loop import resolve_model
-from train.state import init_state, make_state_spec
-from train.step import make_train_step
-from train.tokenizer import ByteTokenizer
+from train.run.loop import resolve_model
+from train.core.state import init_state, make_state_spec
+from train.core.step import make_train_step
+from train.data.tokenizer import ByteTokenizer
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 PRESET = REPO / "configs" / "tiny-llama.yaml"  # GQA, RoPE, SwiGLU, untied head: the most to shard

@@ -18,7 +18,7 @@ import optuna
 import pytest
 
 from train.__main__ import main as train_main
-from train.config import load_config
+from train.config.sections import load_config
 from train.tune.__main__ import main
 from train.tune.search import EVAL_METRICS, load_search
 

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from train import cli
-from train.config import Config, ConfigError, load_config
+from train.config.sections import Config, ConfigError, load_config
 
 USAGE = "usage: python -m train [CONFIG.yaml] [section.key=value ...]"
 
@@ -38,8 +38,8 @@ def main(argv: list[str], callbacks: Sequence = ()) -> int:
 
     def command() -> None:
         config = load_config(path, overrides)
-        from train.distributed import initialize  # imports jax: after the config is valid
-        from train.loop import run
+        from train.run.distributed import initialize  # imports jax: after the config is valid
+        from train.run.loop import run
 
         cli.start_jax()
         initialize(config.run)

@@ -21,7 +21,7 @@ def start_jax() -> None:
     Orbax's absl warnings (e.g. about read-only checkpoint directories)."""
     from absl import logging as absl_logging
 
-    from train.distributed import select_platforms
+    from train.run.distributed import select_platforms
 
     absl_logging.set_verbosity(absl_logging.ERROR)
     select_platforms()

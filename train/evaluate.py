@@ -1,7 +1,7 @@
 """``python -m train.evaluate SOURCE [--best] [--files F1,F2,...] [--seq-len N] [--stride N] [--batch N] [--split S]``
 
 Scores a saved model (a run directory, an export directory or a Hugging Face model directory,
-train/sources.py) on text and prints one JSON line. ``--best``: a run's best checkpoint
+train/checkpoints/sources.py) on text and prints one JSON line. ``--best``: a run's best checkpoint
 (``checkpoint.keep_best``) instead of its newest step; the line then holds the checkpoint's ``step``.
 
 - Causal LMs: every token of the files after the first is predicted exactly once, from
@@ -35,14 +35,14 @@ import sys
 from typing import TYPE_CHECKING
 
 from train import cli
-from train.config import Config, ConfigError
-from train.validate import EXAMPLE_OBJECTIVES, PRETRAINING_OBJECTIVE
+from train.config.sections import Config, ConfigError
+from train.config.validate import EXAMPLE_OBJECTIVES, PRETRAINING_OBJECTIVE
 
 if TYPE_CHECKING:
     from jax.sharding import Mesh
 
-    from train.sources import Source
-    from train.tokenizer import Tokenizer
+    from train.checkpoints.sources import Source
+    from train.data.tokenizer import Tokenizer
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -79,7 +79,7 @@ class Setup:
 def setup(args: argparse.Namespace) -> Setup:
     from sharding.rules import BATCH_AXES
     from train.data.files import match_files
-    from train.sources import load_source, source_mesh, source_tokenizer
+    from train.checkpoints.sources import load_source, source_mesh, source_tokenizer
 
     if args.files:
         match_files(args.files, "--files")  # before the model loads
@@ -141,7 +141,7 @@ def _need_run(s: Setup, split: str) -> None:
 
 def evaluate(args: argparse.Namespace) -> dict:
     """The JSON record for ``args``; classifiers also print their table and write the PNG."""
-    from train import scoring
+    from train.evaluation import scoring
 
     s = setup(args)
     if s.config.train.objective in EXAMPLE_OBJECTIVES:

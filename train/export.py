@@ -51,7 +51,7 @@ def read_model(src: pathlib.Path, best: bool = False) -> tuple[str, ModelConfig,
     from flax import nnx
 
     from models import abstract_model, hf
-    from train.checkpoint import best_params, newest_params, restore_target
+    from train.checkpoints.store import best_params, newest_params, restore_target
 
     if hf.is_model_dir(src):
         if best:
@@ -84,7 +84,7 @@ def write_params(params, cfg: ModelConfig, out_dir: pathlib.Path, tokenizer=None
     import orbax.checkpoint as ocp
     from flax import nnx
 
-    from train.tokenizer import HFTokenizer
+    from train.data.tokenizer import HFTokenizer
 
     out_dir.mkdir(parents=True, exist_ok=True)
     with ocp.StandardCheckpointer() as checkpointer:
@@ -98,9 +98,9 @@ def write_params(params, cfg: ModelConfig, out_dir: pathlib.Path, tokenizer=None
 def write_checkpoint(params, cfg: ModelConfig, out_dir: pathlib.Path) -> None:
     import yaml
 
-    from train.checkpoint import Checkpoints
-    from train.config import CheckpointConfig, Config, DataConfig, TrainConfig
-    from train.validate import PRETRAINING_OBJECTIVE
+    from train.checkpoints.store import Checkpoints
+    from train.config.sections import CheckpointConfig, Config, DataConfig, TrainConfig
+    from train.config.validate import PRETRAINING_OBJECTIVE
 
     # a config the trainer accepts for this model: its pre-training objective (or its head's) at a length it holds
     classifier = cfg.head != "lm"
@@ -151,7 +151,7 @@ def _run_labels(src: pathlib.Path, cfg: ModelConfig) -> list[str]:
     """A classifier run's label names (its config.yaml's ``data.labels``), for the HF ``id2label``; else []."""
     import yaml
 
-    from train.validate import split_labels
+    from train.config.validate import split_labels
 
     config = src / "config.yaml"
     if cfg.head == "lm" or not config.is_file():
@@ -167,7 +167,7 @@ def load(out_dir: pathlib.Path) -> tuple[ModelConfig, object]:
     from flax import nnx
 
     from models import abstract_model
-    from train.checkpoint import restore_target
+    from train.checkpoints.store import restore_target
 
     out_dir = pathlib.Path(out_dir).absolute()
     if not (out_dir / "model.json").is_file() or not (out_dir / "params").is_dir():

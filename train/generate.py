@@ -2,7 +2,7 @@
 [--top-p P] [--seed S] [--num-samples N] [--tokenizer DIR]``
 
 Continues ``--prompt`` with a saved model (a run directory, an export directory or a Hugging Face
-model directory with its tokenizer, train/sources.py), decoding from the KV cache
+model directory with its tokenizer, train/checkpoints/sources.py), decoding from the KV cache
 (``models.generate``). One sample is streamed to stdout as it is decoded (every 16 tokens);
 several (``--num-samples``) are printed one after another once decoded, each after a
 ``--- sample i ---`` line. Decoders print the prompt and its continuation; T5 reads the prompt
@@ -23,7 +23,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from train import cli
-from train.config import ConfigError, MeshConfig, load_config
+from train.config.sections import ConfigError, MeshConfig, load_config
 
 CHUNK = 16  # tokens decoded between two writes to stdout
 DEFAULT_NEW_TOKENS = 200
@@ -85,8 +85,8 @@ def samples(args: argparse.Namespace) -> Iterator[tuple[int, str]]:
     """(sample index, text to print next): a decoder's prompt, then each sample's text as it is decoded."""
     from models.generate import stream
     from sharding.rules import BATCH_AXES, activation_context
-    from train.sources import check_tokenizer, load_source
-    from train.tokenizer import load_tokenizer
+    from train.checkpoints.sources import check_tokenizer, load_source
+    from train.data.tokenizer import load_tokenizer
 
     mesh = _mesh(args.source)
     source = load_source(args.source, mesh=mesh)

@@ -1,8 +1,8 @@
 """``python -m train.prune SOURCE OUT --method magnitude|heads|neurons --sparsity S [--scope global|layer]``.
 
 SOURCE is a run directory (its newest intact checkpoint), an export or a Hugging Face model directory
-(train/sources.py). OUT gets the layout of ``python -m train.export`` (``model.json`` + ``params/``),
-which ``train.evaluate``, ``train.generate``, ``train.sources.load_source`` and ``checkpoint.init_from``
+(train/checkpoints/sources.py). OUT gets the layout of ``python -m train.export`` (``model.json`` + ``params/``),
+which ``train.evaluate``, ``train.generate``, ``train.checkpoints.sources.load_source`` and ``checkpoint.init_from``
 read, plus ``prune.json`` (what was done), and SOURCE's Hugging Face tokenizer if it has one.
 
 --method magnitude
@@ -12,7 +12,7 @@ read, plus ``prune.json`` (what was done), and SOURCE's Hugging Face tokenizer i
     pruned). Dense kernels do the same work with zeros, so this saves no time or memory by itself.
 --method neurons
     Removes round(S * d_ff) MLP neurons of every layer, the least important by weight norm
-    (train/shrink.py): a smaller ``d_ff``.
+    (train/compress/structured.py): a smaller ``d_ff``.
 --method heads
     Removes round(S * n_heads) attention heads of every layer (whole key/value groups under
     grouped-query attention: round(S * n_kv_heads) groups): smaller ``n_heads`` / ``n_kv_heads``,
@@ -65,8 +65,8 @@ def magnitude(params, cfg: ModelConfig, sparsity: float, scope: str, pattern: st
     import jax.numpy as jnp
     from flax import nnx, traverse_util
 
-    from train.freeze import param_path
-    from train.sparsity import group_sizes, magnitude_masks, targets, zeros_for
+    from train.core.freeze import param_path
+    from train.compress.magnitude import group_sizes, magnitude_masks, targets, zeros_for
 
     layer_axes = targets(nnx.get_partition_spec(params), pattern)
     if not layer_axes:
@@ -84,14 +84,14 @@ def magnitude(params, cfg: ModelConfig, sparsity: float, scope: str, pattern: st
 
 def taylor_contributions(source, batches: int) -> dict:
     """path -> [L, rows] mean over ``batches`` training batches of |<dL/dW_r, W_r>| for every output row r
-    of each stack's ``mlp/wo`` and ``attn/o`` kernels (train/shrink.py ``taylor_scores``)."""
+    of each stack's ``mlp/wo`` and ``attn/o`` kernels (train/compress/structured.py ``taylor_scores``)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
     from flax import nnx, traverse_util
 
     from train.data.tasks import make_task
-    from train.step import summed_loss
+    from train.core.step import summed_loss
 
     if source.run_config is None:
         raise ConfigError(
@@ -136,10 +136,10 @@ def prune_source(
     import orbax.checkpoint as ocp
     from flax import nnx, traverse_util
 
-    from train.config import PruneConfig
+    from train.config.sections import PruneConfig
     from train.export import new_out_dir, write_params
-    from train.shrink import METHODS as SHRINK
-    from train.sources import load_source
+    from train.compress.structured import METHODS as SHRINK
+    from train.checkpoints.sources import load_source
 
     out_dir = new_out_dir(out_dir)
     source = load_source(src)

@@ -19,13 +19,13 @@ from collections.abc import Sequence
 import grain
 import numpy as np
 
-from train.config import ConfigError, DataConfig
+from train.config.sections import ConfigError, DataConfig
 from train.data import objectives
 from train.data.files import Row, read_rows
 from train.data.pipeline import batch_iterator
 from train.data.split import require_test_split, split_data
-from train.tokenizer import Tokenizer
-from train.validate import split_labels
+from train.data.tokenizer import Tokenizer
+from train.config.validate import split_labels
 
 Arrays = dict[str, np.ndarray]  # every array has the examples on its leading axis
 

@@ -8,7 +8,7 @@ import json
 import os
 from collections.abc import Sequence
 
-from train.config import ConfigError
+from train.config.sections import ConfigError
 
 
 def match_files(patterns: str, key: str) -> list[str]:

@@ -1,5 +1,5 @@
 """Training objectives: host-side numpy transforms from token rows (or pairs) to the batch a
-model family's ``forward`` reads, plus ``targets`` and ``weights`` for the loss in train/step.py.
+model family's ``forward`` reads, plus ``targets`` and ``weights`` for the loss in train/core/step.py.
 
     masked_lm(tokens, mask_id=..., vocab_size=..., seed=(seed, step))   # encoder (BERT)
     span_corruption(tokens, vocab_size=..., seed=(seed, step))          # encoder_decoder (T5)

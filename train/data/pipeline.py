@@ -26,7 +26,7 @@ import grain
 import numpy as np
 
 from sharding.fit import process_problems
-from train.config import ConfigError
+from train.config.sections import ConfigError
 
 # The records are in memory: reading ahead in one thread is cheap; more threads contend for the GIL.
 IN_MEMORY = grain.ReadOptions(num_threads=1, prefetch_buffer_size=8)

@@ -21,7 +21,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
-from train.config import ConfigError, DataConfig
+from train.config.sections import ConfigError, DataConfig
 from train.data.files import match_files
 
 T = TypeVar("T")

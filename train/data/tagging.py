@@ -20,12 +20,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from train.config import ConfigError, DataConfig
+from train.config.sections import ConfigError, DataConfig
 from train.data.examples import markers
 from train.data.files import Row
 from train.data.objectives import classification
-from train.scores import entity_scores
-from train.tokenizer import ByteTokenizer, Tokenizer
+from train.evaluation.scores import entity_scores
+from train.data.tokenizer import ByteTokenizer, Tokenizer
 
 OUTSIDE = "O"  # the tag of a word that belongs to no entity
 

@@ -21,15 +21,15 @@ import numpy as np
 
 from models.config import ModelConfig
 from sharding.rules import batch_sharding
-from train import scores
-from train.config import Config, ConfigError
+from train.evaluation import scores
+from train.config.sections import Config, ConfigError
 from train.data import examples, tagging
 from train.data.objectives import raw_length, text_objective
 from train.data.text import PackedTokens, eval_batches, read_documents, train_iterator
 from train.data.tfds_source import open_tfds
-from train.step import make_eval_step, make_predict_step
-from train.tokenizer import Tokenizer
-from train.validate import EXAMPLE_OBJECTIVES
+from train.core.step import make_eval_step, make_predict_step
+from train.data.tokenizer import Tokenizer
+from train.config.validate import EXAMPLE_OBJECTIVES
 
 EVAL_SEED_OFFSET = 2**31  # eval batches draw objective randomness apart from any train step
 

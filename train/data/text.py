@@ -19,11 +19,11 @@ from collections.abc import Sequence
 import grain
 import numpy as np
 
-from train.config import ConfigError, DataConfig
+from train.config.sections import ConfigError, DataConfig
 from train.data.files import read_rows, read_text
 from train.data.pipeline import batch_iterator
 from train.data.split import require_test_split, split_data
-from train.tokenizer import Tokenizer, encode_with_bytes
+from train.data.tokenizer import Tokenizer, encode_with_bytes
 
 Batch = dict[str, np.ndarray]  # {'inputs': int32[B, T], 'targets': int32[B, T]}
 

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 
 import tensorflow_datasets as tfds
 
-from train.config import ConfigError, DataConfig
+from train.config.sections import ConfigError, DataConfig
 from train.data.split import SplitKeys, train_val_split
 from train.data.text import documents_in
 

@@ -32,10 +32,10 @@ from typing import Any
 import grain
 import numpy as np
 
-from train.config import ConfigError, DataConfig
+from train.config.sections import ConfigError, DataConfig
 from train.data.pipeline import batch_iterator
 from train.data.text import Batch, PackedTokens, split_batch
-from train.tokenizer import Tokenizer
+from train.data.tokenizer import Tokenizer
 
 BUILD_HINT = (
     "prepare it there (tfds build NAME --data_dir=DIR --file_format=array_record, online; or python -m "

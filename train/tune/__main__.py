@@ -13,7 +13,7 @@ import pathlib
 import sys
 
 from train import cli
-from train.config import ConfigError, config_tree, load_config
+from train.config.sections import ConfigError, config_tree, load_config
 
 USAGE = "usage: python -m train.tune CONFIG.yaml SEARCH.yaml [section.key=value ...]"
 

@@ -15,7 +15,7 @@ import warnings
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from train.config import save_config
+from train.config.sections import save_config
 from train.tune.search import Search
 from train.tune.trial import trial_config
 

@@ -2,7 +2,7 @@
 
 ``load_search(path, base_tree)`` returns a checked ``Search``; anything wrong raises ``ConfigError``
 naming the key, before any trial runs. Space keys are checked by the config loader itself
-(``train.config.build_config``), so a key or a value type the trainer would refuse is refused here.
+(``train.config.sections.build_config``), so a key or a value type the trainer would refuse is refused here.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import math
 import pathlib
 from typing import Any
 
-from train.config import ConfigError, apply_overrides, build_config, load_yaml
-from train.validate import EVAL_METRICS, MAXIMIZED, close_match
+from train.config.sections import ConfigError, apply_overrides, build_config, load_yaml
+from train.config.validate import EVAL_METRICS, MAXIMIZED, close_match
 
 SAMPLERS = ("tpe", "random", "grid", "cmaes")
 PRUNERS = ("median", "hyperband", "none")

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import optuna
 from optuna.trial import TrialState
 
-from train.config import ConfigError
+from train.config.sections import ConfigError
 from train.tune import liveness
 from train.tune.search import Search
 from train.tune.trial import TrialFailed, run_trial

@@ -16,8 +16,8 @@ import traceback
 
 import optuna
 
-from train.callbacks import Callback
-from train.config import Config, ConfigError, apply_overrides, build_config, validate
+from train.run.callbacks import Callback
+from train.config.sections import Config, ConfigError, apply_overrides, build_config, validate
 from train.tune.liveness import Heartbeat
 from train.tune.search import Search, override
 
@@ -72,7 +72,7 @@ def _fail(trial: optuna.Trial, reason: str, kind: type[TrialFailed] = TrialFaile
 def run_trial(trial: optuna.Trial, search: Search, base_tree: dict, study_dir: pathlib.Path) -> float:
     """Samples, trains and returns the trial's metric; raises ``TrialPruned`` or ``TrialFailed``."""
     from train.__main__ import check_backend
-    from train.loop import run
+    from train.run.loop import run
 
     params = {p.key: p.suggest(trial) for p in search.space}
     run_dir = study_dir / f"trial-{trial.number:04d}"

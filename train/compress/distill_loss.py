@@ -50,7 +50,7 @@ def teacher_probs(teacher_logits: jax.Array, temperature: float, top_k: int = 0)
 def soft_cross_entropy(logits: jax.Array, probs: jax.Array, temperature: float) -> jax.Array:
     """logits [..., classes] float32, target probabilities [..., classes] -> float32 [...]
     ``-sum_v probs_v log softmax(logits / T)_v``, with the hand-written gradient ``(q - probs) / T``
-    (one elementwise pass, as train/step.py's cross_entropy); ``probs`` gets none."""
+    (one elementwise pass, as train/core/step.py's cross_entropy); ``probs`` gets none."""
     return _soft_fwd(logits, probs, temperature)[0]
 
 

@@ -4,11 +4,11 @@ A LoRA run (``lora.rank > 0``) trains its adapters (and a classifier's fresh hea
 parameter is its base, kept whole: what ``checkpoint.init_from`` restored, or, without it, the
 seeded random init of the model config. Its checkpoints hold ``TrainState(step, params=<the
 trainable parameters, nested dicts keyed by path part>, opt_state)`` (the optimizer holds state
-for the trainable parameters only, train/freeze.py) and the JSON item ``base``::
+for the trainable parameters only, train/core/freeze.py) and the JSON item ``base``::
 
     {"init_from": "/abs/runs/base" (or ""), "seed": 0, "fingerprint": "<SHA-256>", "params": 12345}
 
-``fingerprint`` is the SHA-256 of the fingerprints of every base array (train/manifest.py). A
+``fingerprint`` is the SHA-256 of the fingerprints of every base array (train/checkpoints/manifest.py). A
 reader (the resume, ``train.evaluate``, ``train.generate``, ``train.export``, ``load_source``, an
 ``init_from`` of the run) rebuilds the base from the reference, checks the fingerprint and lays
 the saved parameters over it; a base that is missing or has changed is a ConfigError naming it.
@@ -25,13 +25,13 @@ from flax import nnx
 
 from models import abstract_model, build_model
 from models.config import ModelConfig
-from train import packages
-from train.checkpoint import Checkpoints, partial_restore, restore_target
-from train.config import ConfigError
-from train.freeze import param_path
-from train.manifest import fingerprints, json_digest, verify
-from train.state import StateSpec, TrainState
-from train.warm_start import warm_start
+from train.config import packages
+from train.checkpoints.store import Checkpoints, partial_restore, restore_target
+from train.config.sections import ConfigError
+from train.core.freeze import param_path
+from train.checkpoints.manifest import fingerprints, json_digest, verify
+from train.core.state import StateSpec, TrainState
+from train.checkpoints.warm_start import warm_start
 
 ITEM = "base"  # the checkpoint item holding the reference
 

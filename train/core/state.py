@@ -19,9 +19,9 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from models import abstract_model, build_model
 from models.config import ModelConfig
 from sharding.rules import RULES, Rules, logical_to_mesh, replicated
-from train.config import OptimizerConfig, PruneConfig
-from train.freeze import NOTHING, Freeze, frozen_set
-from train.optimizer import make_optimizer
+from train.config.sections import OptimizerConfig, PruneConfig
+from train.core.freeze import NOTHING, Freeze, frozen_set
+from train.core.optimizer import make_optimizer
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -39,8 +39,8 @@ class StateSpec:
     logical_specs: nnx.State  # logical PartitionSpec per parameter
     rules: Rules = RULES  # logical axis -> mesh axes: parameters here, activations in the steps
     trainable_params: int = 0  # parameter values the optimizer changes (all but the frozen ones)
-    frozen: frozenset[str] = frozenset()  # paths of the parameters kept whole (train/freeze.py)
-    adapter_only: bool = False  # a LoRA run: checkpoints hold the trainable parameters only (train/adapters.py)
+    frozen: frozenset[str] = frozenset()  # paths of the parameters kept whole (train/core/freeze.py)
+    adapter_only: bool = False  # a LoRA run: checkpoints hold the trainable parameters only (train/checkpoints/adapters.py)
     metrics: Callable[[nnx.State], dict] | None = None  # extra train metrics of the new params (prune: sparsity)
 
 
@@ -63,7 +63,7 @@ def make_state_spec(
     tx, trainable = make_optimizer(opt_cfg, total_steps, abstract_params, logical_specs, freeze)
     metrics = None
     if prune is not None and prune.sparsity > 0:
-        from train.sparsity import with_pruning
+        from train.compress.magnitude import with_pruning
 
         tx, metrics = with_pruning(tx, abstract_params, logical_specs, prune)
     param_shardings = logical_to_mesh(logical_specs, mesh, rules)

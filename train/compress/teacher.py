@@ -1,11 +1,11 @@
 """``distill.teacher``: load the frozen teacher of a distillation run and check it fits the student.
 
-The teacher is a run, export or Hugging Face directory (train/sources.py). Its parameters are
+The teacher is a run, export or Hugging Face directory (train/checkpoints/sources.py). Its parameters are
 placed on the run's mesh with the shardings the run's logical-axis rules give them (a mesh axis
 that does not divide a dimension is dropped there), so a teacher larger than the student is
 sharded as it would be trained. They are an argument of the jitted train step, never part of
 the train state: no gradients, no optimizer state, not in the checkpoints (a resumed run loads
-the teacher again from the path its config names). The loss is in train/distill_loss.py.
+the teacher again from the path its config names). The loss is in train/compress/distill_loss.py.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ from jax.sharding import Mesh
 
 from models import abstract_model
 from models.config import ModelConfig
-from train.config import Config, ConfigError
-from train.distill_loss import TeacherSpec
-from train.sources import Source, load_source, shardings_for
-from train.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
-from train.validate import split_labels
+from train.config.sections import Config, ConfigError
+from train.compress.distill_loss import TeacherSpec
+from train.checkpoints.sources import Source, load_source, shardings_for
+from train.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
+from train.config.validate import split_labels
 
 SPECIAL_IDS = ("eos_id", "cls_id", "sep_id", "pad_id", "mask_id")
 

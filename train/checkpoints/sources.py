@@ -32,11 +32,11 @@ from models import abstract_model, hf
 from models.config import ModelConfig
 from sharding.mesh import MeshConfig, make_mesh
 from sharding.rules import RULES, Rules, logical_to_mesh
-from train import packages
-from train.checkpoint import best_params, newest_params, restore_target
-from train.config import Config, ConfigError, load_config
+from train.config import packages
+from train.checkpoints.store import best_params, newest_params, restore_target
+from train.config.sections import Config, ConfigError, load_config
 from train.export import load as load_export
-from train.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
+from train.data.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
 WHAT = "a run directory, an export directory (python -m train.export) or a Hugging Face model directory"

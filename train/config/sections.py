@@ -17,7 +17,7 @@ import yaml
 
 from models.config import ConfigError, ModelConfig
 from sharding.mesh import MeshConfig
-from train.validate import close_match, validate
+from train.config.validate import close_match, validate
 
 __all__ = ["Config", "ConfigError", "MeshConfig", "ModelConfig", "load_config", "save_config", "validate"]
 
@@ -116,7 +116,7 @@ class TrainConfig:
     sample_tokens: int = 200
     progress_bar: bool = True
     early_stopping: EarlyStoppingConfig = dataclasses.field(default_factory=EarlyStoppingConfig)
-    freeze: str = ""  # regex over parameter paths kept fixed ('embed|stack/blocks/attn'; train/freeze.py)
+    freeze: str = ""  # regex over parameter paths kept fixed ('embed|stack/blocks/attn'; train/core/freeze.py)
     freeze_layers: int = 0  # keep the lower N layers of every layer stack fixed
 
 
@@ -128,7 +128,7 @@ class CheckpointConfig:
     async_save: bool = True
     init_from: str = ""  # start a new run from another run's parameters
     init_layers: Literal["", "lower"] = ""  # lower: a source with more layers gives its rows [0, n_layers)
-    keep_best: bool = False  # also keep the step of the best eval (train/best.py)
+    keep_best: bool = False  # also keep the step of the best eval (train/checkpoints/best.py)
     best_metric: str = ""  # keep_best without early stopping: the eval key that ranks steps
     best_mode: Literal["", "min", "max"] = ""  # empty: max for accuracies and F1, min for losses
 
@@ -145,7 +145,7 @@ class LoRAConfig:
 
 @dataclasses.dataclass(frozen=True)
 class PruneConfig:
-    """Magnitude pruning during training (train/sparsity.py); off while ``sparsity`` is 0."""
+    """Magnitude pruning during training (train/compress/magnitude.py); off while ``sparsity`` is 0."""
 
     sparsity: float = 0.0  # final share of zeros in the targeted matrices, in [0, 1)
     scope: Literal["global", "layer"] = "global"  # one ranking of all targeted values, or per matrix per layer
@@ -157,7 +157,7 @@ class PruneConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DistillConfig:
-    """Knowledge distillation from a frozen teacher (train/distill.py); empty teacher: off."""
+    """Knowledge distillation from a frozen teacher (train/compress/teacher.py); empty teacher: off."""
 
     teacher: str = ""  # a run, export or Hugging Face directory sharing the student's tokenizer
     temperature: float = 2.0  # T: both distributions are softmax(logits / T); the KL term is scaled by T^2

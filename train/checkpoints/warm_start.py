@@ -4,7 +4,7 @@ The source is a run directory (its newest intact checkpoint; also its ``checkpoi
 output of ``python -m train.export HF_DIR OUT --format checkpoint``), a Hugging Face model directory (config.json +
 safetensors), an export (``python -m train.export``, ``train.prune`` or ``train.quantize``: model.json + params/; an
 int8 one is dequantised into a float model, and kept int8 by a QLoRA run, ``model.quant: int8``), or
-``python-package:NAME`` naming one (train/packages.py). Every parameter the
+``python-package:NAME`` naming one (train/config/packages.py). Every parameter the
 source holds at the same path with the same shape is restored; the rest keep their fresh
 initialisation, and one line says which. So a masked-LM encoder, or a bare ``BertModel``,
 starts a classifier: the encoder is restored, the pooler (unless the source has one) and the
@@ -12,7 +12,7 @@ classifier start fresh.
 
 The source must be the same architecture: every model field except the head's (``head``, ``pooling``,
 ``num_labels``), the LoRA adapters' (a LoRA run starts from its base, the adapters fresh) and those
-that do not change parameters (train/checkpoint.py) must match. With ``checkpoint.init_layers:
+that do not change parameters (train/checkpoints/store.py) must match. With ``checkpoint.init_layers:
 lower`` the source may have more layers (``n_layers``, ``n_decoder_layers``): every stacked layer
 parameter takes the source's rows [0, n_layers) (``lower_layers``), e.g. a 3-layer student from
 the lower half of a 6-layer teacher.
@@ -29,9 +29,9 @@ from flax import nnx, traverse_util
 
 from models import abstract_model, hf
 from models.config import ModelConfig
-from train import packages
-from train.checkpoint import config_mismatch, newest_params
-from train.config import ConfigError
+from train.config import packages
+from train.checkpoints.store import config_mismatch, newest_params
+from train.config.sections import ConfigError
 
 HEAD_FIELDS = frozenset({"head", "num_labels", "pooling"})
 ADAPTER_FIELDS = frozenset({"lora_rank", "lora_alpha", "lora_targets", "lora_dropout"})

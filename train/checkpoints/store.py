@@ -6,12 +6,12 @@ leaves only older steps visible (the leftover temporary directory is removed on 
 
 Orbax does not notice a flipped byte in array data: it restores garbage. ``manifest`` holds a
 fingerprint of every array (computed where the arrays live, independent of the mesh) and a
-SHA-256 of the ``data`` and ``config`` items (train/manifest.py); a restore that does not match is damaged.
+SHA-256 of the ``data`` and ``config`` items (train/checkpoints/manifest.py); a restore that does not match is damaged.
 When the newest steps are damaged and an older one restores, the damaged ones are moved aside
 to ``<step>.damaged`` (never deleted) with a ``warning:`` line each. When none restores, nothing
 is moved and the run stops with an error.
 
-``best`` (train/best.py, when the run tracks a metric) records the best eval so far; with
+``best`` (train/checkpoints/best.py, when the run tracks a metric) records the best eval so far; with
 ``checkpoint.keep_best`` its step is kept besides the ``keep`` newest and ``best_params`` reads it.
 """
 
@@ -27,8 +27,8 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as preservation
 
-from train.config import CheckpointConfig, ConfigError
-from train.manifest import (
+from train.config.sections import CheckpointConfig, ConfigError
+from train.checkpoints.manifest import (
     MANIFEST_FORMAT,
     ManifestRestore,
     ManifestSave,
@@ -37,7 +37,7 @@ from train.manifest import (
     start_fingerprints,
     verify,
 )
-from train.state import TrainState
+from train.core.state import TrainState
 
 
 class CheckpointError(ConfigError):
@@ -129,7 +129,7 @@ class _KeepStep(preservation.PreservationPolicy):
 class Checkpoints:
     """Saves and restores a run's checkpoints under ``directory``.
 
-    ``best``: the best-eval record (train/best.py) saved with each step; the callback that tracks it
+    ``best``: the best-eval record (train/checkpoints/best.py) saved with each step; the callback that tracks it
     keeps it current. With ``keep_best`` its step is preserved besides the ``keep`` newest.
     """
 
@@ -137,7 +137,7 @@ class Checkpoints:
         self.directory = pathlib.Path(directory).absolute()
         self.cfg = cfg
         self.best: dict | None = None
-        self.base: dict | None = None  # a LoRA run's base reference (train/adapters.py), saved with each step
+        self.base: dict | None = None  # a LoRA run's base reference (train/checkpoints/adapters.py), saved with each step
         policies = [preservation.LatestN(cfg.keep)]
         if cfg.keep_every:
             policies.append(preservation.EveryNSteps(cfg.keep_every))
@@ -275,7 +275,7 @@ class Checkpoints:
         step, restored, config, failed = found
         for bad, reason in failed:
             self._set_aside(bad, reason, step)
-        self.best = self.read_best(step)  # the tracker carries on from it (train/callbacks.py BestEval)
+        self.best = self.read_best(step)  # the tracker carries on from it (train/run/callbacks.py BestEval)
         self.base = self.read_json(step, "base") if (self.path(step) / "base").is_dir() else None
         return Restored(step, restored.state, restored.data, config)
 
@@ -404,7 +404,7 @@ def partial_restore(target: Any) -> ocp.args.PyTreeRestore:
 
 def _restore_params(checkpoints: Checkpoints, step: int, target_params: Any) -> Any:
     if (checkpoints.path(step) / "base").is_dir():  # a LoRA run's adapters: rebuild its base beneath them
-        from train import adapters
+        from train.checkpoints import adapters
 
         return adapters.restore_params(checkpoints, step, target_params)
     args = ocp.args.Composite(state=partial_restore({"params": target_params}))

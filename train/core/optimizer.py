@@ -1,5 +1,5 @@
 """The optimizer (AdamW, Adafactor or SGD with momentum) with a learning-rate schedule, global-norm
-clipping, decoupled weight decay on matrices, and frozen parameters (train/freeze.py), from optax.
+clipping, decoupled weight decay on matrices, and frozen parameters (train/core/freeze.py), from optax.
 
 Weight decay is decoupled for every optimizer: each step also subtracts ``lr * weight_decay * w``
 from the matrices (never from norms or biases).
@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from train.config import OptimizerConfig
-from train.freeze import Freeze, with_freezing
+from train.config.sections import OptimizerConfig
+from train.core.freeze import Freeze, with_freezing
 
 ADAFACTOR_EPS = 1e-30  # added to squared gradients (t5x's epsilon1)
 ADAFACTOR_MIN_SCALE = 1e-3  # multiply_by_parameter_scale: floor of the parameter RMS (t5x's epsilon2)

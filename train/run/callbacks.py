@@ -1,8 +1,8 @@
 """What happens around the train steps, one concern per callback: metrics, eval, samples, saves, preemption.
 
-The loop (train/loop.py) calls every callback's hooks in order, the built-in ones (``builtin``)
+The loop (train/run/loop.py) calls every callback's hooks in order, the built-in ones (``builtin``)
 first. A new concern (early stopping, tuner reports, schedules) is a new ``Callback`` passed to
-``train.loop.run(config, callbacks)``, never a new branch in the loop.
+``train.run.loop.run(config, callbacks)``, never a new branch in the loop.
 """
 
 from __future__ import annotations
@@ -17,15 +17,15 @@ from tqdm import tqdm
 
 from models.generate import generate
 from sharding.rules import activation_context
-from train import metrics as perf
-from train.best import Best, tracked
-from train.optimizer import schedule
-from train.preemption import Preemption
-from train.state import count_params
-from train.writers import plot_losses
+from train.core import flops
+from train.checkpoints.best import Best, tracked
+from train.core.optimizer import schedule
+from train.run.preemption import Preemption
+from train.core.state import count_params
+from train.run.writers import plot_losses
 
 if TYPE_CHECKING:
-    from train.loop import Loop
+    from train.run.loop import Loop
 
 
 class Callback:
@@ -144,7 +144,7 @@ def sample_text(loop: Loop) -> str:
 
 
 class BestEval(Callback):
-    """Tracks the best eval of the run's metric (train/best.py) in ``loop.checkpoints.best``, which every
+    """Tracks the best eval of the run's metric (train/checkpoints/best.py) in ``loop.checkpoints.best``, which every
     checkpoint saves: with ``checkpoint.keep_best`` a new best step is saved at once (and kept), and
     ``train.early_stopping`` stops the run after ``patience`` evals in a row without an improvement."""
 
@@ -206,7 +206,7 @@ class PeriodicSave(Callback):
 
 
 class Preempt(Callback):
-    """On SIGTERM / SIGINT (train/preemption.py): stops at a step every process agrees on."""
+    """On SIGTERM / SIGINT (train/run/preemption.py): stops at a step every process agrees on."""
 
     def on_start(self, loop: Loop) -> None:
         self.preemption = Preemption()

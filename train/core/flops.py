@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from models.attention import attention_flops_per_token
 from models.config import ModelConfig
-from train.config import TrainConfig
+from train.config.sections import TrainConfig
 
 # bf16 dense peak FLOP/s of one device, by a substring of ``device.device_kind``.
 # Ordered: the first match wins, so the longer names come before their prefixes.

@@ -16,8 +16,8 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from sharding.rules import RULES, Rules, activation_context, batch_sharding, replicated
-from train.distill_loss import TeacherSpec, summed_distill_loss
-from train.state import StateSpec, TrainState
+from train.compress.distill_loss import TeacherSpec, summed_distill_loss
+from train.core.state import StateSpec, TrainState
 
 Batch = dict[str, jax.Array]
 
@@ -96,7 +96,7 @@ def make_train_step(
     """``step(state, batch) -> (state, {'loss', 'grad_norm'})``; the state is donated.
 
     Dropout (``model.dropout`` / ``attention_dropout``) draws from ``dropout_key(seed, step, micro)``.
-    With a ``teacher`` (train/distill_loss.py) the step is ``step(state, batch, teacher_params)``: the
+    With a ``teacher`` (train/compress/distill_loss.py) the step is ``step(state, batch, teacher_params)``: the
     frozen teacher runs on each micro-batch, ``loss`` is ``alpha * hard_loss + distill_loss`` and the
     metrics add both parts; the teacher's parameters get no gradient and are not returned.
     """
@@ -177,7 +177,7 @@ def make_score_step(
     graphdef: nnx.GraphDef, mesh: Mesh, rules: Rules = RULES
 ) -> Callable[[nnx.State, Batch], tuple[jax.Array, ...]]:
     """``make_predict_step`` for parameters that are already placed and keep their own shardings
-    (a loaded model source, train/sources.py): ``score(params, batch) -> (summed loss, summed
+    (a loaded model source, train/checkpoints/sources.py): ``score(params, batch) -> (summed loss, summed
     weight, predictions)``."""
 
     def score(params, batch):

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from sharding.fit import batch_problems
 
 if TYPE_CHECKING:
-    from train.config import Config, OptimizerConfig, TrainConfig
+    from train.config.sections import Config, OptimizerConfig, TrainConfig
 
 
 def close_match(word: str, options) -> str:
@@ -100,7 +100,7 @@ def freeze_problems(t: TrainConfig) -> list[str]:
 
 
 def prune_problems(config: Config) -> list[str]:
-    """The ``prune:`` section (train/sparsity.py)."""
+    """The ``prune:`` section (train/compress/magnitude.py)."""
     p, steps = config.prune, config.train.steps
     if not 0 <= p.sparsity < 1:
         return [f"prune.sparsity={p.sparsity} must be in [0, 1) (0: off)"]
@@ -192,7 +192,7 @@ DISTILLED_OBJECTIVES = ("causal_lm", "masked_lm", "classification")
 
 
 def distill_problems(config: Config) -> list[str]:
-    """The ``distill:`` section (train/distill.py checks the teacher itself when the run starts)."""
+    """The ``distill:`` section (train/compress/teacher.py checks the teacher itself when the run starts)."""
     d = config.distill
     out = []
     if d.temperature <= 0 or d.alpha < 0 or d.top_k < 0:
@@ -223,7 +223,7 @@ def _metric_problems(metric: str, mode: str, objective: str, key: str, mode_key:
 
 
 def best_problems(config: Config) -> list[str]:
-    """train.early_stopping and checkpoint.keep_best / best_metric / best_mode (train/best.py)."""
+    """train.early_stopping and checkpoint.keep_best / best_metric / best_mode (train/checkpoints/best.py)."""
     es, c, objective = config.train.early_stopping, config.checkpoint, config.train.objective
     out = []
     if es.metric:

@@ -1,7 +1,7 @@
 """Unstructured magnitude pruning (``prune:``): masks of the smallest weights, a cubic schedule, and an
 optax wrapper that keeps masked weights exactly zero.
 
-Targets are the parameters whose path (``stack/blocks/mlp/wi/kernel``, train/freeze.py) matches
+Targets are the parameters whose path (``stack/blocks/mlp/wi/kernel``, train/core/freeze.py) matches
 ``prune.targets`` (``re.search``) and that are matrices (two axes or more besides ``layers``).
 At each pruning step t (``start_step, start_step + every, ..., end_step``, 0-based: the state's step
 before the update) the target sparsity is Zhu & Gupta's cubic schedule
@@ -34,8 +34,8 @@ import optax
 from jax.sharding import PartitionSpec
 
 from models.config import ConfigError
-from train.config import PruneConfig
-from train.freeze import param_path
+from train.config.sections import PruneConfig
+from train.core.freeze import param_path
 
 
 def sparsity_at(t: int, cfg: PruneConfig) -> float:

@@ -3,7 +3,7 @@
 One ``Best`` record serves early stopping (``train.early_stopping``: stop after ``patience`` evals
 in a row without an improvement) and the best checkpoint (``checkpoint.keep_best``: the step of
 the best eval is saved at once and kept apart from the newest ones). The record is saved as JSON
-with every checkpoint (train/checkpoint.py), so a resumed run carries on exactly where the
+with every checkpoint (train/checkpoints/store.py), so a resumed run carries on exactly where the
 checkpoint's step left it, and ``--best`` readers find the best step in the newest checkpoint.
 
 An improvement beats the best value by more than ``min_delta`` (lower for ``mode: min``, higher for
@@ -15,8 +15,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from train.config import Config
-from train.validate import natural_mode
+from train.config.sections import Config
+from train.config.validate import natural_mode
 
 
 @dataclasses.dataclass

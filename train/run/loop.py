@@ -21,23 +21,23 @@ from flax import nnx
 from models.config import ModelConfig
 from sharding.fit import check_fits
 from sharding.mesh import make_mesh
-from train import adapters
-from train import metrics as perf
-from train.callbacks import Callback, builtin, describe
-from train.checkpoint import Checkpoints, Restored, restore_target
-from train.config import Config, ConfigError, save_config
+from train.checkpoints import adapters
+from train.core import flops
+from train.run.callbacks import Callback, builtin, describe
+from train.checkpoints.store import Checkpoints, Restored, restore_target
+from train.config.sections import Config, ConfigError, save_config
 from train.data.tasks import ExampleTask, StreamTask, global_batch, make_task, vocab_needed
-from train.distill import load_teacher
-from train.distill_loss import TeacherSpec
-from train.freeze import Freeze
-from train.optimizer import schedule
-from train.precision import resolve_compute_dtype
-from train.state import StateSpec, TrainState, count_params, init_state, make_state_spec
-from train.step import make_train_step
-from train.tokenizer import Tokenizer, load_tokenizer
-from train.validate import fit_sizes
-from train.warm_start import warm_start
-from train.writers import MetricsWriter
+from train.compress.teacher import load_teacher
+from train.compress.distill_loss import TeacherSpec
+from train.core.freeze import Freeze
+from train.core.optimizer import schedule
+from train.core.precision import resolve_compute_dtype
+from train.core.state import StateSpec, TrainState, count_params, init_state, make_state_spec
+from train.core.step import make_train_step
+from train.data.tokenizer import Tokenizer, load_tokenizer
+from train.config.validate import fit_sizes
+from train.checkpoints.warm_start import warm_start
+from train.run.writers import MetricsWriter
 
 VOCAB_MULTIPLE = 128
 
@@ -66,7 +66,7 @@ class Setup:
     mesh: jax.sharding.Mesh
     task: StreamTask | ExampleTask
     spec: StateSpec
-    teacher: TeacherSpec | None = None  # distill.teacher: its step-time spec (train/distill.py) ...
+    teacher: TeacherSpec | None = None  # distill.teacher: its step-time spec (train/compress/teacher.py) ...
     teacher_params: nnx.State | None = None  # ... and its placed, frozen parameters
 
 
@@ -102,7 +102,7 @@ def fresh_state(setup: Setup) -> TrainState:
 def initial_state(setup: Setup, run_dir: pathlib.Path) -> tuple[TrainState, int, Checkpoints]:
     """(state, step, checkpoints): the newest intact checkpoint in ``run_dir``, or a fresh state at 0.
 
-    A LoRA run's checkpoints hold its adapters and a reference to its base (train/adapters.py).
+    A LoRA run's checkpoints hold its adapters and a reference to its base (train/checkpoints/adapters.py).
     """
     config, spec = setup.config, setup.spec
     resuming = (run_dir / "checkpoints").exists()

@@ -15,8 +15,8 @@ from typing import Protocol
 
 import numpy as np
 
-from train import packages
-from train.config import ConfigError
+from train.config import packages
+from train.config.sections import ConfigError
 
 
 class Tokenizer(Protocol):
@@ -130,7 +130,7 @@ def _char_to_byte_offsets(text: str) -> np.ndarray:
 
 def load_tokenizer(spec: str) -> ByteTokenizer | HFTokenizer:
     """``'byte'`` -> ``ByteTokenizer``; a directory saved by ``save_pretrained`` (or a
-    ``python-package:NAME`` holding one, see train/packages.py) -> ``HFTokenizer``."""
+    ``python-package:NAME`` holding one, see train/config/packages.py) -> ``HFTokenizer``."""
     if spec == "byte":
         return ByteTokenizer()
     path = pathlib.Path(packages.resolve(spec, "data.tokenizer"))

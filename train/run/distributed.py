@@ -11,7 +11,7 @@ import time
 
 import jax
 
-from train.config import ConfigError, RunConfig
+from train.config.sections import ConfigError, RunConfig
 
 GOOGLE_PCI_VENDOR = "0x1ae0"  # TPU chips (and gVNIC network cards) on the PCI bus
 

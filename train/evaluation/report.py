@@ -15,8 +15,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from train.config import ConfigError
-from train.scores import classification_scores, seqeval_metrics
+from train.config.sections import ConfigError
+from train.evaluation.scores import classification_scores, seqeval_metrics
 
 
 @dataclasses.dataclass(frozen=True)

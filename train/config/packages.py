@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import pathlib
 
-from train.config import ConfigError
+from train.config.sections import ConfigError
 
 PREFIX = "python-package:"
 

@@ -18,14 +18,14 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 from flax import nnx
 
-from train import report, scores
-from train.config import ConfigError
+from train.evaluation import report, scores
+from train.config.sections import ConfigError
 from train.data import examples, tagging
 from train.data.objectives import raw_length
 from train.data.tasks import EVAL_SEED_OFFSET, global_batch, make_objective, process_rows
 from train.data.text import PackedTokens
-from train.step import make_score_step
-from train.validate import split_labels
+from train.core.step import make_score_step
+from train.config.validate import split_labels
 
 
 def causal_windows(num_tokens: int, seq_len: int, stride: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,7 +1,7 @@
 """A checkpoint's manifest: a fingerprint of every array and a SHA-256 of every JSON item.
 
 Orbax does not notice a flipped byte in array data: it restores garbage. The manifest is written
-inside the step's atomic commit; ``verify`` compares a restore against it (train/checkpoint.py).
+inside the step's atomic commit; ``verify`` compares a restore against it (train/checkpoints/store.py).
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""Making models smaller: magnitude masks, structured pruning, distillation."""

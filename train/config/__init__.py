@@ -1,0 +1,1 @@
+"""Run configuration: typed sections loaded from YAML, their checks, the objectives' tables."""

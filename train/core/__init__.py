@@ -1,0 +1,1 @@
+"""What one step is: the train state, the jitted steps, the optimizer, freezing, precision, FLOPs."""
