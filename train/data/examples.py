@@ -24,7 +24,7 @@ from train.data import objectives
 from train.data.files import Row, read_rows
 from train.data.pipeline import batch_iterator
 from train.data.split import require_test_split, split_data
-from train.data.tokenizer import Tokenizer
+from train.data.tokenizer import Tokenizer, markers
 from train.config.validate import split_labels
 
 Arrays = dict[str, np.ndarray]  # every array has the examples on its leading axis
@@ -101,34 +101,6 @@ def label_names(rows: Sequence[Row], cfg: DataConfig, tagged: bool = False) -> l
 
 
 # --- tokens ---------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Markers:
-    """The ids that frame an example: [CLS] and [SEP] around classification text, [PAD] after
-    it, eos at the end of each seq2seq side (T5 starts the decoder with pad)."""
-
-    cls: int
-    sep: int
-    pad: int
-    eos: int
-
-    @property
-    def vocab_needed(self) -> int:
-        return max(self.cls, self.sep, self.pad, self.eos) + 1
-
-
-def markers(tokenizer: Tokenizer) -> Markers:
-    """The tokenizer's own [CLS]/[SEP]/[PAD]; ones it lacks take ids past its vocabulary V:
-    [CLS] = V + 1, [PAD] = V + 2 (V is masked_lm's [MASK]); a missing [SEP] is eos.
-    The byte tokenizer (V = 257) gets [CLS] 258, [SEP] 256, [PAD] 259."""
-    v = tokenizer.vocab_size
-    return Markers(
-        cls=v + 1 if tokenizer.cls_id is None else tokenizer.cls_id,
-        sep=tokenizer.eos_id if tokenizer.sep_id is None else tokenizer.sep_id,
-        pad=v + 2 if tokenizer.pad_id is None else tokenizer.pad_id,
-        eos=tokenizer.eos_id,
-    )
 
 
 def classification_arrays(

@@ -21,11 +21,10 @@ from collections.abc import Sequence
 import numpy as np
 
 from train.config.sections import ConfigError, DataConfig
-from train.data.examples import markers
 from train.data.files import Row
 from train.data.objectives import classification
 from train.evaluation.scores import entity_scores
-from train.data.tokenizer import ByteTokenizer, Tokenizer
+from train.data.tokenizer import ByteTokenizer, Tokenizer, markers
 
 OUTSIDE = "O"  # the tag of a word that belongs to no entity
 

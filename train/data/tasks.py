@@ -28,7 +28,7 @@ from train.data.objectives import raw_length, text_objective
 from train.data.text import PackedTokens, eval_batches, read_documents, train_iterator
 from train.data.tfds_source import open_tfds
 from train.core.step import make_eval_step, make_predict_step
-from train.data.tokenizer import Tokenizer
+from train.data.tokenizer import Tokenizer, markers
 from train.config.validate import EXAMPLE_OBJECTIVES
 
 EVAL_SEED_OFFSET = 2**31  # eval batches draw objective randomness apart from any train step
@@ -49,7 +49,7 @@ def global_batch(local: dict, mesh) -> dict:
 def vocab_needed(config: Config, tokenizer: Tokenizer) -> int:
     """Ids the model's vocabulary must hold: the tokenizer's, plus any [CLS]/[PAD] ids reserved past it."""
     if config.train.objective in EXAMPLE_OBJECTIVES:
-        return max(tokenizer.vocab_size, examples.markers(tokenizer).vocab_needed)
+        return max(tokenizer.vocab_size, markers(tokenizer).vocab_needed)
     return tokenizer.vocab_size
 
 

@@ -9,6 +9,7 @@ the packer puts after every document. Hugging Face tokenizers also name their ``
 from __future__ import annotations
 
 import copy
+import dataclasses
 import pathlib
 from collections.abc import Sequence
 from typing import Protocol
@@ -151,3 +152,31 @@ def load_tokenizer(spec: str) -> ByteTokenizer | HFTokenizer:
             f"data.tokenizer='{spec}' could not be loaded as a Hugging Face tokenizer ({e}); "
             "train one with python -m train.train_tokenizer --out DIR"
         ) from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Markers:
+    """The ids that frame an example: [CLS] and [SEP] around classification text, [PAD] after
+    it, eos at the end of each seq2seq side (T5 starts the decoder with pad)."""
+
+    cls: int
+    sep: int
+    pad: int
+    eos: int
+
+    @property
+    def vocab_needed(self) -> int:
+        return max(self.cls, self.sep, self.pad, self.eos) + 1
+
+
+def markers(tokenizer: Tokenizer) -> Markers:
+    """The tokenizer's own [CLS]/[SEP]/[PAD]; ones it lacks take ids past its vocabulary V:
+    [CLS] = V + 1, [PAD] = V + 2 (V is masked_lm's [MASK]); a missing [SEP] is eos.
+    The byte tokenizer (V = 257) gets [CLS] 258, [SEP] 256, [PAD] 259."""
+    v = tokenizer.vocab_size
+    return Markers(
+        cls=v + 1 if tokenizer.cls_id is None else tokenizer.cls_id,
+        sep=tokenizer.eos_id if tokenizer.sep_id is None else tokenizer.sep_id,
+        pad=v + 2 if tokenizer.pad_id is None else tokenizer.pad_id,
+        eos=tokenizer.eos_id,
+    )
