@@ -16,10 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from cli_runs import REPO
 
 from models.config import ModelConfig
 from sharding.mesh import make_mesh
 from train import export
+from train.checkpoints.manifest import fingerprints
 from train.checkpoints.store import (
     CheckpointError,
     Checkpoints,
@@ -27,10 +29,8 @@ from train.checkpoints.store import (
     restore_target,
 )
 from train.config.sections import CheckpointConfig, ConfigError, MeshConfig, OptimizerConfig
-from train.checkpoints.manifest import fingerprints
 from train.core.state import init_state, make_state_spec
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
 TINY = ModelConfig(vocab_size=384, d_model=64, n_layers=2, n_heads=4, d_ff=128, max_seq_len=32, compute_dtype="float32")
 CONFIG = {"model": dataclasses.asdict(TINY)}
 

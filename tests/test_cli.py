@@ -16,13 +16,13 @@ import subprocess
 import sys
 
 import pytest
+from cli_runs import REPO
 
 from train.config.sections import load_config
-from train.run.loop import resolve_model
 from train.core.optimizer import schedule
 from train.data.tokenizer import ByteTokenizer
+from train.run.loop import resolve_model
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
 GPT2 = "configs/tiny-gpt2.yaml"
 LLAMA = "configs/tiny-llama.yaml"
 TRAIN_KEYS = {"step", "loss", "lr", "grad_norm", "tokens_per_sec", "mfu"}

@@ -6,11 +6,11 @@ import pathlib
 
 import pytest
 import yaml
+from cli_runs import REPO
 
 from models.config import ModelConfig
 from train.config.sections import Config, ConfigError, load_config
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
 TINY = REPO / "configs" / "tiny-gpt2.yaml"
 
 

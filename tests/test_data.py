@@ -10,13 +10,13 @@ import pathlib
 
 import numpy as np
 import pytest
+from cli_runs import REPO
 
 from train import train_tokenizer
 from train.config.sections import ConfigError, DataConfig
 from train.data.text import PackedTokens, eval_batches, read_documents, train_iterator
 from train.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
 PLAYS = str(REPO / "data" / "shakespeare" / "*.txt")
 NUM_PLAYS = 37
 

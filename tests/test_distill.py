@@ -14,22 +14,21 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from cli_runs import in_this_process
+from cli_runs import REPO, in_this_process
 from flax import nnx, traverse_util
 from test_resume import GPT2
 
 from models import build_model
 from sharding.mesh import make_mesh
 from train import export
-from train.checkpoints.store import restore_target
-from train.config.sections import ConfigError, MeshConfig, OptimizerConfig, load_config
-from train.compress.distill_loss import TeacherSpec, kl_per_position
 from train.checkpoints.sources import load_source, shardings_for
+from train.checkpoints.store import restore_target
+from train.checkpoints.warm_start import warm_start
+from train.compress.distill_loss import TeacherSpec, kl_per_position
+from train.config.sections import ConfigError, MeshConfig, OptimizerConfig, load_config
 from train.core.state import init_state, make_state_spec
 from train.core.step import make_train_step
-from train.checkpoints.warm_start import warm_start
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
 TINY = {"d_model": 32, "d_ff": 64, "n_heads": 4, "vocab_size": 128, "compute_dtype": "float32", "max_seq_len": 16}
 OPTIMIZER = OptimizerConfig(lr=0.01, warmup_steps=0, schedule="constant")
 

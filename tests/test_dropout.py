@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from cli_runs import in_this_process
+from cli_runs import REPO, in_this_process
 from flax import nnx
 
 from models import build_model
@@ -21,7 +20,6 @@ from train.config.sections import ConfigError, MeshConfig, OptimizerConfig, load
 from train.core.state import init_state, make_state_spec
 from train.core.step import make_train_step
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
 ON = {"dropout": 0.2, "attention_dropout": 0.2, "attention": "recompute"}
 OFF = {"dropout": 0.0, "attention_dropout": 0.0, "attention": "recompute"}
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from cli_runs import in_this_process
+from cli_runs import REPO, in_this_process
 from flax import nnx
 
 from train import evaluate, export
@@ -27,7 +27,6 @@ from train.checkpoints.best import Best
 from train.checkpoints.store import CheckpointError, Checkpoints, best_params, restore_target
 from train.config.sections import CheckpointConfig, ConfigError, load_config
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
 PLAYS = REPO / "data" / "shakespeare"
 SEQ, BATCH = 32, 16
 

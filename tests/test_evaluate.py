@@ -10,16 +10,15 @@ import pathlib
 
 import numpy as np
 import pytest
+from cli_runs import REPO
 
 from train import evaluate
-
-from train.evaluation import report
 from train.__main__ import main as train_main
 from train.data.text import PackedTokens
-from train.evaluation.scoring import causal_windows
 from train.data.tokenizer import ByteTokenizer, encode_with_bytes, load_tokenizer
+from train.evaluation import report
+from train.evaluation.scoring import causal_windows
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
 PLAYS = REPO / "data" / "shakespeare"
 BPE = REPO / "data" / "tokenizers" / "shakespeare-bpe-2048"
 

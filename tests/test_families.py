@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import pathlib
 
 import jax
 import numpy as np
 import pytest
+from cli_runs import REPO
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
@@ -16,11 +16,10 @@ from models.attention import relative_position_bucket
 from sharding.mesh import make_mesh
 from sharding.rules import RULES
 from train.config.sections import ConfigError, MeshConfig, OptimizerConfig, load_config
-from train.data import objectives
 from train.core.state import abstract_model, count_params, init_state, make_state_spec
 from train.core.step import make_train_step
+from train.data import objectives
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
 STEPS, BATCH, SEQ = 20, 16, 32
 
 

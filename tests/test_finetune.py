@@ -19,14 +19,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 import yaml
-from cli_runs import Run, in_one_process
+from cli_runs import REPO, Run, in_one_process
 
 from models import build_model, hf
 from models.config import ModelConfig
 from train.config import packages
 from train.export import export
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
 FAST = [
     "optimizer.schedule=constant",
     "optimizer.warmup_steps=2",  # lr 0 at step 1: a run's first checkpoint holds its initial parameters

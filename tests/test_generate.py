@@ -182,8 +182,8 @@ def test_generation_refuses_encoders_and_sequences_past_learned_positions(pair):
 
 
 def test_cli_streams_the_greedy_continuation_and_refuses_bad_sources(tmp_path, capsys):
-    from train.generate import main
     from train.data.tokenizer import ByteTokenizer
+    from train.generate import main
 
     torch.manual_seed(0)
     config = transformers.GPT2Config(vocab_size=257, n_positions=40, n_embd=32, n_layer=2, n_head=4)

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import collections
 import json
-import pathlib
 
 import pytest
+from cli_runs import REPO
 
 from train.data import genre
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
 PLAYS = REPO / "data" / "shakespeare"
 
 

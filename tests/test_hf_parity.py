@@ -15,7 +15,6 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 
 import dataclasses
 import json
-import pathlib
 import subprocess
 import sys
 from collections.abc import Callable
@@ -27,6 +26,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from cli_runs import REPO
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
@@ -34,7 +34,6 @@ from models import hf
 from models.hf.bert import hidden_states
 from train.export import main as export_cli
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
 TOL = 1e-4
 RNG = np.random.default_rng(0)
 

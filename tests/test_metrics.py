@@ -11,8 +11,8 @@ from flax import nnx, traverse_util
 
 from models import abstract_model
 from models.config import ModelConfig
-from train.core import flops as metrics
 from train.config.sections import TrainConfig
+from train.core import flops as metrics
 
 GPT2_124M = ModelConfig(vocab_size=50257, d_model=768, n_layers=12, n_heads=12, d_ff=3072, max_seq_len=1024)
 LLAMA3_8B = ModelConfig(

@@ -13,8 +13,7 @@ import sys
 import time
 
 import pytest
-
-REPO = pathlib.Path(__file__).resolve().parent.parent
+from cli_runs import REPO
 
 TINY = """
 seed: 0

@@ -21,11 +21,11 @@ from jax.sharding import PartitionSpec as P
 from sharding.mesh import make_mesh
 from train.config.sections import ConfigError, MeshConfig, OptimizerConfig, load_config
 from train.core.freeze import NOTHING, Freeze, frozen_paths, param_path
-from train.run.loop import resolve_model
 from train.core.optimizer import make_optimizer, schedule
 from train.core.state import count_params, init_state, make_state_spec
 from train.core.step import make_train_step
 from train.data.tokenizer import ByteTokenizer
+from train.run.loop import resolve_model
 
 SPECS = {"w": P("embed", "mlp"), "b": P("mlp")}  # a matrix (decayed) and a vector (not decayed)
 PLAIN = {"schedule": "constant", "warmup_steps": 0, "clip_norm": 0.0, "weight_decay": 0.0, "lr": 0.1}

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import pathlib
 import re
 import subprocess
 import sys
 
 import pytest
+from cli_runs import REPO
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
 GPT2 = str(REPO / "configs" / "gpt2-124m.yaml")
 LLAMA_7B = str(REPO / "configs" / "llama-7b.yaml")
 # GPT-2's layout at a size that compiles in seconds

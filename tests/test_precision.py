@@ -6,9 +6,9 @@ from __future__ import annotations
 import jax
 
 from train.config.sections import load_config
-from train.run.loop import resolve_model
 from train.core.precision import cpu_flags, fast_compute_dtype, resolve_compute_dtype
 from train.data.tokenizer import ByteTokenizer
+from train.run.loop import resolve_model
 
 CPUINFO = """processor\t: 0
 model name\t: Some CPU

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from cli_runs import REPO
 from flax import nnx, traverse_util
 
 from models import abstract_model, build_model
@@ -21,10 +22,9 @@ from sharding.mesh import MeshConfig, make_mesh
 from train import evaluate
 from train import quantize as quantize_cli
 from train.__main__ import main as train_main
-from train.checkpoints.store import config_mismatch
 from train.checkpoints.sources import load_source, shardings_for
+from train.checkpoints.store import config_mismatch
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
 PLAYS = REPO / "data" / "shakespeare"
 TINY = ModelConfig(d_model=64, n_layers=2, n_heads=4, d_ff=256, vocab_size=256, max_seq_len=32, compute_dtype="float32")
 LLAMA = dataclasses.replace(

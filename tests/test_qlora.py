@@ -16,10 +16,10 @@ from test_lora import EXPECTED_TRAINABLE, FAST, LORA
 from models import abstract_model, build_model
 from models.quant import dequantize
 from train import export, quantize
-from train.run.callbacks import Callback
 from train.checkpoints.store import restore_target
-from train.config.sections import ConfigError, load_config
 from train.checkpoints.warm_start import warm_start
+from train.config.sections import ConfigError, load_config
+from train.run.callbacks import Callback
 
 
 class KeepParams(Callback):

@@ -21,13 +21,11 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from cli_runs import Run, in_this_process, read_jsonl, run_dir
+from cli_runs import REPO, Run, in_this_process, read_jsonl, run_dir
 from flax import nnx
 
 from train import export
 from train.run.callbacks import Callback
-
-REPO = pathlib.Path(__file__).resolve().parent.parent
 
 # A constant schedule (after a 2-step warm-up) makes train.steps only say where to stop, so a
 # run stopped with train.steps=k and continued with a larger value is the uninterrupted run.

@@ -6,24 +6,23 @@ Runs on 8 fake CPU devices (tests/conftest.py). One init per (model, mesh), shar
 from __future__ import annotations
 
 import math
-import pathlib
 
 import jax
 import numpy as np
 import optax
 import pytest
+from cli_runs import REPO
 from jax.sharding import NamedSharding, PartitionSpec
 
 from sharding.fit import check_fits
 from sharding.mesh import make_mesh, resolve_shape
 from sharding.rules import MESH_AXES, RULES
 from train.config.sections import ConfigError, MeshConfig, load_config
-from train.run.loop import resolve_model
+from train.config.validate import fit_sizes
 from train.core.state import init_state, make_state_spec
 from train.data.tokenizer import ByteTokenizer
-from train.config.validate import fit_sizes
+from train.run.loop import resolve_model
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
 PRESETS = {"gpt2": REPO / "configs" / "tiny-gpt2.yaml", "llama": REPO / "configs" / "tiny-llama.yaml"}
 MESHES = {  # name -> (data, fsdp, tensor) over the 8 devices
     "data8": (8, 1, 1),

@@ -18,6 +18,7 @@ import sys
 import grain
 import numpy as np
 import pytest
+from cli_runs import REPO
 
 from train.config.sections import ConfigError, DataConfig, load_config
 from train.data import tfds_build
@@ -26,7 +27,6 @@ from train.data.text import eval_batches
 from train.data.tfds_source import as_text, open_tfds
 from train.data.tokenizer import ByteTokenizer
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
 PLAYS = REPO / "data" / "shakespeare"
 TRAIN_PLAYS = ["comedy_of_errors", "midsummer_nights_dream", "cymbeline", "tempest"]
 VAL_PLAY = "macbeth"

@@ -4,24 +4,22 @@ scores, the speakers task, a tiny training run and its evaluation, one-line erro
 from __future__ import annotations
 
 import json
-import pathlib
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from cli_runs import in_this_process
+from cli_runs import REPO, in_this_process
 from flax import nnx, traverse_util
 
 from models import build_model, hf
 from models.config import ModelConfig
 from train import evaluate
-from train.evaluation import scores
 from train.config.sections import DataConfig
 from train.data import examples, speakers, tagging
 from train.data.files import Row
 from train.data.tokenizer import load_tokenizer
+from train.evaluation import scores
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
 LABELS = ["O", "B-NAME", "I-NAME", "B-STAGE", "I-STAGE"]
 TINY = ModelConfig(
     family="encoder", vocab_size=96, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_seq_len=32,

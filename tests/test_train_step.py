@@ -8,24 +8,23 @@ compiles one step and is shared by the tests that read it.
 from __future__ import annotations
 
 import dataclasses
-import pathlib
 
 import jax
 import numpy as np
 import optax
 import pytest
+from cli_runs import REPO
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from sharding.mesh import make_mesh
 from train.config.sections import MeshConfig, load_config
-from train.data.text import PackedTokens, read_documents, train_iterator
-from train.run.loop import resolve_model
 from train.core.state import init_state, make_state_spec
 from train.core.step import make_train_step
+from train.data.text import PackedTokens, read_documents, train_iterator
 from train.data.tokenizer import ByteTokenizer
+from train.run.loop import resolve_model
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
 PRESET = REPO / "configs" / "tiny-llama.yaml"  # GQA, RoPE, SwiGLU, untied head: the most to shard
 STEPS = 10  # steps compared across meshes and against gradient accumulation
 BF16_STEPS = 50

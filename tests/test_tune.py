@@ -16,13 +16,13 @@ import time
 
 import optuna
 import pytest
+from cli_runs import REPO
 
 from train.__main__ import main as train_main
 from train.config.sections import load_config
 from train.tune.__main__ import main
 from train.tune.search import EVAL_METRICS, load_search
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
 TINY = str(REPO / "configs" / "tiny-gpt2.yaml")
 # 20 steps, an eval every 5: a pruned trial stops at step 5 or 10
 FAST = ["train.steps=20", "train.eval_every=5", "train.eval_batches=2", "train.sample_tokens=0"]
