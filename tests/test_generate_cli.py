@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from cli_runs import in_this_process
-from test_generate import CONFIGS
+from test_generate import CONFIGS, T5
 
 from models import hf
 from models.generate import generate
@@ -78,6 +78,25 @@ def test_cli_greedy_text_is_transformers_generate_token_for_token(models, name, 
     assert main([str(path), *GREEDY]) == 0
     shown = "" if seq2seq else PROMPT
     assert capsys.readouterr().out == shown + tokenizer.decode(expected) + "\n"
+
+
+def test_the_decoder_start_is_the_hf_configs_or_what_the_runs_objective_fed_the_decoder(tmp_path):
+    import yaml
+
+    from train.export import main as export_cli
+    from train.sources import load_source
+
+    torch.manual_seed(0)
+    config = transformers.T5Config(**(T5 | {"vocab_size": 300, "decoder_start_token_id": 7}))
+    transformers.AutoModelForSeq2SeqLM.from_config(config).save_pretrained(tmp_path / "hf")
+    assert load_source(tmp_path / "hf").decoder_start_id == 7
+    assert export_cli([str(tmp_path / "hf"), str(tmp_path / "run"), "--format", "checkpoint"]) == 0
+    assert load_source(tmp_path / "run").decoder_start_id == 0  # its config.yaml: span corruption, which feeds 0
+    run_config = tmp_path / "run" / "config.yaml"
+    saved = yaml.safe_load(run_config.read_text())
+    saved["train"]["objective"], saved["data"]["format"], saved["data"]["tokenizer"] = "seq2seq", "jsonl", "byte"
+    run_config.write_text(yaml.safe_dump(saved))
+    assert load_source(tmp_path / "run").decoder_start_id == 259  # seq2seq feeds the byte tokenizer's [PAD]
 
 
 def test_cli_top_k_above_the_vocabulary_keeps_every_token_as_transformers_clamps_it(models, capsys):
