@@ -38,6 +38,7 @@ import numpy as np
 from flax import nnx
 
 from models.cache import KVCache, init_cache
+from models.config import ModelConfig
 from models.layers import constrain
 
 NO_EOS = -1
@@ -206,7 +207,7 @@ def pad_prompts(
     return tokens, padding
 
 
-def _check_positions(cfg, longest: int, new: int) -> None:
+def _check_positions(cfg: ModelConfig, longest: int, new: int) -> None:
     """ValueError unless the longest prompt and the new tokens fit the model's ``max_seq_len`` positions:
     a decoder's prompt plus its new tokens; T5's encoder prompt, and its decoder's new tokens, each.
     Every position embedding is held to it (learned tables end there; rope and T5's buckets would run
