@@ -11,13 +11,16 @@ Conventions:
   alone (0..len-1, rope or learned), with padding masked out of attention, so a row of a
   ragged batch gives the tokens it gives alone. A ``mask`` [B, P] (1 = token, 0 = padding,
   on either side) marks padding in an already padded array. T5: ``prompts`` are the encoder's
-  inputs (right-padded); the decoder starts from ``start_id`` (default ``pad_id``, as T5 does).
+  inputs (right-padded); the decoder starts from ``start_id`` (default ``pad_id``; Hugging Face
+  T5 and our span corruption use 0, its ``decoder_start_token_id``).
+- Length: a decoder's prompt plus its new tokens, and T5's prompt and its new tokens each, must fit
+  the model's ``max_seq_len`` positions (any position scheme); ValueError otherwise.
 - ``eos_id``: once a row emits it, the rest of the row is ``pad_id``; the loop stops when every
   row is done. None: no early end.
 - Sampling: ``temperature=0`` is greedy (argmax, the first of ties); otherwise logits are divided
-  by the temperature, cut to the ``top_k`` largest (0: all) and to the smallest set whose
-  probability reaches ``top_p`` (nucleus), in that order as Hugging Face does. Step i draws with
-  ``fold_in(key(seed), i)`` on both paths.
+  by the temperature, cut to the ``top_k`` largest (0, or more than the vocabulary: all, as Hugging
+  Face clamps it) and to the smallest set whose probability reaches ``top_p`` (nucleus), in that
+  order as Hugging Face does. Step i draws with ``fold_in(key(seed), i)`` on both paths.
 - Sharding: called inside ``sharding.rules.activation_context(mesh)`` (with a model whose
   parameters live on that mesh) the cache and activations take their logical shardings (batch over
   data/fsdp, kv heads over tensor); the returned tokens are replicated.
@@ -35,6 +38,7 @@ import numpy as np
 from flax import nnx
 
 from models.cache import KVCache, init_cache
+from models.config import ModelConfig
 from models.layers import constrain
 
 NO_EOS = -1
@@ -203,6 +207,21 @@ def pad_prompts(
     return tokens, padding
 
 
+def _check_positions(cfg: ModelConfig, longest: int, new: int) -> None:
+    """ValueError unless the longest prompt and the new tokens fit the model's ``max_seq_len`` positions:
+    a decoder's prompt plus its new tokens; T5's encoder prompt, and its decoder's new tokens, each.
+    Every position embedding is held to it (learned tables end there; rope and T5's buckets would run
+    on past what the model was trained on), as ``python -m train.generate`` does."""
+    n = cfg.max_seq_len
+    if cfg.family == "decoder" and longest + new > n:
+        fix = f"generate at most {n - longest} tokens" if longest < n else "shorten the prompt"
+        raise ValueError(f"a prompt of {longest} tokens plus {new} new ones exceeds the model's {n} positions; {fix}")
+    if cfg.family == "encoder_decoder" and longest > n:
+        raise ValueError(f"a prompt of {longest} tokens exceeds the encoder's {n} positions; shorten it")
+    if cfg.family == "encoder_decoder" and new > n:
+        raise ValueError(f"{new} new tokens exceed the decoder's {n} positions; generate at most {n}")
+
+
 class _Setup(NamedTuple):
     graphdef: nnx.GraphDef
     state: nnx.State
@@ -223,14 +242,9 @@ def _setup(model, prompts, max_new_tokens, mask, temperature, top_k, top_p, eos_
     if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
         raise ValueError("sampling needs temperature >= 0, top_k >= 0 and 0 < top_p <= 1")
     tokens, mask = pad_prompts(prompts, mask, pad_id, left=cfg.family == "decoder")
-    longest = int(mask.sum(axis=1).max())
     if cfg.family == "decoder" and int(mask.sum(axis=1).min()) == 0:
         raise ValueError("every decoder prompt needs at least one token")
-    if cfg.position == "learned" and longest + max_new_tokens > cfg.max_seq_len:
-        raise ValueError(
-            f"a prompt of {longest} tokens plus {max_new_tokens} new ones exceeds the model's "
-            f"{cfg.max_seq_len} positions; generate at most {cfg.max_seq_len - longest} tokens"
-        )
+    _check_positions(cfg, int(mask.sum(axis=1).max()), max_new_tokens)
     graphdef, state = nnx.split(model)
     s = Sampling(
         jnp.float32(max(temperature, 1e-6)),
@@ -238,7 +252,7 @@ def _setup(model, prompts, max_new_tokens, mask, temperature, top_k, top_p, eos_
         jnp.int32(NO_EOS if eos_id is None else eos_id),
         jnp.int32(pad_id),
     )
-    static = {"top_k": int(top_k), "greedy": temperature == 0, "nucleus": top_p < 1.0}
+    static = {"top_k": min(int(top_k), cfg.vocab_size), "greedy": temperature == 0, "nucleus": top_p < 1.0}
     start = pad_id if start_id is None else start_id
     return _Setup(graphdef, state, tokens, mask, start, s, static, cfg.family == "decoder")
 

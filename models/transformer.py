@@ -44,11 +44,17 @@ class Block(nnx.Module):
         self.mlp_norm = norm(cfg, rngs=rngs)
         self.mlp = MLP(cfg, rngs=rngs)
 
+    def _branch_input(self, x: jax.Array, ln: nnx.Module) -> jax.Array:
+        """What a residual branch reads: ``ln(x)`` (pre-norm) or ``x`` (post-norm)."""
+        return x if self.post_norm else ln(x)
+
+    def _add(self, x: jax.Array, ln: nnx.Module, y: jax.Array) -> jax.Array:
+        """The residual sum of ``x`` and the branch output ``y``: ``x + y`` (pre-norm) or ``ln(x + y)`` (post-norm)."""
+        return ln(x + y) if self.post_norm else x + y
+
     def _residual(self, x: jax.Array, ln: nnx.Module, f, rng: jax.Array | None = None) -> jax.Array:
         """The branch ``f``'s output goes through dropout (key ``rng``, None: off) before the sum."""
-        if self.post_norm:
-            return ln(x + dropout(f(x), self.dropout, rng))
-        return x + dropout(f(ln(x)), self.dropout, rng)
+        return self._add(x, ln, dropout(f(self._branch_input(x, ln)), self.dropout, rng))
 
     def __call__(
         self,
@@ -85,14 +91,14 @@ class Block(nnx.Module):
         cross: tuple[jax.Array, jax.Array] | None = None,
         cross_mask: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Decoding from a cache (pre-norm stacks): x [B, T, embed] are the tokens of slots ``at[1]`` on.
+        """Decoding from a cache: x [B, T, embed] are the tokens of slots ``at[1]`` on.
 
         kv: the stack's cache (k, v) [layers, B, S, kv_heads, head_dim]; this block writes its new keys
         and values at ``at`` = (layer, slot) and attends over its layer's S slots with ``mask``
         [B, 1, T, S] (and ``bias`` [1, heads, T, S]). cross: this layer's encoder keys/values
         [B, S_enc, kv_heads, head_dim] with ``cross_mask`` [B, 1, 1, S_enc]. Returns (x, k, v).
         """
-        h = self.attn_norm(x)
+        h = self._branch_input(x, self.attn_norm)
         new_k, new_v = self.attn.keys_values(h, positions)
         layer, slot = at
 
@@ -102,12 +108,13 @@ class Block(nnx.Module):
 
         k, v = write(kv[0], new_k), write(kv[1], new_v)
         q = self.attn.queries(h, positions)
-        x = x + self.attn.attend(q, k[layer], v[layer], causal=False, mask=mask, bias=bias, implementation="recompute")
+        y = self.attn.attend(q, k[layer], v[layer], causal=False, mask=mask, bias=bias, implementation="recompute")
+        x = self._add(x, self.attn_norm, y)
         if cross is not None:
-            h = self.cross_norm(x)
-            q = self.cross.queries(h)
-            x = x + self.cross.attend(q, *cross, causal=False, mask=cross_mask, implementation="recompute")
-        x = x + self.mlp(self.mlp_norm(x))
+            q = self.cross.queries(self._branch_input(x, self.cross_norm))
+            y = self.cross.attend(q, *cross, causal=False, mask=cross_mask, implementation="recompute")
+            x = self._add(x, self.cross_norm, y)
+        x = self._residual(x, self.mlp_norm, self.mlp)
         return constrain(x, ("batch", "length", "act_embed")), k, v
 
 
@@ -167,8 +174,6 @@ class Stack(nnx.Module):
         mask [B, 1, T, S] and bias [1, heads, T, S] are shared by every layer (see ``Block.extend``);
         an encoder-decoder's cache also carries the cross-attention keys/values.
         """
-        if self.cfg.post_norm:
-            raise ValueError("decoding from a cache needs a pre-norm stack (model.post_norm=false)")
         graphdef, stacked = nnx.split(self.blocks)
         cross_mask = padding_mask(cache.cross_valid)
 

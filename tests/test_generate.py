@@ -1,5 +1,6 @@
 """Generation: greedy tokens equal transformers' generate() on GPT-2, Llama (GQA) and T5 v1.0/v1.1,
-with and without the KV cache; ragged batches, eos, sampling, streaming and sharded decoding.
+with and without the KV cache; ragged batches, eos, sampling, streaming and sharded decoding; post-norm
+stacks; the position limit of every family. (The CLI against transformers: tests/test_generate_cli.py.)
 
 Reference models are tiny, random, built here from configs and saved with save_pretrained.
 """
@@ -179,6 +180,46 @@ def test_generation_refuses_encoders_and_sequences_past_learned_positions(pair):
         generate(encoder, prompts, NEW)
     with pytest.raises(ValueError, match="exceeds the model's 32 positions; generate at most 23"):
         generate(ours, prompts, 24)  # gpt2: 32 learned positions, the longest prompt has 9 tokens
+
+
+@pytest.mark.parametrize("pair", ["llama-gqa", "t5-v1.0"], indirect=True)
+def test_rope_and_t5_models_refuse_sequences_past_max_seq_len_as_the_cli_does(pair):
+    name, _, ours, prompts = pair
+    n = ours.cfg.max_seq_len  # llama: 64 rope positions; T5: 512 (n_positions) for its relative buckets
+    if name == "llama-gqa":  # the longest prompt has 9 tokens
+        refused = {"9 tokens plus 56 new ones exceeds the model's 64 positions; generate at most 55": (prompts, 56)}
+    else:
+        refused = {
+            f"{n + 1} new tokens exceed the decoder's {n} positions; generate at most {n}": (prompts, n + 1),
+            f"a prompt of {n + 1} tokens exceeds the encoder's {n} positions": ([np.full(n + 1, 5)], 1),
+        }
+    for message, (rows, new) in refused.items():
+        with pytest.raises(ValueError, match=message):
+            generate(ours, rows, new)
+
+
+@pytest.mark.parametrize("pair", ["llama-gqa"], indirect=True)
+def test_top_k_above_the_vocabulary_keeps_every_token_as_transformers_clamps_it(pair):
+    _, _, ours, prompts = pair
+    kwargs = {"temperature": 1.5, "seed": 3}
+    every_token = generate(ours, prompts, NEW, **kwargs)
+    np.testing.assert_array_equal(generate(ours, prompts, NEW, top_k=10**6, **kwargs), every_token)
+    assert not np.array_equal(generate(ours, prompts, NEW, top_k=1, **kwargs), every_token)  # top-k matters here
+
+
+def test_post_norm_decoders_decode_from_the_cache_as_a_full_forward_does():
+    shape = {"vocab_size": 64, "d_model": 32, "n_layers": 2, "n_heads": 4, "d_ff": 64, "max_seq_len": 32}
+    model = build_model(ModelConfig(**shape, post_norm=True, compute_dtype="float32", init_std=0.5), 0)
+    prompts = [np.arange(2, 2 + n) for n in PROMPT_LENGTHS]
+    cached = generate(model, prompts, NEW)
+    forward = jax.jit(lambda tokens: model(tokens))  # the plain causal forward: what follows a slot cannot change it
+    n = PROMPT_LENGTHS[1]
+    tokens = np.zeros((1, n + NEW), np.int32)
+    tokens[0, :n] = prompts[1]
+    for i in range(n, n + NEW):  # the longest row, greedily extended
+        tokens[0, i] = np.argmax(forward(tokens)[0, i - 1])
+    np.testing.assert_array_equal(cached[1], tokens[0, n:])
+    assert len(set(cached[1].tolist())) > 1  # not a constant row
 
 
 def test_cli_streams_the_greedy_continuation_and_refuses_bad_sources(tmp_path, capsys):

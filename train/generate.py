@@ -6,7 +6,9 @@ model directory with its tokenizer, train/checkpoints/sources.py), decoding from
 (``models.generate``). One sample is streamed to stdout as it is decoded (every 16 tokens);
 several (``--num-samples``) are printed one after another once decoded, each after a
 ``--- sample i ---`` line. Decoders print the prompt and its continuation; T5 reads the prompt
-with its encoder and prints what the decoder writes. A sample ends at the tokenizer's eos or after
+with its encoder and prints what the decoder writes, starting from the token it was trained to start
+from (``decoder_start_token_id``, 0 for T5; train/checkpoints/sources.py). ``--top-k`` above the vocabulary
+keeps every token, as in transformers. A sample ends at the tokenizer's eos or after
 ``--max-new-tokens`` (default: up to 200, as many as the model's positions leave room for). An
 empty prompt starts a new document (from eos). The model runs on the devices as the run's mesh
 says (all devices as fsdp otherwise). User mistakes print one ``error:`` line and exit with status 2.
@@ -99,10 +101,10 @@ def samples(args: argparse.Namespace) -> Iterator[tuple[int, str]]:
     dp = math.prod(mesh.shape[a] for a in BATCH_AXES)
     rows = -(-args.num_samples // dp) * dp  # the batch shards over the data-parallel devices
     kwargs = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
-    eos = tokenizer.eos_id
+    kwargs |= {"eos_id": tokenizer.eos_id, "pad_id": tokenizer.eos_id, "start_id": source.decoder_start_id}
     shown = args.prompt if source.config.family == "decoder" else ""
     with activation_context(mesh):
-        pieces = stream(source.model, [prompt] * rows, new_tokens, chunk=CHUNK, eos_id=eos, pad_id=eos, **kwargs)
+        pieces = stream(source.model, [prompt] * rows, new_tokens, chunk=CHUNK, **kwargs)
         yield from _texts(pieces, tokenizer, args.num_samples, shown)
 
 

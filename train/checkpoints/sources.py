@@ -13,6 +13,10 @@
 - Hugging Face model directory (``config.json`` + safetensors, ``models.hf.load``) with its own
   tokenizer files, if any. ``python-package:NAME`` names a directory inside an installed package.
 
+T5's decoder starts from ``decoder_start_id``: a run's is what its objective fed the decoder first
+(seq2seq: the tokenizer's pad, ``train/data/examples.py``; span corruption: 0), a Hugging Face
+directory's its ``decoder_start_token_id`` (else ``pad_token_id``), an export's 0 (T5's).
+
 With ``mesh`` every parameter is placed with the sharding the logical-axis rules give it (a run's
 own ``mesh.rules`` over the defaults; a mesh axis that does not divide a dimension is dropped
 there), as in training; without, on the default device. A forward without an rng key has no dropout,
@@ -22,6 +26,7 @@ so a loaded model is always in eval mode.
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
 
 import jax
@@ -32,11 +37,11 @@ from models import abstract_model, hf
 from models.config import ModelConfig
 from sharding.mesh import MeshConfig, make_mesh
 from sharding.rules import RULES, Rules, logical_to_mesh
-from train.config import packages
 from train.checkpoints.store import best_params, newest_params, restore_target
+from train.config import packages
 from train.config.sections import Config, ConfigError, load_config
+from train.data.tokenizer import HFTokenizer, Tokenizer, load_tokenizer, markers
 from train.export import load as load_export
-from train.data.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
 WHAT = "a run directory, an export directory (python -m train.export) or a Hugging Face model directory"
@@ -51,6 +56,7 @@ class Source:
     run_config: Config | None  # the run's config.yaml when the source is a run directory
     path: pathlib.Path | None = None
     step: int | None = None  # the checkpoint step of a run
+    decoder_start_id: int = 0  # T5: the token its decoder starts from (what training fed it)
 
     @property
     def description(self) -> str:
@@ -142,7 +148,8 @@ def _from_run(location: pathlib.Path, mesh: Mesh | None, best: bool) -> Source:
     cfg = ModelConfig.from_dict(saved["model"], where)
     model = nnx.merge(abstract_model(cfg)[0], params)
     tokenizer = load_tokenizer(run_config.data.tokenizer)
-    return Source(model, cfg, tokenizer, "run", run_config, location, step)
+    start = markers(tokenizer).pad if run_config.train.objective == "seq2seq" else 0  # span corruption: 0
+    return Source(model, cfg, tokenizer, "run", run_config, location, step, start)
 
 
 def _from_export(location: pathlib.Path, mesh: Mesh | None) -> Source:
@@ -158,7 +165,9 @@ def _from_hugging_face(location: pathlib.Path, mesh: Mesh | None) -> Source:
         model, cfg = hf.load(location, mesh, RULES)
     except hf.ConversionError as e:
         raise ConfigError(f"model source '{location}' cannot be read: {e}") from None
-    return Source(model, cfg, _own_tokenizer(location), "hf", None, location)
+    hf_config = json.loads((location / "config.json").read_text())
+    start = next((hf_config[k] for k in ("decoder_start_token_id", "pad_token_id") if hf_config.get(k) is not None), 0)
+    return Source(model, cfg, _own_tokenizer(location), "hf", None, location, decoder_start_id=int(start))
 
 
 def _own_tokenizer(location: pathlib.Path) -> Tokenizer | None:

@@ -119,14 +119,17 @@ class PeriodicEval(Callback):
 
 
 def sample_text(loop: Loop) -> str:
-    """A continuation of ``train.sample_prompt`` (temperature 0.8, top-k 40) from the KV-cached sampler,
-    ending at eos or the model's last position. Every process runs it (the arrays are global); the
-    prompt is repeated over the data-parallel axes, under the training mesh and rules, and row 0 is kept.
+    """A continuation of ``train.sample_prompt`` (empty: a new document, from eos; temperature 0.8,
+    top-k 40) from the KV-cached sampler, ending at eos or the model's last position. Every process
+    runs it (the arrays are global); the prompt is repeated over the data-parallel axes, under the
+    training mesh and rules, and row 0 is kept.
     """
     t, tokenizer, mesh = loop.config.train, loop.tokenizer, loop.mesh
     model = nnx.merge(loop.spec.graphdef, loop.state.params)
     window = model.cfg.max_seq_len
     prompt = tokenizer.encode(t.sample_prompt)[-(window // 2) :]
+    if len(prompt) == 0:  # an empty prompt starts a new document, as in python -m train.generate
+        prompt = [tokenizer.eos_id]
     rows = mesh.shape["data"] * mesh.shape["fsdp"]
     with loop.off_clock(), activation_context(mesh, loop.spec.rules):
         tokens = generate(
