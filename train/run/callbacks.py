@@ -65,7 +65,7 @@ class MetricsLog(Callback):
     def on_start(self, loop: Loop) -> None:
         t, model = loop.config.train, loop.config.model
         self.lr_at = schedule(loop.config.optimizer, t.steps)
-        self.flops_per_token = perf.flops_per_token(model, t.seq_len, perf.decoder_tokens(t))
+        self.flops_per_token = flops.flops_per_token(model, t.seq_len, flops.decoder_tokens(t))
         self.tokens_per_step = t.batch_size * t.seq_len
         self.first = True
         self.progress = tqdm(
@@ -92,7 +92,7 @@ class MetricsLog(Callback):
             "grad_norm": float(fetched["grad_norm"]),
             "tokens_per_sec": tokens_per_sec,
             "step_ms": 1000 * elapsed / self.interval_steps,
-            "mfu": perf.mfu(tokens_per_sec, self.flops_per_token, self.peak_flops),
+            "mfu": flops.mfu(tokens_per_sec, self.flops_per_token, self.peak_flops),
             **{
                 k: float(v) for k, v in fetched.items() if k not in ("loss", "grad_norm")
             },  # prune's sparsity, distillation's parts

@@ -280,7 +280,7 @@ def run(config: Config, callbacks: Sequence[Callback] = ()) -> dict:
             run_dir.mkdir(parents=True, exist_ok=True)
             save_config(setup.config, run_dir / "config.yaml")
         writer = resources.enter_context(contextlib.closing(MetricsWriter(run_dir, start, enabled=is_main)))
-        peak, peak_source = perf.peak_flops(setup.mesh.devices.flatten().tolist(), setup.config.model.compute_dtype)
+        peak, peak_source = flops.peak_flops(setup.mesh.devices.flatten().tolist(), setup.config.model.compute_dtype)
         report(setup, state.params, peak, peak_source)
 
         compile_start = time.perf_counter()
