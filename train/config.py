@@ -39,7 +39,9 @@ class RunConfig:
 class DataConfig:
     train_files: str = "data/shakespeare/*.txt"  # glob(s), comma-separated; relative to the cwd
     val_files: str = ""  # glob(s) of held-out documents; empty: split off val_fraction of documents
-    format: Literal["text", "jsonl", "tfds"] = "text"  # text: a document per file; jsonl: per line; tfds: by name
+    # text: a document per file; jsonl: an example per line; conll: a tagged sentence per block (train/data/conll.py);
+    # tfds: by name
+    format: Literal["text", "jsonl", "conll", "tfds"] = "text"
     text_field: str = "text"  # the JSONL field (or TFDS feature) that holds the text
     val_fraction: float = 0.05  # fraction of whole documents held out when val_files is empty
     tokenizer: str = "byte"  # 'byte' or a directory holding a Hugging Face tokenizer
@@ -55,6 +57,8 @@ class DataConfig:
     labels: str = ""  # (token_)classification: label names in id order, comma-separated; empty: sorted, from the data
     tokens_field: str = "tokens"  # token_classification: the field holding the words (a list of strings)
     tags_field: str = "tags"  # token_classification: the field holding one tag per word (B-PER, I-PER, O, ...)
+    tag_column: int = -1  # conll: the column holding the tag (0 is the word, -1 the last)
+    tag_scheme: Literal["auto", "iob1", "iob2", "bioes"] = "auto"  # conll: how the files write entities; iob1 -> iob2
     input_field: str = "input"  # seq2seq: the field holding the input text
     target_field: str = "target"  # seq2seq: the field holding the target text
     group_field: str = ""  # hold out whole groups of rows sharing this field's value (val_fraction of groups)

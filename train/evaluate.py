@@ -125,11 +125,11 @@ def documents(s: Setup, files: str, split: str) -> list[str]:
 
 def rows(s: Setup, files: str, split: str) -> list:
     """The JSONL rows of ``files``, else of the run's ``split``."""
-    from train.data.examples import split_rows, test_rows
-    from train.data.files import match_files, read_rows
+    from train.data.examples import reader, split_rows, test_rows
+    from train.data.files import match_files
 
     if files:
-        return read_rows(match_files(files, "--files"))
+        return reader(s.config.data)(match_files(files, "--files"))
     _need_run(s, split)
     return test_rows(s.config.data) if split == "test" else split_rows(s.config.data)[1]
 

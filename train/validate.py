@@ -147,9 +147,9 @@ EVAL_METRICS = {
     "span_corruption": ("eval_loss",),
     "seq2seq": ("eval_loss", "eval_token_accuracy"),
     "classification": ("eval_loss", "eval_accuracy", "eval_macro_f1"),
-    "token_classification": ("eval_loss", "eval_token_accuracy", *ENTITY_METRICS),
+    "token_classification": ("eval_loss", "eval_token_accuracy", "eval_token_macro_f1", *ENTITY_METRICS),
 }
-MAXIMIZED = ("eval_accuracy", "eval_macro_f1", "eval_token_accuracy", *ENTITY_METRICS)  # the rest are losses
+MAXIMIZED = ("eval_accuracy", "eval_macro_f1", "eval_token_accuracy", "eval_token_macro_f1", *ENTITY_METRICS)  # the rest are losses
 OBJECTIVE_FAMILY = {
     "causal_lm": "decoder",
     "masked_lm": "encoder",
@@ -173,7 +173,9 @@ def objective_problems(config: Config) -> list[str]:
     head = t.objective if t.objective in ("classification", "token_classification") else "lm"
     if family == "encoder" and model.head != head:
         out.append(f"train.objective={t.objective} needs model.head={head}, not {model.head}; set model.head={head}")
-    if t.objective in EXAMPLE_OBJECTIVES and data.format != "jsonl":
+    if data.format == "conll" and t.objective != "token_classification":
+        out.append(f"data.format=conll holds tagged words, for train.objective=token_classification, not {t.objective}")
+    elif t.objective in EXAMPLE_OBJECTIVES and data.format not in ("jsonl", "conll"):
         out.append(f"train.objective={t.objective} reads one example per JSONL row; set data.format=jsonl")
     labels = split_labels(data.labels)
     if head != "lm" and labels and len(labels) != model.num_labels:

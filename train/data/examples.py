@@ -48,10 +48,19 @@ def _row_name(cfg: DataConfig):
     return lambda r: r.name
 
 
+def reader(cfg: DataConfig):
+    """``read(paths) -> rows``: JSONL lines, or with ``data.format=conll`` CoNLL sentences (train/data/conll.py)."""
+    if cfg.format == "conll":
+        from train.data.conll import read_sentences
+
+        return lambda paths: read_sentences(paths, cfg)
+    return read_rows
+
+
 def split_rows(cfg: DataConfig) -> tuple[list[Row], list[Row]]:
     """(training rows, validation rows) as the module docstring describes; neither is empty, and
     neither holds a test row."""
-    train, val, _ = split_data(cfg, read_rows, _row_name(cfg))
+    train, val, _ = split_data(cfg, reader(cfg), _row_name(cfg))
     if not train:
         raise ConfigError(f"data.train_files='{cfg.train_files}' leaves no training examples; point it at JSONL rows")
     if not val:
@@ -65,7 +74,7 @@ def split_rows(cfg: DataConfig) -> tuple[list[Row], list[Row]]:
 def test_rows(cfg: DataConfig) -> list[Row]:
     """The test rows (``data.test_files`` or ``data.test_fraction``), which training never reads."""
     require_test_split(cfg)
-    test = split_data(cfg, read_rows, _row_name(cfg))[2]
+    test = split_data(cfg, reader(cfg), _row_name(cfg))[2]
     if not test:
         raise ConfigError("the test split holds no example; raise data.test_fraction or fix data.test_files")
     return test
