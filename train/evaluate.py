@@ -89,7 +89,13 @@ def setup(args: argparse.Namespace) -> Setup:
     run = source.run_config or Config()
     objective = run.train.objective if source.run_config else PRETRAINING_OBJECTIVE[source.config.family]
     if source.config.head != "lm" and source.run_config is None:
-        raise ConfigError(f"'{args.source}' is a classifier but not a run directory; its label names come from a run")
+        if not source.labels:
+            raise ConfigError(
+                f"'{args.source}' is a classifier without label names (no run config.yaml, labels.json or "
+                "id2label); export it from its run with python -m train.export"
+            )
+        objective = source.config.head
+        run = dataclasses.replace(run, data=dataclasses.replace(run.data, format="jsonl", labels=",".join(source.labels)))
     seq_len = args.seq_len or (run.train.seq_len if source.run_config else min(source.config.max_seq_len, 1024))
     if not 0 < seq_len <= source.config.max_seq_len:
         raise ConfigError(f"--seq-len={seq_len} must be in [1, {source.config.max_seq_len}] (the model's positions)")
@@ -125,11 +131,14 @@ def documents(s: Setup, files: str, split: str) -> list[str]:
 
 def rows(s: Setup, files: str, split: str) -> list:
     """The JSONL rows of ``files``, else of the run's ``split``."""
-    from train.data.examples import reader, split_rows, test_rows
-    from train.data.files import match_files
+    from train.data.conll import read_tagged_files
+    from train.data.examples import split_rows, test_rows
+    from train.data.files import match_files, read_rows
 
     if files:
-        return reader(s.config.data)(match_files(files, "--files"))
+        paths = match_files(files, "--files")
+        tagged = s.config.train.objective == "token_classification"
+        return read_tagged_files(paths, s.config.data) if tagged else read_rows(paths)
     _need_run(s, split)
     return test_rows(s.config.data) if split == "test" else split_rows(s.config.data)[1]
 

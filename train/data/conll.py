@@ -35,23 +35,29 @@ def _split_tag(tag: str) -> tuple[str, str]:
     return (prefix, kind) if prefix in "BIES" and len(prefix) == 1 and kind else ("?", tag)
 
 
-def read_sentences(paths: Sequence[str], cfg: DataConfig) -> list[Row]:
+def read_sentences(paths: Sequence[str], cfg: DataConfig, need_tags: bool = True) -> list[Row]:
     """Every sentence of ``paths`` as a Row (``Row.line``: its first line) whose record holds
     ``tokens`` and ``tags`` (lists of str, tags in the run's scheme), ``doc`` ('file:n', the
-    n-th document of the file) and ``lines`` (each word's line number)."""
+    n-th document of the file) and ``lines`` (each word's line number). Without ``need_tags`` a
+    file of words alone (one column) gives rows without ``tags``."""
     rows = []
     for path in paths:
-        sentences = _file_sentences(path, cfg.tag_column)
-        scheme = cfg.tag_scheme if cfg.tag_scheme != "auto" else detect_scheme([s[2] for s in sentences])
+        sentences = _file_sentences(path, cfg.tag_column, need_tags)
+        tagged = sentences[0][3][0] is not None
+        scheme = cfg.tag_scheme
+        if tagged and scheme == "auto":
+            scheme = detect_scheme([s[3] for s in sentences])
         for doc, lines, words, tags in sentences:
-            checked = _in_scheme(tags, scheme, path, lines)
-            record = {"tokens": words, "tags": checked, "doc": f"{os.path.basename(path)}:{doc}", "lines": lines}
+            record = {cfg.tokens_field: words, "doc": f"{os.path.basename(path)}:{doc}", "lines": lines}
+            if tagged:
+                record[cfg.tags_field] = _in_scheme(tags, scheme, path, lines)
             rows.append(Row(record, path, lines[0]))
     return rows
 
 
-def _file_sentences(path: str, tag_column: int) -> list[tuple[int, list[int], list[str], list[str]]]:
-    """(document index, line numbers, words, tags) per sentence of one file."""
+def _file_sentences(path: str, tag_column: int, need_tags: bool) -> list[tuple[int, list[int], list[str], list]]:
+    """(document index, line numbers, words, tags) per sentence of one file; tags None in a file of
+    words alone (one column), which only ``need_tags=False`` accepts."""
     text = _utf8(path)
     if not text.strip():
         raise ConfigError(f"data file '{path}' line 1: the file is empty; give CoNLL lines (word ... tag)")
@@ -73,19 +79,19 @@ def _file_sentences(path: str, tag_column: int) -> list[tuple[int, list[int], li
             doc += 1 if out else 0
             continue
         columns = columns or len(fields)
-        if len(fields) != columns or len(fields) < 2:
+        if len(fields) != columns or (len(fields) < 2 and need_tags):
             raise ConfigError(
                 f"data file '{path}' line {number}: {len(fields)} columns where the file's first line has "
                 f"{columns}; give every word line the same columns (at least the word and its tag)"
             )
-        if not -len(fields) < tag_column < len(fields) or tag_column in (0, -len(fields)):
+        if len(fields) > 1 and (not -len(fields) < tag_column < len(fields) or tag_column in (0, -len(fields))):
             raise ConfigError(
                 f"data file '{path}' line {number}: data.tag_column={tag_column} but the line has "
                 f"{len(fields)} columns (0 is the word, -1 the last); point data.tag_column at the tag column"
             )
         lines.append(number)
         words.append(fields[0])
-        tags.append(fields[tag_column])
+        tags.append(fields[tag_column] if len(fields) > 1 else None)
     end()
     if not out:
         raise ConfigError(f"data file '{path}' line 1: the file holds no sentence; give CoNLL lines (word ... tag)")
@@ -148,7 +154,7 @@ def _in_scheme(tags: list[str], scheme: str, path: str, lines: list[int]) -> lis
 
 def conll_labels(rows: Sequence[Row]) -> list[str]:
     """The label set of ``rows`` (the training sentences): O first, then the other tags sorted."""
-    tags = {t for r in rows for t in r.record["tags"]}
+    tags = {t for r in rows for t in r.record.get("tags", ())}
     return [OUTSIDE] + sorted(tags - {OUTSIDE})
 
 
@@ -156,7 +162,7 @@ def check_tags(rows: Sequence[Row], labels: Sequence[str]) -> None:
     """ConfigError naming the file and line of the first tag of ``rows`` outside ``labels``."""
     known = set(labels)
     for row in rows:
-        for tag, line in zip(row.record["tags"], row.record.get("lines", ())):
+        for tag, line in zip(row.record.get("tags", ()), row.record.get("lines", ())):
             if tag not in known:
                 raise ConfigError(
                     f"data file '{row.path}' line {line}: tag '{tag}' is not in the label set ({', '.join(labels)}); "
@@ -172,3 +178,15 @@ def run_labels(train: Sequence[Row], val: Sequence[Row], cfg: DataConfig) -> lis
     labels = label_names(train, cfg) if cfg.labels else conll_labels(train)
     check_tags([*train, *val], labels)
     return labels
+
+
+def read_tagged_files(paths: Sequence[str], cfg: DataConfig, need_tags: bool = True) -> list[Row]:
+    """The sentences of ``paths``: JSONL rows where a file's first non-blank line is a JSON object,
+    CoNLL sentences otherwise (so a run's CoNLL or JSONL data and either kind of --files read alike)."""
+    from train.data.files import read_rows
+
+    rows = []
+    for path in paths:
+        first = next((line for line in _utf8(path).splitlines() if line.strip()), "")
+        rows += read_rows([path]) if first.lstrip().startswith("{") else read_sentences([path], cfg, need_tags)
+    return rows
