@@ -73,11 +73,13 @@ class OptimizerConfig:
     min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio (cosine, linear, wsd)
     schedule: Literal["cosine", "linear", "constant", "wsd", "rsqrt"] = "cosine"  # rsqrt: lr*sqrt(warmup/step)
     warmup_steps: int = 100
+    warmup_ratio: float = 0.0  # > 0: warm up for this share of train.steps instead of warmup_steps
+    layer_decay: float = 1.0  # < 1: layer i of L learns at lr * layer_decay ** (L - i), embeddings ** (L + 1)
     decay_fraction: float = 0.2  # wsd: fraction of steps spent in the final decay
     b1: float = 0.9  # adamw
     b2: float = 0.95  # adamw
     eps: float = 1e-8  # adamw
-    weight_decay: float = 0.1  # decoupled (lr * weight_decay * w a step), on matrices only, never norms or biases
+    weight_decay: float = 0.1  # decoupled (lr * weight_decay * w a step), on matrices only: no norms, biases, embeddings
     clip_norm: float = 1.0  # global-norm clipping of the trainable gradients; 0 disables
     momentum: float = 0.9  # sgd: heavy-ball momentum; 0: plain SGD
     nesterov: bool = False  # sgd: Nesterov momentum
@@ -99,6 +101,7 @@ class EarlyStoppingConfig:
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     steps: int = 1000
+    epochs: float = 0.0  # > 0: train.steps = ceil(epochs * training examples (windows) / batch_size) instead
     batch_size: int = 32  # global, in sequences
     seq_len: int = 256
     grad_accum: int = 1  # micro-batches per step, accumulated inside the jitted step

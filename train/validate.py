@@ -65,6 +65,8 @@ def validate(config: Config) -> list[str]:
         out.append(f"data.test_fraction must be in [0, 1), got {config.data.test_fraction}")
     if config.data.format == "tfds" and (config.data.test_files or config.data.test_fraction):
         out.append("data.test_files and data.test_fraction are for text and JSONL files, not data.format=tfds")
+    if t.epochs < 0 or (t.epochs and config.data.format == "tfds"):
+        out.append(f"train.epochs must be >= 0 (0: train.steps) and needs files, not data.format=tfds; got {t.epochs}")
     if config.data.format == "tfds" and not config.data.tfds_name:
         out.append("data.format=tfds needs data.tfds_name, e.g. data.tfds_name=c4/en:3.1.0")
     out += objective_problems(config)
@@ -83,6 +85,10 @@ def optimizer_problems(o: OptimizerConfig) -> list[str]:
         out.append("optimizer.weight_decay and optimizer.clip_norm must be >= 0 (0: off)")
     if not 0 <= o.momentum < 1:
         out.append(f"optimizer.momentum must be in [0, 1), got {o.momentum}")
+    if not 0 <= o.warmup_ratio < 1:
+        out.append(f"optimizer.warmup_ratio must be in [0, 1) (0: use warmup_steps), got {o.warmup_ratio}")
+    if not 0 < o.layer_decay <= 1:
+        out.append(f"optimizer.layer_decay must be in (0, 1] (1: off), got {o.layer_decay}")
     if o.decay_rate <= 0 or o.clipping_threshold < 0 or o.min_dim_size_to_factor < 1:
         out.append("optimizer.decay_rate must be > 0, clipping_threshold >= 0 (0: off) and min_dim_size_to_factor >= 1")
     return out

@@ -95,12 +95,14 @@ class StreamTask:
             val_tokens = corpus.val_tokens(tokenizer, window, t.batch_size, t.eval_batches)
             self.batches = corpus.train_iterator(tokenizer, *stream)
             train_size = f"{corpus.num_records(d.tfds_train_split):,} train records (streamed)"
+            self.train_examples = 0  # unknown without reading it whole: train.epochs is refused
         else:
             train_docs, val_docs = read_documents(d)
             train_tokens = PackedTokens(train_docs, tokenizer)
             val_tokens = PackedTokens(val_docs, tokenizer, count_bytes=True)
             self.batches = train_iterator(train_tokens, *stream)
             train_size = f"{train_tokens.num_tokens:,} train tokens"
+            self.train_examples = train_tokens.num_tokens // window  # windows an epoch (train.epochs)
         self.data_config = d
         self.batch = make_objective(config, model, tokenizer)
         self.eval_set = [
@@ -165,6 +167,7 @@ class ExampleTask:
         if isinstance(self.val, windows.Windows):
             train, self.val_words, self.val = train.arrays, self.val, self.val.arrays
             self.log_prior = tagging.log_prior(train["targets"], train["weights"], len(self.labels))
+        self.train_examples = len(train["targets"])  # examples (a long sentence's windows) an epoch
         self.batches = examples.example_iterator(
             train, t.batch_size, config.seed, d.shuffle, jax.process_index(), jax.process_count()
         )
