@@ -67,11 +67,14 @@ def plan_windows(counts: np.ndarray, room: int, context: int) -> list[tuple[int,
 
 
 def _counts(words: list[str], tokenizer: Tokenizer) -> np.ndarray:
-    """int64 [W]: sub-words of each word when the sentence is tokenised whole."""
+    """int64 [W]: sub-words of each word when the sentence is tokenised whole, a sub-word of the space
+    before a word (the byte tokenizer's) counted with that word, one after the last with the last."""
     text, starts, ends = tagging.word_spans(words)
     _, offsets = tagging._offsets(tokenizer, [text])[0]
     word = tagging.word_of_tokens(offsets, starts, ends)
-    return np.bincount(word[word >= 0], minlength=len(words)).astype(np.int64)
+    following = np.where(word >= 0, word, len(words))
+    owner = np.minimum(np.minimum.accumulate(following[::-1])[::-1], len(words) - 1)  # the next word's index
+    return np.bincount(owner, minlength=len(words)).astype(np.int64)
 
 
 def windowed_arrays(
