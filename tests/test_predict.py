@@ -140,7 +140,8 @@ def test_predictions_score_as_conlleval_counts_from_every_kind_of_source(tagger)
     assert json.loads((root / "hf" / "config.json").read_text())["id2label"]["4"] == "I-STAGE"
     for name in ("params", "int8", "hf"):
         out = root / f"{name}.pred"
-        rc, _, err = cli(predict.main, [str(root / name), "--files", val, "--tokenizer", "byte", "--out", str(out)])
+        argv = [str(root / name), "--files", val, "--tokenizer", "byte", "--seq-len", "32", "--out", str(out)]
+        rc, _, err = cli(predict.main, argv)  # the run's seq_len: the same windows
         assert rc == 0, err
         if name != "int8":  # the same weights in float: the same tags
             assert out.read_text() == (root / "run.pred").read_text(), name
