@@ -3,6 +3,7 @@ lose no word of a long sentence, the token-level report."""
 
 from __future__ import annotations
 
+import itertools
 import pathlib
 
 import numpy as np
@@ -82,7 +83,7 @@ def test_window_plan_fits_the_room_overlaps_and_owns_every_word_once():
         np.testing.assert_array_equal(owned, np.arange(len(counts)))  # a partition, in order
         for s, e, a, b in plan:
             assert s <= a <= b <= e and (e - s == 1 or np.minimum(counts, room)[s:e].sum() <= room)
-        for (s, e, _, _), (s2, _, _, _) in zip(plan, plan[1:]):
+        for (s, e, _, _), (s2, _, _, _) in itertools.pairwise(plan):
             assert s < s2 <= e and np.minimum(counts, room)[s2:e].sum() <= room // 4
 
 
@@ -113,11 +114,14 @@ def test_token_report_matches_scikit_learn_with_a_micro_row():
     gold = [["O", "B-PER", "I-PER"], ["B-LOC", "O", "O"]]
     guessed = [["O", "B-PER", "O"], ["B-LOC", "B-PER", "O"]]
     found = token_report(gold, guessed, labels)
-    flat_gold, flat_guessed = sum(gold, []), sum(guessed, [])
+    flat_gold, flat_guessed = [t for row in gold for t in row], [t for row in guessed for t in row]
     expected = f1_score(flat_gold, flat_guessed, average="macro", labels=labels, zero_division=0)
     assert found.macro_f1 == pytest.approx(expected) == pytest.approx(token_macro_f1(gold, guessed, labels))
-    lines = {line.split()[0] if "avg" not in line else line.rsplit("avg")[0].strip() + " avg": line
-             for line in found.table.splitlines() if line.strip()}  # fmt: skip
+    lines = {
+        line.split()[0] if "avg" not in line else line.rsplit("avg")[0].strip() + " avg": line
+        for line in found.table.splitlines()
+        if line.strip()
+    }
     assert {"O", "B-PER", "I-PER", "B-LOC", "micro avg", "macro avg", "weighted avg"} <= set(lines)
     assert lines["micro avg"].split()[-4:] == ["0.667", "0.667", "0.667", "6"]  # 4 of 6 words right
     assert lines["I-PER"].split()[1:] == ["0.000", "0.000", "0.000", "1"]

@@ -96,10 +96,11 @@ def conlleval(lines: list[str]) -> float:
 
 
 def test_epochs_set_the_steps_and_the_labels_are_the_training_tags_o_first(tagger):
-    root, run = tagger
-    assert "labels O, B-NAME, B-STAGE, I-NAME, I-STAGE" in run.out  # IOB1 rewritten as IOB2
     from train.config import load_config
     from train.loop import prepare
+
+    _, run = tagger
+    assert "labels O, B-NAME, B-STAGE, I-NAME, I-STAGE" in run.out  # IOB1 rewritten as IOB2
 
     assert "labels: O,B-NAME,B-STAGE,I-NAME,I-STAGE" in (run.dir / "config.yaml").read_text()
     setup = prepare(load_config(run.dir / "config.yaml"))
@@ -113,8 +114,9 @@ def test_evaluate_scores_every_word_once_and_prints_the_token_table(tagger, caps
     root, run = tagger
     result = evaluate.evaluate(evaluate.parse_args([str(run.dir)]))
     table = capsys.readouterr().out
-    assert result["words_cut"] == 0 and result["words"] == sum(1 for line in (root / "val.conll").read_text()
-                                                               .splitlines() if "\t" in line)  # fmt: skip
+    assert result["words_cut"] == 0 and result["words"] == sum(
+        1 for line in (root / "val.conll").read_text().splitlines() if "\t" in line
+    )
     last = run.evals()[-1]
     assert result["entity_f1"] == pytest.approx(last["eval_entity_f1"], abs=1e-9)
     assert result["token_macro_f1"] == pytest.approx(last["eval_token_macro_f1"], abs=1e-9)
@@ -128,7 +130,9 @@ def test_predictions_score_as_conlleval_counts_from_every_kind_of_source(tagger)
     rc, _, err = cli(predict.main, [str(run.dir), "--files", val, "--out", str(root / "run.pred")])
     assert rc == 0, err
     lines = (root / "run.pred").read_text().splitlines()
-    assert len([line for line in lines if line]) == sum(1 for line in open(val) if "\t" in line)
+    assert len([line for line in lines if line]) == sum(
+        "\t" in line for line in pathlib.Path(val).read_text().splitlines()
+    )
     assert all(len(line.split()) == 3 for line in lines if line)
     result = evaluate.evaluate(evaluate.parse_args([str(run.dir)]))
     assert conlleval(lines) == pytest.approx(result["entity_f1"], abs=1e-9)
@@ -174,12 +178,22 @@ def test_a_val_tag_outside_the_training_tags_stops_training_naming_its_line(tagg
 
 def test_classifier_writes_jsonl_with_probabilities_from_run_and_export(tmp_path):
     rng = np.random.default_rng(0)
-    rows = [{"text": " ".join(rng.choice(["aa", "bb"] if i % 2 else ["cc", "dd"], 6)), "label": "ab" if i % 2 else "cd"}
-            for i in range(64)]  # fmt: skip
+    rows = [
+        {"text": " ".join(rng.choice(["aa", "bb"] if i % 2 else ["cc", "dd"], 6)), "label": "ab" if i % 2 else "cd"}
+        for i in range(64)
+    ]
     (tmp_path / "cls.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    argv = ["configs/tiny-bert.yaml", "train.objective=classification", "model.head=classification",
-            "model.num_labels=2", "data.format=jsonl", f"data.train_files={tmp_path / 'cls.jsonl'}",
-            "train.steps=12", "train.eval_every=0", f"run.dir={tmp_path / 'run'}"]  # fmt: skip
+    argv = [
+        "configs/tiny-bert.yaml",
+        "train.objective=classification",
+        "model.head=classification",
+        "model.num_labels=2",
+        "data.format=jsonl",
+        f"data.train_files={tmp_path / 'cls.jsonl'}",
+        "train.steps=12",
+        "train.eval_every=0",
+        f"run.dir={tmp_path / 'run'}",
+    ]
     assert in_this_process(argv).rc == 0
     assert export.main([str(tmp_path / "run"), str(tmp_path / "params")]) == 0
     outputs = []

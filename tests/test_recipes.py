@@ -32,7 +32,15 @@ SHAPES = {
     "stack": {"blocks": {"mlp": {"wi": {"kernel": (L, 4, 5), "bias": (L, 5)}}}},
     "classifier": {"kernel": (4, 2), "bias": (2,)},
 }
-SGD = {"name": "sgd", "momentum": 0.0, "weight_decay": 0.0, "schedule": "constant", "warmup_steps": 0, "clip_norm": 0.0, "lr": 1.0}
+SGD = {
+    "name": "sgd",
+    "momentum": 0.0,
+    "weight_decay": 0.0,
+    "schedule": "constant",
+    "warmup_steps": 0,
+    "clip_norm": 0.0,
+    "lr": 1.0,
+}
 
 
 def _params(fill: float) -> dict:

@@ -165,9 +165,8 @@ def _run_labels(src: pathlib.Path, cfg: ModelConfig) -> list[str]:
     """A classifier's label names (a run's config.yaml ``data.labels``, an HF directory's ``id2label``); else []."""
     import yaml
 
-    from train.validate import split_labels
-
     from models import hf
+    from train.validate import split_labels
 
     config = src / "config.yaml"
     if cfg.head != "lm" and hf.is_model_dir(src):

@@ -92,8 +92,10 @@ def predict_tags(s, rows: list) -> list[str]:
     labels = split_labels(s.config.data.labels)
     with_gold = all(d.tags_field in r.record for r in rows)
     if not with_gold:  # placeholders: the words must carry some tag to be laid out; only predictions are read
-        rows = [Row({**r.record, d.tags_field: [labels[0]] * len(r.record.get(d.tokens_field, []))}, r.path, r.line)
-                for r in rows]  # fmt: skip
+        rows = [
+            Row({**r.record, d.tags_field: [labels[0]] * len(r.record.get(d.tokens_field, []))}, r.path, r.line)
+            for r in rows
+        ]
     config = dataclasses.replace(s.config, data=dataclasses.replace(d, format="conll" if with_gold else d.format))
     gold, guessed, _, _ = scoring.tag_rows(dataclasses.replace(s, config=config), rows)
     out = []
@@ -120,12 +122,19 @@ def predict_labels(s, inputs: list[str]) -> list[str]:
     )
     graphdef, params = nnx.split(s.source.model)
     step = make_probability_step(graphdef, s.mesh, s.config.mesh.logical_rules)
-    found = [np.asarray(step(params, global_batch(process_rows(b), s.mesh))) for b in
-             examples.padded_batches(arrays, t.batch_size)]  # fmt: skip
+    found = [
+        np.asarray(step(params, global_batch(process_rows(b), s.mesh)))
+        for b in examples.padded_batches(arrays, t.batch_size)
+    ]
     probabilities = np.concatenate(found)[: len(inputs)]  # [N, num_labels]
     return [
-        json.dumps({"input": text, "label": labels[int(p.argmax())],
-                    "probabilities": {name: round(float(q), 6) for name, q in zip(labels, p)}})  # fmt: skip
+        json.dumps(
+            {
+                "input": text,
+                "label": labels[int(p.argmax())],
+                "probabilities": {name: round(float(q), 6) for name, q in zip(labels, p)},
+            }
+        )
         for text, p in zip(inputs, probabilities)
     ]
 

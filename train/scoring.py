@@ -182,7 +182,7 @@ def tag_rows(setup, rows: Sequence) -> tuple[list[list[str]], list[list[str]], f
     c, t = setup.config, setup.config.train
     labels = split_labels(c.data.labels)
     if c.data.format == "conll":
-        check_tags(rows, labels)
+        check_tags(rows, labels, c.data.tags_field)
     tagged = windows.windowed_arrays(rows, c.data, labels, setup.tokenizer, t.seq_len)
     total = weight = 0.0
     predicted = []

@@ -65,6 +65,9 @@ def validate(config: Config) -> list[str]:
         out.append(f"data.test_fraction must be in [0, 1), got {config.data.test_fraction}")
     if config.data.format == "tfds" and (config.data.test_files or config.data.test_fraction):
         out.append("data.test_files and data.test_fraction are for text and JSONL files, not data.format=tfds")
+    d = config.data
+    if d.format != "conll" and (d.tag_scheme != "auto" or d.tag_column != -1):
+        out.append(f"data.tag_scheme and data.tag_column are for data.format=conll, not {d.format}; drop them")
     if t.epochs < 0 or (t.epochs and config.data.format == "tfds"):
         out.append(f"train.epochs must be >= 0 (0: train.steps) and needs files, not data.format=tfds; got {t.epochs}")
     if config.data.format == "tfds" and not config.data.tfds_name:

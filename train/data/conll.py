@@ -140,8 +140,10 @@ def _in_scheme(tags: list[str], scheme: str, path: str, lines: list[int]) -> lis
         if scheme == "iob1" and prefix == "I" and not continues:
             tag = f"B-{kind}"  # IOB1 starts an entity with I-; IOB2 with B-
         elif scheme == "bioes" and prefix in "IE" and not continues:
-            raise ConfigError(f"data file '{path}' line {line}: '{tag}' follows '{tags[i - 1] if i else 'nothing'}'"
-                              f", which BIOES does not allow; fix the tags or data.tag_scheme")  # fmt: skip
+            raise ConfigError(
+                f"data file '{path}' line {line}: '{tag}' follows '{tags[i - 1] if i else 'nothing'}'"
+                f", which BIOES does not allow; fix the tags or data.tag_scheme"
+            )
         elif scheme == "iob2" and prefix == "I" and not continues:
             raise ConfigError(
                 f"data file '{path}' line {line}: '{tag}' starts an entity, which IOB2 writes B-{kind}; "
@@ -152,17 +154,17 @@ def _in_scheme(tags: list[str], scheme: str, path: str, lines: list[int]) -> lis
     return out
 
 
-def conll_labels(rows: Sequence[Row]) -> list[str]:
-    """The label set of ``rows`` (the training sentences): O first, then the other tags sorted."""
-    tags = {t for r in rows for t in r.record.get("tags", ())}
+def conll_labels(rows: Sequence[Row], field: str = "tags") -> list[str]:
+    """The label set of ``rows`` (the training sentences; tags in ``field``): O first, then the rest sorted."""
+    tags = {t for r in rows for t in r.record.get(field, ())}
     return [OUTSIDE] + sorted(tags - {OUTSIDE})
 
 
-def check_tags(rows: Sequence[Row], labels: Sequence[str]) -> None:
-    """ConfigError naming the file and line of the first tag of ``rows`` outside ``labels``."""
+def check_tags(rows: Sequence[Row], labels: Sequence[str], field: str = "tags") -> None:
+    """ConfigError naming the file and line of the first tag of ``rows`` (in ``field``) outside ``labels``."""
     known = set(labels)
     for row in rows:
-        for tag, line in zip(row.record.get("tags", ()), row.record.get("lines", ())):
+        for tag, line in zip(row.record.get(field, ()), row.record.get("lines", ())):
             if tag not in known:
                 raise ConfigError(
                     f"data file '{row.path}' line {line}: tag '{tag}' is not in the label set ({', '.join(labels)}); "
@@ -175,8 +177,8 @@ def run_labels(train: Sequence[Row], val: Sequence[Row], cfg: DataConfig) -> lis
     ``train`` and ``val`` checked against them."""
     from train.data.examples import label_names
 
-    labels = label_names(train, cfg) if cfg.labels else conll_labels(train)
-    check_tags([*train, *val], labels)
+    labels = label_names(train, cfg) if cfg.labels else conll_labels(train, cfg.tags_field)
+    check_tags([*train, *val], labels, cfg.tags_field)
     return labels
 
 

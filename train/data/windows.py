@@ -15,6 +15,7 @@ only their predictions are read back. A single word longer than the room keeps i
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Sequence
 
 import numpy as np
@@ -60,7 +61,7 @@ def plan_windows(counts: np.ndarray, room: int, context: int) -> list[tuple[int,
             nxt, back = nxt - 1, back + c[nxt - 1]
         start = nxt
     bounds = [0]
-    for (_, end), (nxt, _) in zip(spans, spans[1:]):
+    for (_, end), (nxt, _) in itertools.pairwise(spans):
         bounds.append(max((nxt + end) // 2, bounds[-1]))
     bounds.append(n)
     return [(s, e, a, b) for (s, e), a, b in zip(spans, bounds, bounds[1:])]
