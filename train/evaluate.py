@@ -1,7 +1,8 @@
 """``python -m train.evaluate SOURCE [--best] [--files F1,F2,...] [--seq-len N] [--stride N] [--batch N] [--split S]``
 
 Scores a saved model (a run directory, an export directory or a Hugging Face model directory,
-train/sources.py) on text and prints one JSON line. ``--best``: a run's best checkpoint
+train/sources.py; a classifier export needs its label names: a run's, ``labels.json`` or
+``id2label``) on text and prints one JSON line. ``--best``: a run's best checkpoint
 (``checkpoint.keep_best``) instead of its newest step; the line then holds the checkpoint's ``step``.
 
 - Causal LMs: every token of the files after the first is predicted exactly once, from
@@ -16,7 +17,9 @@ train/sources.py) on text and prints one JSON line. ``--best``: a run's best che
 - Classifiers: accuracy, macro-F1 and scikit-learn's per-class table on stdout, a confusion
   matrix PNG (``--out``, default the source directory), then the JSON line. Seq2seq: loss and
   token accuracy. Token classifiers: word accuracy, entity precision / recall / F1 (micro, exact
-  spans) and seqeval's per-entity-type table on stdout, then the JSON line (per type too).
+  spans), seqeval's per-entity-type table and scikit-learn's per-tag (token-level) table on stdout,
+  then the JSON line (per type and ``token_macro_f1`` too); long sentences are scored in windows,
+  every word once (``words_cut`` 0). ``--files`` may be CoNLL or JSONL.
 
 Without ``--files`` a run is scored on its own validation split (``--split test``: its test
 split, which training never reads). ``--tokenizer`` replaces the source's tokenizer (an export
