@@ -1,7 +1,8 @@
 """``python -m train.evaluate SOURCE [--best] [--files F1,F2,...] [--seq-len N] [--stride N] [--batch N] [--split S]``
 
 Scores a saved model (a run directory, an export directory or a Hugging Face model directory,
-train/checkpoints/sources.py) on text and prints one JSON line. ``--best``: a run's best checkpoint
+train/checkpoints/sources.py; a classifier export needs its label names: a run's, ``labels.json`` or
+``id2label``) on text and prints one JSON line. ``--best``: a run's best checkpoint
 (``checkpoint.keep_best``) instead of its newest step; the line then holds the checkpoint's ``step``.
 
 - Causal LMs: every token of the files after the first is predicted exactly once, from
@@ -16,7 +17,9 @@ train/checkpoints/sources.py) on text and prints one JSON line. ``--best``: a ru
 - Classifiers: accuracy, macro-F1 and scikit-learn's per-class table on stdout, a confusion
   matrix PNG (``--out``, default the source directory), then the JSON line. Seq2seq: loss and
   token accuracy. Token classifiers: word accuracy, entity precision / recall / F1 (micro, exact
-  spans) and seqeval's per-entity-type table on stdout, then the JSON line (per type too).
+  spans), seqeval's per-entity-type table and scikit-learn's per-tag (token-level) table on stdout,
+  then the JSON line (per type and ``token_macro_f1`` too); long sentences are scored in windows,
+  every word once (``words_cut`` 0). ``--files`` may be CoNLL or JSONL.
 
 Without ``--files`` a run is scored on its own validation split (``--split test``: its test
 split, which training never reads). ``--tokenizer`` replaces the source's tokenizer (an export
@@ -78,8 +81,8 @@ class Setup:
 
 def setup(args: argparse.Namespace) -> Setup:
     from sharding.rules import BATCH_AXES
-    from train.data.files import match_files
     from train.checkpoints.sources import load_source, source_mesh, source_tokenizer
+    from train.data.files import match_files
 
     if args.files:
         match_files(args.files, "--files")  # before the model loads
@@ -89,7 +92,13 @@ def setup(args: argparse.Namespace) -> Setup:
     run = source.run_config or Config()
     objective = run.train.objective if source.run_config else PRETRAINING_OBJECTIVE[source.config.family]
     if source.config.head != "lm" and source.run_config is None:
-        raise ConfigError(f"'{args.source}' is a classifier but not a run directory; its label names come from a run")
+        if not source.labels:
+            raise ConfigError(
+                f"'{args.source}' is a classifier without label names (no run config.yaml, labels.json or "
+                "id2label); export it from its run with python -m train.export"
+            )
+        objective = source.config.head
+        run = dataclasses.replace(run, data=dataclasses.replace(run.data, format="jsonl", labels=",".join(source.labels)))
     seq_len = args.seq_len or (run.train.seq_len if source.run_config else min(source.config.max_seq_len, 1024))
     if not 0 < seq_len <= source.config.max_seq_len:
         raise ConfigError(f"--seq-len={seq_len} must be in [1, {source.config.max_seq_len}] (the model's positions)")
@@ -125,11 +134,14 @@ def documents(s: Setup, files: str, split: str) -> list[str]:
 
 def rows(s: Setup, files: str, split: str) -> list:
     """The JSONL rows of ``files``, else of the run's ``split``."""
+    from train.data.conll import read_tagged_files
     from train.data.examples import split_rows, test_rows
     from train.data.files import match_files, read_rows
 
     if files:
-        return read_rows(match_files(files, "--files"))
+        paths = match_files(files, "--files")
+        tagged = s.config.train.objective == "token_classification"
+        return read_tagged_files(paths, s.config.data) if tagged else read_rows(paths)
     _need_run(s, split)
     return test_rows(s.config.data) if split == "test" else split_rows(s.config.data)[1]
 

@@ -8,7 +8,8 @@ output) or a Hugging Face model directory (config.json + safetensors).
 
 --format params (default)
     ``OUT_DIR/params`` (an Orbax StandardCheckpointer tree of fp32 arrays, nested dicts keyed
-    like the model's parameters) and ``OUT_DIR/model.json`` (the ``ModelConfig``); no optimizer
+    like the model's parameters), ``OUT_DIR/model.json`` (the ``ModelConfig``) and for a
+    classifier ``OUT_DIR/labels.json`` (``id2label``, as in --format hf); no optimizer
     state, data position or run config. ``load(OUT_DIR)`` reads both back.
 --format hf
     ``OUT_DIR/{config.json, model.safetensors}`` for transformers' ``from_pretrained``; with
@@ -78,9 +79,10 @@ def new_out_dir(out_dir: str | pathlib.Path, name: str = "OUT") -> pathlib.Path:
     return out_dir
 
 
-def write_params(params, cfg: ModelConfig, out_dir: pathlib.Path, tokenizer=None) -> None:
+def write_params(params, cfg: ModelConfig, out_dir: pathlib.Path, tokenizer=None, labels=()) -> None:
     """``model.json`` + ``params/`` (Orbax) in ``out_dir``, and a Hugging Face ``tokenizer``
-    (train.tokenizer.HFTokenizer) saved beside them; other tokenizers are not written."""
+    (train.tokenizer.HFTokenizer) saved beside them; other tokenizers are not written. A classifier's
+    ``labels`` (names in id order) go to ``labels.json`` as ``{"id2label": {"0": name, ...}}``."""
     import orbax.checkpoint as ocp
     from flax import nnx
 
@@ -93,9 +95,21 @@ def write_params(params, cfg: ModelConfig, out_dir: pathlib.Path, tokenizer=None
     (out_dir / "model.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     if isinstance(tokenizer, HFTokenizer):
         tokenizer.tokenizer.save_pretrained(str(out_dir))
+    if labels:
+        id2label = {str(i): name for i, name in enumerate(labels)}
+        (out_dir / "labels.json").write_text(json.dumps({"id2label": id2label}, indent=2) + "\n")
 
 
-def write_checkpoint(params, cfg: ModelConfig, out_dir: pathlib.Path) -> None:
+def read_labels(out_dir: pathlib.Path) -> list[str]:
+    """The label names in id order of an export's ``labels.json``; [] when it has none."""
+    path = pathlib.Path(out_dir) / "labels.json"
+    if not path.is_file():
+        return []
+    id2label = json.loads(path.read_text()).get("id2label") or {}
+    return [str(id2label[k]) for k in sorted(id2label, key=int)]
+
+
+def write_checkpoint(params, cfg: ModelConfig, out_dir: pathlib.Path, labels=()) -> None:
     import yaml
 
     from train.checkpoints.store import Checkpoints
@@ -106,7 +120,7 @@ def write_checkpoint(params, cfg: ModelConfig, out_dir: pathlib.Path) -> None:
     classifier = cfg.head != "lm"
     objective = cfg.head if classifier else PRETRAINING_OBJECTIVE[cfg.family]
     train = TrainConfig(seq_len=min(TrainConfig.seq_len, cfg.max_seq_len), objective=objective)
-    data = DataConfig(format="jsonl") if classifier else DataConfig()
+    data = DataConfig(format="jsonl", labels=",".join(labels)) if classifier else DataConfig()
     config = Config(model=cfg, train=train, data=data, checkpoint=CheckpointConfig(init_from=str(out_dir)))
     checkpoints = Checkpoints(out_dir, CheckpointConfig(async_save=False))
     checkpoints.save(0, {"params": params}, {}, config.to_dict())
@@ -140,21 +154,25 @@ def export(
     elif cfg.lora_rank and format == "hf":
         raise ConfigError(f"SRC='{src}' has LoRA adapters, which the Hugging Face layout lacks; add --merge-lora")
     if format == "params":
-        write_params(params, cfg, out_dir)
+        write_params(params, cfg, out_dir, labels=_run_labels(pathlib.Path(src), cfg))
     elif format == "checkpoint":
-        write_checkpoint(params, cfg, out_dir)
+        write_checkpoint(params, cfg, out_dir, _run_labels(pathlib.Path(src), cfg))
     else:
         hf.export(params, cfg, out_dir, tokenizer=tokenizer, labels=_run_labels(pathlib.Path(src), cfg))
     return source
 
 
 def _run_labels(src: pathlib.Path, cfg: ModelConfig) -> list[str]:
-    """A classifier run's label names (its config.yaml's ``data.labels``), for the HF ``id2label``; else []."""
+    """A classifier's label names (a run's config.yaml ``data.labels``, an HF directory's ``id2label``); else []."""
     import yaml
 
+    from models import hf
     from train.config.validate import split_labels
 
     config = src / "config.yaml"
+    if cfg.head != "lm" and hf.is_model_dir(src):
+        labels = hf.label_names(src)
+        return labels if len(labels) == cfg.num_labels else []
     if cfg.head == "lm" or not config.is_file():
         return []
     labels = split_labels(str(((yaml.safe_load(config.read_text()) or {}).get("data") or {}).get("labels", "")))

@@ -57,7 +57,7 @@ def quantize_source(
     if not done:
         raise ConfigError(f"--skip '{skip}' matches every layer, so nothing would be quantised; narrow it")
     cfg = dataclasses.replace(source.config, quant="int8", quant_skip=skip, quant_embeddings=embeddings)
-    write_params(nnx.state(source.model, nnx.Param), cfg, out_dir, source.tokenizer)
+    write_params(nnx.state(source.model, nnx.Param), cfg, out_dir, source.tokenizer, source.labels)
     return source.description, done
 
 

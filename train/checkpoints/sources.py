@@ -9,7 +9,7 @@
   the best checkpoint's, ``checkpoint.keep_best``), the run's config and its tokenizer
   (``data.tokenizer``, read relative to the working directory);
 - export directory (``python -m train.export``: ``model.json`` + ``params/``): the parameters,
-  and a Hugging Face tokenizer when one was saved next to them;
+  a Hugging Face tokenizer when one was saved next to them, a classifier's ``labels.json``;
 - Hugging Face model directory (``config.json`` + safetensors, ``models.hf.load``) with its own
   tokenizer files, if any. ``python-package:NAME`` names a directory inside an installed package.
 
@@ -57,6 +57,7 @@ class Source:
     path: pathlib.Path | None = None
     step: int | None = None  # the checkpoint step of a run
     decoder_start_id: int = 0  # T5: the token its decoder starts from (what training fed it)
+    labels: list[str] = dataclasses.field(default_factory=list)  # a classifier's label names in id order
 
     @property
     def description(self) -> str:
@@ -85,9 +86,26 @@ def load_source(path: str | pathlib.Path, *, mesh: Mesh | None = None, best: boo
         raise ConfigError(
             f"'{path}' holds no model (no config.yaml + checkpoints/, model.json or config.json); give {WHAT}"
         )
+    if source.config.head != "lm" and not source.labels:
+        source.labels = _labels(source)
     if source.tokenizer is not None:
         check_tokenizer(source.tokenizer, source.config, f"the tokenizer of '{path}'")
     return source
+
+
+def _labels(source: Source) -> list[str]:
+    """A classifier's label names: its run's ``data.labels``, an export's ``labels.json`` (train/export.py
+    ``write_labels``) or a Hugging Face ``id2label``; [] when the source names none (or not one per class)."""
+    from train.export import read_labels
+    from train.config.validate import split_labels
+
+    if source.run_config is not None:
+        labels = split_labels(source.run_config.data.labels)
+    elif source.kind == "export":
+        labels = read_labels(source.path)
+    else:
+        labels = hf.label_names(source.path)
+    return labels if len(labels) == source.config.num_labels else []
 
 
 def source_mesh(path: str | pathlib.Path) -> Mesh:

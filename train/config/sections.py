@@ -39,7 +39,9 @@ class RunConfig:
 class DataConfig:
     train_files: str = "data/shakespeare/*.txt"  # glob(s), comma-separated; relative to the cwd
     val_files: str = ""  # glob(s) of held-out documents; empty: split off val_fraction of documents
-    format: Literal["text", "jsonl", "tfds"] = "text"  # text: a document per file; jsonl: per line; tfds: by name
+    # text: a document per file; jsonl: an example per line; conll: a tagged sentence per block (train/data/conll.py);
+    # tfds: by name
+    format: Literal["text", "jsonl", "conll", "tfds"] = "text"
     text_field: str = "text"  # the JSONL field (or TFDS feature) that holds the text
     val_fraction: float = 0.05  # fraction of whole documents held out when val_files is empty
     tokenizer: str = "byte"  # 'byte' or a directory holding a Hugging Face tokenizer
@@ -55,6 +57,8 @@ class DataConfig:
     labels: str = ""  # (token_)classification: label names in id order, comma-separated; empty: sorted, from the data
     tokens_field: str = "tokens"  # token_classification: the field holding the words (a list of strings)
     tags_field: str = "tags"  # token_classification: the field holding one tag per word (B-PER, I-PER, O, ...)
+    tag_column: int = -1  # conll: the column holding the tag (0 is the word, -1 the last)
+    tag_scheme: Literal["auto", "iob1", "iob2", "bioes"] = "auto"  # conll: how the files write entities; iob1 -> iob2
     input_field: str = "input"  # seq2seq: the field holding the input text
     target_field: str = "target"  # seq2seq: the field holding the target text
     group_field: str = ""  # hold out whole groups of rows sharing this field's value (val_fraction of groups)
@@ -69,11 +73,13 @@ class OptimizerConfig:
     min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio (cosine, linear, wsd)
     schedule: Literal["cosine", "linear", "constant", "wsd", "rsqrt"] = "cosine"  # rsqrt: lr*sqrt(warmup/step)
     warmup_steps: int = 100
+    warmup_ratio: float = 0.0  # > 0: warm up for this share of train.steps instead of warmup_steps
+    layer_decay: float = 1.0  # < 1: layer i of L learns at lr * layer_decay ** (L - i), embeddings ** (L + 1)
     decay_fraction: float = 0.2  # wsd: fraction of steps spent in the final decay
     b1: float = 0.9  # adamw
     b2: float = 0.95  # adamw
     eps: float = 1e-8  # adamw
-    weight_decay: float = 0.1  # decoupled (lr * weight_decay * w a step), on matrices only, never norms or biases
+    weight_decay: float = 0.1  # decoupled (lr * weight_decay * w a step), on matrices only: no norms, biases, embeddings
     clip_norm: float = 1.0  # global-norm clipping of the trainable gradients; 0 disables
     momentum: float = 0.9  # sgd: heavy-ball momentum; 0: plain SGD
     nesterov: bool = False  # sgd: Nesterov momentum
@@ -95,6 +101,7 @@ class EarlyStoppingConfig:
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     steps: int = 1000
+    epochs: float = 0.0  # > 0: train.steps = ceil(epochs * training examples (windows) / batch_size) instead
     batch_size: int = 32  # global, in sequences
     seq_len: int = 256
     grad_accum: int = 1  # micro-batches per step, accumulated inside the jitted step

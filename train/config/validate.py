@@ -65,6 +65,11 @@ def validate(config: Config) -> list[str]:
         out.append(f"data.test_fraction must be in [0, 1), got {config.data.test_fraction}")
     if config.data.format == "tfds" and (config.data.test_files or config.data.test_fraction):
         out.append("data.test_files and data.test_fraction are for text and JSONL files, not data.format=tfds")
+    d = config.data
+    if d.format != "conll" and (d.tag_scheme != "auto" or d.tag_column != -1):
+        out.append(f"data.tag_scheme and data.tag_column are for data.format=conll, not {d.format}; drop them")
+    if t.epochs < 0 or (t.epochs and config.data.format == "tfds"):
+        out.append(f"train.epochs must be >= 0 (0: train.steps) and needs files, not data.format=tfds; got {t.epochs}")
     if config.data.format == "tfds" and not config.data.tfds_name:
         out.append("data.format=tfds needs data.tfds_name, e.g. data.tfds_name=c4/en:3.1.0")
     out += objective_problems(config)
@@ -83,6 +88,10 @@ def optimizer_problems(o: OptimizerConfig) -> list[str]:
         out.append("optimizer.weight_decay and optimizer.clip_norm must be >= 0 (0: off)")
     if not 0 <= o.momentum < 1:
         out.append(f"optimizer.momentum must be in [0, 1), got {o.momentum}")
+    if not 0 <= o.warmup_ratio < 1:
+        out.append(f"optimizer.warmup_ratio must be in [0, 1) (0: use warmup_steps), got {o.warmup_ratio}")
+    if not 0 < o.layer_decay <= 1:
+        out.append(f"optimizer.layer_decay must be in (0, 1] (1: off), got {o.layer_decay}")
     if o.decay_rate <= 0 or o.clipping_threshold < 0 or o.min_dim_size_to_factor < 1:
         out.append("optimizer.decay_rate must be > 0, clipping_threshold >= 0 (0: off) and min_dim_size_to_factor >= 1")
     return out
@@ -147,9 +156,9 @@ EVAL_METRICS = {
     "span_corruption": ("eval_loss",),
     "seq2seq": ("eval_loss", "eval_token_accuracy"),
     "classification": ("eval_loss", "eval_accuracy", "eval_macro_f1"),
-    "token_classification": ("eval_loss", "eval_token_accuracy", *ENTITY_METRICS),
+    "token_classification": ("eval_loss", "eval_token_accuracy", "eval_token_macro_f1", *ENTITY_METRICS),
 }
-MAXIMIZED = ("eval_accuracy", "eval_macro_f1", "eval_token_accuracy", *ENTITY_METRICS)  # the rest are losses
+MAXIMIZED = ("eval_accuracy", "eval_macro_f1", "eval_token_accuracy", "eval_token_macro_f1", *ENTITY_METRICS)  # the rest are losses
 OBJECTIVE_FAMILY = {
     "causal_lm": "decoder",
     "masked_lm": "encoder",
@@ -173,7 +182,9 @@ def objective_problems(config: Config) -> list[str]:
     head = t.objective if t.objective in ("classification", "token_classification") else "lm"
     if family == "encoder" and model.head != head:
         out.append(f"train.objective={t.objective} needs model.head={head}, not {model.head}; set model.head={head}")
-    if t.objective in EXAMPLE_OBJECTIVES and data.format != "jsonl":
+    if data.format == "conll" and t.objective != "token_classification":
+        out.append(f"data.format=conll holds tagged words, for train.objective=token_classification, not {t.objective}")
+    elif t.objective in EXAMPLE_OBJECTIVES and data.format not in ("jsonl", "conll"):
         out.append(f"train.objective={t.objective} reads one example per JSONL row; set data.format=jsonl")
     labels = split_labels(data.labels)
     if head != "lm" and labels and len(labels) != model.num_labels:

@@ -1,27 +1,36 @@
 """The optimizer (AdamW, Adafactor or SGD with momentum) with a learning-rate schedule, global-norm
-clipping, decoupled weight decay on matrices, and frozen parameters (train/core/freeze.py), from optax.
+clipping, decoupled weight decay on matrices, frozen parameters (train/core/freeze.py) and layer-wise
+learning-rate decay (``optimizer.layer_decay``), from optax.
 
 Weight decay is decoupled for every optimizer: each step also subtracts ``lr * weight_decay * w``
-from the matrices (never from norms or biases).
+from the matrices (never from norms, biases or embedding tables).
 """
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
 from train.config.sections import OptimizerConfig
-from train.core.freeze import Freeze, with_freezing
+from train.core.freeze import Freeze, param_path, with_freezing
 
 ADAFACTOR_EPS = 1e-30  # added to squared gradients (t5x's epsilon1)
 ADAFACTOR_MIN_SCALE = 1e-3  # multiply_by_parameter_scale: floor of the parameter RMS (t5x's epsilon2)
 
 
+def warmup_steps(cfg: OptimizerConfig, total_steps: int) -> int:
+    """``optimizer.warmup_ratio`` of the steps (rounded) when set, else ``optimizer.warmup_steps``; at most all."""
+    return min(round(cfg.warmup_ratio * total_steps) if cfg.warmup_ratio > 0 else cfg.warmup_steps, total_steps)
+
+
 def schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
     """Linear warm-up to ``cfg.lr``, then cosine / linear / constant / warmup-stable-decay / rsqrt."""
-    warmup = min(cfg.warmup_steps, total_steps)
+    warmup = warmup_steps(cfg, total_steps)
     rest = max(total_steps - warmup, 1)
     end = cfg.lr * cfg.min_lr_ratio
     if cfg.schedule == "constant":
@@ -48,13 +57,55 @@ def rsqrt_schedule(lr: float, start: int) -> optax.Schedule:
     return lambda count: lr * jnp.sqrt(start / (start + count))
 
 
+def _is_spec(x) -> bool:
+    return isinstance(x, jax.sharding.PartitionSpec)
+
+
+EMBEDDING_TABLE = re.compile(r"(.*/)?\w*embed(/embedding)?")  # embed/embedding, pos_embed, type_embed
+
+
 def decay_mask(logical_specs):
-    """True for matrices (two or more axes besides ``layers``); norms and biases are not decayed."""
+    """True for matrices (two or more axes besides ``layers``) but embedding tables; norms, biases and
+    embeddings are not decayed."""
 
-    def is_matrix(spec) -> bool:
-        return sum(1 for name in spec if name != "layers") >= 2
+    def is_matrix(path, spec) -> bool:
+        matrix = sum(1 for name in spec if name != "layers") >= 2
+        return matrix and not EMBEDDING_TABLE.fullmatch(param_path(path))
 
-    return jax.tree.map(is_matrix, logical_specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    return jax.tree_util.tree_map_with_path(is_matrix, logical_specs, is_leaf=_is_spec)
+
+
+def layer_scales(decay: float, abstract_params, logical_specs) -> dict[str, float | np.ndarray]:
+    """Layer-wise learning-rate decay: path -> multiplier of the parameter's update. Layer ``i`` of a
+    stack of ``L`` (its ``layers`` axis) gets ``decay ** (L - i)`` (an array broadcastable to the
+    parameter), the embeddings (top-level ``*embed*`` parameters, their norm too) ``decay ** (L + 1)``,
+    every other parameter (heads, final norms) 1."""
+    shapes = {param_path(path): leaf.shape for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_params)}
+    specs = {param_path(path): spec for path, spec in jax.tree_util.tree_leaves_with_path(logical_specs, is_leaf=_is_spec)}
+    depth = max((shapes[p][tuple(s).index("layers")] for p, s in specs.items() if "layers" in s), default=0)
+    out: dict[str, float | np.ndarray] = {}
+    for path, spec in specs.items():
+        if "layers" in spec:
+            axis, shape = tuple(spec).index("layers"), shapes[path]
+            broadcast = [1] * len(shape)
+            broadcast[axis] = shape[axis]
+            out[path] = (decay ** (shape[axis] - np.arange(shape[axis]))).astype(np.float32).reshape(broadcast)
+        elif "embed" in path.split("/")[0]:
+            out[path] = decay ** (depth + 1)
+    return out
+
+
+def scale_by_layer(scales: dict[str, float | np.ndarray]) -> optax.GradientTransformation:
+    """Stateless: multiplies each update by its ``layer_scales`` multiplier (1 where it has none)."""
+
+    def update(updates, state, params=None):
+        def one(path, u):
+            name = param_path(path)
+            return u * jnp.asarray(scales[name], u.dtype) if name in scales else u
+
+        return jax.tree_util.tree_map_with_path(one, updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def scaling(cfg: OptimizerConfig) -> list[optax.GradientTransformation]:
@@ -92,4 +143,7 @@ def make_optimizer(
     )
     if cfg.clip_norm > 0:
         tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), tx)
-    return with_freezing(tx, abstract_params, logical_specs, freeze)
+    tx, trainable = with_freezing(tx, abstract_params, logical_specs, freeze)
+    if cfg.layer_decay < 1:
+        tx = optax.chain(tx, scale_by_layer(layer_scales(cfg.layer_decay, abstract_params, logical_specs)))
+    return tx, trainable

@@ -187,6 +187,18 @@ def make_score_step(
     return _under_mesh(jax.jit(score, out_shardings=replicated(mesh)), mesh, rules)
 
 
+def make_probability_step(
+    graphdef: nnx.GraphDef, mesh: Mesh, rules: Rules = RULES
+) -> Callable[[nnx.State, Batch], jax.Array]:
+    """``probabilities(params, batch)``: float32 softmax over the classes of a loaded classifier's
+    logits ([B, num_labels], or [B, T, num_labels] per token), replicated for the host."""
+
+    def probabilities(params, batch):
+        return jax.nn.softmax(nnx.merge(graphdef, params).forward(batch).astype(jnp.float32), axis=-1)
+
+    return _under_mesh(jax.jit(probabilities, out_shardings=replicated(mesh)), mesh, rules)
+
+
 def _under_mesh(fn, mesh: Mesh, rules: Rules):
     """Traces and runs ``fn`` with the model's activation constraints bound to ``mesh`` by ``rules``."""
 

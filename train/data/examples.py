@@ -13,19 +13,18 @@ every run. Every data error names the file and line and how to fix it.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 
 import grain
 import numpy as np
 
 from train.config.sections import ConfigError, DataConfig
+from train.config.validate import split_labels
 from train.data import objectives
 from train.data.files import Row, read_rows
 from train.data.pipeline import batch_iterator
 from train.data.split import require_test_split, split_data
 from train.data.tokenizer import Tokenizer, markers
-from train.config.validate import split_labels
 
 Arrays = dict[str, np.ndarray]  # every array has the examples on its leading axis
 
@@ -48,10 +47,19 @@ def _row_name(cfg: DataConfig):
     return lambda r: r.name
 
 
+def reader(cfg: DataConfig):
+    """``read(paths) -> rows``: JSONL lines, or with ``data.format=conll`` CoNLL sentences (train/data/conll.py)."""
+    if cfg.format == "conll":
+        from train.data.conll import read_sentences
+
+        return lambda paths: read_sentences(paths, cfg)
+    return read_rows
+
+
 def split_rows(cfg: DataConfig) -> tuple[list[Row], list[Row]]:
     """(training rows, validation rows) as the module docstring describes; neither is empty, and
     neither holds a test row."""
-    train, val, _ = split_data(cfg, read_rows, _row_name(cfg))
+    train, val, _ = split_data(cfg, reader(cfg), _row_name(cfg))
     if not train:
         raise ConfigError(f"data.train_files='{cfg.train_files}' leaves no training examples; point it at JSONL rows")
     if not val:
@@ -65,7 +73,7 @@ def split_rows(cfg: DataConfig) -> tuple[list[Row], list[Row]]:
 def test_rows(cfg: DataConfig) -> list[Row]:
     """The test rows (``data.test_files`` or ``data.test_fraction``), which training never reads."""
     require_test_split(cfg)
-    test = split_data(cfg, read_rows, _row_name(cfg))[2]
+    test = split_data(cfg, reader(cfg), _row_name(cfg))[2]
     if not test:
         raise ConfigError("the test split holds no example; raise data.test_fraction or fix data.test_files")
     return test
@@ -101,6 +109,16 @@ def label_names(rows: Sequence[Row], cfg: DataConfig, tagged: bool = False) -> l
 
 
 # --- tokens ---------------------------------------------------------------------------------
+
+
+def conll_run_labels(train: Sequence[Row], val: Sequence[Row], cfg: DataConfig) -> list[str]:
+    """The run's labels: ``data.labels``, else the training sentences' (``conll_labels``); every tag of
+    ``train`` and ``val`` checked against them."""
+    from train.data.conll import check_tags, conll_labels
+
+    labels = label_names(train, cfg) if cfg.labels else conll_labels(train, cfg.tags_field)
+    check_tags([*train, *val], labels, cfg.tags_field)
+    return labels
 
 
 def classification_arrays(

@@ -23,8 +23,8 @@ import numpy as np
 from train.config.sections import ConfigError, DataConfig
 from train.data.files import Row
 from train.data.objectives import classification
-from train.evaluation.scores import entity_scores
 from train.data.tokenizer import ByteTokenizer, Tokenizer, markers
+from train.evaluation.scores import entity_scores
 
 OUTSIDE = "O"  # the tag of a word that belongs to no entity
 

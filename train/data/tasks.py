@@ -21,15 +21,15 @@ import numpy as np
 
 from models.config import ModelConfig
 from sharding.rules import batch_sharding
-from train.evaluation import scores
 from train.config.sections import Config, ConfigError
-from train.data import examples, tagging
+from train.config.validate import EXAMPLE_OBJECTIVES
+from train.core.step import make_eval_step, make_predict_step
+from train.data import examples, tagging, windows
 from train.data.objectives import raw_length, text_objective
 from train.data.text import PackedTokens, eval_batches, read_documents, train_iterator
 from train.data.tfds_source import open_tfds
-from train.core.step import make_eval_step, make_predict_step
 from train.data.tokenizer import Tokenizer, markers
-from train.config.validate import EXAMPLE_OBJECTIVES
+from train.evaluation import scores
 
 EVAL_SEED_OFFSET = 2**31  # eval batches draw objective randomness apart from any train step
 
@@ -95,12 +95,14 @@ class StreamTask:
             val_tokens = corpus.val_tokens(tokenizer, window, t.batch_size, t.eval_batches)
             self.batches = corpus.train_iterator(tokenizer, *stream)
             train_size = f"{corpus.num_records(d.tfds_train_split):,} train records (streamed)"
+            self.train_examples = 0  # unknown without reading it whole: train.epochs is refused
         else:
             train_docs, val_docs = read_documents(d)
             train_tokens = PackedTokens(train_docs, tokenizer)
             val_tokens = PackedTokens(val_docs, tokenizer, count_bytes=True)
             self.batches = train_iterator(train_tokens, *stream)
             train_size = f"{train_tokens.num_tokens:,} train tokens"
+            self.train_examples = train_tokens.num_tokens // window  # windows an epoch (train.epochs)
         self.data_config = d
         self.batch = make_objective(config, model, tokenizer)
         self.eval_set = [
@@ -138,10 +140,13 @@ class ExampleTask:
         d, t = config.data, config.train
         train_rows, val_rows = examples.split_rows(d)
         self.objective = t.objective
-        self.val_words: tagging.TaggedArrays | None = None  # token_classification: the held-out words
+        self.val_words: windows.Windows | None = None  # token_classification: the held-out words
         if t.objective in ("classification", "token_classification"):
             tagged = t.objective == "token_classification"
-            self.labels = examples.label_names(train_rows + val_rows, d, tagged)
+            if d.format == "conll":  # the training files' tags, O first; every tag checked with its line
+                self.labels = examples.conll_run_labels(train_rows, val_rows, d)
+            else:
+                self.labels = examples.label_names(train_rows + val_rows, d, tagged)
             if len(self.labels) != model.num_labels:
                 raise ConfigError(
                     f"the data has {len(self.labels)} labels ({', '.join(self.labels)}) but "
@@ -150,7 +155,7 @@ class ExampleTask:
             self.data_config = dataclasses.replace(d, labels=",".join(self.labels))
             if tagged:
                 scores.seqeval_metrics()  # before any training: the evals need it
-                make = lambda rows: tagging.tagged_arrays(rows, d, self.labels, tokenizer, t.seq_len)
+                make = lambda rows: windows.windowed_arrays(rows, d, self.labels, tokenizer, t.seq_len)
             else:
                 make = lambda rows: examples.classification_arrays(rows, d, self.labels, tokenizer, t.seq_len)
             what = f", labels {', '.join(self.labels)}"
@@ -159,9 +164,10 @@ class ExampleTask:
             make = lambda rows: examples.seq2seq_arrays(rows, d, tokenizer, t.seq_len, t.target_len)
         train, self.val = make(train_rows), make(val_rows)
         self.log_prior = None  # token_classification: the training tags' log frequencies [num_labels]
-        if isinstance(self.val, tagging.TaggedArrays):
+        if isinstance(self.val, windows.Windows):
             train, self.val_words, self.val = train.arrays, self.val, self.val.arrays
             self.log_prior = tagging.log_prior(train["targets"], train["weights"], len(self.labels))
+        self.train_examples = len(train["targets"])  # examples (a long sentence's windows) an epoch
         self.batches = examples.example_iterator(
             train, t.batch_size, config.seed, d.shuffle, jax.process_index(), jax.process_count()
         )
@@ -175,7 +181,8 @@ class ExampleTask:
     def evaluator(self, spec, mesh) -> Callable[[object], dict]:
         """``evaluate(params)`` over every held-out example: ``eval_loss`` and ``eval_accuracy`` /
         ``eval_macro_f1`` (classification), ``eval_token_accuracy`` (seq2seq; token_classification:
-        of the words) and ``eval_entity_precision`` / ``recall`` / ``f1`` (token_classification)."""
+        of the words) and ``eval_token_macro_f1``, ``eval_entity_precision`` / ``recall`` / ``f1``
+        (token_classification)."""
         predict = make_predict_step(spec, mesh)
 
         def evaluate(params) -> dict:
@@ -190,9 +197,12 @@ class ExampleTask:
                 found = scores.classification_scores(predicted, self.val["targets"], len(self.labels))
                 return {**result, "eval_accuracy": found["accuracy"], "eval_macro_f1": found["macro_f1"]}
             if self.val_words is not None:
-                found = tagging.tagged_scores(predicted, self.val_words, self.labels)
+                gold, guessed = windows.word_tags(predicted, self.val_words, self.labels)
+                found = scores.entity_scores(gold, guessed)
                 entities = {f"eval_entity_{k}": found[k] for k in ("precision", "recall", "f1")}
-                return {**result, "eval_token_accuracy": found["token_accuracy"], **entities}
+                macro = scores.token_macro_f1(gold, guessed, self.labels)
+                return {**result, "eval_token_accuracy": found["token_accuracy"], "eval_token_macro_f1": macro,
+                        **entities}  # fmt: skip
             accuracy = scores.token_accuracy(predicted, self.val["targets"], self.val["weights"])
             return {**result, "eval_token_accuracy": accuracy}
 

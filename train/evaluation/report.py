@@ -58,6 +58,33 @@ def entity_table(gold: list[list[str]], predicted: list[list[str]]) -> str:
     return seqeval_metrics().classification_report(gold, predicted, digits=4, zero_division=0)
 
 
+@dataclasses.dataclass(frozen=True)
+class TokenReport:
+    macro_f1: float  # over the tags that occur in the gold or predicted words (scores.token_macro_f1)
+    table: str  # scikit-learn's classification_report text over the words, with a micro avg row
+
+
+def token_report(gold: list[list[str]], predicted: list[list[str]], labels: Sequence[str]) -> TokenReport:
+    """Every tag (O too) scored over the words as single classes, as fine-tuning results on CoNLL are
+    published: scikit-learn's per-tag table with micro, macro and weighted averages, 3 decimals."""
+    try:
+        from sklearn import metrics
+    except ImportError:
+        raise ConfigError("the token-level report needs scikit-learn; pip install -e '.[eval]'") from None
+    y_true = [t for row in gold for t in row]
+    y_pred = [t for row in predicted for t in row]
+    present = [name for name in labels if name in set(y_true) | set(y_pred)]
+    table = metrics.classification_report(y_true, y_pred, labels=present, digits=3, zero_division=0)
+    p, r, f, _ = metrics.precision_recall_fscore_support(y_true, y_pred, labels=present, average="micro")
+    width = max(len(name) for name in [*present, "weighted avg"])
+    micro = f"{'micro avg':>{width}}  {p:9.3f} {r:9.3f} {f:9.3f} {len(y_true):9d}"
+    lines = [line for line in table.splitlines() if not line.strip().startswith("accuracy")]
+    at = next(i for i, line in enumerate(lines) if line.strip().startswith("macro avg"))
+    table = "\n".join([*lines[:at], micro, *lines[at:]])
+    macro = float(metrics.f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0))
+    return TokenReport(macro, table)
+
+
 def plot_confusion(confusion: np.ndarray, labels: Sequence[str], path: pathlib.Path, title: str = "") -> pathlib.Path:
     """Writes the confusion matrix (counts, and each true label's row share as colour) as a PNG."""
     import matplotlib

@@ -31,6 +31,14 @@ def token_accuracy(predictions: np.ndarray, targets: np.ndarray, weights: np.nda
     return float(np.sum(weights * (predictions == targets)) / np.sum(weights))
 
 
+def token_macro_f1(gold: list[list[str]], predicted: list[list[str]], labels: list[str]) -> float:
+    """Macro-F1 over the words of tag lists (per word, tags in ``labels``), every tag counted on its own
+    (O too), averaged over the tags that occur in ``gold`` or ``predicted`` (``classification_scores``)."""
+    ids = {name: i for i, name in enumerate(labels)}
+    flat = [np.array([ids[t] for row in tags for t in row], np.int64) for tags in (predicted, gold)]
+    return classification_scores(*flat, len(labels))["macro_f1"]
+
+
 def seqeval_metrics():
     """``seqeval.metrics``, or a ConfigError saying how to install it."""
     try:

@@ -18,14 +18,15 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 from flax import nnx
 
-from train.evaluation import report, scores
 from train.config.sections import ConfigError
-from train.data import examples, tagging
+from train.config.validate import split_labels
+from train.core.step import make_score_step
+from train.data import examples, windows
+from train.data.conll import check_tags
 from train.data.objectives import raw_length
 from train.data.tasks import EVAL_SEED_OFFSET, global_batch, make_objective, process_rows
 from train.data.text import PackedTokens
-from train.core.step import make_score_step
-from train.config.validate import split_labels
+from train.evaluation import report, scores
 
 
 def causal_windows(num_tokens: int, seq_len: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
@@ -148,34 +149,48 @@ def score_examples(setup, rows: Sequence, split: str, out_dir: pathlib.Path) -> 
 
 
 def score_tagged(setup, rows: Sequence, split: str) -> dict:
-    """Token classification: prints the per-entity-type table; returns loss, word accuracy, micro entity
-    precision / recall / F1 and the per-type scores (exact spans, conlleval's reading of BIO tags)."""
-    c, t = setup.config, setup.config.train
-    labels = split_labels(c.data.labels)
-    tagged = tagging.tagged_arrays(rows, c.data, labels, setup.tokenizer, t.seq_len)
-    total = weight = 0.0
-    predicted = []
-    for s, w, p, _ in _run(setup, ((b, 0.0) for b in examples.padded_batches(tagged.arrays, t.batch_size))):
-        total, weight = total + s, weight + w
-        predicted.append(p)
-    gold, guessed = tagging.word_tags(np.concatenate(predicted)[: len(rows)], tagged, labels)
+    """Token classification: prints the per-entity-type table and the per-tag (token-level) table;
+    returns loss, word accuracy, token macro-F1, micro entity precision / recall / F1 and the per-type
+    scores (exact spans, conlleval's reading of the tags). Long sentences are scored in windows, every
+    word once (train/data/windows.py)."""
+    gold, guessed, loss, words_cut = tag_rows(setup, rows)
+    labels = split_labels(setup.config.data.labels)
     found = scores.entity_scores(gold, guessed)
+    tokens = report.token_report(gold, guessed, labels)
     print(
         f"{split}: {len(rows)} examples, {sum(map(len, gold))} words, token accuracy {found['token_accuracy']:.4f}, "
-        f"entity F1 {found['f1']:.4f}\n{report.entity_table(gold, guessed)}"
+        f"entity F1 {found['f1']:.4f}\n{report.entity_table(gold, guessed)}\ntokens:\n{tokens.table}"
     )
     return {
         "split": split,
-        "eval_loss": total / weight,
+        "eval_loss": loss,
         "token_accuracy": found["token_accuracy"],
+        "token_macro_f1": tokens.macro_f1,
         "entity_precision": found["precision"],
         "entity_recall": found["recall"],
         "entity_f1": found["f1"],
         "examples": len(rows),
         "words": sum(map(len, gold)),
-        "words_cut": int(sum((p < 0).sum() for p in tagged.positions)),
+        "words_cut": words_cut,
         "per_type": found["per_type"],
     }
+
+
+def tag_rows(setup, rows: Sequence) -> tuple[list[list[str]], list[list[str]], float, int]:
+    """(gold tags, predicted tags) per row, one per word, the mean loss over the words and the words
+    no sub-word stood for; a CoNLL run's rows have their tags checked against its labels first."""
+    c, t = setup.config, setup.config.train
+    labels = split_labels(c.data.labels)
+    if c.data.format == "conll":
+        check_tags(rows, labels, c.data.tags_field)
+    tagged = windows.windowed_arrays(rows, c.data, labels, setup.tokenizer, t.seq_len)
+    total = weight = 0.0
+    predicted = []
+    for s, w, p, _ in _run(setup, ((b, 0.0) for b in examples.padded_batches(tagged.arrays, t.batch_size))):
+        total, weight = total + s, weight + w
+        predicted.append(p)
+    gold, guessed = windows.word_tags(np.concatenate(predicted)[: len(tagged.arrays["targets"])], tagged, labels)
+    return gold, guessed, total / max(weight, 1.0), tagged.words_cut
 
 
 def perplexity(loss: float) -> float:

@@ -77,12 +77,23 @@ def prepare(config: Config) -> Setup:
     mesh = make_mesh(config.mesh)
     check_fits(model_cfg, mesh.shape, config.mesh.logical_rules, **fit_sizes(config, jax.process_count()))
     task = make_task(config, model_cfg, tokenizer)
+    config = epoch_steps(config, task.train_examples)
     freeze = Freeze(config.train.freeze, config.train.freeze_layers, model_cfg.lora_rank > 0)
     spec = make_state_spec(
         model_cfg, config.optimizer, config.train.steps, mesh, config.mesh.logical_rules, freeze, config.prune
     )
     resolved = dataclasses.replace(config, model=model_cfg, data=task.data_config)
     return Setup(resolved, tokenizer, mesh, task, spec, *load_teacher(resolved, mesh, tokenizer))
+
+
+def epoch_steps(config: Config, train_examples: int) -> Config:
+    """``config`` with ``train.steps = ceil(train.epochs * train_examples / train.batch_size)`` when
+    ``train.epochs`` is set (it wins over train.steps), else as it is."""
+    t = config.train
+    if not t.epochs:
+        return config
+    steps = max(math.ceil(t.epochs * train_examples / t.batch_size), 1)
+    return dataclasses.replace(config, train=dataclasses.replace(t, steps=steps))
 
 
 def fresh_state(setup: Setup) -> TrainState:
