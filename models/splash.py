@@ -14,14 +14,25 @@ import math
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 BLOCKS = (512, 256, 128)  # query/key tiles of the kernels, largest first (MaxText's default is 512)
 
 
-def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, scale: float) -> jax.Array:
+def splash_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool,
+    scale: float,
+    segment_ids: tuple[jax.Array, jax.Array] | None = None,
+) -> jax.Array:
     """q [B, T, heads, head_dim], k/v [B, S, kv_heads, head_dim] -> [B, T, heads, head_dim].
 
-    T and S must be multiples of 128, the kernel's smallest tile.
+    T and S must be multiples of 128, the kernel's smallest tile. segment_ids: the queries' [B, T]
+    and keys' [B, S] int segment ids (the kernel's ``SegmentIds``: a query sees only keys of its own
+    id); every query must see at least one key, which holds for self-attention.
     """
     mesh = jax.sharding.get_abstract_mesh()  # the jax.set_mesh mesh the step is traced for, maybe TPUs from a CPU host
     device = None if mesh.empty else mesh.abstract_device
@@ -33,17 +44,31 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, 
     t, heads, s = q.shape[1], q.shape[2], k.shape[1]
     q = (q * scale).astype(q.dtype).transpose(0, 2, 1, 3)  # [B, heads, T, head_dim]; the kernel does not scale
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, kv_heads, S, head_dim]
+    segments = () if segment_ids is None else tuple(ids.astype(jnp.int32) for ids in segment_ids)
     if mesh.empty:
-        return jax.vmap(_kernel(heads, t, s, causal))(q, k, v).transpose(0, 2, 1, 3)
+        return jax.vmap(_with_segments(_kernel(heads, t, s, causal)))(q, k, v, *segments).transpose(0, 2, 1, 3)
     q_spec = nn.logical_to_mesh_axes(("batch", "act_heads", None, None))
     kv_spec = nn.logical_to_mesh_axes(("batch", "act_kv_heads", None, None))
-    kernel = _kernel(heads // _axis_size(mesh, q_spec[1]), t, s, causal)  # this device's heads
+    ids_spec = nn.logical_to_mesh_axes(("batch", None))
+    kernel = _with_segments(_kernel(heads // _axis_size(mesh, q_spec[1]), t, s, causal))  # this device's heads
+    specs = (q_spec, kv_spec, kv_spec) + (ids_spec,) * len(segments)
 
-    @functools.partial(jax.shard_map, in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec, check_vma=False)
-    def per_device(q, k, v):
-        return jax.vmap(kernel)(q, k, v)
+    @functools.partial(jax.shard_map, in_specs=specs, out_specs=q_spec, check_vma=False)
+    def per_device(q, k, v, *segments):
+        return jax.vmap(kernel)(q, k, v, *segments)
 
-    return per_device(q, k, v).transpose(0, 2, 1, 3)
+    return per_device(q, k, v, *segments).transpose(0, 2, 1, 3)
+
+
+def _with_segments(kernel):
+    """One example's kernel call, q/k/v [heads, length, head_dim], with optional segment ids [T], [S]."""
+
+    def call(q, k, v, *segments):
+        from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+        return kernel(q, k, v, segment_ids=splash.SegmentIds(*segments) if segments else None)
+
+    return call
 
 
 def _block(length: int) -> int:
