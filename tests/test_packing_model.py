@@ -90,7 +90,8 @@ def batches(cfg) -> tuple[dict, list[dict], list[tuple[int, int, int, int]]]:
         "decoder_inputs": decoder["tokens"],
         "decoder_segment_ids": decoder["segment_ids"],
     }
-    return batch, [{"encoder_inputs": x[None], "decoder_inputs": y[None]} for x, y in zip(inputs, targets)], decoder_placed
+    alone = [{"encoder_inputs": x[None], "decoder_inputs": y[None]} for x, y in zip(inputs, targets)]
+    return batch, alone, decoder_placed
 
 
 @functools.cache
