@@ -18,6 +18,10 @@ optimizer state (``PruneState``), so checkpoints hold them and a resumed run is 
 uninterrupted one. Gradients of masked weights are zeroed before clipping and the optimizer, and
 each masked weight's update is ``-w``, so it is exactly zero after every step (weight decay and
 momentum cannot revive it).
+
+Only trainable values are pruned: parameters ``train.freeze`` freezes are no target, and the layer rows
+``train.freeze_layers`` keeps rank after every other value and count in no group's n, so frozen
+weights stay bitwise unchanged and the sparsity is that of the prunable values.
 """
 
 from __future__ import annotations
