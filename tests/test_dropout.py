@@ -1,5 +1,5 @@
 """Dropout (``model.dropout``, ``model.attention_dropout``): off without a key, deterministic per
-(seed, step), independent of the mesh, and exact across a resume."""
+(seed, step), independent of the mesh, exact across a resume, and of the right rate and scale."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from flax import nnx
 
 from models import build_model
 from models.dot_attention import dot_product_attention
+from models.layers import dropout
 from sharding.mesh import make_mesh
 from train.config.sections import ConfigError, MeshConfig, OptimizerConfig, load_config
 from train.core.state import init_state, make_state_spec
@@ -155,3 +156,35 @@ def test_hugging_face_configs_bring_their_dropout_rates(tmp_path):
     assert (cfg.dropout, cfg.attention_dropout, cfg.attention) == (0.0, 0.0, "xla")
     with pytest.raises(hf.ConversionError, match="model.attention=recompute or model.attention_dropout=0"):
         hf.load_config(tmp_path / "gpt2", attention="xla")
+
+
+def binomial_bound(rate: float, n: int) -> float:
+    """Five standard deviations of the share of zeros among ``n`` values each dropped with ``rate``."""
+    return 5 * np.sqrt(rate * (1 - rate) / n)
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.5])
+def test_dropout_zeroes_its_rate_and_scales_the_rest_by_one_over_one_minus_rate(rate):
+    """The embedding, residual and adapter dropout (``models.layers.dropout``) on 2**16 nonzero values:
+    the share of zeros is ``rate`` within five binomial standard deviations, and every kept value is
+    ``x / (1 - rate)`` to the float32 rounding."""
+    x = np.asarray(jax.random.uniform(jax.random.key(0), (256, 256), minval=0.5, maxval=1.5))
+    out = np.asarray(dropout(jnp.asarray(x), rate, jax.random.key(1)))
+    zeros = out == 0
+    assert abs(zeros.mean() - rate) < binomial_bound(rate, x.size), zeros.mean()
+    np.testing.assert_allclose(out[~zeros], x[~zeros] / np.float32(1 - rate), rtol=3e-7)  # XLA: x * (1 / (1 - p))
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.5])
+def test_attention_dropout_zeroes_its_rate_of_the_probabilities_and_scales_the_rest(rate):
+    """With one-hot values (v[s] = e_s) the attention output is the dropped probability matrix itself:
+    over [4, 64, 4, 64] = 2**16 probabilities the share of zeros is ``rate`` within five binomial
+    standard deviations, and each kept probability is ``softmax / (1 - rate)``."""
+    b, t, n = 4, 64, 4
+    q, k = jax.random.normal(jax.random.key(0), (2, b, t, n, t))
+    v = jnp.broadcast_to(jnp.eye(t)[None, :, None, :], (b, t, n, t))  # key s carries e_s
+    out = np.asarray(dot_product_attention(q, k, v, causal=False, scale=0.125, dropout=(rate, jax.random.key(2))))
+    probs = np.asarray(jax.nn.softmax(jnp.einsum("bthd,bshd->bths", q, k) * 0.125, axis=-1))  # [B, T, heads, S]
+    zeros = out == 0
+    assert abs(zeros.mean() - rate) < binomial_bound(rate, out.size), zeros.mean()
+    np.testing.assert_allclose(out[~zeros], probs[~zeros] / (1 - rate), rtol=1e-5)

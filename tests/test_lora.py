@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
+import re
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from cli_runs import in_this_process
@@ -21,6 +24,7 @@ from train import export
 from train.config.sections import MeshConfig, OptimizerConfig
 from train.core.freeze import Freeze, param_path
 from train.core.state import count_params, make_state_spec
+from train.core.step import make_train_step
 
 R = 4
 ATTN_AND_MLP = "(.*/)?(attn/(q|k|v|o)|mlp/(wi|wo))"
@@ -119,6 +123,28 @@ LORA = [
     f"lora.targets={ATTN_AND_MLP}",
     "lora.dropout=0.1",  # so the exact resume also covers the adapters' dropout masks
 ]
+
+
+def dot_shapes(spec, mesh) -> list[tuple[int, ...]]:
+    """The result shape of every dot_general in the train step of ``spec``, lowered (before XLA removes
+    unused values) for an [8, 16] token batch."""
+    batch = {k: jax.ShapeDtypeStruct((8, 16), jnp.int32) for k in ("inputs", "targets")}
+    text = make_train_step(spec, mesh, 1).lower(spec.abstract, batch).as_text()
+    found = re.findall(r"stablehlo\.dot_general .*-> tensor<([\dx]+)x\w+>", text)
+    return [tuple(map(int, shape.split("x"))) for shape in found]
+
+
+def test_a_lora_step_computes_no_weight_gradient_of_its_frozen_base():
+    """No dot_general of the LoRA step has the shape of a base matrix, one layer's [d_in, d_out] either
+    way round (a weight gradient contracts batch and length away); full fine-tuning has one per matrix."""
+    spec, mesh = spec_for(MODEL)
+    shapes = {param_path(p): x.shape for p, x in jax.tree_util.tree_leaves_with_path(spec.abstract.params)}
+    base = {tuple(sorted(s[-2:])) for p, s in shapes.items() if p.endswith(("kernel", "embedding"))}
+    assert base == {(64, 64), (64, 256)}  # q, k, v, o; wi, wo and the tied embedding [256, 64]
+    full = make_state_spec(dataclasses.replace(MODEL, lora_rank=0), OptimizerConfig(), 10, mesh)
+    weight_gradients = lambda spec: [s for s in dot_shapes(spec, mesh) if tuple(sorted(s)) in base]
+    assert weight_gradients(spec) == []
+    assert len(weight_gradients(full)) >= 7  # q, k, v, o, wi, wo of the scanned layer, and the embedding
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from train.config.sections import ConfigError, MeshConfig, OptimizerConfig, load
 from train.core.freeze import NOTHING, Freeze, frozen_paths, param_path
 from train.core.optimizer import make_optimizer, schedule
 from train.core.state import count_params, init_state, make_state_spec
-from train.core.step import make_train_step
+from train.core.step import make_train_step, summed_loss
 from train.data.tokenizer import ByteTokenizer
 from train.run.loop import resolve_model
 
@@ -310,3 +310,29 @@ def test_the_cli_reports_a_freeze_that_matches_nothing_as_one_error_line(tmp_pat
     )
     assert run.err.strip().splitlines() == [expected]
     assert not (tmp_path / "run").exists()
+
+
+def test_grad_norm_is_the_norm_clipping_uses_over_the_trainable_gradients(model_cfg):
+    """Plain SGD at lr 1, clipped to 0.01, with FREEZE: the logged grad_norm is the global norm of the
+    gradients of the trainable values only (not of the frozen embeddings, final norm and lower layer),
+    and the step moved the parameters by exactly those gradients times clip_norm / grad_norm."""
+    sgd = {"name": "sgd", "momentum": 0.0, "lr": 1.0, "clip_norm": 0.01, "weight_decay": 0.0}
+    spec, mesh = spec_for(model_cfg, (2, 2, 2), FREEZE, **sgd)
+    state = init_state(spec, model_cfg, seed=0)
+    batch = batches()[0]
+    flat = lambda params: {param_path(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(params)}
+    before = jax.device_get(state.params)
+    every = flat(jax.grad(lambda p: summed_loss(spec.graphdef, p, batch)[0] / batch["targets"].size)(before))
+    trainable = {
+        path: np.concatenate([np.zeros_like(g[:1]), g[1:]]) if path.startswith("stack/") else g  # layer 0 frozen
+        for path, g in every.items()
+        if not path.startswith(("embed/", "final_norm/"))
+    }
+    state, metrics = make_train_step(spec, mesh, 1)(state, batch)
+    norm = float(metrics["grad_norm"])
+    np.testing.assert_allclose(norm, float(optax.tree.norm(trainable)), rtol=1e-5)
+    assert float(optax.tree.norm(every)) > 1.05 * norm  # the frozen gradients are left out
+    after = flat(jax.device_get(state.params))
+    for path, value in flat(before).items():  # float32 rounding of the parameters: ~6e-8
+        expected = -trainable[path] * 0.01 / norm if path in trainable else np.zeros_like(value)
+        np.testing.assert_allclose(after[path] - value, expected, rtol=1e-3, atol=2e-7, err_msg=path)

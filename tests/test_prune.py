@@ -128,6 +128,56 @@ def test_masks_are_sharded_like_their_parameters_on_the_stacked_layers():
     assert masks["stack/blocks/mlp/wi/kernel"].spec[2] == "tensor"  # [layers, embed, mlp]: mlp over tensor
 
 
+def frozen_pruned_spec(scope: str, freeze, targets: str = PruneConfig.targets):
+    """A state spec of GPT2 on data x fsdp x tensor with AdamW (weight decay), ``freeze`` and one-shot
+    pruning to 0.5 at step 0."""
+    from sharding.mesh import MeshConfig, make_mesh
+    from train.config.sections import OptimizerConfig
+    from train.core.state import make_state_spec
+
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    optimizer = OptimizerConfig(schedule="constant", warmup_steps=0, weight_decay=0.1)
+    prune = PruneConfig(sparsity=0.5, scope=scope, targets=targets)
+    return make_state_spec(GPT2, optimizer, 10, mesh, freeze=freeze, prune=prune), mesh
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_pruning_keeps_frozen_weights_bitwise_and_prunes_only_trainable_ones(scope):
+    """train.freeze (every mlp/wi) and train.freeze_layers=1 with prune: after two steps the frozen
+    matrices and layer 0 of every stacked parameter are bitwise unchanged, and the trainable targets
+    (layer 1 of q, k, v, o and mlp/wo) hold exactly the 0.5 share of zeros the sparsity asks for."""
+    from train.core.freeze import Freeze, param_path
+    from train.core.state import init_state
+    from train.core.step import make_train_step
+
+    spec, mesh = frozen_pruned_spec(scope, Freeze("stack/blocks/mlp/wi", layers=1))
+    state = init_state(spec, GPT2, seed=0)
+    flat = lambda s: {param_path(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(s.params)}
+    before, step = flat(jax.device_get(state)), make_train_step(spec, mesh, 1)
+    for tokens in np.random.default_rng(0).integers(0, 64, (2, 8, 17)).astype(np.int32):
+        state, metrics = step(state, {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]})
+    after = flat(jax.device_get(state))
+    np.testing.assert_array_equal(after["stack/blocks/mlp/wi/kernel"], before["stack/blocks/mlp/wi/kernel"])
+    for path in [p for p in after if p.startswith("stack/")]:
+        np.testing.assert_array_equal(after[path][0], before[path][0], err_msg=path)  # layer 0: frozen
+    pruned = [p for p in after if p.startswith("stack/blocks/") and p.endswith("kernel") and "mlp/wi" not in p]
+    zeros = {p: int((after[p][1] == 0).sum()) for p in pruned}
+    if scope == "layer":
+        assert zeros == {p: after[p][1].size // 2 for p in pruned}
+    else:
+        assert sum(zeros.values()) == sum(after[p][1].size for p in pruned) // 2
+    assert float(metrics["sparsity"]) == 0.5  # over the prunable values
+
+
+def test_pruning_targets_that_are_all_frozen_are_refused():
+    from train.core.freeze import Freeze
+
+    with pytest.raises(ConfigError, match="prune.targets='mlp/' matches only frozen weights"):
+        frozen_pruned_spec("global", Freeze("stack/blocks/mlp"), targets="mlp/")
+    with pytest.raises(ConfigError, match="train.freeze_layers=2\\); target trainable matrices or freeze less"):
+        frozen_pruned_spec("layer", Freeze(layers=2))
+
+
 class StopAt(Callback):
     def __init__(self, step: int):
         self.step = step

@@ -18,6 +18,10 @@ optimizer state (``PruneState``), so checkpoints hold them and a resumed run is 
 uninterrupted one. Gradients of masked weights are zeroed before clipping and the optimizer, and
 each masked weight's update is ``-w``, so it is exactly zero after every step (weight decay and
 momentum cannot revive it).
+
+Only trainable values are pruned: parameters ``train.freeze`` freezes are no target, and the layer rows
+``train.freeze_layers`` keeps rank after every other value and count in no group's n, so frozen
+weights stay bitwise unchanged and the sparsity is that of the prunable values.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from jax.sharding import PartitionSpec
 
 from models.config import ConfigError
 from train.config.sections import PruneConfig
-from train.core.freeze import param_path
+from train.core.freeze import NOTHING, Freeze, frozen_set, kept_rows, param_path
 
 
 def sparsity_at(t: int, cfg: PruneConfig) -> float:
@@ -99,25 +103,40 @@ def _keep(magnitudes: jax.Array, zeros: jax.Array) -> jax.Array:
     return rank >= zeros[:, None]
 
 
-def group_sizes(shapes: dict[str, tuple[int, ...]], layer_axes: dict[str, int | None], scope: str) -> list[int]:
-    """The number of values in each ranking group, in the order ``magnitude_masks`` takes counts."""
-    if scope == "global":
-        return [sum(math.prod(shapes[p]) for p in sorted(layer_axes))]
-    out = []
+def group_sizes(
+    shapes: dict[str, tuple[int, ...]],
+    layer_axes: dict[str, int | None],
+    scope: str,
+    prunable: dict[str, np.ndarray] | None = None,
+) -> list[int]:
+    """The number of prunable values in each ranking group, in the order ``magnitude_masks`` takes counts;
+    ``prunable``: path -> bool mask broadcastable to the weight, False where it must never be pruned (the
+    layer rows ``train.freeze_layers`` keeps; train/core/freeze.py ``kept_rows``), all prunable where absent."""
+    prunable, out = prunable or {}, []
     for path in sorted(layer_axes):
-        shape, axis = shapes[path], layer_axes[path]
-        rows = 1 if axis is None else shape[axis]
-        out += [math.prod(shape) // rows] * rows
-    return out
+        mask, axis = np.broadcast_to(prunable.get(path, True), shapes[path]), layer_axes[path]
+        rows = mask.reshape(1, -1) if axis is None else np.moveaxis(mask, axis, 0).reshape(mask.shape[axis], -1)
+        out += rows.sum(1).tolist()
+    return [sum(out)] if scope == "global" else out
 
 
 def magnitude_masks(
-    weights: dict[str, jax.Array], layer_axes: dict[str, int | None], zeros: jax.Array, scope: str
+    weights: dict[str, jax.Array],
+    layer_axes: dict[str, int | None],
+    zeros: jax.Array,
+    scope: str,
+    prunable: dict[str, np.ndarray] | None = None,
 ) -> dict[str, jax.Array]:
     """path -> bool mask (False: pruned) of each targeted weight; ``zeros`` [groups] int counts, one per
-    group of ``group_sizes`` (one for ``global``, one per matrix row of a layer for ``layer``)."""
-    paths = sorted(layer_axes)
-    rows = {p: _rows(jnp.abs(weights[p].astype(jnp.float32)), layer_axes[p]) for p in paths}
+    group of ``group_sizes`` (one for ``global``, one per matrix row of a layer for ``layer``). Values
+    where ``prunable`` (as in ``group_sizes``) is False rank last, so they are never pruned."""
+    paths, prunable = sorted(layer_axes), prunable or {}
+
+    def magnitudes(p):
+        m = jnp.abs(weights[p].astype(jnp.float32))
+        return jnp.where(prunable[p], m, jnp.inf) if p in prunable else m
+
+    rows = {p: _rows(magnitudes(p), layer_axes[p]) for p in paths}
     if scope == "global":
         flat = jnp.concatenate([rows[p].reshape(-1) for p in paths])
         keep, out, start = _keep(flat[None], zeros[:1])[0], {}, 0
@@ -146,18 +165,33 @@ class PruneState(NamedTuple):
 
 
 def with_pruning(
-    tx: optax.GradientTransformation, abstract_params, logical_specs, cfg: PruneConfig
-) -> tuple[optax.GradientTransformation, Callable]:
-    """``tx`` keeping the targeted weights masked, and ``measured(params) -> {'sparsity': zeros / values}``
-    over the targeted weights. Raises ConfigError when ``prune.targets`` matches no matrix."""
-    layer_axes = targets(logical_specs, cfg.targets)
-    if not layer_axes:
+    tx: optax.GradientTransformation, abstract_params, logical_specs, cfg: PruneConfig, freeze: Freeze = NOTHING
+) -> tuple[optax.GradientTransformation, Callable, Callable]:
+    """``tx`` keeping the targeted weights masked; ``measured(params) -> {'sparsity': zeros / values}`` over
+    the prunable values; ``unpruned(grads, opt_state) -> grads``: path -> gradient of the trainable
+    parameters with the pruned weights' entries zeroed, as clipping sees them.
+
+    Only trainable weights are pruned: ``freeze``'s frozen parameters are no target and the layer rows
+    it keeps are never masked, so they stay bitwise unchanged. Raises ConfigError when ``prune.targets``
+    matches no trainable matrix."""
+    frozen = frozen_set(logical_specs, freeze)
+    matched = targets(logical_specs, cfg.targets)
+    layer_axes = {p: axis for p, axis in matched.items() if p not in frozen}
+    if not matched:
         raise ConfigError(
             f"prune.targets='{cfg.targets}' matches no matrix; paths look like 'stack/blocks/mlp/wi/kernel'"
         )
     shapes = {param_path(p): x.shape for p, x in jax.tree_util.tree_leaves_with_path(abstract_params)}
+    rows = kept_rows(abstract_params, logical_specs, freeze.layers)
+    prunable = {p: rows[p] for p in layer_axes if p in rows}
+    sizes = group_sizes(shapes, layer_axes, cfg.scope, prunable)
+    if sum(sizes) == 0:
+        raise ConfigError(
+            f"prune.targets='{cfg.targets}' matches only frozen weights (train.freeze='{freeze.pattern}', "
+            f"train.freeze_layers={freeze.layers}); target trainable matrices or freeze less"
+        )
     steps = jnp.asarray(pruning_steps(cfg), jnp.int32)
-    counts = jnp.asarray(zero_counts(cfg, group_sizes(shapes, layer_axes, cfg.scope)))
+    counts = jnp.asarray(zero_counts(cfg, sizes))
 
     def by_path(fn, *trees):
         return jax.tree_util.tree_map_with_path(lambda path, *x: fn(param_path(path), *x), *trees)
@@ -169,7 +203,7 @@ def with_pruning(
     def recompute(params, count):
         weights = _flat(params)
         new = magnitude_masks(
-            {p: weights[p] for p in layer_axes}, layer_axes, counts[jnp.argmax(steps == count)], cfg.scope
+            {p: weights[p] for p in layer_axes}, layer_axes, counts[jnp.argmax(steps == count)], cfg.scope, prunable
         )
         return by_path(lambda p, x: new[p] if p in layer_axes else optax.MaskedNode(), params)
 
@@ -183,7 +217,11 @@ def with_pruning(
 
     def measured(params) -> dict:
         weights = _flat(params)
-        zeros = sum(jnp.sum(weights[p] == 0) for p in layer_axes)
-        return {"sparsity": zeros / sum(weights[p].size for p in layer_axes)}
+        zeros = sum(jnp.sum((weights[p] == 0) & prunable.get(p, True)) for p in layer_axes)
+        return {"sparsity": zeros / sum(sizes)}
 
-    return optax.GradientTransformation(init, update), measured
+    def unpruned(grads: dict[str, jax.Array], opt_state: PruneState) -> dict[str, jax.Array]:
+        masks = _flat(opt_state.masks)
+        return {p: jnp.where(masks[p], g, jnp.zeros_like(g)) if p in layer_axes else g for p, g in grads.items()}
+
+    return optax.GradientTransformation(init, update), measured, unpruned

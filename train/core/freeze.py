@@ -103,6 +103,22 @@ def kept_rows(abstract_params, logical_specs, layers: int) -> dict[str, np.ndarr
     return out
 
 
+def trainable_leaves(params, frozen: frozenset[str] | set[str]) -> dict[str, jax.Array]:
+    """path -> array of every parameter not in ``frozen``: the ones a train step differentiates."""
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    return {name: x for name, x in ((param_path(path), x) for path, x in leaves) if name not in frozen}
+
+
+def with_leaves(params, leaves: dict[str, jax.Array]):
+    """``params`` (or a tree shaped like them) with the arrays at the paths of ``leaves`` replaced by those."""
+    return jax.tree_util.tree_map_with_path(lambda path, x: leaves.get(param_path(path), x), params)
+
+
+def zero_frozen_rows(grads: dict[str, jax.Array], rows: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """path -> gradient with the frozen layer rows (``kept_rows``) zeroed, as clipping sees it."""
+    return {name: jnp.where(rows[name], g, jnp.zeros_like(g)) if name in rows else g for name, g in grads.items()}
+
+
 def zero_frozen(frozen: set[str], rows: dict[str, np.ndarray]) -> optax.GradientTransformation:
     """Stateless: zeroes the updates of frozen parameters and of the frozen rows of stacked ones."""
 

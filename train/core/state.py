@@ -20,7 +20,7 @@ from models import abstract_model, build_model
 from models.config import ModelConfig
 from sharding.rules import RULES, Rules, logical_to_mesh, replicated
 from train.config.sections import OptimizerConfig, PruneConfig
-from train.core.freeze import NOTHING, Freeze, frozen_set
+from train.core.freeze import NOTHING, Freeze, frozen_set, kept_rows, zero_frozen_rows
 from train.core.optimizer import make_optimizer
 
 
@@ -42,6 +42,8 @@ class StateSpec:
     frozen: frozenset[str] = frozenset()  # paths of the parameters kept whole (train/core/freeze.py)
     adapter_only: bool = False  # a LoRA run: checkpoints hold the trainable parameters only (train/checkpoints/adapters.py)
     metrics: Callable[[nnx.State], dict] | None = None  # extra train metrics of the new params (prune: sparsity)
+    # (path -> gradient of a trainable parameter, new optimizer state) -> the gradients clipping saw
+    clip_input: Callable[[dict, optax.OptState], dict] = lambda grads, opt_state: grads
 
 
 def make_state_spec(
@@ -61,11 +63,16 @@ def make_state_spec(
     graphdef, abstract_params = abstract_model(model_cfg)
     logical_specs = nnx.get_partition_spec(abstract_params)
     tx, trainable = make_optimizer(opt_cfg, total_steps, abstract_params, logical_specs, freeze)
-    metrics = None
+    rows = kept_rows(abstract_params, logical_specs, freeze.layers)
+    metrics, unpruned = None, lambda grads, opt_state: grads
     if prune is not None and prune.sparsity > 0:
         from train.compress.magnitude import with_pruning
 
-        tx, metrics = with_pruning(tx, abstract_params, logical_specs, prune)
+        tx, metrics, unpruned = with_pruning(tx, abstract_params, logical_specs, prune, freeze)
+
+    def clip_input(grads: dict, opt_state: optax.OptState) -> dict:
+        return unpruned(zero_frozen_rows(grads, rows), opt_state)
+
     param_shardings = logical_to_mesh(logical_specs, mesh, rules)
     abstract_opt, opt_shardings = optimizer_state_shardings(tx, abstract_params, param_shardings, mesh)
     abstract = TrainState(
@@ -76,8 +83,9 @@ def make_state_spec(
     shardings = TrainState(step=replicated(mesh), params=param_shardings, opt_state=opt_shardings)
     frozen = frozenset(frozen_set(logical_specs, freeze))
     return StateSpec(
-        graphdef, tx, abstract, shardings, logical_specs, rules, trainable, frozen, freeze.adapters_only, metrics
-    )
+        graphdef, tx, abstract, shardings, logical_specs, rules, trainable, frozen, freeze.adapters_only, metrics,
+        clip_input,
+    )  # fmt: skip
 
 
 def optimizer_state_shardings(tx: optax.GradientTransformation, abstract_params, param_shardings, mesh: Mesh):

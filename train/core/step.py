@@ -17,6 +17,7 @@ from jax.sharding import Mesh
 
 from sharding.rules import RULES, Rules, activation_context, batch_sharding, replicated
 from train.compress.distill_loss import TeacherSpec, summed_distill_loss
+from train.core.freeze import trainable_leaves, with_leaves
 from train.core.state import StateSpec, TrainState
 
 Batch = dict[str, jax.Array]
@@ -74,11 +75,6 @@ def _summed(logits: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]:
     return jnp.sum(losses * weights), jnp.sum(weights)
 
 
-def _integer_zeros(grad: jax.Array, param: jax.Array) -> jax.Array:
-    """The gradient of a float parameter, zeros for an integer one (a QLoRA int8 base: frozen, never updated)."""
-    return jnp.zeros_like(param) if grad.dtype == jax.dtypes.float0 else grad
-
-
 def _micro_batches(batch: Batch, n: int, mesh: Mesh) -> Batch:
     """[B, ...] -> [n, B/n, ...] with each micro-batch still spread over all data shards."""
 
@@ -95,6 +91,10 @@ def make_train_step(
 ) -> Callable[..., tuple[TrainState, dict]]:
     """``step(state, batch) -> (state, {'loss', 'grad_norm'})``; the state is donated.
 
+    Only the trainable parameters are differentiated (``spec.frozen`` get zero gradients without
+    computing them); ``grad_norm`` is the global norm clipping uses: over the trainable gradients,
+    with frozen layer rows and pruned weights zeroed.
+
     Dropout (``model.dropout`` / ``attention_dropout``) draws from ``dropout_key(seed, step, micro)``.
     With a ``teacher`` (train/compress/distill_loss.py) the step is ``step(state, batch, teacher_params)``: the
     frozen teacher runs on each micro-batch, ``loss`` is ``alpha * hard_loss + distill_loss`` and the
@@ -104,8 +104,8 @@ def make_train_step(
     def loss_and_grads(params, batch, total_weight, rng, teacher_params):
         teacher_logits = None if teacher is None else teacher.logits(teacher_params, batch)
 
-        def scaled(p, b):
-            logits = nnx.merge(spec.graphdef, p).forward(b, rng=rng)
+        def scaled(trainable, b):
+            logits = nnx.merge(spec.graphdef, with_leaves(params, trainable)).forward(b, rng=rng)
             hard, _ = _summed(logits, b)
             if teacher is None:
                 return hard / total_weight, {}
@@ -113,8 +113,8 @@ def make_train_step(
             hard = hard / total_weight
             return teacher.alpha * hard + soft, {"hard_loss": hard, "distill_loss": soft}
 
-        (loss, parts), grads = jax.value_and_grad(scaled, has_aux=True, allow_int=True)(params, batch)
-        return (loss, parts), jax.tree.map(_integer_zeros, grads, params)
+        # only the trainable parameters are differentiated: no weight gradients of a frozen (LoRA) base
+        return jax.value_and_grad(scaled, has_aux=True)(trainable_leaves(params, spec.frozen), batch)
 
     def step(state: TrainState, batch: Batch, teacher_params=None) -> tuple[TrainState, dict]:
         total_weight = jnp.sum(token_weights(batch))
@@ -131,13 +131,15 @@ def make_train_step(
 
             parts = {} if teacher is None else {"hard_loss": 0.0, "distill_loss": 0.0}
             zero = jnp.zeros((), jnp.float32)
-            zeros = ((zero, jax.tree.map(lambda _: zero, parts)), jax.tree.map(jnp.zeros_like, state.params))
+            grads = jax.tree.map(jnp.zeros_like, trainable_leaves(state.params, spec.frozen))
+            zeros = ((zero, jax.tree.map(lambda _: zero, parts)), grads)
             micros = (_micro_batches(batch, grad_accum, mesh), jnp.arange(grad_accum))
             ((loss, parts), grads), _ = jax.lax.scan(accumulate, zeros, micros)
-        updates, opt_state = spec.tx.update(grads, state.opt_state, state.params)
+        full = with_leaves(jax.tree.map(jnp.zeros_like, state.params), grads)  # frozen: zeros, never read
+        updates, opt_state = spec.tx.update(full, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **parts}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(spec.clip_input(grads, opt_state)), **parts}
         return new_state, metrics | (spec.metrics(params) if spec.metrics else {})
 
     in_shardings = (spec.shardings, batch_sharding(mesh), *(() if teacher is None else (teacher.shardings,)))
