@@ -287,6 +287,13 @@ def test_prune_cli_refuses_bad_requests_with_one_error_line(exports, tmp_path, c
     assert not (tmp_path / "out").exists()
 
 
+def test_prune_cli_checks_the_targets_regex_before_loading_the_model(tmp_path, capsys):
+    args = ["--method", "magnitude", "--sparsity", "0.5", "--targets", "("]
+    assert prune_cli.main([str(tmp_path / "no-model"), str(tmp_path / "out"), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --targets '(' is not a regex (missing ), unterminated subpattern") and err.count("\n") == 1
+
+
 def test_prune_config_errors_name_the_key():
     from train.config import load_config
 
