@@ -202,7 +202,7 @@ def test_shipped_speakers_data_is_what_the_generator_writes():
     [
         (["--out", "{tmp}/out", "--plays", "{tmp}/binary"], "{tmp}/binary/play0.txt is not UTF-8 text; give --plays"),
         (["--out", "{tmp}/out", "--plays", "{tmp}/prose"], "{tmp}/prose/play0.txt is not a play: no speaker line"),
-        (["--out", "{tmp}/out", "--words", "x"], "argument --words: invalid int value: 'x'; see python -m train.speakers"),
+        (["--out", "{tmp}/out", "--words", "x"], "argument --words: invalid int value: 'x'; see python -m"),
         ([], "the following arguments are required: --out; see python -m train.speakers --help"),
     ],
 )
