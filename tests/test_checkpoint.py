@@ -19,7 +19,7 @@ import pytest
 
 from models.config import ModelConfig
 from sharding.mesh import make_mesh
-from train import export
+from train import export, sources
 from train.checkpoint import (
     CheckpointError,
     Checkpoints,
@@ -312,7 +312,7 @@ def test_export_writes_fp32_params_and_model_json_that_load_back(saved_run, tmp_
     assert export.main([str(run_dir), str(out)]) == 0
     assert capsys.readouterr().out.strip() == f"exported step 7 of {run_dir} to {out}"
     assert sorted(p.name for p in out.iterdir()) == ["model.json", "params"]
-    model_cfg, params = export.load(out)
+    model_cfg, params = sources.load_export(out)
     assert model_cfg == TINY
     assert_tree_equal(params, saved.params)
     assert {x.dtype for x in jax.tree.leaves(params)} == {np.dtype(np.float32)}
@@ -320,7 +320,7 @@ def test_export_writes_fp32_params_and_model_json_that_load_back(saved_run, tmp_
     model_json = json.loads((out / "model.json").read_text())
     (out / "model.json").write_text(json.dumps({**model_json, "colour": "blue"}))
     with pytest.raises(ConfigError, match=r"model\.json has model fields this version does not know \(colour\)"):
-        export.load(out)
+        sources.load_export(out)
 
     assert export.main([str(run_dir), str(out)]) == 2  # OUT_DIR not empty
     assert export.main([str(tmp_path / "nowhere"), str(tmp_path / "other")]) == 2

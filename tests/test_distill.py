@@ -24,10 +24,9 @@ from train import export
 from train.checkpoint import restore_target
 from train.config import ConfigError, MeshConfig, OptimizerConfig, load_config
 from train.distill_loss import TeacherSpec, kl_per_position
-from train.sources import load_source, shardings_for
+from train.sources import load_source, shardings_for, warm_start
 from train.state import init_state, make_state_spec
 from train.step import make_train_step
-from train.warm_start import warm_start
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 TINY = {"d_model": 32, "d_ff": 64, "n_heads": 4, "vocab_size": 128, "compute_dtype": "float32", "max_seq_len": 16}

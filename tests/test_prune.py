@@ -238,7 +238,7 @@ def exports(tmp_path_factory) -> dict[str, pathlib.Path]:
 
 def test_prune_cli_writes_a_smaller_export_that_loads_and_warm_starts(exports, tmp_path, capsys):
     from train.checkpoint import restore_target
-    from train.warm_start import warm_start
+    from train.sources import warm_start
 
     out = tmp_path / "neurons"
     assert prune_cli.main([str(exports["gpt2"]), str(out), "--method", "neurons", "--sparsity", "0.5"]) == 0

@@ -24,7 +24,7 @@ import pytest
 from cli_runs import Run, in_this_process, read_jsonl, run_dir
 from flax import nnx
 
-from train import export
+from train import export, sources
 from train.callbacks import Callback
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -277,7 +277,7 @@ def test_init_from_starts_a_new_run_from_another_runs_parameters(runs):
 def test_export_of_a_trained_run_loads_back_its_parameters(runs, tmp_path, capsys):
     source = runs["gpt2-ref"]
     assert export.main([str(source.dir), str(tmp_path / "export")]) == 0
-    model_cfg, params = export.load(tmp_path / "export")
+    model_cfg, params = sources.load_export(tmp_path / "export")
     assert (model_cfg.d_model, model_cfg.n_layers, model_cfg.vocab_size) == (64, 2, 384)
     saved = saved_state(source.dir, GPT2_STEPS)
     pure = nnx.to_pure_dict(params)

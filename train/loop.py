@@ -32,11 +32,11 @@ from train.distill_loss import TeacherSpec
 from train.freeze import Freeze
 from train.optimizer import schedule
 from train.precision import resolve_compute_dtype
+from train.sources import warm_start
 from train.state import StateSpec, TrainState, count_params, init_state, make_state_spec
 from train.step import make_train_step
 from train.tokenizer import Tokenizer, load_tokenizer
 from train.validate import fit_sizes
-from train.warm_start import warm_start
 from train.writers import MetricsWriter
 
 VOCAB_MULTIPLE = 128
@@ -114,7 +114,7 @@ def initial_state(setup: Setup, run_dir: pathlib.Path) -> tuple[TrainState, int,
         restored = checkpoints.restore_latest(target, model, config.to_dict()) if resuming else None
         if restored and spec.adapter_only:
             where = f"the checkpoint {checkpoints.path(restored.step)}"
-            restored.state = adapters.resumed(restored.state, checkpoints.base, config.model, spec, where)
+            restored.state = adapters.resumed(restored.state, checkpoints.base, config.model, spec, where, warm_start)
     except BaseException:
         checkpoints.close()
         raise
