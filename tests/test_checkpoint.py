@@ -326,4 +326,4 @@ def test_export_writes_fp32_params_and_model_json_that_load_back(saved_run, tmp_
     assert export.main([str(tmp_path / "nowhere"), str(tmp_path / "other")]) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 2 and all(line.startswith("error: ") for line in err), err
-    assert "exists and is not empty" in err[0] and "is not a run or checkpoints directory" in err[1]
+    assert "exists and is not empty" in err[0] and "is not a directory; give a run directory" in err[1]

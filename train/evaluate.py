@@ -19,8 +19,8 @@ train/sources.py) on text and prints one JSON line. ``--best``: a run's best che
   spans) and seqeval's per-entity-type table on stdout, then the JSON line (per type too).
 
 Without ``--files`` a run is scored on its own validation split (``--split test``: its test
-split, which training never reads). ``--tokenizer`` replaces the source's tokenizer (an export
-holds none). The model runs sharded over the devices as the run's mesh says (all devices
+split, which training never reads). ``--tokenizer`` replaces the source's tokenizer (every export
+carries its own). The model runs sharded over the devices as the run's mesh says (all devices
 otherwise). User mistakes print one ``error:`` line and exit with status 2.
 """
 
