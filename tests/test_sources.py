@@ -94,8 +94,8 @@ def test_every_export_carries_the_tokenizer_and_is_evaluated_exported_and_genera
     got = scores(source, sources_dir["text"])
     reference = sources_dir["scores"]
     assert got["tokens"] == reference["tokens"] > 0
-    if kind in SAME_MODEL:
-        assert got["eval_loss"] == pytest.approx(reference["eval_loss"], rel=1e-5)
+    if kind in SAME_MODEL:  # a Hugging Face directory does not keep compute_dtype: it computes in the default
+        assert got["eval_loss"] == pytest.approx(reference["eval_loss"], rel=1e-3 if kind == "hf" else 1e-5)
     elif kind == "int8":
         assert got["eval_loss"] == pytest.approx(reference["eval_loss"], rel=0.02)
     else:
