@@ -21,6 +21,7 @@ from cli_runs import REPO
 from models.config import ModelConfig
 from sharding.mesh import make_mesh
 from train import export
+from train.checkpoints import sources
 from train.checkpoints.manifest import fingerprints
 from train.checkpoints.store import (
     CheckpointError,
@@ -312,7 +313,7 @@ def test_export_writes_fp32_params_and_model_json_that_load_back(saved_run, tmp_
     assert export.main([str(run_dir), str(out)]) == 0
     assert capsys.readouterr().out.strip() == f"exported step 7 of {run_dir} to {out}"
     assert sorted(p.name for p in out.iterdir()) == ["model.json", "params"]
-    model_cfg, params = export.load(out)
+    model_cfg, params = sources.load_export(out)
     assert model_cfg == TINY
     assert_tree_equal(params, saved.params)
     assert {x.dtype for x in jax.tree.leaves(params)} == {np.dtype(np.float32)}
@@ -320,10 +321,10 @@ def test_export_writes_fp32_params_and_model_json_that_load_back(saved_run, tmp_
     model_json = json.loads((out / "model.json").read_text())
     (out / "model.json").write_text(json.dumps({**model_json, "colour": "blue"}))
     with pytest.raises(ConfigError, match=r"model\.json has model fields this version does not know \(colour\)"):
-        export.load(out)
+        sources.load_export(out)
 
     assert export.main([str(run_dir), str(out)]) == 2  # OUT_DIR not empty
     assert export.main([str(tmp_path / "nowhere"), str(tmp_path / "other")]) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 2 and all(line.startswith("error: ") for line in err), err
-    assert "exists and is not empty" in err[0] and "is not a run or checkpoints directory" in err[1]
+    assert "exists and is not empty" in err[0] and "is not a directory; give a run directory" in err[1]

@@ -238,6 +238,15 @@ def test_invalid_yaml_is_a_config_error(tmp_path):
         load_config(path)
 
 
+def test_a_config_file_that_is_not_utf8_exits_2_with_one_error_line(tmp_path, capsys):
+    from train.__main__ import main
+
+    binary = tmp_path / "binary.bin"
+    binary.write_bytes(bytes(range(128, 256)) * 4)
+    assert main([str(binary)]) == 2
+    assert capsys.readouterr().err == f"error: config file '{binary}' is not UTF-8 text; pass a YAML file\n"
+
+
 def test_config_error_is_one_line():
     for override in ("train.stpes=1", "train.steps=x", "optimizer.schedule=cosin", "train.seq_len=999"):
         with pytest.raises(ConfigError) as e:

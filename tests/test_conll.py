@@ -12,9 +12,9 @@ import pytest
 from train.config.sections import ConfigError, DataConfig
 from train.data import conll, windows
 from train.data.files import Row
+from train.data.tokenizer import load_tokenizer
 from train.evaluation.report import token_report
 from train.evaluation.scores import token_macro_f1
-from train.data.tokenizer import load_tokenizer
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "tests" / "data" / "sample.conll"

@@ -21,9 +21,8 @@ from test_resume import GPT2
 from models import build_model
 from sharding.mesh import make_mesh
 from train import export
-from train.checkpoints.sources import load_source, shardings_for
+from train.checkpoints.sources import load_source, shardings_for, warm_start
 from train.checkpoints.store import restore_target
-from train.checkpoints.warm_start import warm_start
 from train.compress.distill_loss import TeacherSpec, kl_per_position
 from train.config.sections import ConfigError, MeshConfig, OptimizerConfig, load_config
 from train.core.state import init_state, make_state_spec

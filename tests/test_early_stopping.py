@@ -23,6 +23,7 @@ from flax import nnx
 
 from train import evaluate, export
 from train.__main__ import main as train_main
+from train.checkpoints import sources
 from train.checkpoints.best import Best
 from train.checkpoints.store import CheckpointError, Checkpoints, best_params, restore_target
 from train.config.sections import CheckpointConfig, ConfigError, load_config
@@ -241,7 +242,7 @@ def test_export_best_writes_the_best_steps_parameters(runs, tmp_path, capsys):
     _, best = expected_stop(evals(run), patience=2)
     assert export.main([str(run.dir), str(tmp_path / "out"), "--best"]) == 0
     assert f"exported best checkpoint, step {best} of {run.dir}" in capsys.readouterr().out
-    _, exported = export.load(tmp_path / "out")
+    _, exported = sources.load_export(tmp_path / "out")
     saved = saved_state(run.dir, best)
     pure = nnx.to_pure_dict(exported)
     assert len(jax.tree.leaves(pure)) == len([path for path in saved if path.startswith("['params']")])

@@ -19,8 +19,8 @@ from test_generate import CONFIGS, T5
 
 from models import hf
 from models.generate import generate
-from train.generate import main
 from train.data.tokenizer import HFTokenizer
+from train.generate import main
 
 NEW = 10
 EOS = 1
@@ -83,8 +83,8 @@ def test_cli_greedy_text_is_transformers_generate_token_for_token(models, name, 
 def test_the_decoder_start_is_the_hf_configs_or_what_the_runs_objective_fed_the_decoder(tmp_path):
     import yaml
 
-    from train.export import main as export_cli
     from train.checkpoints.sources import load_source
+    from train.export import main as export_cli
 
     torch.manual_seed(0)
     config = transformers.T5Config(**(T5 | {"vocab_size": 300, "decoder_start_token_id": 7}))

@@ -21,6 +21,7 @@ from models import build_model, hf, lora
 from models.config import ConfigError, ModelConfig
 from sharding.mesh import make_mesh
 from train import export
+from train.checkpoints import sources
 from train.config.sections import MeshConfig, OptimizerConfig
 from train.core.freeze import Freeze, param_path
 from train.core.state import count_params, make_state_spec
@@ -162,7 +163,7 @@ def runs(tmp_path_factory) -> dict:
     }
     for src, name, flags in [("ref", "merged", ["--merge-lora"]), ("ref", "adapters", []), ("base", "base-export", [])]:
         assert export.main([str(root / src), str(root / name), *flags]) == 0
-        out[name] = export.load(root / name)
+        out[name] = sources.load_export(root / name)
     assert export.main([str(root / "ref"), str(root / "hf"), "--merge-lora", "--format=hf"]) == 0
     out["hf"] = hf.load(root / "hf", compute_dtype="float32")
     with pytest.raises(ConfigError, match="has LoRA adapters, which the Hugging Face layout lacks; add --merge-lora"):

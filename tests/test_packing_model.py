@@ -23,8 +23,8 @@ from models.splash import splash_attention
 from sharding.mesh import make_mesh
 from sharding.rules import RULES, activation_context, batch_sharding, logical_to_mesh
 from train.config.sections import MeshConfig, load_config
-from train.run.loop import resolve_model
 from train.data.tokenizer import ByteTokenizer
+from train.run.loop import resolve_model
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 TOL = 1e-5

@@ -287,9 +287,9 @@ def exports(tmp_path_factory) -> dict[str, pathlib.Path]:
 
 
 def test_prune_cli_writes_a_smaller_export_that_loads_and_warm_starts(exports, tmp_path, capsys):
+    from train.checkpoints.sources import warm_start
     from train.checkpoints.store import restore_target
-    from train.checkpoints.warm_start import warm_start
-
+    
     out = tmp_path / "neurons"
     assert prune_cli.main([str(exports["gpt2"]), str(out), "--method", "neurons", "--sparsity", "0.5"]) == 0
     assert "model.d_ff=24" in capsys.readouterr().out
@@ -335,6 +335,14 @@ def test_prune_cli_refuses_bad_requests_with_one_error_line(exports, tmp_path, c
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_prune_cli_checks_the_targets_regex_before_loading_the_model(tmp_path, capsys):
+    args = ["--method", "magnitude", "--sparsity", "0.5", "--targets", "("]
+    assert prune_cli.main([str(tmp_path / "no-model"), str(tmp_path / "out"), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --targets '(' is not a regex (missing ), unterminated subpattern"), err
+    assert err.count("\n") == 1
 
 
 def test_prune_config_errors_name_the_key():

@@ -16,8 +16,9 @@ from test_lora import EXPECTED_TRAINABLE, FAST, LORA
 from models import abstract_model, build_model
 from models.quant import dequantize
 from train import export, quantize
+from train.checkpoints import sources
+from train.checkpoints.sources import warm_start
 from train.checkpoints.store import restore_target
-from train.checkpoints.warm_start import warm_start
 from train.config.sections import ConfigError, load_config
 from train.run.callbacks import Callback
 
@@ -53,7 +54,7 @@ def test_qlora_trains_only_the_adapters_and_keeps_the_int8_base_bitwise(runs):
     assert first["trainable_params"] == EXPECTED_TRAINABLE
     losses = runs["qlora"].losses()
     assert losses[6] < losses[1] - 0.05
-    _, int8 = export.load(runs["root"] / "int8")
+    _, int8 = sources.load_export(runs["root"] / "int8")
     saved = flat(int8)
     final = runs["final"]
     kernels = [p for p, x in saved.items() if x.dtype == np.int8]
@@ -65,8 +66,8 @@ def test_qlora_trains_only_the_adapters_and_keeps_the_int8_base_bitwise(runs):
 
 
 def test_merge_lora_of_a_qlora_run_writes_a_float_model_equal_to_the_adapter_model(runs):
-    adapter_cfg, adapter_params = export.load(runs["root"] / "adapters")
-    merged_cfg, merged_params = export.load(runs["root"] / "merged")
+    adapter_cfg, adapter_params = sources.load_export(runs["root"] / "adapters")
+    merged_cfg, merged_params = sources.load_export(runs["root"] / "merged")
     assert adapter_cfg.quant == "int8" and merged_cfg.quant == "none" and merged_cfg.lora_rank == 0
     assert all(x.dtype == np.float32 for x in flat(merged_params).values())
     tokens = np.random.default_rng(4).integers(0, 200, size=(2, 32), dtype=np.int32)
@@ -78,7 +79,7 @@ def test_merge_lora_of_a_qlora_run_writes_a_float_model_equal_to_the_adapter_mod
 
 
 def test_init_from_an_int8_export_into_a_float_model_dequantises_it(runs):
-    int8_cfg, int8 = export.load(runs["root"] / "int8")
+    int8_cfg, int8 = sources.load_export(runs["root"] / "int8")
     cfg = dataclasses.replace(int8_cfg, quant="none")
     _, abstract = abstract_model(cfg)
     target = restore_target(abstract, jax.sharding.SingleDeviceSharding(jax.devices()[0]))

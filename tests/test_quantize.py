@@ -22,8 +22,7 @@ from sharding.mesh import MeshConfig, make_mesh
 from train import evaluate
 from train import quantize as quantize_cli
 from train.__main__ import main as train_main
-from train.checkpoints.sources import load_source, shardings_for
-from train.export import load
+from train.checkpoints.sources import load_export, load_source, shardings_for
 
 PLAYS = REPO / "data" / "shakespeare"
 TINY = ModelConfig(d_model=64, n_layers=2, n_heads=4, d_ff=256, vocab_size=256, max_seq_len=32, compute_dtype="float32")
@@ -135,11 +134,11 @@ def test_cli_writes_an_int8_export_that_evaluates_like_the_float_run(tiny_run, t
     assert quantize_cli.main([str(tiny_run), str(tmp_path / "int8")]) == 0
     assert "quantised 6 layers" in capsys.readouterr().out
     export(tiny_run, tmp_path / "fp32")
-    cfg, params = load(tmp_path / "int8")
+    cfg, params = load_export(tmp_path / "int8")
     assert cfg.quant == "int8" and params["stack"]["blocks"]["mlp"]["wi"]["kernel"][...].dtype == jnp.int8
     source = load_source(tmp_path / "int8")
     assert source.model.stack.blocks.attn.q.kernel[...].dtype == jnp.int8
-    _, floats = load(tmp_path / "fp32")
+    _, floats = load_export(tmp_path / "fp32")
     nbytes = {k: sum(x.nbytes for x in jax.tree.leaves(p)) for k, p in (("fp32", floats), ("int8", params))}
     # the 2 x 49152 matrix weights shrink 4x (plus a float32 scale per output channel), all else stays float32
     matrices, channels = 2 * (4 * 64 * 64 + 2 * 64 * 256), 2 * (4 * 64 + 256 + 64)

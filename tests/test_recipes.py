@@ -14,8 +14,8 @@ from jax.sharding import PartitionSpec as P
 
 from train.config.sections import Config, OptimizerConfig, TrainConfig, load_config
 from train.core.freeze import NOTHING
-from train.run.loop import epoch_steps
 from train.core.optimizer import make_optimizer, schedule, warmup_steps
+from train.run.loop import epoch_steps
 
 L = 3  # layers of the stacked parameters below
 SPECS = {

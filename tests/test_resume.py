@@ -25,6 +25,7 @@ from cli_runs import REPO, Run, in_this_process, read_jsonl, run_dir
 from flax import nnx
 
 from train import export
+from train.checkpoints import sources
 from train.run.callbacks import Callback
 
 # A constant schedule (after a 2-step warm-up) makes train.steps only say where to stop, so a
@@ -275,7 +276,7 @@ def test_init_from_starts_a_new_run_from_another_runs_parameters(runs):
 def test_export_of_a_trained_run_loads_back_its_parameters(runs, tmp_path, capsys):
     source = runs["gpt2-ref"]
     assert export.main([str(source.dir), str(tmp_path / "export")]) == 0
-    model_cfg, params = export.load(tmp_path / "export")
+    model_cfg, params = sources.load_export(tmp_path / "export")
     assert (model_cfg.d_model, model_cfg.n_layers, model_cfg.vocab_size) == (64, 2, 384)
     saved = saved_state(source.dir, GPT2_STEPS)
     pure = nnx.to_pure_dict(params)

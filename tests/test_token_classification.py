@@ -196,6 +196,29 @@ def test_shipped_speakers_data_is_what_the_generator_writes():
         assert all(not t.startswith("I-") or p[2:] == t[2:] for p, t in zip(["O", *r["tags"]], r["tags"]))
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--out", "{tmp}/out", "--plays", "{tmp}/binary"], "{tmp}/binary/play0.txt is not UTF-8 text; give --plays"),
+        (["--out", "{tmp}/out", "--plays", "{tmp}/prose"], "{tmp}/prose/play0.txt is not a play: no speaker line"),
+        (["--out", "{tmp}/out", "--words", "x"], "argument --words: invalid int value: 'x'; see python -m"),
+        ([], "the following arguments are required: --out; see python -m train.speakers --help"),
+    ],
+)
+def test_speakers_command_refuses_files_that_are_not_plays_and_bad_usage_with_one_error_line(
+    tmp_path, capsys, argv, message
+):
+    for name, text in (("binary", None), ("prose", "The quick brown fox jumps over the lazy dog.\n\n" * 40)):
+        (tmp_path / name).mkdir()
+        for i in range(6):
+            play = tmp_path / name / f"play{i}.txt"
+            play.write_text(text) if text else play.write_bytes(bytes(range(128, 256)) * 8)
+    assert speakers.main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: " + message.replace("{tmp}", str(tmp_path))) and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
+
+
 # --- training, evaluation, errors --------------------------------------------------------------
 
 

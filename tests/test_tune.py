@@ -109,6 +109,16 @@ def test_missing_search_file_is_named():
     assert status == 2 and err.startswith("error: search file 'configs/search/nope.yaml' does not exist")
 
 
+def test_search_file_errors_say_search_file_and_binary_ones_exit_2(tmp_path):
+    binary, listing = tmp_path / "binary.bin", tmp_path / "list.yaml"
+    binary.write_bytes(bytes(range(128, 256)) * 4)
+    listing.write_text("- a\n")
+    problems = {binary: "is not UTF-8 text; pass a YAML file", listing: "must hold a mapping of sections"}
+    for path, problem in problems.items():
+        status, _out, err = tune([TINY, str(path)])
+        assert status == 2 and err == f"error: search file '{path}' {problem}\n"
+
+
 def test_shipped_search_files_check_against_their_configs():
     for config, search, metric in [
         ("default.yaml", "configs/search/default-lr.yaml", "eval_bpb"),

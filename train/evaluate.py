@@ -22,8 +22,8 @@ train/checkpoints/sources.py; a classifier export needs its label names: a run's
   every word once (``words_cut`` 0). ``--files`` may be CoNLL or JSONL.
 
 Without ``--files`` a run is scored on its own validation split (``--split test``: its test
-split, which training never reads). ``--tokenizer`` replaces the source's tokenizer (an export
-holds none). The model runs sharded over the devices as the run's mesh says (all devices
+split, which training never reads). ``--tokenizer`` replaces the source's tokenizer (every export
+carries its own). The model runs sharded over the devices as the run's mesh says (all devices
 otherwise). User mistakes print one ``error:`` line and exit with status 2.
 """
 

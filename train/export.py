@@ -2,22 +2,26 @@
 
     python -m train.export SRC OUT_DIR [--format params|hf|checkpoint] [--tokenizer DIR] [--best] [--merge-lora]
 
-SRC is a run directory (its newest intact checkpoint, or with ``--best`` its best one, kept by
-``checkpoint.keep_best``; also its ``checkpoints/`` directory or a ``--format checkpoint``
-output) or a Hugging Face model directory (config.json + safetensors).
+SRC is any model source (train/checkpoints/sources.py): a run directory (its newest intact checkpoint, or with
+``--best`` its best one, kept by ``checkpoint.keep_best``; also its ``checkpoints/`` directory or a
+``--format checkpoint`` output), an export of any format (``train.export``, ``train.quantize``,
+``train.prune``, a LoRA run's with its adapters) or a Hugging Face model directory (config.json +
+safetensors). Every format carries SRC's tokenizer (a run's ``data.tokenizer``): a Hugging Face
+tokenizer's files, or ``byte_tokenizer.json`` for the byte tokenizer (train/data/tokenizer.py).
 
 --format params (default)
     ``OUT_DIR/params`` (an Orbax StandardCheckpointer tree of fp32 arrays, nested dicts keyed
     like the model's parameters), ``OUT_DIR/model.json`` (the ``ModelConfig``) and for a
     classifier ``OUT_DIR/labels.json`` (``id2label``, as in --format hf); no optimizer
-    state, data position or run config. ``load(OUT_DIR)`` reads both back.
+    state, data position or run config. ``train.checkpoints.sources.load_export(OUT_DIR)`` reads both back.
 --format hf
-    ``OUT_DIR/{config.json, model.safetensors}`` for transformers' ``from_pretrained``; with
-    ``--tokenizer DIR`` the tokenizer's files too (and its special token ids in the config).
+    ``OUT_DIR/{config.json, model.safetensors}`` for transformers' ``from_pretrained``, and the
+    tokenizer's files (``--tokenizer DIR``'s instead of SRC's; its special token ids in the config).
+    Not for int8 models.
 --format checkpoint
     ``OUT_DIR/0/`` in the layout of a run's ``checkpoints/`` (state = {"params": ...}) and
     ``OUT_DIR/config.yaml``: ``python -m train OUT_DIR/config.yaml run.dir=...`` fine-tunes it
-    (its ``checkpoint.init_from`` points at OUT_DIR).
+    (its ``checkpoint.init_from`` points at OUT_DIR, its ``data.tokenizer`` at the tokenizer saved there).
 
 --merge-lora folds a LoRA run's adapters into its base weights (W + alpha / rank * A @ B; an int8
 base, QLoRA, is dequantised first) and writes the plain float model (its config without LoRA) in any format; without it a LoRA run's
@@ -40,36 +44,6 @@ from train import cli
 FORMATS = ("params", "hf", "checkpoint")
 
 
-def _cpu():
-    import jax
-
-    return jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-
-
-def read_model(src: pathlib.Path, best: bool = False) -> tuple[str, ModelConfig, object]:
-    """(description, config, parameters as an nnx.State on the CPU) of a run (``best``: its best
-    checkpoint) or a Hugging Face directory."""
-    from flax import nnx
-
-    from models import abstract_model, hf
-    from train.checkpoints.store import best_params, newest_params, restore_target
-
-    if hf.is_model_dir(src):
-        if best:
-            raise ConfigError(
-                f"SRC='{src}' is a Hugging Face model, not a run, so it has no best checkpoint; leave out --best"
-            )
-        model, cfg = hf.load(src)
-        return str(src), cfg, nnx.state(model, nnx.Param)
-
-    def target(saved: dict):
-        cfg = ModelConfig.from_dict(saved.get("model", {}), f"the model config saved in {src}")
-        return restore_target(abstract_model(cfg)[1], _cpu())
-
-    step, params, config = (best_params if best else newest_params)(src, target, what="SRC")
-    what = "best checkpoint, step" if best else "step"
-    return f"{what} {step} of {src}", ModelConfig.from_dict(config["model"], f"{src}"), params
-
 
 def new_out_dir(out_dir: str | pathlib.Path, name: str = "OUT") -> pathlib.Path:
     """``out_dir`` made absolute; ConfigError when it already holds anything (exports never overwrite)."""
@@ -80,52 +54,50 @@ def new_out_dir(out_dir: str | pathlib.Path, name: str = "OUT") -> pathlib.Path:
 
 
 def write_params(params, cfg: ModelConfig, out_dir: pathlib.Path, tokenizer=None, labels=()) -> None:
-    """``model.json`` + ``params/`` (Orbax) in ``out_dir``, and a Hugging Face ``tokenizer``
-    (train.tokenizer.HFTokenizer) saved beside them; other tokenizers are not written. A classifier's
-    ``labels`` (names in id order) go to ``labels.json`` as ``{"id2label": {"0": name, ...}}``."""
+    """``model.json`` + ``params/`` (Orbax) in ``out_dir``, ``tokenizer`` (train/data/tokenizer.py) beside
+    them, and a classifier's ``labels`` (names in id order) in ``labels.json`` as
+    ``{"id2label": {"0": name, ...}}``."""
     import orbax.checkpoint as ocp
     from flax import nnx
 
-    from train.data.tokenizer import HFTokenizer
+    from train.data.tokenizer import save_tokenizer
 
     out_dir.mkdir(parents=True, exist_ok=True)
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(out_dir / "params", nnx.to_pure_dict(params))
         checkpointer.wait_until_finished()
     (out_dir / "model.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-    if isinstance(tokenizer, HFTokenizer):
-        tokenizer.tokenizer.save_pretrained(str(out_dir))
+    if tokenizer is not None:
+        save_tokenizer(tokenizer, out_dir)
     if labels:
         id2label = {str(i): name for i, name in enumerate(labels)}
         (out_dir / "labels.json").write_text(json.dumps({"id2label": id2label}, indent=2) + "\n")
 
 
-def read_labels(out_dir: pathlib.Path) -> list[str]:
-    """The label names in id order of an export's ``labels.json``; [] when it has none."""
-    path = pathlib.Path(out_dir) / "labels.json"
-    if not path.is_file():
-        return []
-    id2label = json.loads(path.read_text()).get("id2label") or {}
-    return [str(id2label[k]) for k in sorted(id2label, key=int)]
-
-
-def write_checkpoint(params, cfg: ModelConfig, out_dir: pathlib.Path, labels=()) -> None:
+def write_checkpoint(params, cfg: ModelConfig, out_dir: pathlib.Path, tokenizer=None, labels=()) -> None:
+    """``out_dir/0/`` (a run's checkpoint of ``params``), ``config.yaml`` (a classifier's ``data.labels``)
+    and ``tokenizer`` (its ``data.tokenizer``; the default, byte, without one)."""
     import yaml
 
     from train.checkpoints.store import Checkpoints
     from train.config.sections import CheckpointConfig, Config, DataConfig, TrainConfig
     from train.config.validate import PRETRAINING_OBJECTIVE
+    from train.data.tokenizer import ByteTokenizer, save_tokenizer
 
     # a config the trainer accepts for this model: its pre-training objective (or its head's) at a length it holds
     classifier = cfg.head != "lm"
     objective = cfg.head if classifier else PRETRAINING_OBJECTIVE[cfg.family]
     train = TrainConfig(seq_len=min(TrainConfig.seq_len, cfg.max_seq_len), objective=objective)
     data = DataConfig(format="jsonl", labels=",".join(labels)) if classifier else DataConfig()
+    if tokenizer is not None and not isinstance(tokenizer, ByteTokenizer):
+        data = dataclasses.replace(data, tokenizer=str(out_dir))
     config = Config(model=cfg, train=train, data=data, checkpoint=CheckpointConfig(init_from=str(out_dir)))
     checkpoints = Checkpoints(out_dir, CheckpointConfig(async_save=False))
     checkpoints.save(0, {"params": params}, {}, config.to_dict())
     checkpoints.close()
     (out_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    if tokenizer is not None:
+        save_tokenizer(tokenizer, out_dir)
 
 
 def export(
@@ -136,14 +108,21 @@ def export(
     best: bool = False,
     merge_lora: bool = False,
 ) -> str:
-    """Writes the parameters of ``src`` (``best``: its best checkpoint; ``merge_lora``: its LoRA
-    adapters folded in) to ``out_dir`` in ``format``; returns what was exported."""
+    """Writes the parameters of the model source ``src`` (``best``: its best checkpoint; ``merge_lora``:
+    its LoRA adapters folded in) and its tokenizer to ``out_dir`` in ``format``; returns what was exported."""
+    import jax
+    from flax import nnx
+
     from models import hf
+    from sharding.mesh import MeshConfig, make_mesh
+    from train.checkpoints.sources import load_source
+    from train.data.tokenizer import ByteTokenizer, save_tokenizer
 
     out_dir = new_out_dir(out_dir, "OUT_DIR")
     if tokenizer is not None and format != "hf":
         raise ConfigError("--tokenizer only applies to --format hf; leave it out")
-    source, cfg, params = read_model(pathlib.Path(src).absolute(), best)
+    source = load_source(src, mesh=make_mesh(MeshConfig(), jax.devices("cpu")[:1]), best=best, what="SRC")
+    cfg, params = source.config, nnx.state(source.model, nnx.Param)
     if merge_lora:
         from models import abstract_model, lora
 
@@ -153,13 +132,20 @@ def export(
         params, cfg = lora.merge(params, cfg, abstract_model(merged)[1]), merged
     elif cfg.lora_rank and format == "hf":
         raise ConfigError(f"SRC='{src}' has LoRA adapters, which the Hugging Face layout lacks; add --merge-lora")
+    if cfg.quant == "int8" and format == "hf":
+        raise ConfigError(f"SRC='{src}' is quantised (int8), which the Hugging Face layout lacks; export a float model")
     if format == "params":
-        write_params(params, cfg, out_dir, labels=_run_labels(pathlib.Path(src), cfg))
+        write_params(params, cfg, out_dir, source.tokenizer, _run_labels(pathlib.Path(src), cfg))
     elif format == "checkpoint":
-        write_checkpoint(params, cfg, out_dir, _run_labels(pathlib.Path(src), cfg))
+        write_checkpoint(params, cfg, out_dir, source.tokenizer, _run_labels(pathlib.Path(src), cfg))
     else:
-        hf.export(params, cfg, out_dir, tokenizer=tokenizer, labels=_run_labels(pathlib.Path(src), cfg))
-    return source
+        own = getattr(source.tokenizer, "path", None)  # a Hugging Face tokenizer's directory
+        hf.export(params, cfg, out_dir, tokenizer=tokenizer or own, labels=_run_labels(source.path, cfg))
+        if tokenizer is None and isinstance(source.tokenizer, ByteTokenizer):
+            save_tokenizer(source.tokenizer, out_dir)
+    if source.step is None:
+        return str(source.path)
+    return f"{'best checkpoint, step' if best else 'step'} {source.step} of {source.path}"
 
 
 def _run_labels(src: pathlib.Path, cfg: ModelConfig) -> list[str]:
@@ -179,32 +165,12 @@ def _run_labels(src: pathlib.Path, cfg: ModelConfig) -> list[str]:
     return labels if len(labels) == cfg.num_labels else []
 
 
-def load(out_dir: pathlib.Path) -> tuple[ModelConfig, object]:
-    """(ModelConfig, params nnx.State of fp32 arrays on the default device) from a ``--format params`` export."""
-    import jax
-    import orbax.checkpoint as ocp
-    from flax import nnx
-
-    from models import abstract_model
-    from train.checkpoints.store import restore_target
-
-    out_dir = pathlib.Path(out_dir).absolute()
-    if not (out_dir / "model.json").is_file() or not (out_dir / "params").is_dir():
-        raise ConfigError(f"'{out_dir}' is not an export (no model.json and params/); run python -m train.export")
-    model_cfg = ModelConfig.from_dict(json.loads((out_dir / "model.json").read_text()), str(out_dir / "model.json"))
-    _, abstract = abstract_model(model_cfg)
-    target = restore_target(nnx.to_pure_dict(abstract), jax.sharding.SingleDeviceSharding(jax.devices()[0]))
-    with ocp.StandardCheckpointer() as checkpointer:
-        pure = checkpointer.restore(out_dir / "params", target)
-    nnx.replace_by_pure_dict(abstract, pure)
-    return model_cfg, abstract
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = cli.Parser(
         prog="python -m train.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("src", help="a run directory or a Hugging Face model directory")
+    parser.add_argument("src", help="a run, export or Hugging Face model directory")
     parser.add_argument("out_dir", help="a new directory")
     parser.add_argument("--format", choices=FORMATS, default="params")
     parser.add_argument("--tokenizer", default=None, help="--format hf: a tokenizer directory to write alongside")

@@ -34,11 +34,11 @@ from sharding.rules import batch_sharding
 from sharding.topology import Topology, abstract_devices, compile_only_environment, has_libtpu, parse_topology
 from train import cli
 from train.config.sections import Config, ConfigError, load_config
+from train.config.validate import fit_sizes
 from train.core.freeze import Freeze
 from train.core.precision import resolve_compute_dtype
 from train.core.state import count_params, make_state_spec
 from train.core.step import make_train_step
-from train.config.validate import fit_sizes
 
 GIB = 2**30
 USAGE = "usage: python -m train.plan CONFIG.yaml topology=NAME [slices=N] [section.key=value ...]"

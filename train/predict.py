@@ -85,8 +85,8 @@ def texts(args: argparse.Namespace, cfg, stdin) -> list[str]:
 
 def predict_tags(s, rows: list) -> list[str]:
     """CoNLL lines (``word [gold] pred``, '' after each sentence) of the rows' predicted tags."""
-    from train.evaluation import scoring
     from train.data.files import Row
+    from train.evaluation import scoring
 
     d = s.config.data
     labels = split_labels(s.config.data.labels)
@@ -110,9 +110,9 @@ def predict_labels(s, inputs: list[str]) -> list[str]:
     import numpy as np
     from flax import nnx
 
+    from train.core.step import make_probability_step
     from train.data import examples, objectives
     from train.data.tasks import global_batch, process_rows
-    from train.core.step import make_probability_step
 
     t, labels = s.config.train, split_labels(s.config.data.labels)
     m = examples.markers(s.tokenizer)

@@ -39,8 +39,10 @@ from train import cli
 METHODS = ("magnitude", "heads", "neurons")
 
 
-def check_request(cfg: ModelConfig, method: str, sparsity: float, scope: str, importance: str = "weight") -> None:
-    """ConfigError when ``method`` / ``sparsity`` / ``scope`` do not apply to a model of ``cfg``."""
+def check_request(method: str, sparsity: float, scope: str, importance: str = "weight", targets: str = "") -> None:
+    """ConfigError when the arguments contradict each other (checked before the model loads)."""
+    from models.config import regex_problem
+
     if method not in METHODS:
         raise ConfigError(f"--method {method} is not one of {', '.join(METHODS)}")
     if not 0 <= sparsity < 1:
@@ -53,6 +55,12 @@ def check_request(cfg: ModelConfig, method: str, sparsity: float, scope: str, im
         raise ConfigError(f"--importance {importance} is not weight or taylor")
     if method == "magnitude" and importance != "weight":
         raise ConfigError("--importance applies to --method heads and neurons; magnitude ranks weights by size")
+    if targets and regex_problem(targets):
+        raise ConfigError(f"--targets '{targets}' is not a regex ({regex_problem(targets)}); fix it")
+
+
+def check_model(cfg: ModelConfig) -> None:
+    """ConfigError when a model of ``cfg`` cannot be pruned as it is."""
     if cfg.quant != "none":
         raise ConfigError(f"SOURCE is quantised ({cfg.quant}); prune the float model, then quantise the result")
     if cfg.lora_rank:
@@ -65,8 +73,8 @@ def magnitude(params, cfg: ModelConfig, sparsity: float, scope: str, pattern: st
     import jax.numpy as jnp
     from flax import nnx, traverse_util
 
-    from train.core.freeze import param_path
     from train.compress.magnitude import group_sizes, magnitude_masks, targets, zeros_for
+    from train.core.freeze import param_path
 
     layer_axes = targets(nnx.get_partition_spec(params), pattern)
     if not layer_axes:
@@ -90,8 +98,8 @@ def taylor_contributions(source, batches: int) -> dict:
     import numpy as np
     from flax import nnx, traverse_util
 
-    from train.data.tasks import make_task
     from train.core.step import summed_loss
+    from train.data.tasks import make_task
 
     if source.run_config is None:
         raise ConfigError(
@@ -136,15 +144,16 @@ def prune_source(
     import orbax.checkpoint as ocp
     from flax import nnx, traverse_util
 
+    from train.checkpoints.sources import load_source
+    from train.compress.structured import METHODS as SHRINK
     from train.config.sections import PruneConfig
     from train.export import new_out_dir, write_params
-    from train.compress.structured import METHODS as SHRINK
-    from train.checkpoints.sources import load_source
 
+    check_request(method, sparsity, scope, importance, targets)
     out_dir = new_out_dir(out_dir)
     source = load_source(src)
     cfg = source.config
-    check_request(cfg, method, sparsity, scope, importance)
+    check_model(cfg)
     params = nnx.state(source.model, nnx.Param)
     before = _count(params)
     record = {"source": str(source.path), "step": source.step, "method": method, "sparsity": sparsity}

@@ -9,7 +9,7 @@ table, which a tied head reads; one per vocabulary entry of an untied head). Pos
 biases stay float32. A quantisation-aware run (``model.quant=qat``) is exported with the selection it
 trained with (its ``quant_skip`` / ``quant_embeddings``; ``--skip`` / ``--embeddings`` may only repeat
 them), so the export computes what its fake-quantised forward did. ``train.evaluate``,
-``train.generate``, ``train.export.load`` and ``train.checkpoints.sources.load_source`` read it as any export.
+``train.generate``, ``train.export`` and ``train.checkpoints.sources.load_source`` read it as any export.
 A Hugging Face tokenizer of SOURCE is saved alongside.
 
 User mistakes print one ``error:`` line and exit with status 2.
@@ -38,8 +38,8 @@ def quantize_source(
 
     from models.config import regex_problem
     from models.quant import float_weights, quantize_model
-    from train.export import new_out_dir, write_params
     from train.checkpoints.sources import load_source
+    from train.export import new_out_dir, write_params
 
     if bits not in BITS:
         raise ConfigError(f"--bits {bits} is not supported; only --bits 8 (weight-only int8) is")

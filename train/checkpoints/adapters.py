@@ -12,11 +12,16 @@ for the trainable parameters only, train/core/freeze.py) and the JSON item ``bas
 reader (the resume, ``train.evaluate``, ``train.generate``, ``train.export``, ``load_source``, an
 ``init_from`` of the run) rebuilds the base from the reference, checks the fingerprint and lays
 the saved parameters over it; a base that is missing or has changed is a ConfigError naming it.
+
+The base is any model source, read by ``train.checkpoints.sources.warm_start``, and reading a source may come
+back here (a LoRA run on another LoRA run): so the functions that rebuild a base take that
+function as ``load`` instead of importing it, which keeps train/'s import graph free of cycles.
 """
 
 from __future__ import annotations
 
 import pathlib
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -25,15 +30,17 @@ from flax import nnx
 
 from models import abstract_model, build_model
 from models.config import ModelConfig
-from train.config import packages
+from train.checkpoints.manifest import fingerprints, json_digest, verify
 from train.checkpoints.store import Checkpoints, partial_restore, restore_target
+from train.config import packages
 from train.config.sections import ConfigError
 from train.core.freeze import param_path
-from train.checkpoints.manifest import fingerprints, json_digest, verify
 from train.core.state import StateSpec, TrainState
-from train.checkpoints.warm_start import warm_start
 
 ITEM = "base"  # the checkpoint item holding the reference
+
+# train.checkpoints.sources.warm_start: (init_from, fresh params, restore target, model config, init_layers, verbose) -> params
+Load = Callable[[str, nnx.State, nnx.State, ModelConfig, str, bool], nnx.State]
 
 
 def _name(key_path) -> str:
@@ -85,10 +92,10 @@ def reference(init_from: str, seed: int, params: nnx.State, base: frozenset[str]
     return ref | ({"init_layers": init_layers} if init_layers else {})
 
 
-def base_params(ref: dict, cfg: ModelConfig, shardings, base: set[str], where: str) -> nnx.State:
+def base_params(ref: dict, cfg: ModelConfig, shardings, base: set[str], where: str, load: Load) -> nnx.State:
     """The parameters of ``cfg`` a LoRA run started from, rebuilt from its reference ``ref``: the
-    seeded init with ``ref['init_from']``'s parameters restored, placed with ``shardings`` (a tree
-    like the parameters). ConfigError when the base is missing or its fingerprint over ``base``
+    seeded init with ``ref['init_from']``'s parameters restored by ``load``, placed with ``shardings``
+    (a tree like the parameters). ConfigError when the base is missing or its fingerprint over ``base``
     differs. ``where``: the checkpoint, for the messages."""
     source = ref["init_from"]
     params = jax.jit(lambda: nnx.state(build_model(cfg, ref["seed"])), out_shardings=shardings)()
@@ -98,7 +105,7 @@ def base_params(ref: dict, cfg: ModelConfig, shardings, base: set[str], where: s
             raise ConfigError(f"{what} is missing; put the base back at that path (nothing was deleted)")
         target = restore_target(abstract_model(cfg)[1], shardings)
         try:
-            params = warm_start(source, params, target, cfg, ref.get("init_layers", ""), verbose=False)
+            params = load(source, params, target, cfg, ref.get("init_layers", ""), False)
         except ConfigError as e:
             raise ConfigError(f"{what} cannot be read ({e}); put the original base back at that path") from None
     if fingerprint(params, base) != ref["fingerprint"]:
@@ -112,9 +119,9 @@ def base_params(ref: dict, cfg: ModelConfig, shardings, base: set[str], where: s
     return params
 
 
-def resumed(state: TrainState, ref: dict, cfg: ModelConfig, spec: StateSpec, where: str) -> TrainState:
-    """A restored adapter-only ``state`` with its base rebuilt underneath (on ``spec``'s shardings)."""
-    base = base_params(ref, cfg, spec.shardings.params, set(spec.frozen), where)
+def resumed(state: TrainState, ref: dict, cfg: ModelConfig, spec: StateSpec, where: str, load: Load) -> TrainState:
+    """A restored adapter-only ``state`` with its base rebuilt underneath (on ``spec``'s shardings) by ``load``."""
+    base = base_params(ref, cfg, spec.shardings.params, set(spec.frozen), where, load)
     return state.replace(params=overlay(base, state.params))
 
 
@@ -126,9 +133,15 @@ def _replicated_like(shardings: list) -> jax.sharding.Sharding:
     return first or jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
 
-def restore_params(checkpoints: Checkpoints, step: int, target_params: Any) -> Any:
+def is_adapter_only(checkpoints: Checkpoints, step: int) -> bool:
+    """Whether ``step`` holds a LoRA run's adapters and the reference to its base (not the whole model)."""
+    return (checkpoints.path(step) / ITEM).is_dir()
+
+
+def restore_params(checkpoints: Checkpoints, step: int, target_params: Any, load: Load) -> Any:
     """The parameters of an adapter-only ``step`` shaped and placed as ``target_params`` (ShapeDtypeStructs
-    with shardings: an nnx.State, or nested dicts with 'value' leaves): the saved ones over the rebuilt base."""
+    with shardings: an nnx.State, or nested dicts with 'value' leaves): the saved ones over the base
+    ``load`` rebuilds."""
     manifest = checkpoints.read_manifest(step) or {"arrays": {}}
     saved = {name.removeprefix("params/") for name in manifest["arrays"] if name.startswith("params/")}
     cfg = ModelConfig.from_dict(checkpoints.read_config(step)["model"], str(checkpoints.path(step)))
@@ -145,7 +158,7 @@ def restore_params(checkpoints: Checkpoints, step: int, target_params: Any) -> A
     restored = checkpoints.manager.restore(step, args=ocp.args.Composite(state=partial_restore(target))).state
     verify(manifest, restored)
     ref = checkpoints.read_json(step, ITEM)
-    base = base_params(ref, cfg, shardings, set(placed) - saved, f"the checkpoint {checkpoints.path(step)}")
+    base = base_params(ref, cfg, shardings, set(placed) - saved, f"the checkpoint {checkpoints.path(step)}", load)
     full = _flat(overlay(base, restored["params"]))
     return jax.tree_util.tree_map_with_path(
         lambda path, t: jax.device_put(full[_name(path)], t.sharding), target_params

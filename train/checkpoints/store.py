@@ -27,7 +27,6 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as preservation
 
-from train.config.sections import CheckpointConfig, ConfigError
 from train.checkpoints.manifest import (
     MANIFEST_FORMAT,
     ManifestRestore,
@@ -37,6 +36,7 @@ from train.checkpoints.manifest import (
     start_fingerprints,
     verify,
 )
+from train.config.sections import CheckpointConfig, ConfigError
 from train.core.state import TrainState
 
 
@@ -331,21 +331,24 @@ def newest_params(
     target_params: Callable[[dict], Any],
     model_config: dict | None = None,
     what: str = "checkpoint.init_from",
+    restore: Callable[[Checkpoints, int, Any], Any] | None = None,
 ) -> tuple[int, Any, dict]:
     """(step, params, config) of the newest intact checkpoint of another run; nothing is moved.
 
     ``directory`` is a run dir or its ``checkpoints`` dir; ``target_params(saved_config)`` gives
-    the shapes and shardings to restore onto. Raises ConfigError when the saved model differs
-    from ``model_config`` or no step restores.
+    the shapes and shardings to restore onto; ``restore(checkpoints, step, target)`` restores them
+    (default ``restore_params``; train/checkpoints/sources.py also reads LoRA runs' adapter-only steps). Raises
+    ConfigError when the saved model differs from ``model_config`` or no step restores.
     """
     directory = _checkpoints_dir(directory, what)
     checkpoints = Checkpoints(directory, CheckpointConfig(), read_only=True)
 
-    def restore(step: int, config: dict) -> Any:
-        return _restore_params(checkpoints, step, target_params(config))
+    restore = restore or restore_params
 
     try:
-        found = checkpoints.newest_intact(restore, model_config or {}, f"{what}: ")
+        found = checkpoints.newest_intact(
+            lambda step, config: restore(checkpoints, step, target_params(config)), model_config or {}, f"{what}: "
+        )
     finally:
         checkpoints.close()
     if found is None:
@@ -357,10 +360,14 @@ def newest_params(
 
 
 def best_params(
-    directory: pathlib.Path, target_params: Callable[[dict], Any], what: str = "SOURCE"
+    directory: pathlib.Path,
+    target_params: Callable[[dict], Any],
+    what: str = "SOURCE",
+    restore: Callable[[Checkpoints, int, Any], Any] | None = None,
 ) -> tuple[int, Any, dict]:
     """(step, params, config) of another run's best checkpoint (``checkpoint.keep_best``): the step the
-    best-eval record of its newest intact step names. ConfigError when there is none or it is damaged."""
+    best-eval record of its newest intact step names, restored as ``newest_params`` does. ConfigError
+    when there is none or it is damaged."""
     directory = _checkpoints_dir(directory, what)
     checkpoints = Checkpoints(directory, CheckpointConfig(), read_only=True)
     try:
@@ -380,7 +387,7 @@ def best_params(
             raise ConfigError(f"{what}: {name}, step {step}, is gone; leave out --best to use the newest step")
         try:
             config = checkpoints.read_config(step)
-            params = _restore_params(checkpoints, step, target_params(config))
+            params = (restore or restore_params)(checkpoints, step, target_params(config))
         except ConfigError:
             raise
         except Exception as e:  # noqa: BLE001 - unreadable means damaged
@@ -402,11 +409,8 @@ def partial_restore(target: Any) -> ocp.args.PyTreeRestore:
     return ocp.args.PyTreeRestore(target, restore_args=restore_args, partial_restore=True)
 
 
-def _restore_params(checkpoints: Checkpoints, step: int, target_params: Any) -> Any:
-    if (checkpoints.path(step) / "base").is_dir():  # a LoRA run's adapters: rebuild its base beneath them
-        from train.checkpoints import adapters
-
-        return adapters.restore_params(checkpoints, step, target_params)
+def restore_params(checkpoints: Checkpoints, step: int, target_params: Any) -> Any:
+    """The parameters saved with ``step``, placed as ``target_params`` (ShapeDtypeStructs with shardings)."""
     args = ocp.args.Composite(state=partial_restore({"params": target_params}))
     restored = checkpoints.manager.restore(step, args=args).state
     verify(checkpoints.read_manifest(step), restored)

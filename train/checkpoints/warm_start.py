@@ -1,4 +1,6 @@
-"""``checkpoint.init_from``: start a new run from another model's parameters, whatever its head.
+"""``checkpoint.init_from``: which parameters of another model start a new run, whatever its head.
+
+``train.checkpoints.sources.warm_start`` reads the source and lays them over a fresh model by these rules.
 
 The source is a run directory (its newest intact checkpoint; also its ``checkpoints/`` or the
 output of ``python -m train.export HF_DIR OUT --format checkpoint``), a Hugging Face model directory (config.json +
@@ -20,17 +22,11 @@ the lower half of a 6-layer teacher.
 
 from __future__ import annotations
 
-import dataclasses
-import pathlib
-
 import jax
-import numpy as np
 from flax import nnx, traverse_util
 
-from models import abstract_model, hf
+from models import abstract_model
 from models.config import ModelConfig
-from train.config import packages
-from train.checkpoints.store import config_mismatch, newest_params
 from train.config.sections import ConfigError
 
 HEAD_FIELDS = frozenset({"head", "num_labels", "pooling"})
@@ -48,45 +44,12 @@ def architecture(model: dict, lower: bool = False) -> dict:
     return {k: v for k, v in model.items() if k not in skip}
 
 
-def _flat(params) -> Flat:
+def flat(params) -> Flat:
+    """An nnx.State or nested dicts of arrays -> {path tuple: array}."""
     return traverse_util.flatten_dict(nnx.to_pure_dict(params) if isinstance(params, nnx.State) else params)
 
 
-def _saved_shapes(saved_config: dict) -> dict[tuple[str, ...], tuple[int, ...]]:
-    """Parameter path -> shape of the model a checkpoint's saved run config describes."""
-    model = ModelConfig.from_dict(saved_config.get("model", {}), f"the model config of {KEY}")
-    return {p: x.shape for p, x in _flat(abstract_model(model)[1]).items()}
-
-
-def _from_run(directory: pathlib.Path, target: Flat, model: ModelConfig, lower: bool) -> tuple[str, Flat, list]:
-    """(description, restored arrays, unused source paths) from a run's newest intact checkpoint."""
-    axes = layer_axes(model) if lower else {}
-
-    def shared_target(saved_config: dict) -> dict:
-        _check_layers(saved_config.get("model", {}), model, lower, directory)
-        shapes = _saved_shapes(saved_config)
-        shared = {}
-        for p, t in target.items():
-            if shapes.get(p) == t.shape:
-                shared[p + ("value",)] = t
-            elif p in axes and _taller(shapes.get(p), t.shape, axes[p]):  # restored whole, cut below
-                shared[p + ("value",)] = jax.ShapeDtypeStruct(
-                    shapes[p], t.dtype, sharding=hf.fit_sharding(t.sharding, shapes[p])
-                )
-        if not shared:
-            raise ConfigError(f"{KEY}='{directory}' shares no parameter with this model; point it at a similar model")
-        return traverse_util.unflatten_dict(shared)
-
-    architecture_ = architecture(dataclasses.asdict(model), lower=True)  # layer counts: _check_layers
-    step, params, saved_config = newest_params(directory, shared_target, architecture_, KEY)
-    restored = {p[:-1]: x for p, x in traverse_util.flatten_dict(params).items()}  # drop the trailing 'value'
-    restored = {
-        p: lower_layers(x, target[p], axes[p]) if x.shape != target[p].shape else x for p, x in restored.items()
-    }
-    return f"{directory} step {step}", restored, [p for p in _saved_shapes(saved_config) if p not in restored]
-
-
-def _check_layers(saved_model: dict, model: ModelConfig, lower: bool, source) -> None:
+def check_layers(saved_model: dict, model: ModelConfig, lower: bool, source) -> None:
     """ConfigError when the source's layer counts differ from ``model``'s (without ``lower``) or are
     fewer (with it)."""
     for name in sorted(LAYER_FIELDS):
@@ -103,85 +66,6 @@ def _check_layers(saved_model: dict, model: ModelConfig, lower: bool, source) ->
                 f"{KEY}: {source} has {name}={theirs}, fewer layers than this model's {ours}; "
                 f"checkpoint.init_layers=lower needs a source with at least as many"
             )
-
-
-def _from_hugging_face(
-    directory: pathlib.Path, target: Flat, model: ModelConfig, lower: bool
-) -> tuple[str, Flat, list]:
-    """(description, restored arrays, unused source paths) from a Hugging Face model directory."""
-    try:
-        source_cfg, arrays = hf.read_params(directory)
-    except hf.ConversionError as e:
-        raise ConfigError(f"{KEY}: {e}") from None
-    ours = architecture(dataclasses.asdict(model), lower=True)  # layer counts: _check_layers
-    mismatch = config_mismatch(architecture(dataclasses.asdict(source_cfg), lower=True), ours)
-    if mismatch:
-        raise ConfigError(f"{KEY}: {directory} holds a different model ({'; '.join(mismatch)}); use its model settings")
-    _check_layers(dataclasses.asdict(source_cfg), model, lower, directory)
-    axes = layer_axes(model) if lower else {}
-    restored, unused = {}, []
-    for path, array in arrays:
-        want = target.get(path)
-        if want is not None and path in axes and _taller(tuple(array.shape), want.shape, axes[path]):
-            array = np.asarray(array)[(slice(None),) * axes[path] + (slice(0, want.shape[axes[path]]),)]
-        if want is None or tuple(array.shape) != want.shape:
-            unused.append(path)
-            continue
-        host = np.asarray(array, dtype=want.dtype)
-        restored[path] = jax.make_array_from_callback(host.shape, want.sharding, lambda index, a=host: a[index])
-    return str(directory), restored, unused
-
-
-def _from_export(directory: pathlib.Path, target: Flat, model: ModelConfig) -> tuple[str, Flat, list]:
-    """(description, restored arrays, unused source paths) from a ``python -m train.export`` or
-    ``python -m train.quantize`` directory; an int8 one into a float model is dequantised (q * scale)."""
-    from models.quant import dequantize_params
-    from train.export import load
-
-    source_cfg, params = load(directory)
-    arrays = _flat(params)
-    if source_cfg.quant != "none" and model.quant == "none":
-        arrays = dequantize_params(arrays)
-        source_cfg = dataclasses.replace(source_cfg, quant="none", quant_skip="", quant_embeddings=False)
-    mismatch = config_mismatch(architecture(dataclasses.asdict(source_cfg)), architecture(dataclasses.asdict(model)))
-    if mismatch:
-        raise ConfigError(f"{KEY}: {directory} holds a different model ({'; '.join(mismatch)}); use its model settings")
-    restored = {p: jax.device_put(x, target[p].sharding) for p, x in arrays.items() if _fits(x, target.get(p))}
-    return str(directory), restored, [p for p in arrays if p not in restored]
-
-
-def _fits(array: jax.Array, want) -> bool:
-    return want is not None and array.shape == want.shape and array.dtype == want.dtype
-
-
-def warm_start(
-    init_from: str,
-    fresh: nnx.State,
-    target: nnx.State,
-    model: ModelConfig,
-    init_layers: str = "",
-    verbose: bool = True,
-) -> nnx.State:
-    """``fresh`` parameters with every one that ``init_from`` holds (same path and shape) replaced.
-
-    ``target``: the parameters' ShapeDtypeStructs carrying their shardings (restores land there
-    directly). ``init_layers='lower'``: a source with more layers gives its lower ones. Prints one
-    line naming what was restored and what starts fresh (unless not ``verbose``). Raises ConfigError
-    when the source is missing, unreadable or a different architecture.
-    """
-    location = pathlib.Path(packages.resolve(init_from, KEY)).absolute()
-    targets, lower = _flat(target), init_layers == "lower"
-    if hf.is_model_dir(location):
-        source, restored, unused = _from_hugging_face(location, targets, model, lower)
-    elif (location / "model.json").is_file() and (location / "params").is_dir():
-        source, restored, unused = _from_export(location, targets, model)
-    else:
-        source, restored, unused = _from_run(location, targets, model, lower)
-    values = {p: restored.get(p, x) for p, x in _flat(fresh).items()}
-    nnx.replace_by_pure_dict(fresh, traverse_util.unflatten_dict(values))
-    if verbose and jax.process_index() == 0:
-        print(describe(source, len(restored), sorted(set(values) - set(restored)), sorted(unused)), flush=True)
-    return fresh
 
 
 def describe(source: str, restored: int, fresh: list, unused: list) -> str:
@@ -203,7 +87,7 @@ def layer_axes(model: ModelConfig) -> dict[tuple[str, ...], int]:
     return {path: tuple(spec).index("layers") for path, spec in specs.items() if spec and "layers" in tuple(spec)}
 
 
-def _taller(source: tuple[int, ...] | None, want: tuple[int, ...], axis: int) -> bool:
+def taller(source: tuple[int, ...] | None, want: tuple[int, ...], axis: int) -> bool:
     """Whether ``source`` is ``want`` with more rows along ``axis`` (a deeper stack of the same layer)."""
     if source is None or len(source) != len(want) or source[axis] <= want[axis]:
         return False

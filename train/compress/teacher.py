@@ -19,11 +19,11 @@ from jax.sharding import Mesh
 
 from models import abstract_model
 from models.config import ModelConfig
-from train.config.sections import Config, ConfigError
-from train.compress.distill_loss import TeacherSpec
 from train.checkpoints.sources import Source, load_source, shardings_for
-from train.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
+from train.compress.distill_loss import TeacherSpec
+from train.config.sections import Config, ConfigError
 from train.config.validate import split_labels
+from train.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 
 SPECIAL_IDS = ("eos_id", "cls_id", "sep_id", "pad_id", "mask_id")
 

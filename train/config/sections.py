@@ -309,18 +309,19 @@ def _parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def load_yaml(path: str | pathlib.Path) -> dict:
+def load_yaml(path: str | pathlib.Path, what: str = "config file") -> dict:
+    """The mapping of sections in the YAML file ``path``; ConfigError naming ``what`` it is when it holds none."""
     path = pathlib.Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file '{path}' does not exist; pass a YAML file from configs/")
+        raise ConfigError(f"{what} '{path}' does not exist; pass a YAML file from configs/")
     try:
-        tree = _yaml(path.read_text()) or {}
+        tree = _yaml(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} '{path}' is not UTF-8 text; pass a YAML file") from None
     except yaml.YAMLError as e:
-        raise ConfigError(
-            f"config file '{path}' is not valid YAML ({str(e).splitlines()[0]}); fix the syntax"
-        ) from None
+        raise ConfigError(f"{what} '{path}' is not valid YAML ({str(e).splitlines()[0]}); fix the syntax") from None
     if not isinstance(tree, dict):
-        raise ConfigError(f"config file '{path}' must hold a mapping of sections")
+        raise ConfigError(f"{what} '{path}' must hold a mapping of sections")
     return tree
 
 

@@ -20,7 +20,6 @@ twice in the play (the play's cast as its text uses it).
 
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import pathlib
@@ -28,6 +27,8 @@ import re
 import sys
 from collections.abc import Iterator
 
+from models.config import ConfigError
+from train import cli
 from train.data.split import held_out
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -147,22 +148,36 @@ def build(
     train, val = [], []
     for path in files:
         keep = val_per_play if path.stem in held else per_play
-        chosen = evenly(passages(tag_play(path.read_text()), words), keep)
+        chosen = evenly(passages(_tagged_play(path), words), keep)
         rows = [{"tokens": [w for w, _ in p], "tags": [t for _, t in p], "play": path.stem} for p in chosen]
         (val if path.stem in held else train).extend(rows)
     return train, val
 
 
+def _tagged_play(path: pathlib.Path) -> list[Line]:
+    """``tag_play`` of the file ``path``; SpeakersError when it is not UTF-8 text or names no speaker."""
+    try:
+        lines = tag_play(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise SpeakersError(f"{path} is not UTF-8 text; give --plays a directory of plays as .txt files") from None
+    if not any(tag == "B-SPEAKER" for line in lines for _, tag in line):
+        raise SpeakersError(
+            f"{path} is not a play: no speaker line (such as 'HAMLET.' after a blank line) occurs twice; "
+            "give --plays a directory of plays as .txt files"
+        )
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.speakers", description=__doc__.splitlines()[0])
+    parser = cli.Parser(prog="python -m train.speakers", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="directory for train.jsonl and val.jsonl")
     parser.add_argument("--plays", default=str(PLAYS), help="directory of one .txt file per play")
     parser.add_argument("--words", type=int, default=48, help="longest passage, in words")
     parser.add_argument("--per-play", type=int, default=64, help="passages kept per play (evenly spaced)")
     parser.add_argument("--val-per-play", type=int, default=160, help="passages kept per held-out play")
     parser.add_argument("--val-plays", type=int, default=4, help="plays held out whole for validation")
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
         if args.words < 8 or min(args.per_play, args.val_per_play, args.val_plays) < 1:
             raise SpeakersError("--words must be at least 8, --per-play, --val-per-play and --val-plays at least 1")
         sizes = (args.words, args.per_play, args.val_plays, args.val_per_play)
@@ -171,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         for name, rows in (("train.jsonl", train), ("val.jsonl", val)):
             (out / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    except (SpeakersError, OSError) as e:
+    except (SpeakersError, ConfigError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     counts = collections.Counter(t for r in val for t in r["tags"] if t.startswith("B-"))

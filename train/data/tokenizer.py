@@ -3,13 +3,16 @@
 Both map text to int32 id arrays and back and name an end-of-document id (``eos_id``) that
 the packer puts after every document. Hugging Face tokenizers also name their ``cls_id``,
 ``sep_id``, ``pad_id``, ``mask_id`` (None where they have none; the byte tokenizer has none).
-``load_tokenizer(cfg.tokenizer)`` picks one.
+``load_tokenizer(cfg.tokenizer)`` picks one. ``save_tokenizer`` writes one beside a model's
+parameters (exports) and ``saved_tokenizer`` reads it back: a Hugging Face tokenizer's own files,
+or for the byte tokenizer ``byte_tokenizer.json``.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import pathlib
 from collections.abc import Sequence
 from typing import Protocol
@@ -180,3 +183,31 @@ def markers(tokenizer: Tokenizer) -> Markers:
         pad=v + 2 if tokenizer.pad_id is None else tokenizer.pad_id,
         eos=tokenizer.eos_id,
     )
+BYTE_FILE = "byte_tokenizer.json"  # marks a directory whose model reads raw bytes
+HF_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
+def save_tokenizer(tokenizer: Tokenizer, directory: pathlib.Path) -> None:
+    """Writes ``tokenizer`` into ``directory`` so that ``saved_tokenizer`` reads it back."""
+    if isinstance(tokenizer, ByteTokenizer):
+        marker = {"tokenizer": "byte", "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id}
+        (directory / BYTE_FILE).write_text(json.dumps(marker) + "\n")
+    else:
+        tokenizer.tokenizer.save_pretrained(str(directory))
+
+
+def saved_tokenizer(directory: pathlib.Path) -> ByteTokenizer | HFTokenizer | None:
+    """The tokenizer saved in ``directory`` (``save_tokenizer``, or a Hugging Face model's own files);
+    None when it holds none."""
+    if (directory / BYTE_FILE).is_file():
+        return ByteTokenizer()
+    if not any((directory / name).is_file() for name in HF_FILES):
+        return None
+    try:
+        return HFTokenizer(str(directory))
+    except ConfigError:
+        raise
+    except (OSError, ValueError) as e:
+        raise ConfigError(
+            f"the tokenizer files in '{directory}' cannot be loaded ({e}); save the tokenizer again"
+        ) from None

@@ -17,11 +17,11 @@ from tqdm import tqdm
 
 from models.generate import generate
 from sharding.rules import activation_context
-from train.core import flops
 from train.checkpoints.best import Best, tracked
+from train.core import flops
 from train.core.optimizer import schedule
-from train.run.preemption import Preemption
 from train.core.state import count_params
+from train.run.preemption import Preemption
 from train.run.writers import plot_losses
 
 if TYPE_CHECKING:

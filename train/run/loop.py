@@ -22,21 +22,21 @@ from models.config import ModelConfig
 from sharding.fit import check_fits
 from sharding.mesh import make_mesh
 from train.checkpoints import adapters
-from train.core import flops
-from train.run.callbacks import Callback, builtin, describe
+from train.checkpoints.sources import warm_start
 from train.checkpoints.store import Checkpoints, Restored, restore_target
-from train.config.sections import Config, ConfigError, save_config
-from train.data.tasks import ExampleTask, StreamTask, global_batch, make_task, vocab_needed
-from train.compress.teacher import load_teacher
 from train.compress.distill_loss import TeacherSpec
+from train.compress.teacher import load_teacher
+from train.config.sections import Config, ConfigError, save_config
+from train.config.validate import fit_sizes
+from train.core import flops
 from train.core.freeze import Freeze
 from train.core.optimizer import schedule
 from train.core.precision import resolve_compute_dtype
 from train.core.state import StateSpec, TrainState, count_params, init_state, make_state_spec
 from train.core.step import make_train_step
+from train.data.tasks import ExampleTask, StreamTask, global_batch, make_task, vocab_needed
 from train.data.tokenizer import Tokenizer, load_tokenizer
-from train.config.validate import fit_sizes
-from train.checkpoints.warm_start import warm_start
+from train.run.callbacks import Callback, builtin, describe
 from train.run.writers import MetricsWriter
 
 VOCAB_MULTIPLE = 128
@@ -125,7 +125,7 @@ def initial_state(setup: Setup, run_dir: pathlib.Path) -> tuple[TrainState, int,
         restored = checkpoints.restore_latest(target, model, config.to_dict()) if resuming else None
         if restored and spec.adapter_only:
             where = f"the checkpoint {checkpoints.path(restored.step)}"
-            restored.state = adapters.resumed(restored.state, checkpoints.base, config.model, spec, where)
+            restored.state = adapters.resumed(restored.state, checkpoints.base, config.model, spec, where, warm_start)
     except BaseException:
         checkpoints.close()
         raise

@@ -181,7 +181,7 @@ def load_search(path: str, base_tree: dict) -> Search:
     """Reads and checks the search file against ``base_tree`` (the base config with overrides)."""
     if not pathlib.Path(path).is_file():
         raise ConfigError(f"search file '{path}' does not exist; pass one like configs/search/default-lr.yaml")
-    tree = load_yaml(path)
+    tree = load_yaml(path, "search file")
     for key in tree:
         if key not in ("study", "space"):
             raise ConfigError(f"unknown section '{key}' in search file '{path}'{close_match(key, ['study', 'space'])}")

@@ -16,8 +16,8 @@ import traceback
 
 import optuna
 
-from train.run.callbacks import Callback
 from train.config.sections import Config, ConfigError, apply_overrides, build_config, validate
+from train.run.callbacks import Callback
 from train.tune.liveness import Heartbeat
 from train.tune.search import Search, override
 
