@@ -23,7 +23,7 @@ from models.config import ModelConfig
 from sharding.rules import batch_sharding
 from train import scores
 from train.config import Config, ConfigError
-from train.data import examples, tagging
+from train.data import augment, examples, tagging
 from train.data.objectives import raw_length, text_objective
 from train.data.text import PackedTokens, eval_batches, read_documents, train_iterator
 from train.data.tfds_source import open_tfds
@@ -162,8 +162,11 @@ class ExampleTask:
         if isinstance(self.val, tagging.TaggedArrays):
             train, self.val_words, self.val = train.arrays, self.val, self.val.arrays
             self.log_prior = tagging.log_prior(train["targets"], train["weights"], len(self.labels))
+        per_example = None
+        if augment.enabled(d.augment):  # validate.py: only (token_)classification
+            per_example = augment.example_maker(train_rows, d, config.seed, make, t.objective == "token_classification")
         self.batches = examples.example_iterator(
-            train, t.batch_size, config.seed, d.shuffle, jax.process_index(), jax.process_count()
+            train, t.batch_size, config.seed, d.shuffle, jax.process_index(), jax.process_count(), per_example
         )
         self.eval_set = examples.padded_batches(self.val, t.batch_size)
         self.summary = f"{len(train_rows):,} train / {len(val_rows):,} val examples{what}"
