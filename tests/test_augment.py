@@ -168,3 +168,52 @@ def test_a_tiny_augmented_classification_run_trains_and_resumes_bitwise(tmp_path
     assert len(losses) == 8 and np.mean(losses[-2:]) < np.mean(losses[:2]), losses
     assert ref.losses() != plain.losses()  # augmentation changed the batches
     assert resumed.losses() == ref.losses()  # exact float equality, every step
+
+
+# --- back-translation ---------------------------------------------------------------------------
+
+
+def test_back_translation_runs_rows_through_two_t5_models_and_keeps_the_other_fields(tmp_path, capsys):
+    import json
+
+    import torch
+    import transformers
+
+    from models import hf
+    from models.generate import generate
+    from train.augment import main
+    from train.tokenizer import ByteTokenizer
+
+    t5 = {"vocab_size": 260, "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 1, "num_heads": 4}
+    t5 |= {"relative_attention_num_buckets": 8, "decoder_start_token_id": 0, "feed_forward_proj": "relu"}
+    for seed, name in ((0, "a"), (1, "b")):
+        torch.manual_seed(seed)
+        transformers.T5ForConditionalGeneration(transformers.T5Config(**t5)).save_pretrained(tmp_path / name)
+    rows = [{"text": text, "label": i % 2} for i, text in enumerate(["To be", "or not to be", "that is", "the", "question"])]
+    source = tmp_path / "rows.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "back.jsonl"
+    argv = [str(source), "--via", str(tmp_path / "a"), "--back", str(tmp_path / "b"), "--out", str(out)]
+    argv += ["--tokenizer", "byte", "--batch-size", "2", "--max-new-tokens", "6", "--via-prefix", "en-de: "]
+    assert main(argv) == 0
+    assert "back-translated 5 rows" in capsys.readouterr().out
+
+    byte = ByteTokenizer()
+
+    def alone(model, text: str) -> str:  # one row at a time, unbatched: what each row must give
+        tokens = list(generate(model, [byte.encode(text) + [byte.eos_id]], 6, eos_id=byte.eos_id, pad_id=0)[0])
+        return byte.decode(tokens[: tokens.index(byte.eos_id)] if byte.eos_id in tokens else tokens)
+
+    a, b = hf.load(tmp_path / "a")[0], hf.load(tmp_path / "b")[0]
+    written = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["label"] for r in written] == [r["label"] for r in rows]
+    assert [r["text"] for r in written] == [alone(b, alone(a, "en-de: " + r["text"])) for r in rows]
+
+    bert = transformers.BertConfig(vocab_size=260, hidden_size=32, num_hidden_layers=1, num_attention_heads=4)
+    transformers.BertForMaskedLM(bert).save_pretrained(tmp_path / "bert")
+    capsys.readouterr()  # save_pretrained's progress bars
+    assert main([*argv[:2], str(tmp_path / "bert"), *argv[3:]]) == 2
+    assert main([*argv, "--field", "body"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and all(line.startswith("error: ") for line in lines), lines
+    assert "not a seq2seq (T5) one" in lines[0] and "has no string field 'body'" in lines[1]
