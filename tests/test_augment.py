@@ -4,9 +4,6 @@ and a tiny augmented classification run that trains and resumes bitwise."""
 
 from __future__ import annotations
 
-import dataclasses
-import os
-
 import numpy as np
 import pytest
 from test_finetune import CLASSIFY, assert_ok, labelled_rows, run_all, write_jsonl
@@ -49,7 +46,9 @@ def test_tags_follow_their_words_and_inserted_words_continue_the_entity():
     cfg = AugmentConfig(swap=0.3, delete=0.2)
     words, tags = augment.augment(WORDS, TAGS, cfg, {}, augment.rng_for(0, 0, 0))
     assert words != WORDS and tags == [tagged[w] for w in words]
-    words, tags = augment.random_insert(["Enter", "Hamlet", "Prince"], ["O", "B-PER", "I-PER"], 1.0, {}, np.random.default_rng(0))
+    words, tags = augment.random_insert(
+        ["Enter", "Hamlet", "Prince"], ["O", "B-PER", "I-PER"], 1.0, {}, np.random.default_rng(0)
+    )
     assert words == ["Enter", "Enter", "Hamlet", "Hamlet", "Prince", "Prince"]
     assert tags == ["O", "O", "B-PER", "I-PER", "I-PER", "I-PER"]
 
@@ -189,7 +188,9 @@ def test_back_translation_runs_rows_through_two_t5_models_and_keeps_the_other_fi
     for seed, name in ((0, "a"), (1, "b")):
         torch.manual_seed(seed)
         transformers.T5ForConditionalGeneration(transformers.T5Config(**t5)).save_pretrained(tmp_path / name)
-    rows = [{"text": text, "label": i % 2} for i, text in enumerate(["To be", "or not to be", "that is", "the", "question"])]
+    rows = [
+        {"text": text, "label": i % 2} for i, text in enumerate(["To be", "or not to be", "that is", "the", "question"])
+    ]
     source = tmp_path / "rows.jsonl"
     source.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "back.jsonl"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pathlib
 import sys
 
 import numpy as np
@@ -44,7 +45,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def read_texts(path: str, field: str) -> list[dict]:
     """The JSONL rows of ``path``; each must hold a string ``field``."""
     try:
-        lines = open(path, encoding="utf-8").read().splitlines()
+        lines = pathlib.Path(path).read_text(encoding="utf-8").splitlines()
     except OSError as e:
         raise ConfigError(f"'{path}' cannot be read ({e.strerror}); give a JSONL file")
     rows = []
@@ -98,8 +99,7 @@ def back_translate(args: argparse.Namespace) -> int:
     there = via([args.via_prefix + r[args.field] for r in rows])
     again = back([args.back_prefix + t for t in there])
     with open(args.out, "w", encoding="utf-8") as f:
-        for row, text in zip(rows, again):
-            f.write(json.dumps({**row, args.field: text}) + "\n")
+        f.writelines(json.dumps({**row, args.field: text}) + "\n" for row, text in zip(rows, again))
     return len(rows)
 
 

@@ -19,6 +19,7 @@ not used: its augmenters draw from a global random state and return text, not (w
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -37,7 +38,7 @@ def read_synonyms(path: str) -> Synonyms:
     if not path:
         return {}
     try:
-        lines = open(path, encoding="utf-8").read().splitlines()
+        lines = pathlib.Path(path).read_text(encoding="utf-8").splitlines()
     except OSError as e:
         raise ConfigError(f"data.augment.synonyms='{path}' cannot be read ({e.strerror}); point it at a synonyms file")
     out: Synonyms = {}
