@@ -36,6 +36,17 @@ class RunConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class AugmentConfig:
+    """(token_)classification training rows, per word (train/data/augment.py); all 0: off."""
+
+    synonym: float = 0.0  # probability a word becomes one of its synonyms
+    insert: float = 0.0  # probability a synonym (else a copy) of a word is inserted after it
+    swap: float = 0.0  # probability a word trades places with another
+    delete: float = 0.0  # probability a word is dropped
+    synonyms: str = ""  # file of 'word syn1 syn2 ...' lines
+
+
+@dataclasses.dataclass(frozen=True)
 class DataConfig:
     train_files: str = "data/shakespeare/*.txt"  # glob(s), comma-separated; relative to the cwd
     val_files: str = ""  # glob(s) of held-out documents; empty: split off val_fraction of documents
@@ -64,6 +75,7 @@ class DataConfig:
     group_field: str = ""  # hold out whole groups of rows sharing this field's value (val_fraction of groups)
     test_files: str = ""  # glob(s) of a test split training never reads (python -m train.evaluate --split test)
     test_fraction: float = 0.0  # else: fraction of whole documents (example groups, rows) held out for test
+    augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
 
 
 @dataclasses.dataclass(frozen=True)

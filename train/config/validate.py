@@ -73,7 +73,7 @@ def validate(config: Config) -> list[str]:
     if config.data.format == "tfds" and not config.data.tfds_name:
         out.append("data.format=tfds needs data.tfds_name, e.g. data.tfds_name=c4/en:3.1.0")
     out += objective_problems(config)
-    out += best_problems(config) + distill_problems(config)
+    out += best_problems(config) + distill_problems(config) + augment_problems(config)
     r = config.run
     if r.num_processes < 1 or (r.num_processes > 1 and not r.coordinator and not r.auto_distributed):
         out.append("run.num_processes > 1 needs run.coordinator=host:port (or run.auto_distributed=true)")
@@ -213,6 +213,23 @@ def distill_problems(config: Config) -> list[str]:
             f"distill.teacher is set but train.objective={config.train.objective} cannot be distilled; "
             f"use one of {', '.join(DISTILLED_OBJECTIVES)} or drop distill.teacher"
         )
+    return out
+
+
+def augment_problems(config: Config) -> list[str]:
+    """data.augment: probabilities in [0, 1], only for (token_)classification (train/data/augment.py)."""
+    a, out = config.data.augment, []
+    probabilities = {"synonym": a.synonym, "insert": a.insert, "swap": a.swap, "delete": a.delete}
+    for name, p in probabilities.items():
+        if not 0 <= p <= 1:
+            out.append(f"data.augment.{name}={p} is not a probability; set it in [0, 1]")
+    if any(probabilities.values()) and config.train.objective not in ("classification", "token_classification"):
+        out.append(
+            f"data.augment works on classification and token_classification rows, not train.objective="
+            f"{config.train.objective}; set the data.augment probabilities to 0"
+        )
+    if a.synonym > 0 and not a.synonyms:
+        out.append("data.augment.synonym > 0 needs data.augment.synonyms=FILE ('word syn1 syn2 ...' lines)")
     return out
 
 

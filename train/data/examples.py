@@ -13,7 +13,7 @@ every run. Every data error names the file and line and how to fix it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import grain
 import numpy as np
@@ -182,14 +182,21 @@ class ArrayRows:
 
 
 def example_iterator(
-    arrays: Arrays, batch_size: int, seed: int, shuffle: bool, process_index: int = 0, process_count: int = 1
+    arrays: Arrays,
+    batch_size: int,
+    seed: int,
+    shuffle: bool,
+    process_index: int = 0,
+    process_count: int = 1,
+    per_example: Callable[[int, int], dict] | None = None,
 ) -> grain.DatasetIterator:
     """Endless iterator of this process's rows of each global batch of examples.
 
     Yields ``{k: v[rows]}`` with ``batch_size // process_count`` rows: rows ``[p*local,
     (p+1)*local)`` of global batch ``s``, which holds examples ``s*batch_size ... + batch_size - 1``
     of the endless, per-epoch reshuffled example order (``pipeline.batch_iterator``'s rows).
-    ``get_state`` / ``set_state`` resume exactly.
+    ``get_state`` / ``set_state`` resume exactly. ``per_example(epoch, i)``, when given, makes
+    example ``i``'s row afresh each time it is read (augmentation, train/data/augment.py).
     """
     source = ArrayRows(arrays)
     if len(source) < batch_size:
@@ -197,9 +204,17 @@ def example_iterator(
             f"the training data holds {len(source)} examples, fewer than train.batch_size={batch_size}; "
             "lower train.batch_size or add data"
         )
-    ds = grain.MapDataset.source(source)
+    n = len(source)
+    ds = grain.MapDataset.source(source) if per_example is None else grain.MapDataset.range(n)
+    per_position = None if per_example is None else lambda k, i: per_example(k // n, int(i))
     return batch_iterator(
-        ds, batch_size, seed=seed, shuffle=shuffle, process_index=process_index, process_count=process_count
+        ds,
+        batch_size,
+        seed=seed,
+        shuffle=shuffle,
+        process_index=process_index,
+        process_count=process_count,
+        per_position=per_position,
     )
 
 

@@ -41,6 +41,7 @@ def batch_iterator(
     process_index: int = 0,
     process_count: int = 1,
     per_record: Callable[[Any], Any] | None = None,
+    per_position: Callable[[int, Any], Any] | None = None,
     pack_length: int = 0,
     per_batch: Callable[[Any], Any] | None = None,
     num_workers: int = 0,
@@ -50,8 +51,9 @@ def batch_iterator(
 
     ``records``: a ``grain.MapDataset`` (random access: shuffled and repeated here) or a
     ``grain.IterDataset`` that already yields this process's endless, shuffled records (tf.data).
-    ``per_record`` runs in grain's read-ahead threads; ``per_batch`` turns a batch of rows into
-    the batch the task reads. ``num_workers > 0`` computes batches ahead in that many processes.
+    ``per_record`` runs in grain's read-ahead threads; ``per_position(k, record)`` too, with the
+    record's position ``k`` in the endless order (epoch ``k // len(records)``; MapDataset only).
+    ``per_batch`` turns a batch of rows into the batch the task reads. ``num_workers > 0`` computes batches ahead in that many processes.
     """
     for problem in process_problems(global_batch, process_count):
         raise ConfigError(problem)
@@ -62,6 +64,8 @@ def batch_iterator(
         records = endless(records, seed, shuffle, (process_index, process_count) if pack_length else (0, 1))
     if per_record is not None:
         records = records.map(per_record)
+    if per_position is not None:
+        records = records.map_with_index(per_position)
     if pack_length:
         if isinstance(records, grain.MapDataset):
             records = records.to_iter_dataset(read_options)

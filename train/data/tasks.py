@@ -24,7 +24,7 @@ from sharding.rules import batch_sharding
 from train.config.sections import Config, ConfigError
 from train.config.validate import EXAMPLE_OBJECTIVES
 from train.core.step import make_eval_step, make_predict_step
-from train.data import examples, tagging, windows
+from train.data import augment, examples, tagging, windows
 from train.data.objectives import raw_length, text_objective
 from train.data.text import PackedTokens, eval_batches, read_documents, train_iterator
 from train.data.tfds_source import open_tfds
@@ -168,8 +168,16 @@ class ExampleTask:
             train, self.val_words, self.val = train.arrays, self.val, self.val.arrays
             self.log_prior = tagging.log_prior(train["targets"], train["weights"], len(self.labels))
         self.train_examples = len(train["targets"])  # examples (a long sentence's windows) an epoch
+        per_example = None
+        if augment.enabled(d.augment):  # validate.py: only (token_)classification
+            if self.train_examples != len(train_rows):  # augmented rows are remade one example each
+                raise ConfigError(
+                    f"data.augment needs every training example in one window of train.seq_len={t.seq_len}, but "
+                    f"{len(train_rows):,} rows make {self.train_examples:,} windows; raise train.seq_len or drop data.augment"
+                )
+            per_example = augment.example_maker(train_rows, d, config.seed, make, t.objective == "token_classification")
         self.batches = examples.example_iterator(
-            train, t.batch_size, config.seed, d.shuffle, jax.process_index(), jax.process_count()
+            train, t.batch_size, config.seed, d.shuffle, jax.process_index(), jax.process_count(), per_example
         )
         self.eval_set = examples.padded_batches(self.val, t.batch_size)
         self.summary = f"{len(train_rows):,} train / {len(val_rows):,} val examples{what}"
