@@ -340,7 +340,9 @@ def noisy(state):
     @jax.jit
     def add(leaves, key):
         keys = jax.random.split(key, len(leaves))
-        return [x + jax.random.normal(k, x.shape, x.dtype) if x.dtype == jnp.float32 else x for x, k in zip(leaves, keys)]
+        return [
+            x + jax.random.normal(k, x.shape, x.dtype) if x.dtype == jnp.float32 else x for x, k in zip(leaves, keys)
+        ]
 
     return jax.tree.unflatten(treedef, add(leaves, jax.random.key(0)))
 

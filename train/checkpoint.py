@@ -132,7 +132,11 @@ def _handlers() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
         array_metadata_store=array_metadata_store.Store(),  # as Orbax's default: PRNG keys, shape checks
     )
     types = ocp.type_handlers.create_type_handler_registry(
-        *[(t, ocp.type_handlers.get_type_handler(t)) for t in ocp.type_handlers.supported_types() if t is not jax.Array],
+        *[
+            (t, ocp.type_handlers.get_type_handler(t))
+            for t in ocp.type_handlers.supported_types()
+            if t is not jax.Array
+        ],
         (jax.Array, arrays),
     )
     state = ocp.PyTreeCheckpointHandler(type_handler_registry=types)
@@ -142,7 +146,6 @@ def _handlers() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
     for args in (ocp.args.JsonSave, ocp.args.JsonRestore, ManifestSave, ManifestRestore):
         registry.add(None, args)
     return registry
-
 
 
 @dataclasses.dataclass

@@ -32,6 +32,7 @@ from train.distill_loss import TeacherSpec
 from train.freeze import Freeze
 from train.optimizer import schedule
 from train.precision import resolve_compute_dtype
+from train.profiling import Profile
 from train.state import StateSpec, TrainState, count_params, init_state, make_state_spec
 from train.step import make_train_step
 from train.tokenizer import Tokenizer, load_tokenizer
@@ -279,7 +280,8 @@ def run(config: Config, callbacks: Sequence[Callback] = ()) -> dict:
         if is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             save_config(setup.config, run_dir / "config.yaml")
-        writer = resources.enter_context(contextlib.closing(MetricsWriter(run_dir, start, enabled=is_main)))
+        writer = MetricsWriter(run_dir, start, is_main, setup.config.run.trackers, setup.config.to_dict())
+        resources.enter_context(contextlib.closing(writer))
         peak, peak_source = perf.peak_flops(setup.mesh.devices.flatten().tolist(), setup.config.model.compute_dtype)
         report(setup, state.params, peak, peak_source)
 
@@ -295,6 +297,6 @@ def run(config: Config, callbacks: Sequence[Callback] = ()) -> dict:
 
         loop = Loop(
             setup, run_dir, checkpoints, writer, evaluator, state, start, compile_s,
-            callbacks=[*builtin(peak), *callbacks], resources=resources, is_main=is_main,
+            callbacks=[*builtin(peak), Profile(), *callbacks], resources=resources, is_main=is_main,
         )  # fmt: skip
         return run_steps(loop, lambda state, batch: compiled(state, batch, *teacher), first)
