@@ -243,9 +243,9 @@ def test_a_lora_checkpoint_holds_the_adapters_and_a_reference_to_its_base(runs):
 
     full, adapters = root / "base" / "checkpoints" / "2", root / "ref" / "checkpoints" / "6"
     assert array_bytes(adapters) < 0.1 * array_bytes(full), (array_bytes(adapters), array_bytes(full))
-    # On disk Orbax adds a fixed cost per array and writes an array replicated over several of the 8 fake
-    # devices more than once (a 110 KB tree replicated 8 ways takes 404 KB), which weighs on this tiny model's
-    # tiny adapters: one device and the default GPT give 2.5% (README.md, benchmarks/lora_checkpoint_size.py).
+    # On disk Orbax adds about 2 KB of metadata per array, and OCDBT stores the sub-KB shards of this tiny
+    # model's adapters inline in its B-tree nodes, more than once (train/checkpoints/store.py), which weighs on
+    # them: one device and the default GPT give 2.5% (README.md, benchmarks/lora_checkpoint_size.py).
     assert disk(adapters) < 0.35 * disk(full), (disk(adapters), disk(full))
     ref = json.loads((root / "ref" / "checkpoints" / "6" / "base" / "metadata").read_text())
     first = next(r for r in runs["ref"].metrics if "loss" in r)

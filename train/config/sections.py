@@ -33,6 +33,8 @@ class RunConfig:
     process_id: int = -1  # this process's index; -1: from the cluster environment
     auto_distributed: bool = False  # Cloud TPU / SLURM: let JAX discover the cluster itself
     coordinator_timeout_s: int = 120  # give up reaching the coordinator after this long
+    # where metrics go (train/run/writers.py): any of tensorboard, jsonl, wandb, mlflow (pip install -e '.[wandb]')
+    trackers: tuple[Literal["tensorboard", "jsonl", "wandb", "mlflow"], ...] = ("tensorboard", "jsonl")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +113,14 @@ class EarlyStoppingConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ProfileConfig:
+    """A jax.profiler trace of some steps, written to ``run.dir/profile`` (train/run/profiling.py)."""
+
+    start_step: int = 0  # trace the steps after this many have finished
+    steps: int = 0  # steps traced; 0: off
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     steps: int = 1000
     epochs: float = 0.0  # > 0: train.steps = ceil(epochs * training examples (windows) / batch_size) instead
@@ -137,6 +147,7 @@ class TrainConfig:
     early_stopping: EarlyStoppingConfig = dataclasses.field(default_factory=EarlyStoppingConfig)
     freeze: str = ""  # regex over parameter paths kept fixed ('embed|stack/blocks/attn'; train/core/freeze.py)
     freeze_layers: int = 0  # keep the lower N layers of every layer stack fixed
+    profile: ProfileConfig = dataclasses.field(default_factory=ProfileConfig)
 
 
 @dataclasses.dataclass(frozen=True)

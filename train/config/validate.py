@@ -37,6 +37,13 @@ def validate(config: Config) -> list[str]:
             f"train.seq_len={t.seq_len} is longer than model.max_seq_len={config.model.max_seq_len}; "
             "lower train.seq_len or raise model.max_seq_len"
         )
+    if t.profile.steps < 0 or t.profile.start_step < 0:
+        out.append("train.profile.start_step and steps must be >= 0 (steps 0: off)")
+    elif t.profile.steps and t.profile.start_step + t.profile.steps > t.steps:
+        out.append(
+            f"train.profile traces steps {t.profile.start_step + 1}-{t.profile.start_step + t.profile.steps}, past "
+            f"train.steps={t.steps}; lower train.profile.start_step or steps"
+        )
     if config.model.attention == "splash" and t.seq_len % 128:
         out.append(f"model.attention='splash' needs train.seq_len to be a multiple of 128, got {t.seq_len}")
     if config.model.quant == "int8" and not config.model.lora_rank:

@@ -36,6 +36,7 @@ from train.core.state import StateSpec, TrainState, count_params, init_state, ma
 from train.core.step import make_train_step
 from train.data.tasks import ExampleTask, StreamTask, global_batch, make_task, vocab_needed
 from train.data.tokenizer import Tokenizer, load_tokenizer
+from train.run.profiling import Profile
 from train.run.callbacks import Callback, builtin, describe
 from train.run.writers import MetricsWriter
 
@@ -290,7 +291,8 @@ def run(config: Config, callbacks: Sequence[Callback] = ()) -> dict:
         if is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             save_config(setup.config, run_dir / "config.yaml")
-        writer = resources.enter_context(contextlib.closing(MetricsWriter(run_dir, start, enabled=is_main)))
+        writer = MetricsWriter(run_dir, start, is_main, setup.config.run.trackers, setup.config.to_dict())
+        resources.enter_context(contextlib.closing(writer))
         peak, peak_source = flops.peak_flops(setup.mesh.devices.flatten().tolist(), setup.config.model.compute_dtype)
         report(setup, state.params, peak, peak_source)
 
@@ -306,6 +308,6 @@ def run(config: Config, callbacks: Sequence[Callback] = ()) -> dict:
 
         loop = Loop(
             setup, run_dir, checkpoints, writer, evaluator, state, start, compile_s,
-            callbacks=[*builtin(peak), *callbacks], resources=resources, is_main=is_main,
+            callbacks=[*builtin(peak), Profile(), *callbacks], resources=resources, is_main=is_main,
         )  # fmt: skip
         return run_steps(loop, lambda state, batch: compiled(state, batch, *teacher), first)
