@@ -76,8 +76,7 @@ def make_objective(config: Config, model: ModelConfig, tokenizer: Tokenizer):
     )  # fmt: skip
 
     def objective(local: dict, step: int) -> dict:
-        rows = np.concatenate([local["inputs"][:, :1], local["targets"]], axis=1)  # the raw windows
-        return transform(rows, step, jax.process_index() * len(rows))
+        return transform(local, step, jax.process_index() * len(local["inputs"]))
 
     return objective
 
@@ -89,28 +88,31 @@ class StreamTask:
     def __init__(self, config: Config, model: ModelConfig, tokenizer: Tokenizer):
         t, d = config.train, config.data
         window = raw_length(t.objective, t.seq_len, t.noise_density, t.mean_span) - 1
+        segments = d.packing and t.objective != "span_corruption"  # documents kept apart (text_objective)
         stream = (window, t.batch_size, config.seed, d.shuffle, jax.process_index(), jax.process_count(), d.num_workers)
         if d.format == "tfds":  # streamed from a prepared TFDS dataset, never held whole
             corpus = open_tfds(d)
             val_tokens = corpus.val_tokens(tokenizer, window, t.batch_size, t.eval_batches)
-            self.batches = corpus.train_iterator(tokenizer, *stream)
+            self.batches = corpus.train_iterator(tokenizer, *stream, segments=segments)
             train_size = f"{corpus.num_records(d.tfds_train_split):,} train records (streamed)"
         else:
             train_docs, val_docs = read_documents(d)
             train_tokens = PackedTokens(train_docs, tokenizer)
             val_tokens = PackedTokens(val_docs, tokenizer, count_bytes=True)
-            self.batches = train_iterator(train_tokens, *stream)
+            self.batches = train_iterator(train_tokens, *stream, segments=segments)
             train_size = f"{train_tokens.num_tokens:,} train tokens"
         self.data_config = d
         self.batch = make_objective(config, model, tokenizer)
         self.eval_set = [
             self.batch(process_rows(b), EVAL_SEED_OFFSET + i)
-            for i, b in enumerate(eval_batches(val_tokens, window, t.batch_size, t.eval_batches))
+            for i, b in enumerate(eval_batches(val_tokens, window, t.batch_size, t.eval_batches, segments))
         ]
         # bits per byte only means something for next-token prediction: the bytes of the targets scored
         causal = t.objective == "causal_lm"
-        self.eval_bytes = val_tokens.target_bytes(window, len(self.eval_set) * t.batch_size) if causal else None
-        self.summary = f"{train_size} / {val_tokens.num_tokens:,} val tokens"
+        scored = len(self.eval_set) * t.batch_size
+        self.eval_bytes = val_tokens.target_bytes(window, scored, segments) if causal else None
+        kept = "documents apart (segment ids)" if segments else "documents run together"
+        self.summary = f"{train_size} / {val_tokens.num_tokens:,} val tokens; padding 0.0% (full windows, {kept})"
 
     def evaluator(self, spec, mesh) -> Callable[[object], dict]:
         """``evaluate(params) -> {'eval_loss'[, 'eval_bpb']}`` over the first ``train.eval_batches`` windows."""
