@@ -1,8 +1,9 @@
 """Multi-head attention, and T5's relative position bias.
 
 ``Attention`` is self-attention (causal or bidirectional, GQA, optional rope) or, given a
-``context``, cross-attention; an optional boolean ``mask`` (padding) and additive ``bias``
-(relative positions) go to the implementation ``model.attention`` picks: ``xla``
+``context``, cross-attention; an optional boolean ``mask`` (padding), ``segments`` (the segment ids
+of packed rows, see ``segment_mask``) and additive ``bias`` (relative positions) go to the
+implementation ``model.attention`` picks: ``xla``
 (``jax.nn.dot_product_attention``, any backend), ``recompute`` (``models.dot_attention``: keeps no
 [T, S] probabilities for the backward pass; fastest on CPU), ``cudnn`` (``jax.nn.dot_product_attention``'s
 flash kernel on NVIDIA GPUs) or ``splash`` (``models.splash``, the Pallas kernel on TPUs).
@@ -51,18 +52,21 @@ class Attention(nnx.Module):
         bias: jax.Array | None = None,
         context: jax.Array | None = None,
         rng: jax.Array | None = None,
+        segments: tuple[jax.Array, jax.Array] | None = None,
     ) -> jax.Array:
         """x: [B, T, embed]; positions: [B, T] int (rope only); context: [B, S, embed] for cross-attention.
 
         mask: bool broadcastable to [B, heads, T, S], True where a query may attend (e.g. key
-        padding [B, 1, 1, S]); bias: float [1 or B, heads, T, S] added to the scores; rng: the key
+        padding [B, 1, 1, S]); segments: the queries' and keys' segment ids ([B, T], [B, S] int,
+        0 = padding): a query attends only to keys of its own segment; bias: float [1 or B, heads,
+        T, S] added to the scores; rng: the key
         of ``model.attention_dropout`` on the probabilities (None: off), and through ``fold_in(rng, 1)``
         of the LoRA adapters' dropout (q, k, v, o fold in 0, 1, 2, 3). Returns [B, T, embed].
         """
         lora = site_key(rng, 1)
         q = self.queries(x, positions if context is None else None, lora)
         k, v = self.keys_values(x if context is None else context, positions if context is None else None, lora)
-        return self.attend(q, k, v, causal=causal, mask=mask, bias=bias, rng=rng, lora_rng=lora)
+        return self.attend(q, k, v, causal=causal, mask=mask, bias=bias, rng=rng, lora_rng=lora, segments=segments)
 
     def queries(self, x: jax.Array, positions: jax.Array | None = None, lora_rng: jax.Array | None = None) -> jax.Array:
         """[B, T, embed] -> [B, T, heads, head_dim]; rotated when ``positions`` [B, T] are given (rope)."""
@@ -96,11 +100,14 @@ class Attention(nnx.Module):
         implementation: str | None = None,
         rng: jax.Array | None = None,
         lora_rng: jax.Array | None = None,
+        segments: tuple[jax.Array, jax.Array] | None = None,
     ) -> jax.Array:
         """q [B, T, heads, head_dim] over k/v [B, S, kv_heads, head_dim], then the output projection -> [B, T, embed].
 
         ``implementation`` overrides ``model.attention`` (decoding from a cache uses 'recompute'); rng: the
         probabilities' dropout key; lora_rng: the adapters' (the output projection folds in 3). None: off.
+        segments: (query, key) segment ids [B, T], [B, S] int; splash takes them natively, the other
+        implementations get them as ``segment_mask`` ANDed with ``mask``.
         """
         cfg = self.cfg
         b, t, n, hd = q.shape
@@ -112,15 +119,18 @@ class Attention(nnx.Module):
         if implementation == "splash":
             if mask is not None or bias is not None:
                 raise ValueError(
-                    "model.attention='splash' takes no padding mask or score bias; use model.attention='xla'"
+                    "model.attention='splash' takes no padding mask or score bias (padding can be segment id 0 "
+                    "of segment_ids); use model.attention='xla'"
                 )
-            out = splash_attention(q, k, v, causal=causal, scale=scale)
+            out = splash_attention(q, k, v, causal=causal, scale=scale, segment_ids=segments)
         elif implementation == "recompute":
             drop = (rate, rng) if rate else None
+            mask = attention_mask(mask, segments)
             out = dot_product_attention(q, k, v, causal=causal, scale=scale, mask=mask, bias=bias, dropout=drop)
-        else:  # xla or cudnn
+        else:  # xla or cudnn (which turns the mask into an additive bias)
             out = jax.nn.dot_product_attention(
-                q, k, v, bias=bias, mask=mask, scale=scale, is_causal=causal, implementation=implementation
+                q, k, v, bias=bias, mask=attention_mask(mask, segments), scale=scale, is_causal=causal,
+                implementation=implementation,
             )
         out = constrain(out, ("batch", "length", "act_heads", None))
         return self.o(out.reshape(b, t, n * hd).astype(self.o.dtype), site_key(lora_rng, 3))
@@ -129,6 +139,35 @@ class Attention(nnx.Module):
 def padding_mask(mask: jax.Array | None) -> jax.Array | None:
     """[B, S] (1 = token, 0 = padding) -> bool [B, 1, 1, S]: which keys every query may attend to."""
     return None if mask is None else mask.astype(bool)[:, None, None, :]
+
+
+def segment_mask(q_segment_ids: jax.Array, kv_segment_ids: jax.Array) -> jax.Array:
+    """Segment ids [B, T] of the queries and [B, S] of the keys (int, 0 = padding) -> bool [B, 1, T, S].
+
+    True where query and key carry the same id: packed examples never see each other, and padding
+    sees only padding, so no query row is empty (a causal mask ANDed with it keeps the diagonal).
+    """
+    return q_segment_ids[:, None, :, None] == kv_segment_ids[:, None, None, :]
+
+
+def attention_mask(mask: jax.Array | None, segments: tuple[jax.Array, jax.Array] | None) -> jax.Array | None:
+    """Which pairs a query may attend to: ``mask`` (bool broadcastable to [B, heads, T, S], or None)
+    AND the ``segment_mask`` of ``segments`` (query, key segment ids, or None). None: every pair."""
+    if segments is None:
+        return mask
+    same = segment_mask(*segments)
+    return same if mask is None else mask & same
+
+
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+    """int [B, L] segment ids (each segment a contiguous run) -> int32 [B, L]: each token's index
+    inside its segment (0 at every segment start; padding runs count like a segment)."""
+    index = jnp.arange(segment_ids.shape[1], dtype=jnp.int32)
+    starts = jnp.concatenate(
+        [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
+    )
+    first = jax.lax.cummax(jnp.where(starts, index, 0), axis=1)  # [B, L]: index of the segment's start
+    return index - first
 
 
 def relative_position_bucket(

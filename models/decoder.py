@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.attention import padding_mask
+from models.attention import padding_mask, segment_positions
 from models.cache import KVCache, advance, write_slots
 from models.config import ModelConfig
 from models.layers import DTYPES, constrain, dropout, matmul, norm, site_key
@@ -41,8 +41,9 @@ class DecoderLM(nnx.Module):
 
     def forward(self, batch: dict[str, jax.Array], rng: jax.Array | None = None) -> jax.Array:
         """The training interface every family shares: batch -> logits for ``batch['targets']``;
-        ``rng`` (a key) turns dropout on (training), None leaves it off."""
-        return self(batch["inputs"], batch.get("positions"), rng=rng)
+        ``rng`` (a key) turns dropout on (training), None leaves it off. Packed rows carry
+        ``segment_ids`` and ``positions`` [B, T] (see ``__call__``)."""
+        return self(batch["inputs"], batch.get("positions"), rng=rng, segment_ids=batch.get("segment_ids"))
 
     def __call__(
         self,
@@ -51,14 +52,23 @@ class DecoderLM(nnx.Module):
         mask: jax.Array | None = None,
         cache: KVCache | None = None,
         rng: jax.Array | None = None,
+        *,
+        segment_ids: jax.Array | None = None,
     ) -> jax.Array | tuple[jax.Array, KVCache]:
         """tokens [B, T] int, positions [B, T] int (default 0..T-1) -> logits [B, T, vocab] float32.
 
         mask [B, T] (1 = token, 0 = padding): padding is never attended to. With ``cache`` the
         tokens fill its slots from ``cache.index`` on, attend to every earlier valid slot, and
         ``(logits, updated cache)`` is returned. rng: dropout key (training only; None: no dropout).
+        segment_ids [B, T] int (packed rows, 0 = padding; no cache): a token attends only to earlier
+        tokens of its segment; positions default to restarting at each segment start.
         """
         cfg = self.cfg
+        if segment_ids is not None:
+            if cache is not None:
+                raise ValueError("decoding from a cache takes no segment_ids (generation does not pack)")
+            if positions is None:
+                positions = segment_positions(segment_ids)
         x = self.embed(tokens)  # [B, T, embed]
         if cfg.position == "learned":
             table = self.pos_embed[...]  # [max_seq_len, embed]
@@ -68,7 +78,8 @@ class DecoderLM(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         x = constrain(dropout(x, cfg.dropout, site_key(rng, 0)), ("batch", "length", "act_embed"))
         if cache is None:
-            x = self.stack(x, positions, causal=True, mask=padding_mask(mask), rng=site_key(rng, 1))
+            mask = padding_mask(mask)
+            x = self.stack(x, positions, causal=True, mask=mask, rng=site_key(rng, 1), segment_ids=segment_ids)
         else:
             cache, attend = write_slots(cache, mask, tokens.shape[1])
             x, cache = self.stack.extend(x, positions, cache, attend)

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from models.attention import padding_mask, segment_positions
 from models.config import ModelConfig
 from models.layers import ACTIVATIONS, constrain, dense, dropout, embedding, matmul, norm, site_key, table
 from models.transformer import Stack
@@ -61,8 +62,9 @@ class MLMHead(nnx.Module):
 
 
 class EncoderLM(nnx.Module):
-    """BERT: tokens [B, T] int -> float32 MLM logits [B, T, vocab], class logits [B, num_labels] or
-    per-token class logits [B, T, num_labels] (``head='token_classification'``, no pooler)."""
+    """BERT: tokens [B, T] int -> float32 MLM logits [B, T, vocab], class logits [B, num_labels] (packed:
+    [B, K, num_labels], one per segment) or per-token class logits [B, T, num_labels]
+    (``head='token_classification'``, no pooler)."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -85,9 +87,11 @@ class EncoderLM(nnx.Module):
 
     def forward(self, batch: dict[str, jax.Array], rng: jax.Array | None = None) -> jax.Array:
         """Reads ``inputs`` [B, T] and optional ``attention_mask`` [B, T] (1 = token, 0 = padding),
-        ``token_types`` [B, T] and ``positions`` [B, T]; ``rng``: dropout key (None: no dropout)."""
+        ``token_types`` [B, T], ``positions`` [B, T] and, for packed rows, ``segment_ids`` [B, T] and
+        ``pool_positions`` [B, K] (see ``__call__``); ``rng``: dropout key (None: no dropout)."""
         inputs = (batch["inputs"], batch.get("attention_mask"), batch.get("token_types"), batch.get("positions"))
-        return self(*inputs, rng=rng)
+        packing = {"segment_ids": batch.get("segment_ids"), "pool_positions": batch.get("pool_positions")}
+        return self(*inputs, rng=rng, **packing)
 
     def __call__(
         self,
@@ -96,18 +100,27 @@ class EncoderLM(nnx.Module):
         token_types: jax.Array | None = None,
         positions: jax.Array | None = None,
         rng: jax.Array | None = None,
+        *,
+        segment_ids: jax.Array | None = None,
+        pool_positions: jax.Array | None = None,
     ) -> jax.Array:
-        x = self.encode(tokens, attention_mask, token_types, positions, rng)
+        """segment_ids [B, T] int (packed rows, 0 = padding): attention stays inside a segment, positions
+        default to restarting at each segment start. pool_positions [B, K] int (classification head): the
+        index of each segment's first token; the head then classifies every segment -> [B, K, num_labels]."""
+        x = self.encode(tokens, attention_mask, token_types, positions, rng, segment_ids=segment_ids)
         if self.cfg.head == "lm":
             return self.mlm(x, self.embed.embedding[...])
         if self.cfg.head == "token_classification":
             x = dropout(x, self.cfg.dropout, site_key(rng, 2))
             logits = self.classifier(x).astype(jnp.float32)  # [B, T, num_labels]
             return constrain(logits, ("batch", "length", None))
-        pooled = jnp.tanh(self.pooler(self.pool(x, attention_mask)))  # [B, embed]
-        pooled = dropout(pooled, self.cfg.dropout, site_key(rng, 2))
-        logits = self.classifier(pooled).astype(jnp.float32)  # [B, num_labels]
-        return constrain(logits, ("batch", None))
+        if pool_positions is None:
+            pooled = self.pool(x, attention_mask)  # [B, embed]
+        else:
+            pooled = self.pool_segments(x, pool_positions, segment_ids, attention_mask)  # [B, K, embed]
+        pooled = dropout(jnp.tanh(self.pooler(pooled)), self.cfg.dropout, site_key(rng, 2))
+        logits = self.classifier(pooled).astype(jnp.float32)  # [B, num_labels] or [B, K, num_labels]
+        return constrain(logits, ("batch",) + (None,) * (logits.ndim - 1))
 
     def pool(self, x: jax.Array, attention_mask: jax.Array | None) -> jax.Array:
         """[B, T, embed] -> [B, embed]: the first ([CLS]) state, or the mean over non-padding tokens
@@ -118,6 +131,26 @@ class EncoderLM(nnx.Module):
         total = jnp.einsum("btd,bt->bd", x, weights)
         return total / jnp.maximum(weights.sum(axis=1, keepdims=True), 1)
 
+    def pool_segments(
+        self,
+        x: jax.Array,
+        pool_positions: jax.Array,
+        segment_ids: jax.Array | None,
+        attention_mask: jax.Array | None = None,
+    ) -> jax.Array:
+        """[B, T, embed] -> [B, K, embed]: ``pool`` of each segment of a packed row, slot k pooling the
+        segment of token ``pool_positions`` [B, K] (its first token: the [CLS] state for ``pooling='cls'``;
+        ``'mean'`` averages the tokens of that token's segment id in ``segment_ids`` [B, T])."""
+        if self.cfg.pooling == "cls":
+            return jnp.take_along_axis(x, pool_positions[..., None], axis=1)
+        ids = jnp.zeros(x.shape[:2], jnp.int32) if segment_ids is None else segment_ids
+        slot_ids = jnp.take_along_axis(ids, pool_positions, axis=1)  # [B, K]
+        weights = (ids[:, None, :] == slot_ids[:, :, None]).astype(x.dtype)  # [B, K, T]
+        if attention_mask is not None:
+            weights = weights * attention_mask[:, None, :].astype(x.dtype)
+        total = jnp.einsum("btd,bkt->bkd", x, weights)
+        return total / jnp.maximum(weights.sum(axis=2, keepdims=True), 1)
+
     def encode(
         self,
         tokens: jax.Array,
@@ -125,10 +158,17 @@ class EncoderLM(nnx.Module):
         token_types: jax.Array | None = None,
         positions: jax.Array | None = None,
         rng: jax.Array | None = None,
+        *,
+        segment_ids: jax.Array | None = None,
     ) -> jax.Array:
-        """tokens [B, T] -> hidden states [B, T, embed] (HF BertModel's ``last_hidden_state``); rng: dropout key."""
+        """tokens [B, T] -> hidden states [B, T, embed] (HF BertModel's ``last_hidden_state``); rng: dropout key.
+
+        segment_ids [B, T] int (0 = padding): packed rows; they replace ``attention_mask`` in the
+        attention (padding is segment 0), so the splash kernel takes packed rows too."""
         cfg = self.cfg
-        if positions is None:
+        if positions is None and segment_ids is not None:
+            positions = segment_positions(segment_ids)
+        elif positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         x = self.embed(tokens)  # [B, T, embed]
         if cfg.type_vocab_size:
@@ -138,6 +178,6 @@ class EncoderLM(nnx.Module):
             x = x + self.pos_embed[...][positions].astype(x.dtype)
         x = dropout(self.embed_norm(x), cfg.dropout, site_key(rng, 0))
         x = constrain(x, ("batch", "length", "act_embed"))
-        mask = None if attention_mask is None else attention_mask.astype(bool)[:, None, None, :]  # [B, 1, 1, T]
-        x = self.stack(x, positions, causal=False, mask=mask, rng=site_key(rng, 1))
+        mask = None if attention_mask is None or segment_ids is not None else padding_mask(attention_mask)
+        x = self.stack(x, positions, causal=False, mask=mask, rng=site_key(rng, 1), segment_ids=segment_ids)
         return x if cfg.post_norm else self.final_norm(x)

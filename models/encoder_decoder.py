@@ -62,18 +62,35 @@ class EncoderDecoderLM(nnx.Module):
 
     def forward(self, batch: dict[str, jax.Array], rng: jax.Array | None = None) -> jax.Array:
         """Reads ``encoder_inputs`` [B, S], ``decoder_inputs`` [B, T] (targets shifted right) and
-        optional ``encoder_mask`` [B, S], ``decoder_mask`` [B, T] (1 = token, 0 = padding);
-        ``rng``: dropout key (None: no dropout)."""
-        encoded = self.encode(batch["encoder_inputs"], batch.get("encoder_mask"), site_key(rng, 0))
+        optional ``encoder_mask`` [B, S], ``decoder_mask`` [B, T] (1 = token, 0 = padding) and, for
+        packed rows, ``encoder_segment_ids`` [B, S] with ``decoder_segment_ids`` [B, T] (an example's
+        target carries its input's id); ``rng``: dropout key (None: no dropout)."""
+        segments = {key: batch.get(key) for key in ("encoder_segment_ids", "decoder_segment_ids")}
+        encoder = (batch["encoder_inputs"], batch.get("encoder_mask"), site_key(rng, 0))
+        encoded = self.encode(*encoder, segment_ids=segments["encoder_segment_ids"])
         masks = (batch.get("encoder_mask"), batch.get("decoder_mask"))
-        return self.decode(batch["decoder_inputs"], encoded, *masks, rng=site_key(rng, 1))
+        return self.decode(batch["decoder_inputs"], encoded, *masks, rng=site_key(rng, 1), **segments)
 
-    def encode(self, tokens: jax.Array, mask: jax.Array | None = None, rng: jax.Array | None = None) -> jax.Array:
-        """tokens [B, S] -> encoder states [B, S, embed] (after the final norm); rng: dropout key."""
+    def encode(
+        self,
+        tokens: jax.Array,
+        mask: jax.Array | None = None,
+        rng: jax.Array | None = None,
+        *,
+        segment_ids: jax.Array | None = None,
+    ) -> jax.Array:
+        """tokens [B, S] -> encoder states [B, S, embed] (after the final norm); rng: dropout key.
+
+        segment_ids [B, S] int (packed rows, 0 = padding; each segment contiguous): attention stays inside
+        a segment and replaces ``mask``. The relative bias needs no per-segment positions: inside a
+        contiguous segment, index differences are position differences."""
         rate = self.cfg.dropout
         x = constrain(dropout(self.embed(tokens), rate, site_key(rng, 0)), ("batch", "length", "act_embed"))
         bias = self.encoder_relpos(tokens.shape[1], tokens.shape[1])  # [1, heads, S, S]
-        x = self.encoder(x, _positions(tokens), causal=False, mask=padding_mask(mask), bias=bias, rng=site_key(rng, 1))
+        mask = None if segment_ids is not None else padding_mask(mask)
+        x = self.encoder(
+            x, _positions(tokens), causal=False, mask=mask, bias=bias, rng=site_key(rng, 1), segment_ids=segment_ids
+        )
         return dropout(self.encoder_norm(x), rate, site_key(rng, 2))
 
     def decode(
@@ -84,12 +101,23 @@ class EncoderDecoderLM(nnx.Module):
         decoder_mask: jax.Array | None = None,
         cache: KVCache | None = None,
         rng: jax.Array | None = None,
+        *,
+        encoder_segment_ids: jax.Array | None = None,
+        decoder_segment_ids: jax.Array | None = None,
     ) -> jax.Array | tuple[jax.Array, KVCache]:
         """tokens [B, T], encoded [B, S, embed] -> logits [B, T, vocab] float32; rng: dropout key (no cache).
 
         With ``cache`` (from ``init_cache``, which holds the encoder side) the tokens fill its
-        slots from ``cache.index`` on and ``(logits, updated cache)`` is returned.
+        slots from ``cache.index`` on and ``(logits, updated cache)`` is returned. Packed rows (no
+        cache) give both ``decoder_segment_ids`` [B, T] and ``encoder_segment_ids`` [B, S] (0 = padding):
+        self-attention stays inside a decoder segment, cross-attention inside the encoder segment of the
+        same id; they replace the padding masks.
         """
+        if (encoder_segment_ids is None) != (decoder_segment_ids is None):
+            raise ValueError("packed T5 rows need both encoder_segment_ids and decoder_segment_ids")
+        packed = decoder_segment_ids is not None
+        if packed and cache is not None:
+            raise ValueError("decoding from a cache takes no segment ids (generation does not pack)")
         rate = self.cfg.dropout
         x = constrain(dropout(self.embed(tokens), rate, site_key(rng, 0)), ("batch", "length", "act_embed"))
         t = tokens.shape[1]
@@ -98,11 +126,13 @@ class EncoderDecoderLM(nnx.Module):
                 x,
                 _positions(tokens),
                 causal=True,
-                mask=padding_mask(decoder_mask),
+                mask=None if packed else padding_mask(decoder_mask),
                 bias=self.decoder_relpos(t, t),  # [1, heads, T, T]
                 context=encoded,
-                context_mask=padding_mask(encoder_mask),
+                context_mask=None if packed else padding_mask(encoder_mask),
                 rng=site_key(rng, 1),
+                segment_ids=decoder_segment_ids,
+                context_segment_ids=encoder_segment_ids,
             )
         else:
             cache, attend = write_slots(cache, decoder_mask, t)

@@ -60,16 +60,23 @@ class Block(nnx.Module):
         context: jax.Array | None = None,
         context_mask: jax.Array | None = None,
         rng: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        context_segment_ids: jax.Array | None = None,
     ) -> jax.Array:
         """mask / bias: self-attention padding mask and score bias; context [B, S, embed] and
         context_mask [B, 1, 1, S] feed the cross-attention (blocks built with ``cross=True``).
         rng: this layer's dropout key (None: no dropout); each site folds in its own number (the attention's
-        adapters derive theirs from site 1, the MLP's from site 5)."""
+        adapters derive theirs from site 1, the MLP's from site 5). segment_ids [B, T] / context_segment_ids
+        [B, S] (int, 0 = padding): packed rows; self- and cross-attention stay inside a segment."""
         attn_rng, cross_rng = site_key(rng, 1), site_key(rng, 3)
-        attn = lambda h: self.attn(h, positions, causal=causal, mask=mask, bias=bias, rng=attn_rng)
+        own = None if segment_ids is None else (segment_ids, segment_ids)
+        attn = lambda h: self.attn(h, positions, causal=causal, mask=mask, bias=bias, rng=attn_rng, segments=own)
         x = self._residual(x, self.attn_norm, attn, site_key(rng, 0))
         if context is not None:
-            cross = lambda h: self.cross(h, causal=False, mask=context_mask, context=context, rng=cross_rng)
+            pair = None if context_segment_ids is None else (segment_ids, context_segment_ids)
+            cross = lambda h: self.cross(
+                h, causal=False, mask=context_mask, context=context, rng=cross_rng, segments=pair
+            )
             x = self._residual(x, self.cross_norm, cross, site_key(rng, 2))
         x = self._residual(x, self.mlp_norm, lambda h: self.mlp(h, site_key(rng, 5)), site_key(rng, 4))
         return constrain(x, ("batch", "length", "act_embed"))
@@ -136,6 +143,8 @@ class Stack(nnx.Module):
         context: jax.Array | None = None,
         context_mask: jax.Array | None = None,
         rng: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        context_segment_ids: jax.Array | None = None,
     ) -> jax.Array:
         """x: [B, T, embed] -> [B, T, embed]; the extra inputs are shared by every layer (see ``Block``).
 
@@ -148,7 +157,8 @@ class Stack(nnx.Module):
         def layer(x, inputs):
             layer_state, key = inputs
             block = nnx.merge(graphdef, layer_state)
-            return block(x, positions, causal, mask, bias, context, context_mask, key), None
+            segments = (segment_ids, context_segment_ids)
+            return block(x, positions, causal, mask, bias, context, context_mask, key, *segments), None
 
         if self.cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=not self.cfg.scan_layers)

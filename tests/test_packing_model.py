@@ -1,0 +1,209 @@
+"""Packed rows (``segment_ids`` + per-segment ``positions``): every example gets the logits it has alone.
+
+Per family (GPT-2: learned positions; Llama: GQA + RoPE; BERT with each head; T5 v1.1 and v1.0) and
+per attention path that runs on CPU (``xla``, ``recompute``; splash through Pallas interpret mode),
+on one device and on a data x fsdp x tensor mesh of the 8 fake devices. fp32 throughout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from models import build_model
+from models.attention import segment_mask, segment_positions
+from models.splash import splash_attention
+from sharding.mesh import make_mesh
+from sharding.rules import RULES, activation_context, batch_sharding, logical_to_mesh
+from train.config import MeshConfig, load_config
+from train.loop import resolve_model
+from train.tokenizer import ByteTokenizer
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+TOL = 1e-5
+CASES = {  # name -> (preset, model changes)
+    "gpt2": ("tiny-gpt2", {}),
+    "llama": ("tiny-llama", {}),
+    "bert-lm": ("tiny-bert", {}),
+    "bert-tokens": ("tiny-bert", {"head": "token_classification", "num_labels": 5}),
+    "bert-cls": ("tiny-bert", {"head": "classification", "num_labels": 3}),
+    "bert-mean": ("tiny-bert", {"head": "classification", "num_labels": 3, "pooling": "mean"}),
+    "t5-v1.1": ("tiny-t5", {}),
+    "t5-v1.0": ("tiny-t5", {"mlp": "relu", "tie_embeddings": True}),
+}
+# Three examples, each drawn from its own token range (so an embedding row belongs to one example),
+# packed into 4 rows of 32 in different orders and offsets; padding is token 0, segment 0.
+LENGTHS, TARGET_LENGTHS = (7, 4, 11), (5, 3, 6)  # T5: encoder / decoder lengths
+RANGES = ((10, 60), (60, 110), (110, 160))
+ROWS, ROW_LEN = ((0, 1, 2), (2, 0), (1,), (1, 2, 0)), 32
+
+
+def model_config(name: str, attention: str = "xla"):
+    preset, changes = CASES[name]
+    cfg = resolve_model(load_config(REPO / "configs" / f"{preset}.yaml").model, ByteTokenizer.vocab_size)
+    return dataclasses.replace(cfg, compute_dtype="float32", attention=attention, **changes)
+
+
+def examples(lengths: tuple[int, ...], seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(lo, hi, n).astype(np.int32) for (lo, hi), n in zip(RANGES, lengths)]
+
+
+def pack(seqs: list[np.ndarray]) -> tuple[dict[str, np.ndarray], list[tuple[int, int, int, int]]]:
+    """``ROWS`` of ``seqs`` -> (tokens, segment_ids, positions, pool_positions) and the placements
+    (row, start, slot, example)."""
+    tokens, ids, positions = (np.zeros((len(ROWS), ROW_LEN), np.int32) for _ in range(3))
+    firsts = np.zeros((len(ROWS), max(map(len, ROWS))), np.int32)  # unused slots point at token 0
+    placed = []
+    for r, row in enumerate(ROWS):
+        at = 0
+        for slot, i in enumerate(row):
+            n = len(seqs[i])
+            tokens[r, at : at + n], ids[r, at : at + n], positions[r, at : at + n] = seqs[i], slot + 1, np.arange(n)
+            firsts[r, slot] = at
+            placed.append((r, at, slot, i))
+            at += n
+    return {"tokens": tokens, "segment_ids": ids, "positions": positions, "pool_positions": firsts}, placed
+
+
+def batches(cfg) -> tuple[dict, list[dict], list[tuple[int, int, int, int]]]:
+    """The packed batch of ``cfg``'s family, each example's batch alone, and the placements."""
+    inputs = examples(LENGTHS, seed=0)
+    packed, placed = pack(inputs)
+    if cfg.family != "encoder_decoder":
+        batch = {"inputs": packed["tokens"], "segment_ids": packed["segment_ids"], "positions": packed["positions"]}
+        if cfg.head == "classification":
+            batch["pool_positions"] = packed["pool_positions"]
+        return batch, [{"inputs": x[None]} for x in inputs], placed
+    targets = examples(TARGET_LENGTHS, seed=1)
+    decoder, decoder_placed = pack(targets)
+    batch = {
+        "encoder_inputs": packed["tokens"],
+        "encoder_segment_ids": packed["segment_ids"],
+        "decoder_inputs": decoder["tokens"],
+        "decoder_segment_ids": decoder["segment_ids"],
+    }
+    return batch, [{"encoder_inputs": x[None], "decoder_inputs": y[None]} for x, y in zip(inputs, targets)], decoder_placed
+
+
+def forward(cfg):
+    graphdef, params = nnx.split(build_model(cfg, seed=0))
+    run = jax.jit(lambda p, batch: nnx.merge(graphdef, p).forward(batch))
+    return graphdef, params, run
+
+
+def pieces(cfg, logits: np.ndarray, placed, lengths) -> list[tuple[int, np.ndarray]]:
+    """(example, its logits) for every placement: the segment's rows of token logits, or its slot's."""
+    if cfg.head == "classification":
+        return [(i, logits[r, slot]) for r, _, slot, i in placed]
+    return [(i, logits[r, at : at + lengths[i]]) for r, at, _, i in placed]
+
+
+def check_packed_equals_alone(cfg, logits, alone_logits, placed):
+    lengths = TARGET_LENGTHS if cfg.family == "encoder_decoder" else LENGTHS
+    for i, piece in pieces(cfg, np.asarray(logits), placed, lengths):
+        np.testing.assert_allclose(piece, alone_logits[i][0], atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("attention", ["xla", "recompute"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_packed_example_has_the_logits_it_has_alone(name, attention):
+    cfg = model_config(name, attention)
+    batch, alone, placed = batches(cfg)
+    _, params, run = forward(cfg)
+    alone_logits = [np.asarray(run(params, b)) for b in alone]
+    check_packed_equals_alone(cfg, run(params, batch), alone_logits, placed)
+
+
+@pytest.mark.parametrize("attention", ["xla", "recompute"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_a_segment_never_changes_another_segments_gradients(name, attention):
+    """The gradient of a loss on example 1's outputs reaches the embedding rows of example 1's tokens only."""
+    cfg = model_config(name, attention)
+    batch, _, placed = batches(cfg)
+    graphdef, params, _ = forward(cfg)
+    lengths = TARGET_LENGTHS if cfg.family == "encoder_decoder" else LENGTHS
+    lo, hi = RANGES[1]
+
+    def loss(p):
+        logits = nnx.merge(graphdef, p).forward(batch)
+        if cfg.head == "classification":
+            return sum(logits[r, slot].sum() for r, _, slot, i in placed if i == 1)
+        # token logits: only example 1's vocabulary columns, so a tied head adds no other rows
+        return sum(logits[r, at : at + lengths[i], lo:hi].sum() for r, at, _, i in placed if i == 1)
+
+    grads = jax.jit(jax.grad(loss))(params)
+    rows = np.abs(np.asarray(grads["embed"]["embedding"][...])).sum(axis=1)  # [vocab]
+    assert rows[lo:hi].min() > 0
+    for other in (0, 2):
+        assert not rows[slice(*RANGES[other])].any(), f"example {other} got a gradient from example 1's loss"
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "bert-mean", "t5-v1.1"])
+def test_packed_logits_are_the_same_on_a_data_fsdp_tensor_mesh(name):
+    cfg = model_config(name)
+    batch, alone, placed = batches(cfg)
+    graphdef, params, run = forward(cfg)
+    alone_logits = [np.asarray(run(params, b)) for b in alone]
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2), jax.devices()[:8])
+    with activation_context(mesh):
+        sharded = jax.device_put(params, logical_to_mesh(nnx.get_partition_spec(params), mesh, RULES))
+        logits = jax.jit(lambda p, b: nnx.merge(graphdef, p).forward(b))(
+            sharded, jax.device_put(batch, batch_sharding(mesh))
+        )
+    assert len(logits.sharding.device_set) == 8
+    check_packed_equals_alone(cfg, logits, alone_logits, placed)
+
+
+def test_positions_restart_at_each_segment_when_omitted():
+    ids = jnp.asarray([[1, 1, 1, 2, 2, 3, 0, 0], [4, 4, 2, 2, 2, 2, 2, 0]])
+    expected = [[0, 1, 2, 0, 1, 0, 0, 1], [0, 1, 0, 1, 2, 3, 4, 0]]
+    np.testing.assert_array_equal(segment_positions(ids), expected)
+    cfg = model_config("llama")
+    batch, _, _ = batches(cfg)
+    _, params, run = forward(cfg)
+    derived = run(params, {k: v for k, v in batch.items() if k != "positions"})
+    tokens = batch["segment_ids"] > 0  # padding positions differ (the packer gives them 0)
+    np.testing.assert_allclose(np.asarray(derived)[tokens], np.asarray(run(params, batch))[tokens], atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bert-cls", "t5-v1.0"])
+def test_without_segment_ids_the_outputs_are_unchanged(name):
+    """An unpacked batch whose row is one segment gives bitwise the logits of the batch without ids."""
+    cfg = model_config(name)
+    _, alone, _ = batches(cfg)
+    _, params, run = forward(cfg)
+    batch = alone[2]
+    ids = {k.replace("inputs", "segment_ids"): np.ones_like(v) for k, v in batch.items()}
+    if cfg.head == "classification":
+        ids = {"segment_ids": ids["segment_ids"], "pool_positions": np.zeros((1, 1), np.int32)}
+    plain, packed = np.asarray(run(params, batch)), np.asarray(run(params, batch | ids))
+    np.testing.assert_allclose(packed.reshape(plain.shape), plain, atol=TOL, rtol=0)
+
+
+def test_splash_kernel_keeps_segments_apart_as_the_xla_path_does():
+    """The Pallas kernel (interpret mode on CPU) with SegmentIds == jax.nn.dot_product_attention with
+    the segment mask, outputs and gradients; GQA, causal, one example per row."""
+    rng = np.random.default_rng(0)
+    b, t, heads, kv_heads, d = 1, 128, 4, 2, 32
+    q = jnp.asarray(rng.normal(size=(b, t, heads, d)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(b, t, kv_heads, d)), jnp.float32) for _ in range(2))
+    ids = jnp.asarray(np.repeat([1, 2, 3, 0], [40, 50, 30, 8])[None], jnp.int32)
+
+    def splash(q, k, v):
+        return splash_attention(q, k, v, causal=True, scale=d**-0.5, segment_ids=(ids, ids), interpret=True)
+
+    def xla(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, mask=segment_mask(ids, ids), is_causal=True)
+
+    np.testing.assert_allclose(splash(q, k, v), xla(q, k, v), atol=TOL, rtol=0)
+    weights = jnp.asarray(rng.normal(size=(b, t, heads, d)), jnp.float32)
+    grads = [jax.grad(lambda *a, f=f: (f(*a) * weights).sum(), argnums=(0, 1, 2))(q, k, v) for f in (splash, xla)]
+    for ours, reference in zip(*grads):
+        np.testing.assert_allclose(ours, reference, atol=1e-4, rtol=0)
