@@ -22,7 +22,7 @@ from train import report, scores
 from train.config import ConfigError
 from train.data import examples, tagging
 from train.data.objectives import raw_length
-from train.data.tasks import EVAL_SEED_OFFSET, global_batch, make_objective, process_rows
+from train.data.tasks import EVAL_SEED_OFFSET, eval_set, global_batch, make_objective, process_rows
 from train.data.text import PackedTokens
 from train.step import make_score_step
 from train.validate import split_labels
@@ -90,6 +90,18 @@ def _run(setup, batches) -> Iterator[tuple[float, float, np.ndarray, float]]:
         yield float(s), float(w), np.asarray(predictions), nbytes
 
 
+def _score_examples(setup, arrays: dict) -> tuple[float, float, np.ndarray]:
+    """(summed loss, summed weight, per-example predictions) of every example of ``arrays``, in
+    packed rows with ``data.packing`` (train/data/packing.py) as the trainer's eval feeds them."""
+    batches, unpack = eval_set(arrays, setup.config.train.batch_size, setup.config.data.packing)
+    total = weight = 0.0
+    predicted = []
+    for s, w, p, _ in _run(setup, ((b, 0.0) for b in batches)):
+        total, weight = total + s, weight + w
+        predicted.append(p)
+    return total, weight, unpack(predicted)
+
+
 def score_stream(setup, documents: Sequence[str]) -> dict:
     """``{'eval_loss', 'perplexity', 'eval_bpb', 'tokens', 'bytes'}`` (no bpb and bytes unless causal)."""
     t = setup.config.train
@@ -122,12 +134,7 @@ def score_examples(setup, rows: Sequence, split: str, out_dir: pathlib.Path) -> 
         arrays = examples.classification_arrays(rows, c.data, labels, setup.tokenizer, t.seq_len)
     else:
         arrays = examples.seq2seq_arrays(rows, c.data, setup.tokenizer, t.seq_len, t.target_len)
-    total = weight = 0.0
-    predicted = []
-    for s, w, p, _ in _run(setup, ((b, 0.0) for b in examples.padded_batches(arrays, t.batch_size))):
-        total, weight = total + s, weight + w
-        predicted.append(p)
-    predicted = np.concatenate(predicted)[: len(arrays["targets"])]
+    total, weight, predicted = _score_examples(setup, arrays)
     loss = total / weight
     if t.objective == "seq2seq":
         accuracy = scores.token_accuracy(predicted, arrays["targets"], arrays["weights"])
@@ -153,12 +160,8 @@ def score_tagged(setup, rows: Sequence, split: str) -> dict:
     c, t = setup.config, setup.config.train
     labels = split_labels(c.data.labels)
     tagged = tagging.tagged_arrays(rows, c.data, labels, setup.tokenizer, t.seq_len)
-    total = weight = 0.0
-    predicted = []
-    for s, w, p, _ in _run(setup, ((b, 0.0) for b in examples.padded_batches(tagged.arrays, t.batch_size))):
-        total, weight = total + s, weight + w
-        predicted.append(p)
-    gold, guessed = tagging.word_tags(np.concatenate(predicted)[: len(rows)], tagged, labels)
+    total, weight, predicted = _score_examples(setup, tagged.arrays)
+    gold, guessed = tagging.word_tags(predicted, tagged, labels)
     found = scores.entity_scores(gold, guessed)
     print(
         f"{split}: {len(rows)} examples, {sum(map(len, gold))} words, token accuracy {found['token_accuracy']:.4f}, "

@@ -21,6 +21,7 @@ import numpy as np
 
 from train.config import ConfigError, DataConfig
 from train.data import objectives
+from train.data import packing as packer
 from train.data.files import Row, read_rows
 from train.data.pipeline import batch_iterator
 from train.data.split import require_test_split, split_data
@@ -192,13 +193,21 @@ class ArrayRows:
 
 
 def example_iterator(
-    arrays: Arrays, batch_size: int, seed: int, shuffle: bool, process_index: int = 0, process_count: int = 1
+    arrays: Arrays,
+    batch_size: int,
+    seed: int,
+    shuffle: bool,
+    process_index: int = 0,
+    process_count: int = 1,
+    packing: bool = False,
 ) -> grain.DatasetIterator:
     """Endless iterator of this process's rows of each global batch of examples.
 
     Yields ``{k: v[rows]}`` with ``batch_size // process_count`` rows: rows ``[p*local,
     (p+1)*local)`` of global batch ``s``, which holds examples ``s*batch_size ... + batch_size - 1``
     of the endless, per-epoch reshuffled example order (``pipeline.batch_iterator``'s rows).
+    With ``packing`` each row holds whole examples (train/data/packing.py): process ``p`` packs
+    examples ``p, p + P, ...`` of the shuffled order, ``local`` rows a round.
     ``get_state`` / ``set_state`` resume exactly.
     """
     source = ArrayRows(arrays)
@@ -207,9 +216,10 @@ def example_iterator(
             f"the training data holds {len(source)} examples, fewer than train.batch_size={batch_size}; "
             "lower train.batch_size or add data"
         )
-    ds = grain.MapDataset.source(source)
+    ds = grain.MapDataset.source(packer.example_records(arrays) if packing else source)
+    pack = packer.first_fit(packer.Layout.of(arrays), batch_size // process_count, seed, shuffle) if packing else None
     return batch_iterator(
-        ds, batch_size, seed=seed, shuffle=shuffle, process_index=process_index, process_count=process_count
+        ds, batch_size, seed=seed, shuffle=shuffle, process_index=process_index, process_count=process_count, pack=pack
     )
 
 

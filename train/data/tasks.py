@@ -5,7 +5,8 @@
     scores = task.evaluator(spec, mesh)(params)          # {'eval_loss', ...} over the held-out data
 
 ``StreamTask`` (causal_lm, masked_lm, span_corruption) cuts a packed token stream into windows;
-``ExampleTask`` (classification, token_classification, seq2seq) reads one example per JSONL row.
+``ExampleTask`` (classification, token_classification, seq2seq) reads one example per JSONL row
+and packs whole examples into rows (``data.packing``, train/data/packing.py).
 Both draw batches from a grain iterator whose ``get_state`` / ``set_state`` resume exactly, and a
 batch is a pure function of (seed, step).
 """
@@ -13,6 +14,7 @@ batch is a pure function of (seed, step).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Callable
 
@@ -23,7 +25,7 @@ from models.config import ModelConfig
 from sharding.rules import batch_sharding
 from train import scores
 from train.config import Config, ConfigError
-from train.data import examples, tagging
+from train.data import examples, packing, tagging
 from train.data.objectives import raw_length, text_objective
 from train.data.text import PackedTokens, eval_batches, read_documents, train_iterator
 from train.data.tfds_source import open_tfds
@@ -132,6 +134,19 @@ class StreamTask:
 
 # --- one example per row --------------------------------------------------------------------
 
+PADDING_BATCHES = 8  # the training batches whose padding the run's first line reports
+
+
+def eval_set(arrays: dict, batch_size: int, packed: bool) -> tuple[list[dict], Callable]:
+    """Every held-out example once, in global batches of ``batch_size`` rows, and
+    ``unpack(predictions) -> per example`` (int32 [N, T] or [N], as unpacked rows give them):
+    packed rows of whole examples (train/data/packing.py) or one padded example a row."""
+    if packed:
+        return packing.eval_batches(arrays, batch_size)
+    n = len(arrays["targets"])
+    return examples.padded_batches(arrays, batch_size), lambda predictions: np.concatenate(predictions)[:n]
+
+
 
 class ExampleTask:
     """One example per JSONL row (train/data/examples.py, tagging.py): (token) classification or seq2seq."""
@@ -164,11 +179,15 @@ class ExampleTask:
         if isinstance(self.val, tagging.TaggedArrays):
             train, self.val_words, self.val = train.arrays, self.val, self.val.arrays
             self.log_prior = tagging.log_prior(train["targets"], train["weights"], len(self.labels))
-        self.batches = examples.example_iterator(
-            train, t.batch_size, config.seed, d.shuffle, jax.process_index(), jax.process_count()
+        feed = (train, t.batch_size, config.seed, d.shuffle, jax.process_index(), jax.process_count(), d.packing)
+        self.batches = examples.example_iterator(*feed)
+        self.eval_set, self.unpack = eval_set(self.val, t.batch_size, d.packing)
+        padding = packing.padding_fraction(itertools.islice(examples.example_iterator(*feed), PADDING_BATCHES))
+        fed = "packed rows of whole examples" if d.packing else "one padded example a row"
+        self.summary = (
+            f"{len(train_rows):,} train / {len(val_rows):,} val examples{what}; "
+            f"padding {100 * padding:.1f}% of the computed tokens ({fed})"
         )
-        self.eval_set = examples.padded_batches(self.val, t.batch_size)
-        self.summary = f"{len(train_rows):,} train / {len(val_rows):,} val examples{what}"
 
     def batch(self, local: dict, step: int) -> dict:
         """Examples are ready to train on: the pipeline's rows are the batch."""
@@ -186,7 +205,7 @@ class ExampleTask:
                 s, w, p = predict(params, global_batch(process_rows(batch), mesh))
                 total, weight = total + float(s), weight + float(w)
                 predictions.append(np.asarray(p))
-            predicted = np.concatenate(predictions)[: len(self.val["targets"])]
+            predicted = self.unpack(predictions)
             result = {"eval_loss": total / weight}
             if self.objective == "classification":
                 found = scores.classification_scores(predicted, self.val["targets"], len(self.labels))
