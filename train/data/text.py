@@ -124,7 +124,7 @@ class PackedTokens:
         self.num_documents = len(documents)
         self.eos_id = tokenizer.eos_id
         # int64[D]: where each document starts in the stream (its eos is its last token)
-        self.starts = np.concatenate([[0], np.cumsum([len(p) for p in pieces[::2]])[:-1]]).astype(np.int64)
+        self.starts = np.concatenate([[0], np.cumsum([len(p) + 1 for p in pieces[::2]])[:-1]]).astype(np.int64)
 
     def target_bytes(self, seq_len: int, num_windows: int, segments: bool = False) -> int:
         """UTF-8 bytes of the targets of the first ``num_windows`` windows (tokens 1 .. num_windows * seq_len);
