@@ -39,7 +39,7 @@ def test_padding_fraction_of_six_examples_packed_first_fit_and_padded():
     lengths = [5, 3, 8, 2, 6, 4]  # 28 tokens; rows of 8, two rows packed at a time
     arrays = objectives.classification([[7] * n for n in lengths], np.zeros(6), seq_len=8)
     packed, _ = packing.eval_batches(arrays, 2)
-    # round 1: [5 3] [8], then 2 fits neither; round 2: [2 6] [4]
+    # 8 rows open: [5 3] [8] [2 6] [4]
     assert [list(r[r > 0]) for b in packed for r in b["segment_ids"]] == [[1] * 5 + [2] * 3, [1] * 8, [1] * 2 + [2] * 6, [1] * 4]
     assert packing.padding_fraction(packed) == pytest.approx(1 - 28 / 32)  # 12.5%
     assert packing.padding_fraction(examples.padded_batches(arrays, 2)) == pytest.approx(1 - 28 / 48)  # 41.7%
@@ -76,7 +76,7 @@ def _setup(preset: str, *overrides: str):
     model_cfg = resolve_model(config.model, TOK.vocab_size)
     mesh = make_mesh(config.mesh, jax.devices())
     spec = make_state_spec(model_cfg, config.optimizer, 10, mesh)
-    return config, mesh, spec, init_state(spec, model_cfg, config.seed)
+    return config, model_cfg, mesh, spec, init_state(spec, model_cfg, config.seed)
 
 
 TAGGING = ["train.objective=token_classification", "model.head=token_classification", "model.num_labels=4", "data.format=jsonl"]
@@ -87,18 +87,18 @@ def _example_arrays(objective: str):
     if objective == "token_classification":
         cut = [{k: r[k][: 2 + i % 4] for k in ("tokens", "tags")} for i, r in enumerate(synthetic_rows(24))]
         rows = [Row(r, "tagged.jsonl", i + 1) for i, r in enumerate(cut)]  # 2 to 5 words
-        config, *rest = _setup("tiny-bert.yaml", *TAGGING)
+        config, _, *rest = _setup("tiny-bert.yaml", *TAGGING)
         labels = examples.label_names(rows, config.data, tagged=True)
         return tagging.tagged_arrays(rows, config.data, labels, TOK, 64).arrays, rest
     if objective == "classification":
         texts = [TOK.encode(_words(rng, rng.integers(1, 6))) for _ in range(24)]
         m = examples.markers(TOK)
         arrays = objectives.classification(texts, rng.integers(0, 3, 24), seq_len=64, pad_id=m.pad, cls_id=m.cls, sep_id=m.sep)
-        return arrays, _setup("tiny-bert.yaml", "train.objective=classification", "model.head=classification", "model.num_labels=3", "data.format=jsonl")[1:]
+        return arrays, _setup("tiny-bert.yaml", "train.objective=classification", "model.head=classification", "model.num_labels=3", "data.format=jsonl")[2:]
     pairs = [(TOK.encode(_words(rng, rng.integers(1, 5))), TOK.encode(_words(rng, rng.integers(1, 3)))) for _ in range(24)]
     m = examples.markers(TOK)
     arrays = objectives.seq2seq(pairs, inputs_length=48, targets_length=32, eos_id=m.eos, pad_id=m.pad, decoder_start_id=m.pad)
-    return arrays, _setup("tiny-t5.yaml", "train.objective=seq2seq", "data.format=jsonl")[1:]
+    return arrays, _setup("tiny-t5.yaml", "train.objective=seq2seq", "data.format=jsonl")[2:]
 
 
 def _summed(spec, mesh, params, batches) -> tuple[float, float]:
@@ -118,3 +118,60 @@ def test_a_packed_train_step_loss_is_the_loss_of_its_examples_each_in_its_own_pa
     total, weight = _summed(spec, mesh, state.params, alone)
     _, metrics = make_train_step(spec, mesh, 1)(state, global_batch(packed[0], mesh))
     assert float(metrics["loss"]) == pytest.approx(total / weight, rel=1e-5)
+
+
+def test_a_packed_causal_lm_step_loss_is_the_loss_of_each_documents_piece_in_its_own_row():
+    rng = np.random.default_rng(2)
+    docs = [_words(rng, rng.integers(1, 5)) for _ in range(40)]  # 3 to 30 bytes each
+    _, _, mesh, spec, state = _setup("tiny-gpt2.yaml")
+    (packed,) = eval_batches(PackedTokens(docs, TOK), 32, BATCH, max_batches=1, segments=True)
+    alone = {k: np.zeros((0, 32), v.dtype) for k, v in packed.items() if k != "segment_ids" and k != "positions"}
+    for row in range(BATCH):
+        for segment in np.unique(packed["segment_ids"][row]):
+            mine = packed["segment_ids"][row] == segment
+            for key in alone:
+                piece = np.zeros((1, 32), alone[key].dtype)
+                piece[0, : mine.sum()] = packed[key][row, mine]
+                alone[key] = np.concatenate([alone[key], piece])
+    assert len(alone["inputs"]) > 2 * BATCH  # documents share rows
+    n = len(alone["inputs"])
+    alone = {k: np.concatenate([v, np.zeros((-n % BATCH, 32), v.dtype)]) for k, v in alone.items()}
+    batches = [{k: v[b : b + BATCH] for k, v in alone.items()} for b in range(0, len(alone["inputs"]), BATCH)]
+    total, weight = _summed(spec, mesh, state.params, batches)
+    _, metrics = make_train_step(spec, mesh, 1)(state, global_batch(packed, mesh))
+    assert float(metrics["loss"]) == pytest.approx(total / weight, rel=1e-5)
+
+
+# --- evaluation and resume stay exact -------------------------------------------------------
+
+
+def _task(tmp_path, objective: str, packed: bool):
+    rng = np.random.default_rng(3)
+    data = tmp_path / f"{objective}.jsonl"
+    if objective == "token_classification":
+        rows = [r | {"tokens": r["tokens"][: 2 + i % 9], "tags": r["tags"][: 2 + i % 9]} for i, r in enumerate(synthetic_rows(64))]
+        argv = [*TAGGING, "data.group_field=doc"]
+    else:
+        rows = [{"text": _words(rng, rng.integers(1, 8)), "label": str(rng.integers(0, 3)), "doc": f"d{i // 4}"} for i in range(64)]
+        argv = ["train.objective=classification", "model.head=classification", "model.num_labels=3", "data.format=jsonl"]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    overrides = [*argv, f"data.train_files={data}", "data.val_fraction=0.5", "train.batch_size=8", "train.seq_len=64", f"data.packing={packed}"]
+    config, model_cfg, mesh, spec, state = _setup("tiny-bert.yaml", *overrides)
+    return make_task(config, model_cfg, TOK), mesh, spec, state
+
+
+@pytest.mark.parametrize("objective", ["token_classification", "classification"])
+def test_a_packed_evaluation_gives_every_example_the_predictions_and_scores_of_an_unpacked_one(tmp_path, objective):
+    (padded, mesh, spec, state), (packed, *_) = _task(tmp_path, objective, False), _task(tmp_path, objective, True)
+    assert len(packed.eval_set) < len(padded.eval_set)  # fewer rows to compute
+    predict = make_predict_step(spec, mesh)
+    predictions = [
+        task.unpack([np.asarray(predict(state.params, global_batch(b, mesh))[2]) for b in task.eval_set])
+        for task in (padded, packed)
+    ]
+    real = padded.val["attention_mask"] > 0 if objective == "token_classification" else slice(None)
+    np.testing.assert_array_equal(predictions[0][real], predictions[1][real])  # on every token of every example
+    unpacked, repacked = padded.evaluator(spec, mesh)(state.params), packed.evaluator(spec, mesh)(state.params)
+    assert repacked.keys() == unpacked.keys()
+    for key, value in unpacked.items():
+        assert repacked[key] == pytest.approx(value, rel=1e-5), key

@@ -217,7 +217,8 @@ def example_iterator(
             "lower train.batch_size or add data"
         )
     ds = grain.MapDataset.source(packer.example_records(arrays) if packing else source)
-    pack = packer.first_fit(packer.Layout.of(arrays), batch_size // process_count, seed, shuffle) if packing else None
+    bins = packer.BINS_PER_ROW * batch_size // process_count
+    pack = packer.first_fit(packer.Layout.of(arrays), bins, seed, shuffle) if packing else None
     return batch_iterator(
         ds, batch_size, seed=seed, shuffle=shuffle, process_index=process_index, process_count=process_count, pack=pack
     )

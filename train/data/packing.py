@@ -2,7 +2,7 @@
 
     records = example_records(arrays)                    # one dict of unpadded int arrays per example
     layout = Layout.of(arrays)                           # which keys pack on which side, at what length
-    it = batch_iterator(records, B, ..., pack=first_fit(layout, bins=B // P, seed=seed))
+    it = batch_iterator(records, B, ..., pack=first_fit(layout, bins=BINS_PER_ROW * B // P, seed=seed))
     batches, unpack = eval_batches(arrays, B)            # every example once, rows of whole examples
     predicted = unpack(predictions)                      # per example, as the padded eval gives them
 
@@ -34,6 +34,9 @@ import numpy as np
 
 Arrays = dict[str, np.ndarray]
 EXAMPLE = "example"  # eval records: the example's index, on the side whose predictions come back
+# Rows open at once, per row of a batch. grain's first-fit emits all open rows when an example
+# fits none, so more rows fill each better (speakers, seq_len 96: 30.3% padding with 1x, 30.1% with 4x).
+BINS_PER_ROW = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,7 +154,7 @@ def eval_batches(arrays: Arrays, batch_size: int) -> tuple[list[Arrays], Callabl
     [N], each example's predictions where the unpacked eval puts them (0 past its end)."""
     layout = Layout.of(arrays)
     records = grain.MapDataset.source(example_records(arrays, with_example=True)).to_iter_dataset()
-    rows = list(first_fit(layout, batch_size, shuffle=False, keep_example=True)(records))
+    rows = list(first_fit(layout, BINS_PER_ROW * batch_size, shuffle=False, keep_example=True)(records))
     empty = {k: np.zeros_like(v) for k, v in rows[0].items()} | {EXAMPLE: np.full_like(rows[0][EXAMPLE], -1)}
     rows += [empty] * (-len(rows) % batch_size)
     batches = [{k: np.stack([r[k] for r in rows[b : b + batch_size]]) for k in rows[0]} for b in range(0, len(rows), batch_size)]
