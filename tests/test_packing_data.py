@@ -16,10 +16,10 @@ import pytest
 from cli_runs import in_this_process
 from test_token_classification import TRAIN as TAGGER, synthetic_rows
 
-from train.config import load_config
+from train.config import ConfigError, load_config
 from train.data import examples, objectives, packing, tagging
 from train.data.files import Row
-from train.data.tasks import global_batch, make_task
+from train.data.tasks import global_batch, make_task, packs
 from train.data.text import PackedTokens, eval_batches, train_iterator
 from train.loop import resolve_model
 from sharding.mesh import make_mesh
@@ -62,6 +62,14 @@ def test_masked_lm_masks_each_document_of_a_row_at_the_rate():
     segments = np.repeat([1, 2, 3], [10, 25, 5])[None]
     batch = objectives.masked_lm(tokens, mask_id=3, vocab_size=64, seed=0, segment_ids=segments)
     assert [int(batch["weights"][0, segments[0] == s].sum()) for s in (1, 2, 3)] == [2, 4, 1]  # round(0.15 n)
+
+
+def test_packing_is_on_by_default_but_for_span_corruption_where_asking_for_it_is_one_error():
+    assert packs(load_config(REPO / "configs" / "tiny-bert.yaml")) and packs(load_config(REPO / "configs" / "tiny-gpt2.yaml"))
+    assert not packs(load_config(REPO / "configs" / "tiny-t5.yaml"))  # span corruption
+    assert not packs(load_config(REPO / "configs" / "tiny-bert.yaml", ["data.packing=false"]))
+    with pytest.raises(ConfigError, match="^data.packing=true cannot keep documents apart in span_corruption, "):
+        load_config(REPO / "configs" / "tiny-t5.yaml", ["data.packing=true"])
 
 
 # --- a packed step == its examples alone ----------------------------------------------------
@@ -175,3 +183,34 @@ def test_a_packed_evaluation_gives_every_example_the_predictions_and_scores_of_a
     assert repacked.keys() == unpacked.keys()
     for key, value in unpacked.items():
         assert repacked[key] == pytest.approx(value, rel=1e-5), key
+
+
+def test_a_packed_example_iterator_resumes_exactly_from_its_state():
+    arrays = objectives.classification([[7] * (1 + i % 13) for i in range(40)], np.arange(40) % 3, seq_len=16)
+    uninterrupted = examples.example_iterator(arrays, 4, seed=5, shuffle=True, packing=True)
+    expected = [next(uninterrupted) for _ in range(12)]  # crosses epochs
+    it = examples.example_iterator(arrays, 4, seed=5, shuffle=True, packing=True)
+    for _ in range(5):
+        next(it)
+    state = json.loads(json.dumps(it.get_state()))  # as a checkpoint keeps it
+    restored = examples.example_iterator(arrays, 4, seed=5, shuffle=True, packing=True)
+    restored.set_state(state)
+    for want in expected[5:]:
+        got = next(restored)
+        assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.slow
+def test_a_packed_token_classification_run_stopped_and_continued_is_bitwise_the_uninterrupted_run(tmp_path):
+    data = tmp_path / "tagged.jsonl"
+    rows = [r | {"tokens": r["tokens"][: 2 + i % 9], "tags": r["tags"][: 2 + i % 9]} for i, r in enumerate(synthetic_rows(96))]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fast = ["optimizer.schedule=constant", "checkpoint.every=3", "train.log_every=1"]
+    argv = [*TAGGER, *fast, f"data.train_files={data}"]
+    ref = in_this_process([*argv, f"run.dir={tmp_path / 'ref'}", "train.steps=6"])
+    stopped = in_this_process([*argv, f"run.dir={tmp_path / 'resumed'}", "train.steps=3"])
+    resumed = in_this_process([*argv, f"run.dir={tmp_path / 'resumed'}", "train.steps=6"])
+    assert ref.rc == stopped.rc == resumed.rc == 0, resumed.err[-2000:]
+    assert "padding" in ref.out.splitlines()[0] and "(packed rows of whole examples)" in ref.out.splitlines()[0]
+    assert "resumed from" in resumed.out
+    assert list(resumed.losses()) == list(range(1, 7)) and resumed.losses() == ref.losses()  # exact, every step

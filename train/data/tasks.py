@@ -55,6 +55,12 @@ def vocab_needed(config: Config, tokenizer: Tokenizer) -> int:
     return tokenizer.vocab_size
 
 
+def packs(config: Config) -> bool:
+    """``data.packing`` resolved: unset means on for every objective but span_corruption."""
+    packing = config.data.packing
+    return config.train.objective != "span_corruption" if packing is None else packing
+
+
 def make_task(config: Config, model: ModelConfig, tokenizer: Tokenizer) -> StreamTask | ExampleTask:
     cls = ExampleTask if config.train.objective in EXAMPLE_OBJECTIVES else StreamTask
     return cls(config, model, tokenizer)
@@ -90,7 +96,7 @@ class StreamTask:
     def __init__(self, config: Config, model: ModelConfig, tokenizer: Tokenizer):
         t, d = config.train, config.data
         window = raw_length(t.objective, t.seq_len, t.noise_density, t.mean_span) - 1
-        segments = d.packing and t.objective != "span_corruption"  # documents kept apart (text_objective)
+        segments = packs(config)  # documents kept apart (text_objective)
         stream = (window, t.batch_size, config.seed, d.shuffle, jax.process_index(), jax.process_count(), d.num_workers)
         if d.format == "tfds":  # streamed from a prepared TFDS dataset, never held whole
             corpus = open_tfds(d)
@@ -103,7 +109,7 @@ class StreamTask:
             val_tokens = PackedTokens(val_docs, tokenizer, count_bytes=True)
             self.batches = train_iterator(train_tokens, *stream, segments=segments)
             train_size = f"{train_tokens.num_tokens:,} train tokens"
-        self.data_config = d
+        self.data_config = dataclasses.replace(d, packing=segments)
         self.batch = make_objective(config, model, tokenizer)
         self.eval_set = [
             self.batch(process_rows(b), EVAL_SEED_OFFSET + i)
@@ -152,7 +158,7 @@ class ExampleTask:
     """One example per JSONL row (train/data/examples.py, tagging.py): (token) classification or seq2seq."""
 
     def __init__(self, config: Config, model: ModelConfig, tokenizer: Tokenizer):
-        d, t = config.data, config.train
+        d, t = dataclasses.replace(config.data, packing=packs(config)), config.train
         train_rows, val_rows = examples.split_rows(d)
         self.objective = t.objective
         self.val_words: tagging.TaggedArrays | None = None  # token_classification: the held-out words

@@ -169,16 +169,20 @@ class TokenWindows:
         tokens = self.tokens[start : start + self.seq_len + 1]
         if self.starts is None:
             return tokens
-        index = np.arange(start, start + self.seq_len + 1)
-        document = np.searchsorted(self.starts, index, side="right") - 1  # [seq_len + 1]
-        return {
-            "tokens": tokens,
-            "segment_ids": (document - document[0] + 1).astype(np.int32),
-            "positions": (index - np.maximum(self.starts[document], start)).astype(np.int32),
-        }
+        segments, positions = window_segments(np.arange(start, start + self.seq_len + 1)[None], self.starts)
+        return {"tokens": tokens, "segment_ids": segments[0], "positions": positions[0]}
 
     def __repr__(self) -> str:
         return f"TokenWindows(num_tokens={len(self.tokens)}, seq_len={self.seq_len})"
+
+
+def window_segments(index: np.ndarray, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Windows of stream positions int[B, L] -> (segment ids, positions) int32[B, L]: each window's
+    documents numbered from 1, positions counted from where the document or the window starts."""
+    document = np.searchsorted(starts, index, side="right") - 1
+    segments = document - document[:, :1] + 1
+    positions = index - np.maximum(starts[document], index[:, :1])
+    return segments.astype(np.int32), positions.astype(np.int32)
 
 
 def split_batch(windows: np.ndarray | dict) -> Batch:
