@@ -25,6 +25,7 @@ from train.data import packing as packer
 from train.data.files import Row, read_rows
 from train.data.pipeline import batch_iterator
 from train.data.split import require_test_split, split_data
+from train.data.tfds_source import StreamBatches
 from train.tokenizer import Tokenizer
 from train.validate import split_labels
 
@@ -207,7 +208,8 @@ def example_iterator(
     (p+1)*local)`` of global batch ``s``, which holds examples ``s*batch_size ... + batch_size - 1``
     of the endless, per-epoch reshuffled example order (``pipeline.batch_iterator``'s rows).
     With ``packing`` each row holds whole examples (train/data/packing.py): process ``p`` packs
-    examples ``p, p + P, ...`` of the shuffled order, ``local`` rows a round.
+    examples ``p, p + P, ...`` of the shuffled order, so batches depend on ``P``, and the state
+    (``tfds_source.StreamBatches``: every process's) resumes with the same process count.
     ``get_state`` / ``set_state`` resume exactly.
     """
     source = ArrayRows(arrays)
@@ -219,9 +221,11 @@ def example_iterator(
     ds = grain.MapDataset.source(packer.example_records(arrays) if packing else source)
     bins = packer.BINS_PER_ROW * batch_size // process_count
     pack = packer.first_fit(packer.Layout.of(arrays), bins, seed, shuffle) if packing else None
-    return batch_iterator(
+    batches = batch_iterator(
         ds, batch_size, seed=seed, shuffle=shuffle, process_index=process_index, process_count=process_count, pack=pack
     )
+    # each process packs its own shard: the state to resume from is every process's
+    return StreamBatches(batches, process_index, process_count) if packing else batches
 
 
 def padded_batches(arrays: Arrays, batch_size: int) -> list[dict]:

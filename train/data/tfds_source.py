@@ -233,7 +233,7 @@ class StreamBatches:
         saved = state.get("processes", [])
         if len(saved) != self.process_count:
             raise ConfigError(
-                f"the checkpoint's TFDS data position was saved by {len(saved)} processes, and each process packs "
+                f"the checkpoint's data position was saved by {len(saved)} processes, and each process packs "
                 f"its own shard; resume with {len(saved)} processes or start a new run.dir"
             )
         self.iterator.set_state(_slices_as_tuples(saved[self.process_index]))
