@@ -53,6 +53,8 @@ def _grouped(x: jax.Array, kv: int, n: int, t: int, s: int) -> jax.Array:
     """[B or 1, heads or 1, T or 1, S or 1] -> broadcastable to the [B, kv, G*T, S] scores."""
     if x.shape[1] == 1 and x.shape[2] == 1:  # the same for every head and query: broadcasts as it is
         return x
+    if x.shape[1] == 1:  # the same for every head (a segment mask): its rows repeat for each group's heads
+        return jnp.tile(x, (1, 1, n // kv, 1))  # [B, 1, G*T, S]
     x = jnp.broadcast_to(x, (x.shape[0], n, t, s))
     return x.reshape(x.shape[0], kv, (n // kv) * t, s)
 

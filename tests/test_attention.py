@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from models.attention import segment_mask
 from models.dot_attention import dot_product_attention
 
 B, T, S, D = 2, 16, 12, 8
@@ -34,22 +35,37 @@ def relative_error(a, b) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-CASES = {  # name: (heads, kv_heads, key length, causal, key-padding mask, bias)
-    "causal": (4, 4, T, True, False, False),
-    "causal GQA": (4, 2, T, True, False, False),
-    "multi-query": (4, 1, T, True, False, False),
-    "bidirectional with key padding": (4, 4, T, False, True, False),
-    "cross-attention with bias and padding": (4, 4, S, False, True, True),
-    "causal GQA with bias": (4, 2, T, True, False, True),
+CASES = {  # name: (heads, kv_heads, key length, causal, mask: None / key padding / segment ids, bias)
+    "causal": (4, 4, T, True, None, False),
+    "causal GQA": (4, 2, T, True, None, False),
+    "multi-query": (4, 1, T, True, None, False),
+    "bidirectional with key padding": (4, 4, T, False, "padding", False),
+    "cross-attention with bias and padding": (4, 4, S, False, "padding", True),
+    "causal GQA with bias": (4, 2, T, True, None, True),
+    "causal GQA over packed segments": (4, 2, T, True, "segments", False),
+    "cross-attention over packed segments with bias": (4, 2, S, False, "segments", True),
 }
+
+
+def segment_ids(length: int) -> jax.Array:
+    """[B, length]: two segments then padding (0) in row 0, two segments in row 1."""
+    cut = length // 3
+    rows = [[1] * cut + [2] * cut + [0] * (length - 2 * cut), [1] * (length - cut) + [2] * cut]
+    return jnp.asarray(rows, jnp.int32)
+
+
+def make_mask(kind: str | None, s: int) -> jax.Array | None:
+    if kind == "padding":
+        return (jnp.arange(s) < jnp.array([s, s - 3])[:, None])[:, None, None, :]  # [B, 1, 1, S]
+    return None if kind is None else segment_mask(segment_ids(T), segment_ids(s))  # [B, 1, T, S]
 
 
 @pytest.mark.parametrize("dtype, tolerance", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
 @pytest.mark.parametrize("case", CASES)
 def test_outputs_and_gradients_match_jax_nn(case, dtype, tolerance):
-    heads, kv_heads, s, causal, padded, biased = CASES[case]
+    heads, kv_heads, s, causal, kind, biased = CASES[case]
     q, k, v, weights = inputs(heads, kv_heads, s, dtype)
-    mask = (jnp.arange(s) < jnp.array([s, s - 3])[:, None])[:, None, None, :] if padded else None  # [B, 1, 1, S]
+    mask = make_mask(kind, s)
     bias = jax.random.normal(jax.random.PRNGKey(1), (1, heads, T, s), jnp.float32) if biased else None
     scale = D**-0.5
 

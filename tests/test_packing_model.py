@@ -8,6 +8,7 @@ on one device and on a data x fsdp x tensor mesh of the 8 fake devices. fp32 thr
 from __future__ import annotations
 
 import dataclasses
+import functools
 import pathlib
 
 import jax
@@ -89,13 +90,18 @@ def batches(cfg) -> tuple[dict, list[dict], list[tuple[int, int, int, int]]]:
         "decoder_inputs": decoder["tokens"],
         "decoder_segment_ids": decoder["segment_ids"],
     }
-    return batch, [{"encoder_inputs": x[None], "decoder_inputs": y[None]} for x, y in zip(inputs, targets)], decoder_placed
+    alone = [{"encoder_inputs": x[None], "decoder_inputs": y[None]} for x, y in zip(inputs, targets)]
+    return batch, alone, decoder_placed
 
 
-def forward(cfg):
+@functools.cache
+def model(name: str, attention: str = "xla"):
+    """(cfg, graphdef, params, jitted forward, each example's logits alone), shared by the tests."""
+    cfg = model_config(name, attention)
     graphdef, params = nnx.split(build_model(cfg, seed=0))
     run = jax.jit(lambda p, batch: nnx.merge(graphdef, p).forward(batch))
-    return graphdef, params, run
+    _, alone, _ = batches(cfg)
+    return cfg, graphdef, params, run, [np.asarray(run(params, b)) for b in alone]
 
 
 def pieces(cfg, logits: np.ndarray, placed, lengths) -> list[tuple[int, np.ndarray]]:
@@ -114,20 +120,18 @@ def check_packed_equals_alone(cfg, logits, alone_logits, placed):
 @pytest.mark.parametrize("attention", ["xla", "recompute"])
 @pytest.mark.parametrize("name", list(CASES))
 def test_packed_example_has_the_logits_it_has_alone(name, attention):
-    cfg = model_config(name, attention)
-    batch, alone, placed = batches(cfg)
-    _, params, run = forward(cfg)
-    alone_logits = [np.asarray(run(params, b)) for b in alone]
+    cfg, _, params, run, alone_logits = model(name, attention)
+    batch, _, placed = batches(cfg)
     check_packed_equals_alone(cfg, run(params, batch), alone_logits, placed)
 
 
-@pytest.mark.parametrize("attention", ["xla", "recompute"])
-@pytest.mark.parametrize("name", list(CASES))
+# recompute's gradient is hand-written, so every family; xla's is autodiff of the mask (tests/test_attention.py
+# compares the two over packed segments), so the families with GQA + RoPE and with cross-attention
+@pytest.mark.parametrize("name, attention", [(n, "recompute") for n in CASES] + [("llama", "xla"), ("t5-v1.1", "xla")])
 def test_a_segment_never_changes_another_segments_gradients(name, attention):
     """The gradient of a loss on example 1's outputs reaches the embedding rows of example 1's tokens only."""
-    cfg = model_config(name, attention)
+    cfg, graphdef, params, _, _ = model(name, attention)
     batch, _, placed = batches(cfg)
-    graphdef, params, _ = forward(cfg)
     lengths = TARGET_LENGTHS if cfg.family == "encoder_decoder" else LENGTHS
     lo, hi = RANGES[1]
 
@@ -136,21 +140,20 @@ def test_a_segment_never_changes_another_segments_gradients(name, attention):
         if cfg.head == "classification":
             return sum(logits[r, slot].sum() for r, _, slot, i in placed if i == 1)
         # token logits: only example 1's vocabulary columns, so a tied head adds no other rows
-        return sum(logits[r, at : at + lengths[i], lo:hi].sum() for r, at, _, i in placed if i == 1)
+        columns = slice(lo, hi) if cfg.head == "lm" else slice(None)
+        return sum(logits[r, at : at + lengths[i], columns].sum() for r, at, _, i in placed if i == 1)
 
     grads = jax.jit(jax.grad(loss))(params)
     rows = np.abs(np.asarray(grads["embed"]["embedding"][...])).sum(axis=1)  # [vocab]
-    assert rows[lo:hi].min() > 0
+    assert rows[lo:hi].any()
     for other in (0, 2):
         assert not rows[slice(*RANGES[other])].any(), f"example {other} got a gradient from example 1's loss"
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama", "bert-mean", "t5-v1.1"])
 def test_packed_logits_are_the_same_on_a_data_fsdp_tensor_mesh(name):
-    cfg = model_config(name)
-    batch, alone, placed = batches(cfg)
-    graphdef, params, run = forward(cfg)
-    alone_logits = [np.asarray(run(params, b)) for b in alone]
+    cfg, graphdef, params, _, alone_logits = model(name)
+    batch, _, placed = batches(cfg)
     mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2), jax.devices()[:8])
     with activation_context(mesh):
         sharded = jax.device_put(params, logical_to_mesh(nnx.get_partition_spec(params), mesh, RULES))
@@ -165,9 +168,8 @@ def test_positions_restart_at_each_segment_when_omitted():
     ids = jnp.asarray([[1, 1, 1, 2, 2, 3, 0, 0], [4, 4, 2, 2, 2, 2, 2, 0]])
     expected = [[0, 1, 2, 0, 1, 0, 0, 1], [0, 1, 0, 1, 2, 3, 4, 0]]
     np.testing.assert_array_equal(segment_positions(ids), expected)
-    cfg = model_config("llama")
+    cfg, _, params, run, _ = model("llama")
     batch, _, _ = batches(cfg)
-    _, params, run = forward(cfg)
     derived = run(params, {k: v for k, v in batch.items() if k != "positions"})
     tokens = batch["segment_ids"] > 0  # padding positions differ (the packer gives them 0)
     np.testing.assert_allclose(np.asarray(derived)[tokens], np.asarray(run(params, batch))[tokens], atol=TOL, rtol=0)
@@ -176,9 +178,8 @@ def test_positions_restart_at_each_segment_when_omitted():
 @pytest.mark.parametrize("name", ["gpt2", "bert-cls", "t5-v1.0"])
 def test_without_segment_ids_the_outputs_are_unchanged(name):
     """An unpacked batch whose row is one segment gives bitwise the logits of the batch without ids."""
-    cfg = model_config(name)
+    cfg, _, params, run, _ = model(name)
     _, alone, _ = batches(cfg)
-    _, params, run = forward(cfg)
     batch = alone[2]
     ids = {k.replace("inputs", "segment_ids"): np.ones_like(v) for k, v in batch.items()}
     if cfg.head == "classification":
