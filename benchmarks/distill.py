@@ -125,9 +125,9 @@ def overhead(args) -> None:
     import jax
 
     from train.config.sections import load_config
+    from train.core.step import make_train_step
     from train.data.tasks import global_batch
     from train.run.loop import fresh_state, prepare
-    from train.core.step import make_train_step
 
     config = load_config(args.config, [*distill_args(args.teacher, args), *args.overrides])
     setup = prepare(config)

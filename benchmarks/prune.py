@@ -69,8 +69,8 @@ def _disk(directory: pathlib.Path) -> int:
 def _recover(export: pathlib.Path, run_dir: pathlib.Path, record: dict, args, log) -> float:
     """Fine-tunes ``export`` for ``args.steps`` steps in ``run_dir``; returns the seconds it took."""
     from train.config.sections import load_config
-    from train.run.loop import run
     from train.prune import recovery_overrides
+    from train.run.loop import run
 
     overrides = [
         f"run.dir={run_dir}", f"checkpoint.init_from={export}", f"train.steps={args.steps}",

@@ -82,8 +82,8 @@ def _exports(source: pathlib.Path, tmp: pathlib.Path) -> dict[str, pathlib.Path]
 
 def _also(args, tmp: pathlib.Path) -> None:
     """Prints eval_bpb of each ``--also`` run and of its int8 export."""
-    from train.quantize import quantize_source
     from train.checkpoints.sources import load_source
+    from train.quantize import quantize_source
 
     for i, run in enumerate(filter(None, args.also.split(","))):
         out = tmp / f"also-{i}"
@@ -100,9 +100,8 @@ def _classifier(args, tmp: pathlib.Path) -> None:
     from flax import nnx
 
     from train import evaluate
-
-    from train.evaluation import scoring
     from train.checkpoints.sources import load_source
+    from train.evaluation import scoring
 
     setup = evaluate.setup(evaluate.parse_args([args.source]))
     rows = evaluate.rows(setup, "", "val")

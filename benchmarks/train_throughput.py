@@ -172,8 +172,8 @@ def run_one(preset: str, sizes: tuple[int, int, int], args: argparse.Namespace) 
     from sharding.fit import check_fits
     from sharding.mesh import make_mesh
     from sharding.rules import batch_sharding
-    from train.core import flops as metrics
     from train.config.sections import ConfigError, MeshConfig, OptimizerConfig
+    from train.core import flops as metrics
     from train.core.state import count_params, init_state, make_state_spec
     from train.core.step import make_train_step
 

@@ -60,6 +60,10 @@ class DataConfig:
     tokenizer: str = "byte"  # 'byte' or a directory holding a Hugging Face tokenizer
     shuffle: bool = True
     num_workers: int = 0  # grain worker processes (0: in the main process)
+    # true: rows packed with whole examples (first-fit) or documents, segment ids keep them apart;
+    # false: one padded example a row, and text windows whose documents attend to each other;
+    # unset: true for every objective but span_corruption (which corrupts whole windows)
+    packing: bool | None = None
     tfds_name: str = ""  # format=tfds: dataset[/config][:version], e.g. c4/en:3.1.0 (see train/data/tfds_source.py)
     tfds_data_dir: str = ""  # directory (or gs:// path) holding prepared TFDS datasets; empty: TFDS's default
     tfds_train_split: str = "train"

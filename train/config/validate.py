@@ -201,6 +201,11 @@ def objective_problems(config: Config) -> list[str]:
         )
     if t.target_len <= 0:
         out.append(f"train.target_len must be positive, got {t.target_len}")
+    if data.packing and t.objective == "span_corruption":
+        out.append(
+            "data.packing=true cannot keep documents apart in span_corruption, which corrupts whole windows; "
+            "leave data.packing unset or set it false"
+        )
     if t.prior_bias and t.objective != "token_classification":
         out.append(f"train.prior_bias is for train.objective=token_classification, not {t.objective}; drop it")
     return out

@@ -1,8 +1,11 @@
 """Pure train and eval steps, jitted with explicit in/out shardings and a donated state.
 
 A batch is a dict of arrays with a leading batch axis, sharded over the data-parallel axes:
-``targets`` (int32 [B, T] or [B]), optional ``weights`` (float32, same shape), and whatever
-the model family's ``forward(batch)`` reads (``inputs`` for decoders).
+``targets`` (int32 [B, T] or [B]; packed classification [B, K]), optional ``weights`` (float32,
+same shape), and whatever the model family's ``forward(batch)`` reads (``inputs`` for decoders),
+packed rows' ``segment_ids`` / ``positions`` / ``pool_positions`` included (train/data/packing.py).
+Padding and targets across segments weigh 0, so a packed batch's loss (summed weighted
+cross-entropy over summed weight) is that of its examples fed one per row.
 """
 
 from __future__ import annotations

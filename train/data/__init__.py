@@ -9,6 +9,7 @@ tagging.py      JSONL words + tags -> token-classification arrays (first sub-wor
 tfds_source.py  TFDS datasets by name, array_record through tfds.data_source (no TensorFlow)
 tfds_tf.py      TFDS datasets through tf.data (TFRecord; needs TensorFlow)
 objectives.py   masked LM, span corruption, seq2seq and classification batches
+packing.py      examples packed first-fit into rows with segment ids (grain), and predictions back
 tasks.py        the loop's interface: batches, the objective's batch at a step, eval scores
 tfds_build.py   python -m train.tfds_build: local text -> a TFDS dataset
 genre.py        python -m train.genre: the Shakespeare genre classification data

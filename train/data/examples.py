@@ -21,9 +21,11 @@ import numpy as np
 from train.config.sections import ConfigError, DataConfig
 from train.config.validate import split_labels
 from train.data import objectives
+from train.data import packing as packer
 from train.data.files import Row, read_rows
 from train.data.pipeline import batch_iterator
 from train.data.split import require_test_split, split_data
+from train.data.tfds_source import StreamBatches
 from train.data.tokenizer import Tokenizer, markers
 
 Arrays = dict[str, np.ndarray]  # every array has the examples on its leading axis
@@ -189,12 +191,16 @@ def example_iterator(
     process_index: int = 0,
     process_count: int = 1,
     per_example: Callable[[int, int], dict] | None = None,
+    packing: bool = False,
 ) -> grain.DatasetIterator:
     """Endless iterator of this process's rows of each global batch of examples.
 
     Yields ``{k: v[rows]}`` with ``batch_size // process_count`` rows: rows ``[p*local,
     (p+1)*local)`` of global batch ``s``, which holds examples ``s*batch_size ... + batch_size - 1``
     of the endless, per-epoch reshuffled example order (``pipeline.batch_iterator``'s rows).
+    With ``packing`` each row holds whole examples (train/data/packing.py): process ``p`` packs
+    examples ``p, p + P, ...`` of the shuffled order, so batches depend on ``P``, and the state
+    (``tfds_source.StreamBatches``: every process's) resumes with the same process count.
     ``get_state`` / ``set_state`` resume exactly. ``per_example(epoch, i)``, when given, makes
     example ``i``'s row afresh each time it is read (augmentation, train/data/augment.py).
     """
@@ -205,9 +211,19 @@ def example_iterator(
             "lower train.batch_size or add data"
         )
     n = len(source)
-    ds = grain.MapDataset.source(source) if per_example is None else grain.MapDataset.range(n)
-    per_position = None if per_example is None else lambda k, i: per_example(k // n, int(i))
-    return batch_iterator(
+    per_position = None
+    if per_example is None:
+        ds = grain.MapDataset.source(packer.example_records(arrays) if packing else source)
+    else:  # example i of epoch e, made afresh; packed: unpadded as packer.example_records makes them
+        ds = grain.MapDataset.range(n)
+        per_epoch = len(range(process_index, n, process_count)) if packing else n  # packing shards the order
+        made = lambda e, i: per_example(e, int(i))  # noqa: E731
+        if packing:
+            made = lambda e, i: packer.example_records({k: v[None] for k, v in per_example(e, int(i)).items()})[0]  # noqa: E731
+        per_position = lambda k, i: made(k // per_epoch, i)  # noqa: E731
+    bins = packer.BINS_PER_ROW * batch_size // process_count
+    pack = packer.first_fit(packer.Layout.of(arrays), bins, seed, shuffle) if packing else None
+    batches = batch_iterator(
         ds,
         batch_size,
         seed=seed,
@@ -215,7 +231,10 @@ def example_iterator(
         process_index=process_index,
         process_count=process_count,
         per_position=per_position,
+        pack=pack,
     )
+    # each process packs its own shard: the state to resume from is every process's
+    return StreamBatches(batches, process_index, process_count) if packing else batches
 
 
 def padded_batches(arrays: Arrays, batch_size: int) -> list[dict]:

@@ -37,11 +37,13 @@ def masked_lm(
     rate: float = 0.15,
     special_ids: Sequence[int] = (),
     pad_id: int | None = None,
+    segment_ids: np.ndarray | None = None,
 ) -> Batch:
     """BERT masking of int[B, T] rows -> ``{'inputs', 'attention_mask', 'targets', 'weights'}``.
 
-    Per row, exactly ``max(1, round(rate * n))`` of its ``n`` eligible positions (neither
-    ``pad_id`` nor in ``special_ids``) are chosen, as BERT's create_pretraining_data does.
+    Per row (per segment of a row, given int[B, T] ``segment_ids``), exactly ``max(1, round(rate * n))``
+    of its ``n`` eligible positions (neither ``pad_id`` nor in ``special_ids``) are chosen, as BERT's
+    create_pretraining_data does for each example.
     Each chosen token becomes ``mask_id`` (80%), a uniform id in [0, vocab_size) (10%) or
     stays (10%). ``targets`` are the original tokens (int32 [B, T]); ``weights`` (float32
     [B, T]) are 1 on chosen positions only; ``attention_mask`` is 0 on ``pad_id``.
@@ -51,11 +53,18 @@ def masked_lm(
     b, t = tokens.shape
     not_pad = np.ones_like(tokens, bool) if pad_id is None else tokens != pad_id
     eligible = not_pad & ~np.isin(tokens, list(special_ids))
-    n = eligible.sum(axis=1)
-    k = np.where(n > 0, np.maximum(1, np.round(rate * n)), 0).astype(np.int64)  # [B]
+    groups = np.zeros((b, t), np.int64) if segment_ids is None else np.asarray(segment_ids, np.int64)
+    n = np.zeros((b, groups.max(initial=0) + 1), np.int64)
+    np.add.at(n, (np.arange(b)[:, None], groups), eligible)  # [B, groups]: eligible positions per group
+    n = np.take_along_axis(n, groups, axis=1)  # [B, T]: of each position's group
+    k = np.where(n > 0, np.maximum(1, np.round(rate * n)), 0).astype(np.int64)
     scores = np.where(eligible, rng.random((b, t)), 2.0)  # ineligible positions sort last
-    rank = np.argsort(np.argsort(scores, axis=1, kind="stable"), axis=1, kind="stable")
-    chosen = eligible & (rank < k[:, None])
+    order = np.lexsort((scores, groups), axis=1)  # by group, then score
+    sorted_groups = np.take_along_axis(groups, order, axis=1)
+    first = np.maximum.accumulate(np.where(np.diff(sorted_groups, axis=1, prepend=-1) != 0, np.arange(t), 0), axis=1)
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.arange(t) - first, axis=1)  # rank of each position within its group
+    chosen = eligible & (rank < k)
     action = rng.random((b, t))
     random_ids = rng.integers(0, vocab_size, (b, t), dtype=np.int32)
     inputs = np.where(chosen & (action < 0.8), mask_id, tokens)
@@ -271,6 +280,25 @@ def raw_length(objective: str, seq_len: int, noise_density: float, mean_span: fl
     return seq_len + 1 if objective == "causal_lm" else seq_len
 
 
+def segment_positions(segment_ids: np.ndarray) -> np.ndarray:
+    """int[B, L] segment ids (contiguous runs) -> int32[B, L]: each token's offset from its run's start."""
+    index = np.arange(segment_ids.shape[1])
+    change = np.diff(segment_ids, axis=1, prepend=-1) != 0
+    return (index - np.maximum.accumulate(np.where(change, index, 0), axis=1)).astype(np.int32)
+
+
+def raw_rows(batch: Batch) -> tuple[np.ndarray, np.ndarray | None]:
+    """A window batch (train/data/text.py ``split_batch``) -> its raw rows int32[B, T + 1] and, for
+    windows with segments, their segment ids int32[B, T + 1] (the last token starts a new segment
+    where the last target has weight 0); None without."""
+    tokens = np.concatenate([batch["inputs"][:, :1], batch["targets"]], axis=1)
+    if "segment_ids" not in batch:
+        return tokens, None
+    segments = batch["segment_ids"]
+    last = segments[:, -1:] + (batch["weights"][:, -1:] == 0)
+    return tokens, np.concatenate([segments, last], axis=1).astype(np.int32)
+
+
 def text_objective(
     objective: str,
     *,
@@ -282,30 +310,38 @@ def text_objective(
     noise_density: float,
     mean_span: float,
 ):
-    """``transform(rows, step, first_row) -> batch`` for rows of the packed token stream.
+    """``transform(windows, step, first_row) -> batch`` for a batch of windows of the token stream.
 
-    ``rows``: int32 [local_B, raw_length]; ``first_row`` is the global index of ``rows[0]``.
-    Random choices are seeded by (seed, step, global row), so a global batch does not depend
-    on how many processes share it, and resuming at a step reproduces it.
+    ``windows``: ``split_batch``'s dict of [local_B, raw_length - 1] arrays; ``first_row`` is the
+    global index of its first row. Random choices are seeded by (seed, step, global row), so a
+    global batch does not depend on how many processes share it, and resuming at a step
+    reproduces it. Windows with segments stay apart: causal LM as they come, masked LM masks
+    each document alone (its batch adds ``segment_ids`` and ``positions``); span corruption
+    corrupts whole rows, documents together (rows of fixed inputs length, as T5's).
     """
 
-    def per_row(fn, rows, step, first_row):
-        parts = [fn(rows[i : i + 1], (seed, step, first_row + i)) for i in range(len(rows))]
+    def per_row(fn, windows, step, first_row):
+        rows, segments = raw_rows(windows)
+        parts = [
+            fn(rows[i : i + 1], None if segments is None else segments[i : i + 1], (seed, step, first_row + i))
+            for i in range(len(rows))
+        ]
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
+    def masked(row, segments, s):
+        batch = masked_lm(
+            row, mask_id=mask_id, vocab_size=vocab_size, seed=s, rate=rate, special_ids=(eos_id,), segment_ids=segments
+        )
+        if segments is None:
+            return batch
+        return batch | {"segment_ids": segments, "positions": segment_positions(segments)}
+
+    def corrupted(row, segments, s):
+        return span_corruption(
+            row, vocab_size=vocab_size, seed=s, noise_density=noise_density, mean_span=mean_span, eos_id=eos_id
+        )
+
     if objective == "causal_lm":
-        return lambda rows, step, first_row: {"inputs": rows[:, :-1], "targets": rows[:, 1:]}
-    if objective == "masked_lm":
-        fn = lambda row, s: masked_lm(
-            row, mask_id=mask_id, vocab_size=vocab_size, seed=s, rate=rate, special_ids=(eos_id,)
-        )
-    else:
-        fn = lambda row, s: span_corruption(
-            row,
-            vocab_size=vocab_size,
-            seed=s,
-            noise_density=noise_density,
-            mean_span=mean_span,
-            eos_id=eos_id,
-        )
-    return lambda rows, step, first_row: per_row(fn, rows, step, first_row)
+        return lambda windows, step, first_row: windows
+    fn = masked if objective == "masked_lm" else corrupted
+    return lambda windows, step, first_row: per_row(fn, windows, step, first_row)

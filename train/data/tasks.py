@@ -5,7 +5,8 @@
     scores = task.evaluator(spec, mesh)(params)          # {'eval_loss', ...} over the held-out data
 
 ``StreamTask`` (causal_lm, masked_lm, span_corruption) cuts a packed token stream into windows;
-``ExampleTask`` (classification, token_classification, seq2seq) reads one example per JSONL row.
+``ExampleTask`` (classification, token_classification, seq2seq) reads one example per JSONL row
+and packs whole examples into rows (``data.packing``, train/data/packing.py).
 Both draw batches from a grain iterator whose ``get_state`` / ``set_state`` resume exactly, and a
 batch is a pure function of (seed, step).
 """
@@ -13,6 +14,7 @@ batch is a pure function of (seed, step).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Callable
 
@@ -24,7 +26,7 @@ from sharding.rules import batch_sharding
 from train.config.sections import Config, ConfigError
 from train.config.validate import EXAMPLE_OBJECTIVES
 from train.core.step import make_eval_step, make_predict_step
-from train.data import augment, examples, tagging, windows
+from train.data import augment, examples, packing, tagging, windows
 from train.data.objectives import raw_length, text_objective
 from train.data.text import PackedTokens, eval_batches, read_documents, train_iterator
 from train.data.tfds_source import open_tfds
@@ -53,6 +55,12 @@ def vocab_needed(config: Config, tokenizer: Tokenizer) -> int:
     return tokenizer.vocab_size
 
 
+def packs(config: Config) -> bool:
+    """``data.packing`` resolved: unset means on for every objective but span_corruption."""
+    packing = config.data.packing
+    return config.train.objective != "span_corruption" if packing is None else packing
+
+
 def make_task(config: Config, model: ModelConfig, tokenizer: Tokenizer) -> StreamTask | ExampleTask:
     cls = ExampleTask if config.train.objective in EXAMPLE_OBJECTIVES else StreamTask
     return cls(config, model, tokenizer)
@@ -76,8 +84,7 @@ def make_objective(config: Config, model: ModelConfig, tokenizer: Tokenizer):
     )  # fmt: skip
 
     def objective(local: dict, step: int) -> dict:
-        rows = np.concatenate([local["inputs"][:, :1], local["targets"]], axis=1)  # the raw windows
-        return transform(rows, step, jax.process_index() * len(rows))
+        return transform(local, step, jax.process_index() * len(local["inputs"]))
 
     return objective
 
@@ -89,30 +96,33 @@ class StreamTask:
     def __init__(self, config: Config, model: ModelConfig, tokenizer: Tokenizer):
         t, d = config.train, config.data
         window = raw_length(t.objective, t.seq_len, t.noise_density, t.mean_span) - 1
+        segments = packs(config)  # documents kept apart (text_objective)
         stream = (window, t.batch_size, config.seed, d.shuffle, jax.process_index(), jax.process_count(), d.num_workers)
         if d.format == "tfds":  # streamed from a prepared TFDS dataset, never held whole
             corpus = open_tfds(d)
             val_tokens = corpus.val_tokens(tokenizer, window, t.batch_size, t.eval_batches)
-            self.batches = corpus.train_iterator(tokenizer, *stream)
+            self.batches = corpus.train_iterator(tokenizer, *stream, segments=segments)
             train_size = f"{corpus.num_records(d.tfds_train_split):,} train records (streamed)"
             self.train_examples = 0  # unknown without reading it whole: train.epochs is refused
         else:
             train_docs, val_docs = read_documents(d)
             train_tokens = PackedTokens(train_docs, tokenizer)
             val_tokens = PackedTokens(val_docs, tokenizer, count_bytes=True)
-            self.batches = train_iterator(train_tokens, *stream)
+            self.batches = train_iterator(train_tokens, *stream, segments=segments)
             train_size = f"{train_tokens.num_tokens:,} train tokens"
             self.train_examples = train_tokens.num_tokens // window  # windows an epoch (train.epochs)
-        self.data_config = d
+        self.data_config = dataclasses.replace(d, packing=segments)
         self.batch = make_objective(config, model, tokenizer)
         self.eval_set = [
             self.batch(process_rows(b), EVAL_SEED_OFFSET + i)
-            for i, b in enumerate(eval_batches(val_tokens, window, t.batch_size, t.eval_batches))
+            for i, b in enumerate(eval_batches(val_tokens, window, t.batch_size, t.eval_batches, segments))
         ]
         # bits per byte only means something for next-token prediction: the bytes of the targets scored
         causal = t.objective == "causal_lm"
-        self.eval_bytes = val_tokens.target_bytes(window, len(self.eval_set) * t.batch_size) if causal else None
-        self.summary = f"{train_size} / {val_tokens.num_tokens:,} val tokens"
+        scored = len(self.eval_set) * t.batch_size
+        self.eval_bytes = val_tokens.target_bytes(window, scored, segments) if causal else None
+        kept = "documents apart (segment ids)" if segments else "documents run together"
+        self.summary = f"{train_size} / {val_tokens.num_tokens:,} val tokens; padding 0.0% (full windows, {kept})"
 
     def evaluator(self, spec, mesh) -> Callable[[object], dict]:
         """``evaluate(params) -> {'eval_loss'[, 'eval_bpb']}`` over the first ``train.eval_batches`` windows."""
@@ -132,12 +142,24 @@ class StreamTask:
 
 # --- one example per row --------------------------------------------------------------------
 
+PADDING_BATCHES = 8  # the training batches whose padding the run's first line reports
+
+
+def eval_set(arrays: dict, batch_size: int, packed: bool) -> tuple[list[dict], Callable]:
+    """Every held-out example once, in global batches of ``batch_size`` rows, and
+    ``unpack(predictions) -> per example`` (int32 [N, T] or [N], as unpacked rows give them):
+    packed rows of whole examples (train/data/packing.py) or one padded example a row."""
+    if packed:
+        return packing.eval_batches(arrays, batch_size)
+    n = len(arrays["targets"])
+    return examples.padded_batches(arrays, batch_size), lambda predictions: np.concatenate(predictions)[:n]
+
 
 class ExampleTask:
     """One example per JSONL row (train/data/examples.py, tagging.py): (token) classification or seq2seq."""
 
     def __init__(self, config: Config, model: ModelConfig, tokenizer: Tokenizer):
-        d, t = config.data, config.train
+        d, t = dataclasses.replace(config.data, packing=packs(config)), config.train
         train_rows, val_rows = examples.split_rows(d)
         self.objective = t.objective
         self.val_words: windows.Windows | None = None  # token_classification: the held-out words
@@ -176,11 +198,16 @@ class ExampleTask:
                     f"{len(train_rows):,} rows make {self.train_examples:,} windows; raise train.seq_len or drop data.augment"
                 )
             per_example = augment.example_maker(train_rows, d, config.seed, make, t.objective == "token_classification")
-        self.batches = examples.example_iterator(
-            train, t.batch_size, config.seed, d.shuffle, jax.process_index(), jax.process_count(), per_example
+        process = (jax.process_index(), jax.process_count())
+        feed = (train, t.batch_size, config.seed, d.shuffle, *process, per_example, d.packing)
+        self.batches = examples.example_iterator(*feed)
+        self.eval_set, self.unpack = eval_set(self.val, t.batch_size, d.packing)
+        padding = packing.padding_fraction(itertools.islice(examples.example_iterator(*feed), PADDING_BATCHES))
+        fed = "packed rows of whole examples" if d.packing else "one padded example a row"
+        self.summary = (
+            f"{len(train_rows):,} train / {len(val_rows):,} val examples{what}; "
+            f"padding {100 * padding:.1f}% of the computed tokens ({fed})"
         )
-        self.eval_set = examples.padded_batches(self.val, t.batch_size)
-        self.summary = f"{len(train_rows):,} train / {len(val_rows):,} val examples{what}"
 
     def batch(self, local: dict, step: int) -> dict:
         """Examples are ready to train on: the pipeline's rows are the batch."""
@@ -199,7 +226,7 @@ class ExampleTask:
                 s, w, p = predict(params, global_batch(process_rows(batch), mesh))
                 total, weight = total + float(s), weight + float(w)
                 predictions.append(np.asarray(p))
-            predicted = np.concatenate(predictions)[: len(self.val["targets"])]
+            predicted = self.unpack(predictions)
             result = {"eval_loss": total / weight}
             if self.objective == "classification":
                 found = scores.classification_scores(predicted, self.val["targets"], len(self.labels))

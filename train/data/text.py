@@ -4,9 +4,13 @@
     train = PackedTokens(train_docs, tokenizer)
     it = train_iterator(train, seq_len, batch_size, seed, shuffle=True)
     batch = next(it)  # {'inputs': int32[B, T], 'targets': int32[B, T]}, targets = inputs shifted by 1
+    # with segments: + 'segment_ids', 'positions' int32[B, T] and 'weights' float32[B, T]
 
 Documents are concatenated with ``eos_id`` after each one and cut into non-overlapping windows
-of ``seq_len + 1`` tokens. Batch ``s`` is a pure function of (seed, s) and the same global
+of ``seq_len + 1`` tokens. With ``segments`` (``data.packing``) a window's documents are kept
+apart: ``segment_ids`` number them 1, 2, ... in the window, ``positions`` restart at 0 where a
+document (or the window) starts, and ``weights`` are 0 on the one target per document boundary
+that would predict the next document's first token from the previous one. Batch ``s`` is a pure function of (seed, s) and the same global
 batch whatever the process count; ``it.get_state()`` is a few JSON-serialisable ints.
 """
 
@@ -25,7 +29,7 @@ from train.data.pipeline import batch_iterator
 from train.data.split import require_test_split, split_data
 from train.data.tokenizer import Tokenizer, encode_with_bytes
 
-Batch = dict[str, np.ndarray]  # {'inputs': int32[B, T], 'targets': int32[B, T]}
+Batch = dict[str, np.ndarray]  # {'inputs': int32[B, T], 'targets': int32[B, T]} (+ segments, see above)
 
 
 # --- documents ------------------------------------------------------------------------------
@@ -119,12 +123,17 @@ class PackedTokens:
         )
         self.num_documents = len(documents)
         self.eos_id = tokenizer.eos_id
+        # int64[D]: where each document starts in the stream (its eos is its last token)
+        self.starts = np.concatenate([[0], np.cumsum([len(p) + 1 for p in pieces[::2]])[:-1]]).astype(np.int64)
 
-    def target_bytes(self, seq_len: int, num_windows: int) -> int:
-        """UTF-8 bytes of the targets of the first ``num_windows`` windows (tokens 1 .. num_windows * seq_len)."""
+    def target_bytes(self, seq_len: int, num_windows: int, segments: bool = False) -> int:
+        """UTF-8 bytes of the targets of the first ``num_windows`` windows (tokens 1 .. num_windows * seq_len);
+        with ``segments``, of those with weight 1 (a document's first token is not predicted)."""
         if self.nbytes is None:
             raise ValueError("PackedTokens(..., count_bytes=True) counts bytes per token")
-        return int(self.nbytes[1 : num_windows * seq_len + 1].sum())
+        end = num_windows * seq_len + 1
+        unscored = self.starts[(self.starts >= 1) & (self.starts < end)] if segments else []
+        return int(self.nbytes[1:end].sum() - self.nbytes[unscored].sum())
 
     @property
     def num_tokens(self) -> int:
@@ -133,16 +142,21 @@ class PackedTokens:
     def num_windows(self, seq_len: int) -> int:
         return max(self.num_tokens - 1, 0) // seq_len
 
-    def windows(self, seq_len: int) -> TokenWindows:
-        """A grain ``RandomAccessDataSource`` of int32[seq_len + 1] windows."""
-        return TokenWindows(self.tokens, seq_len)
+    def windows(self, seq_len: int, segments: bool = False) -> TokenWindows:
+        """A grain ``RandomAccessDataSource`` of int32[seq_len + 1] windows (dicts with ``segments``)."""
+        return TokenWindows(self.tokens, seq_len, self.starts if segments else None)
 
 
 class TokenWindows:
-    """``windows[i]`` is int32[seq_len + 1]; inputs are ``[:-1]``, targets ``[1:]``."""
+    """``windows[i]`` is int32[seq_len + 1]; inputs are ``[:-1]``, targets ``[1:]``.
 
-    def __init__(self, tokens: np.ndarray, seq_len: int):
-        self.tokens, self.seq_len = tokens, seq_len
+    Given the documents' ``starts`` it is ``{'tokens', 'segment_ids', 'positions'}: int32[seq_len + 1]``:
+    the window's documents numbered 1, 2, ..., each token's offset from where its document (or
+    the window, whichever is later) starts, as grain's packers give them.
+    """
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, starts: np.ndarray | None = None):
+        self.tokens, self.seq_len, self.starts = tokens, seq_len, starts
         self._len = max(len(tokens) - 1, 0) // seq_len
 
     def __len__(self) -> int:
@@ -152,15 +166,47 @@ class TokenWindows:
         if not 0 <= i < self._len:
             raise IndexError(f"window {i} out of range [0, {self._len})")
         start = i * self.seq_len
-        return self.tokens[start : start + self.seq_len + 1]
+        tokens = self.tokens[start : start + self.seq_len + 1]
+        if self.starts is None:
+            return tokens
+        segments, positions = window_segments(np.arange(start, start + self.seq_len + 1)[None], self.starts)
+        return {"tokens": tokens, "segment_ids": segments[0], "positions": positions[0]}
 
     def __repr__(self) -> str:
         return f"TokenWindows(num_tokens={len(self.tokens)}, seq_len={self.seq_len})"
 
 
-def split_batch(windows: np.ndarray) -> Batch:
-    """int32[B, T + 1] -> {'inputs': int32[B, T], 'targets': int32[B, T]}."""
-    return {"inputs": windows[:, :-1], "targets": windows[:, 1:]}
+def window_segments(index: np.ndarray, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Windows of stream positions int[B, L] -> (segment ids, positions) int32[B, L]: each window's
+    documents numbered from 1, positions counted from where the document or the window starts."""
+    document = np.searchsorted(starts, index, side="right") - 1
+    segments = document - document[:, :1] + 1
+    positions = index - np.maximum(starts[document], index[:, :1])
+    return segments.astype(np.int32), positions.astype(np.int32)
+
+
+def split_batch(windows: np.ndarray | dict) -> Batch:
+    """int32[B, T + 1] -> {'inputs': int32[B, T], 'targets': int32[B, T]}; windows with segments
+    (``{'tokens', 'segment_ids', 'positions'}`` [B, T + 1]) add the inputs' ``segment_ids`` and
+    ``positions`` int32[B, T] and ``weights`` float32[B, T], 1 where a target is in its input's document."""
+    if not isinstance(windows, dict):
+        return {"inputs": windows[:, :-1], "targets": windows[:, 1:]}
+    tokens, segments = windows["tokens"], windows["segment_ids"]
+    same = (segments[:, 1:] == segments[:, :-1]) & (segments[:, :-1] > 0)
+    return {
+        "inputs": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+        "segment_ids": segments[:, :-1],
+        "positions": windows["positions"][:, :-1],
+        "weights": same.astype(np.float32),
+    }
+
+
+def stack(rows: list) -> np.ndarray | dict:
+    """Windows (arrays or dicts of arrays) -> one [B, ...] array or dict of them."""
+    if isinstance(rows[0], dict):
+        return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+    return np.stack(rows)
 
 
 # --- batches --------------------------------------------------------------------------------
@@ -175,10 +221,12 @@ def train_iterator(
     process_index: int = 0,
     process_count: int = 1,
     num_workers: int = 0,
+    segments: bool = False,
 ) -> grain.DatasetIterator:
     """Endless iterator of this process's rows of each global batch.
 
-    Yields ``{'inputs', 'targets'}: int32[global_batch // process_count, seq_len]``, rows
+    Yields ``{'inputs', 'targets'}: int32[global_batch // process_count, seq_len]`` (with
+    ``segments``: and ``segment_ids``, ``positions``, ``weights``, see ``split_batch``), rows
     ``[p*local, (p+1)*local)`` of global batch ``s``. Global batch ``s`` holds windows
     ``s*global_batch ... + global_batch - 1`` of the (per-epoch reshuffled) window order, so
     it does not depend on ``process_count``. ``get_state`` / ``set_state`` resume exactly.
@@ -189,17 +237,20 @@ def train_iterator(
             f"the training corpus gives {available} windows of seq_len+1={seq_len + 1} tokens, fewer than "
             f"train.batch_size={global_batch}; lower train.seq_len or train.batch_size or add data"
         )
-    windows = grain.MapDataset.source(tokens.windows(seq_len))
+    windows = grain.MapDataset.source(tokens.windows(seq_len, segments))
     return batch_iterator(
         windows, global_batch, seed=seed, shuffle=shuffle, process_index=process_index,
         process_count=process_count, per_batch=split_batch, num_workers=num_workers,
     )  # fmt: skip
 
 
-def eval_batches(tokens: PackedTokens, seq_len: int, batch_size: int, max_batches: int) -> list[Batch]:
+def eval_batches(
+    tokens: PackedTokens, seq_len: int, batch_size: int, max_batches: int, segments: bool = False
+) -> list[Batch]:
     """The first ``min(max_batches, num_windows // batch_size)`` batches of windows, in order.
 
-    Each is ``{'inputs', 'targets'}: int32[batch_size, seq_len]``; the ragged tail is dropped.
+    Each is ``{'inputs', 'targets'}: int32[batch_size, seq_len]`` (with ``segments``, as
+    ``split_batch`` gives them); the ragged tail is dropped.
     """
     available = tokens.num_windows(seq_len)
     count = min(max_batches, available // batch_size)
@@ -209,5 +260,5 @@ def eval_batches(tokens: PackedTokens, seq_len: int, batch_size: int, max_batche
             f"one eval batch of {batch_size}; hold out more documents (data.val_fraction or data.val_files) "
             "or lower train.seq_len or train.batch_size"
         )
-    windows = tokens.windows(seq_len)
-    return [split_batch(np.stack([windows[b * batch_size + j] for j in range(batch_size)])) for b in range(count)]
+    windows = tokens.windows(seq_len, segments)
+    return [split_batch(stack([windows[b * batch_size + j] for j in range(batch_size)])) for b in range(count)]

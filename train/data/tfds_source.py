@@ -11,7 +11,8 @@ records of the split (``tfds.data_source``: array_record, random access, no Tens
 -> this process's shard (records p, p + P, ...; tf_data: the p-th of P even parts) -> shuffled by
 seed, anew each epoch -> repeated
 -> text tokenised, ``eos_id`` appended -> concatenated and cut into windows of ``seq_len + 1``
-tokens (grain's ``ConcatThenSplitIterDataset``) -> batches of this process's rows.
+tokens (grain's ``ConcatThenSplitIterDataset``, whose segment ids and positions keep documents
+apart with ``data.packing``) -> batches of this process's rows.
 
 Windows do not overlap (a window's first token is context only). Each process packs its own
 shard, as MaxText does: process p's batch s is a pure function of (seed, s, p, P), so the global
@@ -33,7 +34,7 @@ import grain
 import numpy as np
 
 from train.config.sections import ConfigError, DataConfig
-from train.data.pipeline import batch_iterator
+from train.data.pipeline import batch_iterator, concat_then_split
 from train.data.text import Batch, PackedTokens, split_batch
 from train.data.tokenizer import Tokenizer
 
@@ -130,8 +131,10 @@ class TfdsCorpus:
         process_index: int = 0,
         process_count: int = 1,
         num_workers: int = 0,
+        segments: bool = False,
     ) -> StreamBatches:
-        """Endless iterator of this process's ``global_batch // process_count`` packed rows a step.
+        """Endless iterator of this process's ``global_batch // process_count`` packed rows a step
+        (with ``segments``: documents kept apart, as ``text.split_batch`` describes).
 
         ``num_workers > 0``: that many processes each pack a slice of the shard, and batches are
         taken from them in turn (so the batches depend on ``num_workers``).
@@ -151,7 +154,7 @@ class TfdsCorpus:
         batches = batch_iterator(
             records, global_batch, seed=seed, shuffle=shuffle, process_index=process_index,
             process_count=process_count, per_record=Tokenize(tokenizer, self.cfg.text_field),
-            pack_length=seq_len + 1, per_batch=split_batch, num_workers=num_workers, read_options=READ_OPTIONS,
+            pack=concat_then_split(seq_len + 1, segments), per_batch=split_batch, num_workers=num_workers, read_options=READ_OPTIONS,
         )  # fmt: skip
         return StreamBatches(batches, process_index, process_count)
 
@@ -230,7 +233,7 @@ class StreamBatches:
         saved = state.get("processes", [])
         if len(saved) != self.process_count:
             raise ConfigError(
-                f"the checkpoint's TFDS data position was saved by {len(saved)} processes, and each process packs "
+                f"the checkpoint's data position was saved by {len(saved)} processes, and each process packs "
                 f"its own shard; resume with {len(saved)} processes or start a new run.dir"
             )
         self.iterator.set_state(_slices_as_tuples(saved[self.process_index]))

@@ -24,8 +24,8 @@ from train.core.step import make_score_step
 from train.data import examples, windows
 from train.data.conll import check_tags
 from train.data.objectives import raw_length
-from train.data.tasks import EVAL_SEED_OFFSET, global_batch, make_objective, process_rows
-from train.data.text import PackedTokens
+from train.data.tasks import EVAL_SEED_OFFSET, eval_set, global_batch, make_objective, packs, process_rows
+from train.data.text import PackedTokens, split_batch, stack, window_segments
 from train.evaluation import report, scores
 
 
@@ -47,8 +47,11 @@ def causal_windows(num_tokens: int, seq_len: int, stride: int) -> tuple[np.ndarr
     return starts, weights.astype(np.float32)
 
 
-def _causal_batches(tokens, nbytes, seq_len: int, stride: int, batch_size: int) -> Iterator[tuple[dict, float]]:
-    """(batch, bytes it scores) per ``batch_size`` windows; the last batch is filled with weight-0 rows."""
+def _causal_batches(
+    tokens, nbytes, seq_len: int, stride: int, batch_size: int, documents: np.ndarray | None = None
+) -> Iterator[tuple[dict, float]]:
+    """(batch, bytes it scores) per ``batch_size`` windows; the last batch is filled with weight-0 rows.
+    Given the ``documents``' starts, windows keep them apart as the trainer's do (``text.split_batch``)."""
     starts, weights = causal_windows(len(tokens), seq_len, stride)
     fill = -len(starts) % batch_size
     starts = np.concatenate([starts, np.zeros(fill, np.int64)])
@@ -60,23 +63,27 @@ def _causal_batches(tokens, nbytes, seq_len: int, stride: int, batch_size: int) 
         rows = starts[b : b + batch_size, None] + np.arange(seq_len + 1)  # [B, seq_len + 1]
         w = weights[b : b + batch_size]
         batch = {"inputs": tokens[rows[:, :-1]], "targets": tokens[rows[:, 1:]], "weights": w}
-        yield batch, float(np.sum(nbytes[rows[:, 1:]] * w))
+        if documents is not None:
+            segments, positions = window_segments(rows, documents)
+            batch = split_batch({"tokens": tokens[rows], "segment_ids": segments, "positions": positions})
+            batch["weights"] = batch["weights"] * w
+        yield batch, float(np.sum(nbytes[rows[:, 1:]] * batch["weights"]))
 
 
-def _objective_batches(setup, tokens: np.ndarray) -> Iterator[tuple[dict, float]]:
+def _objective_batches(setup, packed: PackedTokens) -> Iterator[tuple[dict, float]]:
     """Masked LM / span corruption batches of non-overlapping windows, as the trainer's eval makes
     them (eval seed per batch); the last batch is filled with copies of window 0 of weight 0."""
     t = setup.config.train
     window = raw_length(t.objective, t.seq_len, t.noise_density, t.mean_span) - 1
-    count = max(len(tokens) - 1, 0) // window
+    count = packed.num_windows(window)
     if count == 0:
         raise ConfigError(f"the text to score is shorter than one window of {window + 1} tokens; give more text")
     objective = make_objective(setup.config, setup.source.config, setup.tokenizer)
+    windows = packed.windows(window, packs(setup.config))
     order = np.concatenate([np.arange(count), np.zeros(-count % t.batch_size, np.int64)])
     for i, b in enumerate(range(0, len(order), t.batch_size)):
-        rows = order[b : b + t.batch_size, None] * window + np.arange(window + 1)
-        raw = tokens[rows]
-        batch = objective({"inputs": raw[:, :1], "targets": raw[:, 1:]}, EVAL_SEED_OFFSET + i)
+        raw = stack([windows[j] for j in order[b : b + t.batch_size]])
+        batch = objective(split_batch(raw), EVAL_SEED_OFFSET + i)
         valid = (np.arange(b, b + t.batch_size) < count).reshape(-1, *(1,) * (batch["weights"].ndim - 1))
         batch["weights"] = np.where(valid, batch["weights"], 0).astype(batch["weights"].dtype)
         yield batch, 0.0
@@ -91,14 +98,27 @@ def _run(setup, batches) -> Iterator[tuple[float, float, np.ndarray, float]]:
         yield float(s), float(w), np.asarray(predictions), nbytes
 
 
+def _score_examples(setup, arrays: dict) -> tuple[float, float, np.ndarray]:
+    """(summed loss, summed weight, per-example predictions) of every example of ``arrays``, in
+    packed rows with ``data.packing`` (train/data/packing.py) as the trainer's eval feeds them."""
+    batches, unpack = eval_set(arrays, setup.config.train.batch_size, packs(setup.config))
+    total = weight = 0.0
+    predicted = []
+    for s, w, p, _ in _run(setup, ((b, 0.0) for b in batches)):
+        total, weight = total + s, weight + w
+        predicted.append(p)
+    return total, weight, unpack(predicted)
+
+
 def score_stream(setup, documents: Sequence[str]) -> dict:
     """``{'eval_loss', 'perplexity', 'eval_bpb', 'tokens', 'bytes'}`` (no bpb and bytes unless causal)."""
     t = setup.config.train
     packed = PackedTokens(documents, setup.tokenizer, count_bytes=True)  # as the trainer packs held-out text
     if t.objective == "causal_lm":
-        batches = _causal_batches(packed.tokens, packed.nbytes, t.seq_len, setup.stride, t.batch_size)
+        documents = packed.starts if packs(setup.config) else None
+        batches = _causal_batches(packed.tokens, packed.nbytes, t.seq_len, setup.stride, t.batch_size, documents)
     else:
-        batches = _objective_batches(setup, packed.tokens)
+        batches = _objective_batches(setup, packed)
     total = weight = scored_bytes = 0.0
     for s, w, _, b in _run(setup, batches):
         total, weight, scored_bytes = total + s, weight + w, scored_bytes + b
@@ -123,12 +143,7 @@ def score_examples(setup, rows: Sequence, split: str, out_dir: pathlib.Path) -> 
         arrays = examples.classification_arrays(rows, c.data, labels, setup.tokenizer, t.seq_len)
     else:
         arrays = examples.seq2seq_arrays(rows, c.data, setup.tokenizer, t.seq_len, t.target_len)
-    total = weight = 0.0
-    predicted = []
-    for s, w, p, _ in _run(setup, ((b, 0.0) for b in examples.padded_batches(arrays, t.batch_size))):
-        total, weight = total + s, weight + w
-        predicted.append(p)
-    predicted = np.concatenate(predicted)[: len(arrays["targets"])]
+    total, weight, predicted = _score_examples(setup, arrays)
     loss = total / weight
     if t.objective == "seq2seq":
         accuracy = scores.token_accuracy(predicted, arrays["targets"], arrays["weights"])

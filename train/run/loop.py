@@ -36,8 +36,8 @@ from train.core.state import StateSpec, TrainState, count_params, init_state, ma
 from train.core.step import make_train_step
 from train.data.tasks import ExampleTask, StreamTask, global_batch, make_task, vocab_needed
 from train.data.tokenizer import Tokenizer, load_tokenizer
-from train.run.profiling import Profile
 from train.run.callbacks import Callback, builtin, describe
+from train.run.profiling import Profile
 from train.run.writers import MetricsWriter
 
 VOCAB_MULTIPLE = 128

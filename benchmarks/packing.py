@@ -1,0 +1,98 @@
+"""Packed vs padded example tasks: padding fraction and real tokens (and examples) per second.
+
+    PYTHONPATH=. python benchmarks/packing.py                                   # speakers + genre, MiniLM
+    PYTHONPATH=. python benchmarks/packing.py --configs configs/speakers-minilm.yaml --steps 5 --seq-len 128
+
+For each task config, builds the task twice (``data.packing`` true / false, train/data/tasks.py),
+measures the padding fraction of its first training batches, then times ``--steps`` train steps
+(after one compiling step) of the config's model from a fresh init (throughput does not depend on
+the weights). Prints one JSON object per (config, packing): ``padding_fraction``,
+``real_tokens_per_s`` (tokens of examples, not padding), ``examples_per_s``, ``s_per_step`` and
+``epoch_s`` (the training examples over examples_per_s). Run packed and padded in one process:
+only their ratio means something on a shared machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+CONFIGS = "configs/speakers-minilm.yaml,configs/genre-minilm.yaml"
+
+
+def real_tokens(batch: dict) -> tuple[int, int]:
+    """(tokens of examples, examples) in a batch, packed or padded."""
+    if "segment_ids" in batch:
+        segments = batch["segment_ids"]
+        return int((segments > 0).sum()), int(((batch["positions"] == 0) & (segments > 0)).sum())
+    return int(batch["attention_mask"].sum()), len(batch["attention_mask"])
+
+
+def measure(config_path: str, packing: bool, steps: int, overrides: list[str]) -> dict:
+    import jax
+
+    from sharding.mesh import make_mesh
+    from train.config.sections import load_config
+    from train.core.state import init_state, make_state_spec
+    from train.core.step import make_train_step
+    from train.data import packing as packer
+    from train.data.tasks import global_batch, make_task, vocab_needed
+    from train.data.tokenizer import load_tokenizer
+    from train.run.loop import resolve_model
+
+    config = load_config(REPO_ROOT / config_path, [*overrides, f"data.packing={str(packing).lower()}"])
+    tokenizer = load_tokenizer(config.data.tokenizer)
+    model_cfg = resolve_model(config.model, vocab_needed(config, tokenizer))
+    task = make_task(config, model_cfg, tokenizer)
+    mesh = make_mesh(config.mesh)
+    spec = make_state_spec(model_cfg, config.optimizer, config.train.steps, mesh)
+    state = init_state(spec, model_cfg, config.seed)
+    step = make_train_step(spec, mesh, config.train.grad_accum, config.seed)
+    batches = [next(task.batches) for _ in range(steps + 1)]
+    state, metrics = step(state, global_batch(batches[0], mesh))  # compiles
+    jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    for batch in batches[1:]:
+        state, metrics = step(state, global_batch(batch, mesh))
+    jax.block_until_ready(metrics)
+    elapsed = time.perf_counter() - start
+    tokens, examples = map(sum, zip(*(real_tokens(b) for b in batches[1:])))
+    train_examples = int(task.summary.split(" train")[0].replace(",", ""))
+    return {
+        "config": config_path,
+        "packing": packing,
+        "batch_size": config.train.batch_size,
+        "seq_len": config.train.seq_len,
+        "padding_fraction": round(packer.padding_fraction(batches), 4),
+        "examples_per_step": examples / steps,
+        "s_per_step": round(elapsed / steps, 3),
+        "real_tokens_per_s": round(tokens / elapsed, 1),
+        "examples_per_s": round(examples / elapsed, 2),
+        "epoch_s": round(train_examples / (examples / elapsed), 1),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--configs", default=CONFIGS, help="comma-separated task configs (example objectives)")
+    p.add_argument("--steps", type=int, default=3, help="timed train steps per measurement")
+    p.add_argument("--seq-len", type=int, default=0, help="override train.seq_len (0: the config's)")
+    p.add_argument("--batch-size", type=int, default=0, help="override train.batch_size (0: the config's)")
+    args = p.parse_args(argv)
+    overrides = ["checkpoint.init_from=", "mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1"]
+    overrides += [f"train.seq_len={args.seq_len}"] * bool(args.seq_len)
+    overrides += [f"train.batch_size={args.batch_size}"] * bool(args.batch_size)
+    for path in args.configs.split(","):
+        for packing in (True, False):
+            print(json.dumps(measure(path, packing, args.steps, overrides)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
