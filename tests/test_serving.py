@@ -85,3 +85,26 @@ def test_the_export_runs_in_a_python_without_meshlm(llama, tmp_path):
     subprocess.run([sys.executable, "-c", script, str(out), str(tmp_path / "y.npy")], cwd=tmp_path, env=env, check=True)
     want = model(np.arange(10, dtype=np.int32).reshape(2, 5))
     np.testing.assert_allclose(np.load(tmp_path / "y.npy"), np.asarray(want), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_train_export_format_stablehlo_writes_a_serving_export_of_a_model_source(tmp_path):
+    import torch
+    import transformers
+
+    from train import export
+    from train.checkpoints.sources import load_source
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=260, n_positions=32, n_embd=32, n_layer=2, n_head=4)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "hf")
+    assert export.main([str(tmp_path / "hf"), str(tmp_path / "out"), "--format", "stablehlo"]) == 0
+    forward, weights = _load(tmp_path / "out" / "forward.jaxexport"), load_weights(tmp_path / "out")
+    x = np.arange(20, dtype=np.int32).reshape(2, 10)
+    want = load_source(tmp_path / "hf").model(x)
+    np.testing.assert_allclose(np.asarray(forward.call(weights, x)), np.asarray(want), atol=1e-5)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir())[:3] == [
+        "decode.jaxexport",
+        "forward.jaxexport",
+        "prefill.jaxexport",
+    ]

@@ -1,6 +1,6 @@
 """``python -m train.export SRC OUT_DIR``: a model's parameters in another layout.
 
-    python -m train.export SRC OUT_DIR [--format params|hf|checkpoint] [--tokenizer DIR] [--best] [--merge-lora]
+    python -m train.export SRC OUT_DIR [--format params|hf|checkpoint|stablehlo] [--tokenizer DIR] [--best] [--merge-lora]
 
 SRC is any model source (train/checkpoints/sources.py): a run directory (its newest intact checkpoint, or with
 ``--best`` its best one, kept by ``checkpoint.keep_best``; also its ``checkpoints/`` directory or a
@@ -22,6 +22,11 @@ tokenizer's files, or ``byte_tokenizer.json`` for the byte tokenizer (train/data
     ``OUT_DIR/0/`` in the layout of a run's ``checkpoints/`` (state = {"params": ...}) and
     ``OUT_DIR/config.yaml``: ``python -m train OUT_DIR/config.yaml run.dir=...`` fine-tunes it
     (its ``checkpoint.init_from`` points at OUT_DIR, its ``data.tokenizer`` at the tokenizer saved there).
+--format stablehlo
+    A serving export through ``jax.export`` (train/checkpoints/serving.py): ``forward.jaxexport``
+    (and a decoder's ``prefill.jaxexport`` + ``decode.jaxexport``) with a symbolic batch size,
+    ``weights.npz`` and ``serving.json``; ``jax.export.deserialize`` runs them without meshlm.
+    The tokenizer is saved beside them.
 
 --merge-lora folds a LoRA run's adapters into its base weights (W + alpha / rank * A @ B; an int8
 base, QLoRA, is dequantised first) and writes the plain float model (its config without LoRA) in any format; without it a LoRA run's
@@ -41,7 +46,7 @@ import sys
 from models.config import ConfigError, ModelConfig
 from train import cli
 
-FORMATS = ("params", "hf", "checkpoint")
+FORMATS = ("params", "hf", "checkpoint", "stablehlo")
 
 
 
@@ -113,7 +118,7 @@ def export(
     import jax
     from flax import nnx
 
-    from models import hf
+    from models import abstract_model, hf
     from sharding.mesh import MeshConfig, make_mesh
     from train.checkpoints.sources import load_source
     from train.data.tokenizer import ByteTokenizer, save_tokenizer
@@ -124,7 +129,7 @@ def export(
     source = load_source(src, mesh=make_mesh(MeshConfig(), jax.devices("cpu")[:1]), best=best, what="SRC")
     cfg, params = source.config, nnx.state(source.model, nnx.Param)
     if merge_lora:
-        from models import abstract_model, lora
+        from models import lora
 
         if not cfg.lora_rank:
             raise ConfigError(f"SRC='{src}' has no LoRA adapters (lora.rank=0); leave out --merge-lora")
@@ -138,6 +143,13 @@ def export(
         write_params(params, cfg, out_dir, source.tokenizer, _run_labels(pathlib.Path(src), cfg))
     elif format == "checkpoint":
         write_checkpoint(params, cfg, out_dir, source.tokenizer, _run_labels(pathlib.Path(src), cfg))
+    elif format == "stablehlo":
+        from train.checkpoints.serving import export_serving
+
+        model = nnx.merge(abstract_model(cfg)[0], params)
+        export_serving(model, cfg, out_dir, source.tokenizer.eos_id if source.tokenizer else None)
+        if source.tokenizer is not None:
+            save_tokenizer(source.tokenizer, out_dir)
     else:
         own = getattr(source.tokenizer, "path", None)  # a Hugging Face tokenizer's directory
         hf.export(params, cfg, out_dir, tokenizer=tokenizer or own, labels=_run_labels(source.path, cfg))
