@@ -138,7 +138,7 @@ def split_labels(text: str) -> list[str]:
 
 
 # read JSONL examples, not a packed token stream
-EXAMPLE_OBJECTIVES = ("seq2seq", "classification", "token_classification")
+EXAMPLE_OBJECTIVES = ("seq2seq", "classification", "token_classification", "sft")
 ENTITY_METRICS = ("eval_entity_precision", "eval_entity_recall", "eval_entity_f1")  # micro, exact spans
 # The keys of the eval records each objective writes (train/data/tasks.py evaluators).
 EVAL_METRICS = {
@@ -146,6 +146,7 @@ EVAL_METRICS = {
     "masked_lm": ("eval_loss",),
     "span_corruption": ("eval_loss",),
     "seq2seq": ("eval_loss", "eval_token_accuracy"),
+    "sft": ("eval_loss", "eval_token_accuracy"),  # over the loss_on tokens
     "classification": ("eval_loss", "eval_accuracy", "eval_macro_f1"),
     "token_classification": ("eval_loss", "eval_token_accuracy", *ENTITY_METRICS),
 }
@@ -155,6 +156,7 @@ OBJECTIVE_FAMILY = {
     "masked_lm": "encoder",
     "span_corruption": "encoder_decoder",
     "seq2seq": "encoder_decoder",
+    "sft": "decoder",
     "classification": "encoder",
     "token_classification": "encoder",
 }

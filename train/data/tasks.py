@@ -23,7 +23,7 @@ from models.config import ModelConfig
 from sharding.rules import batch_sharding
 from train import scores
 from train.config import Config, ConfigError
-from train.data import examples, tagging
+from train.data import chat, examples, tagging
 from train.data.objectives import raw_length, text_objective
 from train.data.text import PackedTokens, eval_batches, read_documents, train_iterator
 from train.data.tfds_source import open_tfds
@@ -48,7 +48,7 @@ def global_batch(local: dict, mesh) -> dict:
 
 def vocab_needed(config: Config, tokenizer: Tokenizer) -> int:
     """Ids the model's vocabulary must hold: the tokenizer's, plus any [CLS]/[PAD] ids reserved past it."""
-    if config.train.objective in EXAMPLE_OBJECTIVES:
+    if config.train.objective in EXAMPLE_OBJECTIVES and config.train.objective != "sft":  # sft pads with eos
         return max(tokenizer.vocab_size, examples.markers(tokenizer).vocab_needed)
     return tokenizer.vocab_size
 
@@ -154,10 +154,20 @@ class ExampleTask:
             else:
                 make = lambda rows: examples.classification_arrays(rows, d, self.labels, tokenizer, t.seq_len)
             what = f", labels {', '.join(self.labels)}"
+        elif t.objective == "sft":
+            self.labels, self.data_config, self.skipped = [], d, [0]
+
+            def make(rows):
+                arrays, skipped = chat.sft_arrays(rows, d, tokenizer, t.seq_len, t.loss_on)
+                self.skipped[0] += skipped
+                return arrays
+
         else:
             self.labels, self.data_config, what = [], d, ""
             make = lambda rows: examples.seq2seq_arrays(rows, d, tokenizer, t.seq_len, t.target_len)
         train, self.val = make(train_rows), make(val_rows)
+        if t.objective == "sft":
+            what = f", {self.skipped[0]} bad rows skipped (data.skip_bad)" if self.skipped[0] else ""
         self.log_prior = None  # token_classification: the training tags' log frequencies [num_labels]
         if isinstance(self.val, tagging.TaggedArrays):
             train, self.val_words, self.val = train.arrays, self.val, self.val.arrays
