@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import pathlib
 import shutil
+import sys
 
 import jax
 import numpy as np
@@ -15,6 +17,7 @@ from flax import nnx
 
 from sharding.rules import activation_context
 from tests.cli_runs import REPO, in_this_process
+from train import generate
 from train.config import ConfigError, DataConfig, load_config
 from train.data import chat
 from train.data.files import Row
@@ -133,10 +136,10 @@ def test_eval_loss_is_the_mean_cross_entropy_of_the_assistant_tokens_only(tmp_pa
     assert abs(eval_loss - losses[:, :10].mean()) > 1e-3  # not the loss of the prompt tokens
 
 
-def test_a_tiny_sft_run_learns_the_answers(tmp_path):
+def test_a_tiny_sft_run_learns_the_answers_and_chats(tmp_path, monkeypatch, capsys):
     argv = [
         "configs/sft-llama.yaml", f"run.dir={tmp_path / 'run'}", f"data.train_files={tmp_path / 'train.jsonl'}",
-        f"data.val_files={tmp_path / 'val.jsonl'}", "train.seq_len=48", "model.max_seq_len=48", "train.batch_size=8",
+        f"data.val_files={tmp_path / 'val.jsonl'}", "train.seq_len=48", "model.max_seq_len=96", "train.batch_size=8",
         "train.steps=12", "train.log_every=1", "train.eval_every=0", "optimizer.lr=0.01", "train.sample_tokens=4",
     ]  # fmt: skip
     tiny_config(tmp_path)  # writes the rows
@@ -145,3 +148,9 @@ def test_a_tiny_sft_run_learns_the_answers(tmp_path):
     losses = run.losses()
     assert losses[12] < 0.7 * losses[1], losses
     assert run.evals()[-1]["eval_loss"] < losses[1]
+    # --chat: one answer line per user line, each stopped at the end-of-turn eos (never past the budget)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Who says aye?\n\nWho says nay?\n"))
+    capsys.readouterr()
+    assert generate.main([str(run.dir), "--chat", "--temperature", "0", "--max-new-tokens", "6"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and all(len(line) <= 6 for line in lines), lines

@@ -95,6 +95,16 @@ def render(conversation: Sequence[Turn], tokenizer: Tokenizer) -> list[tuple[np.
     return pieces + [(tokenizer.encode(text[done:]), False)]
 
 
+def prompt_ids(conversation: Sequence[Turn], tokenizer: Tokenizer) -> np.ndarray:
+    """int32 [L]: the conversation so far, templated, then the start of the assistant's next turn."""
+    hf = _hf_template(tokenizer)
+    if hf is not None:
+        msgs = [{"role": r, "content": c} for r, c in conversation]
+        return np.asarray(tokenizer.encode(hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)), np.int32)
+    pieces = [ids for ids, _ in render(conversation, tokenizer)] + [tokenizer.encode("<|assistant|>\n")]
+    return np.concatenate(pieces).astype(np.int32)
+
+
 def example(conversation: Sequence[Turn], tokenizer: Tokenizer, loss_on: str) -> tuple[np.ndarray, np.ndarray]:
     """(ids int32 [L], weights float32 [L]) of one conversation: weight 1 on the tokens the loss reads."""
     pieces = [(ids, assistant) for ids, assistant in render(conversation, tokenizer) if len(ids)]
