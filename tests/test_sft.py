@@ -17,7 +17,7 @@ from flax import nnx
 
 from sharding.rules import activation_context
 from tests.cli_runs import REPO, in_this_process
-from train import generate
+from train import evaluate, generate
 from train.config import ConfigError, DataConfig, load_config
 from train.data import chat
 from train.data.files import Row
@@ -148,6 +148,12 @@ def test_a_tiny_sft_run_learns_the_answers_and_chats(tmp_path, monkeypatch, caps
     losses = run.losses()
     assert losses[12] < 0.7 * losses[1], losses
     assert run.evals()[-1]["eval_loss"] < losses[1]
+    # train.evaluate scores the run's held-out rows over the same masked tokens as its last eval
+    capsys.readouterr()
+    assert evaluate.main([str(run.dir)]) == 0
+    scored_again = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert scored_again["tokens"] == len("KENT") + 1 + len("LEAR") + 1
+    assert scored_again["eval_loss"] == pytest.approx(run.evals()[-1]["eval_loss"], rel=1e-4)
     # --chat: one answer line per user line, each stopped at the end-of-turn eos (never past the budget)
     monkeypatch.setattr(sys, "stdin", io.StringIO("Who says aye?\n\nWho says nay?\n"))
     capsys.readouterr()
