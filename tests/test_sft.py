@@ -6,6 +6,7 @@ import dataclasses
 import io
 import json
 import pathlib
+import re
 import shutil
 import sys
 
@@ -107,6 +108,21 @@ def test_bad_rows_name_file_and_line_or_are_skipped_and_counted(record, message)
         arrays([good, record, good])
     a, skipped = arrays([good, record, good], skip_bad=True)
     assert skipped == 1 and len(a["targets"]) == 2
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.family=encoder"], "train.objective=sft trains model.family=decoder, not encoder"),
+        (["data.format=text"], "train.objective=sft reads one example per JSONL row; set data.format=jsonl"),
+        (["train.objective=causal_lm", "data.format=text"], "train.loss_on and data.skip_bad are for train.objective=sft"),
+    ],
+)
+def test_sft_config_must_fit(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(REPO / "configs/sft-gpt.yaml", ["data.skip_bad=true", *overrides])
+    for name in ("sft-gpt", "sft-llama"):
+        assert load_config(REPO / f"configs/{name}.yaml").train.objective == "sft"
 
 
 def tiny_config(tmp_path: pathlib.Path, **train):

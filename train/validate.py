@@ -185,6 +185,8 @@ def objective_problems(config: Config) -> list[str]:
         )
     if t.target_len <= 0:
         out.append(f"train.target_len must be positive, got {t.target_len}")
+    if t.objective != "sft" and (t.loss_on != "assistant" or data.skip_bad):
+        out.append(f"train.loss_on and data.skip_bad are for train.objective=sft, not {t.objective}; drop them")
     if t.prior_bias and t.objective != "token_classification":
         out.append(f"train.prior_bias is for train.objective=token_classification, not {t.objective}; drop it")
     return out
