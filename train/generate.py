@@ -1,4 +1,4 @@
-"""``python -m train.generate SOURCE --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-k K]
+"""``python -m train.generate SOURCE (--prompt TEXT | --chat) [--max-new-tokens N] [--temperature T] [--top-k K]
 [--top-p P] [--seed S] [--num-samples N] [--tokenizer DIR]``
 
 Continues ``--prompt`` with a saved model (a run directory, an export directory or a Hugging Face
@@ -11,7 +11,10 @@ from (``decoder_start_token_id``, 0 for T5; train/checkpoints/sources.py). ``--t
 keeps every token, as in transformers. A sample ends at the tokenizer's eos or after
 ``--max-new-tokens`` (default: up to 200, as many as the model's positions leave room for). An
 empty prompt starts a new document (from eos). The model runs on the devices as the run's mesh
-says (all devices as fsdp otherwise). User mistakes print one ``error:`` line and exit with status 2.
+says (all devices as fsdp otherwise). ``--chat`` (decoders) reads one user turn per line of standard
+input (a terminal or a pipe) until its end, and answers each through the chat template of
+train/data/chat.py with the whole conversation so far, one answer a line, each ending at the
+template's end-of-turn token (the tokenizer's eos). User mistakes print one ``error:`` line and exit with status 2.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import argparse
 import math
 import pathlib
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 
@@ -34,7 +37,9 @@ DEFAULT_NEW_TOKENS = 200
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = cli.Parser(prog="python -m train.generate", description=__doc__.split("\n\n")[1])
     parser.add_argument("source", help="run directory, export directory or Hugging Face model directory")
-    parser.add_argument("--prompt", required=True, help="the text to continue (T5: the encoder's input)")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", help="the text to continue (T5: the encoder's input)")
+    what.add_argument("--chat", action="store_true", help="converse: user turns from stdin, one a line")
     parser.add_argument("--max-new-tokens", type=int, default=0, help=f"default: up to {DEFAULT_NEW_TOKENS}")
     parser.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
     parser.add_argument("--top-k", type=int, default=40, help="sample among the k likeliest tokens (0: all)")
@@ -87,6 +92,53 @@ def samples(args: argparse.Namespace) -> Iterator[tuple[int, str]]:
     """(sample index, text to print next): a decoder's prompt, then each sample's text as it is decoded."""
     from models.generate import stream
     from sharding.rules import BATCH_AXES, activation_context
+
+    mesh, source, tokenizer = _load(args)
+    prompt, new_tokens = _prompt_and_budget(args, source, tokenizer)
+    dp = math.prod(mesh.shape[a] for a in BATCH_AXES)
+    rows = -(-args.num_samples // dp) * dp  # the batch shards over the data-parallel devices
+    kwargs = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
+    kwargs |= {"eos_id": tokenizer.eos_id, "pad_id": tokenizer.eos_id, "start_id": source.decoder_start_id}
+    shown = args.prompt if source.config.family == "decoder" else ""
+    with activation_context(mesh):
+        pieces = stream(source.model, [prompt] * rows, new_tokens, chunk=CHUNK, **kwargs)
+        yield from _texts(pieces, tokenizer, args.num_samples, shown)
+
+
+def answers(args: argparse.Namespace, turns: Iterable[str]) -> Iterator[str]:
+    """``--chat``: the model's answer to each user turn (blank lines skipped), the conversation kept."""
+    from models.generate import stream
+    from sharding.rules import BATCH_AXES, activation_context
+    from train.data.chat import prompt_ids
+
+    mesh, source, tokenizer = _load(args)
+    if source.config.family != "decoder":
+        raise ConfigError(f"--chat needs a decoder; '{args.source}' is a {source.config.family} model")
+    dp = math.prod(mesh.shape[a] for a in BATCH_AXES)
+    kwargs = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
+    eos, conversation = tokenizer.eos_id, []
+    for turn in turns:
+        if not turn.strip():
+            continue
+        conversation.append(("user", turn.rstrip("\n")))
+        prompt = prompt_ids(conversation, tokenizer)
+        room = source.config.max_seq_len - len(prompt)
+        if room < 1:
+            raise ConfigError(
+                f"the conversation has {len(prompt)} tokens, the model {source.config.max_seq_len} positions; "
+                "start a new one"
+            )
+        with activation_context(mesh):
+            pieces = stream(source.model, [prompt] * dp, min(args.max_new_tokens or DEFAULT_NEW_TOKENS, room),
+                            chunk=CHUNK, eos_id=eos, pad_id=eos, **kwargs)  # fmt: skip
+            tokens = [int(t) for piece in pieces for t in piece[0]]
+        answer = tokenizer.decode(tokens[: tokens.index(eos)] if eos in tokens else tokens)
+        conversation.append(("assistant", answer))
+        yield answer
+
+
+def _load(args: argparse.Namespace):
+    """(mesh, source, tokenizer) of ``args.source`` (``--tokenizer`` replacing the source's)."""
     from train.checkpoints.sources import check_tokenizer, load_source
     from train.data.tokenizer import load_tokenizer
 
@@ -97,15 +149,7 @@ def samples(args: argparse.Namespace) -> Iterator[tuple[int, str]]:
         raise ConfigError(f"'{args.source}' holds no tokenizer; pass --tokenizer byte or a tokenizer directory")
     if args.tokenizer:
         check_tokenizer(tokenizer, source.config, f"--tokenizer '{args.tokenizer}'")
-    prompt, new_tokens = _prompt_and_budget(args, source, tokenizer)
-    dp = math.prod(mesh.shape[a] for a in BATCH_AXES)
-    rows = -(-args.num_samples // dp) * dp  # the batch shards over the data-parallel devices
-    kwargs = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
-    kwargs |= {"eos_id": tokenizer.eos_id, "pad_id": tokenizer.eos_id, "start_id": source.decoder_start_id}
-    shown = args.prompt if source.config.family == "decoder" else ""
-    with activation_context(mesh):
-        pieces = stream(source.model, [prompt] * rows, new_tokens, chunk=CHUNK, **kwargs)
-        yield from _texts(pieces, tokenizer, args.num_samples, shown)
+    return mesh, source, tokenizer
 
 
 def _texts(pieces: Iterator[np.ndarray], tokenizer, num_samples: int, prefix: str) -> Iterator[tuple[int, str]]:
@@ -138,6 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     def command() -> None:
         args = parse_args(sys.argv[1:] if argv is None else argv)
         cli.start_jax()
+        if args.chat:
+            for answer in answers(args, sys.stdin):
+                print(answer, flush=True)
+            return
         for i, text in samples(args):
             if args.num_samples > 1:
                 print(f"--- sample {i + 1} ---", flush=True)

@@ -82,6 +82,7 @@ class DataConfig:
     test_files: str = ""  # glob(s) of a test split training never reads (python -m train.evaluate --split test)
     test_fraction: float = 0.0  # else: fraction of whole documents (example groups, rows) held out for test
     augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
+    skip_bad: bool = False  # sft: leave bad rows out (counted, reported) instead of stopping at the first
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,8 +133,9 @@ class TrainConfig:
     seq_len: int = 256
     grad_accum: int = 1  # micro-batches per step, accumulated inside the jitted step
     objective: Literal[
-        "causal_lm", "masked_lm", "span_corruption", "seq2seq", "classification", "token_classification"
+        "causal_lm", "masked_lm", "span_corruption", "seq2seq", "classification", "token_classification", "sft"
     ] = "causal_lm"
+    loss_on: Literal["completion", "assistant", "all"] = "assistant"  # sft: the tokens the loss reads (chat.py)
     target_len: int = 64  # seq2seq: target tokens (the encoder reads seq_len tokens)
     mask_rate: float = 0.15  # masked_lm: share of tokens chosen (80% [MASK], 10% random, 10% kept)
     noise_density: float = 0.15  # span_corruption: share of tokens in noise spans

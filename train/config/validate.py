@@ -154,7 +154,7 @@ def split_labels(text: str) -> list[str]:
 
 
 # read JSONL examples, not a packed token stream
-EXAMPLE_OBJECTIVES = ("seq2seq", "classification", "token_classification")
+EXAMPLE_OBJECTIVES = ("seq2seq", "classification", "token_classification", "sft")
 ENTITY_METRICS = ("eval_entity_precision", "eval_entity_recall", "eval_entity_f1")  # micro, exact spans
 # The keys of the eval records each objective writes (train/data/tasks.py evaluators).
 EVAL_METRICS = {
@@ -162,15 +162,23 @@ EVAL_METRICS = {
     "masked_lm": ("eval_loss",),
     "span_corruption": ("eval_loss",),
     "seq2seq": ("eval_loss", "eval_token_accuracy"),
+    "sft": ("eval_loss", "eval_token_accuracy"),  # over the loss_on tokens
     "classification": ("eval_loss", "eval_accuracy", "eval_macro_f1"),
     "token_classification": ("eval_loss", "eval_token_accuracy", "eval_token_macro_f1", *ENTITY_METRICS),
 }
-MAXIMIZED = ("eval_accuracy", "eval_macro_f1", "eval_token_accuracy", "eval_token_macro_f1", *ENTITY_METRICS)  # the rest are losses
+MAXIMIZED = (
+    "eval_accuracy",
+    "eval_macro_f1",
+    "eval_token_accuracy",
+    "eval_token_macro_f1",
+    *ENTITY_METRICS,
+)  # the rest are losses
 OBJECTIVE_FAMILY = {
     "causal_lm": "decoder",
     "masked_lm": "encoder",
     "span_corruption": "encoder_decoder",
     "seq2seq": "encoder_decoder",
+    "sft": "decoder",
     "classification": "encoder",
     "token_classification": "encoder",
 }
@@ -206,6 +214,8 @@ def objective_problems(config: Config) -> list[str]:
             "data.packing=true cannot keep documents apart in span_corruption, which corrupts whole windows; "
             "leave data.packing unset or set it false"
         )
+    if t.objective != "sft" and (t.loss_on != "assistant" or data.skip_bad):
+        out.append(f"train.loss_on and data.skip_bad are for train.objective=sft, not {t.objective}; drop them")
     if t.prior_bias and t.objective != "token_classification":
         out.append(f"train.prior_bias is for train.objective=token_classification, not {t.objective}; drop it")
     return out

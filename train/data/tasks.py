@@ -26,7 +26,7 @@ from sharding.rules import batch_sharding
 from train.config.sections import Config, ConfigError
 from train.config.validate import EXAMPLE_OBJECTIVES
 from train.core.step import make_eval_step, make_predict_step
-from train.data import augment, examples, packing, tagging, windows
+from train.data import augment, chat, examples, packing, tagging, windows
 from train.data.objectives import raw_length, text_objective
 from train.data.text import PackedTokens, eval_batches, read_documents, train_iterator
 from train.data.tfds_source import open_tfds
@@ -50,7 +50,7 @@ def global_batch(local: dict, mesh) -> dict:
 
 def vocab_needed(config: Config, tokenizer: Tokenizer) -> int:
     """Ids the model's vocabulary must hold: the tokenizer's, plus any [CLS]/[PAD] ids reserved past it."""
-    if config.train.objective in EXAMPLE_OBJECTIVES:
+    if config.train.objective in EXAMPLE_OBJECTIVES and config.train.objective != "sft":  # sft pads with eos
         return max(tokenizer.vocab_size, markers(tokenizer).vocab_needed)
     return tokenizer.vocab_size
 
@@ -181,10 +181,20 @@ class ExampleTask:
             else:
                 make = lambda rows: examples.classification_arrays(rows, d, self.labels, tokenizer, t.seq_len)
             what = f", labels {', '.join(self.labels)}"
+        elif t.objective == "sft":
+            self.labels, self.data_config, self.skipped = [], d, [0]
+
+            def make(rows):
+                arrays, skipped = chat.sft_arrays(rows, d, tokenizer, t.seq_len, t.loss_on)
+                self.skipped[0] += skipped
+                return arrays
+
         else:
             self.labels, self.data_config, what = [], d, ""
             make = lambda rows: examples.seq2seq_arrays(rows, d, tokenizer, t.seq_len, t.target_len)
         train, self.val = make(train_rows), make(val_rows)
+        if t.objective == "sft":
+            what = f", {self.skipped[0]} bad rows skipped (data.skip_bad)" if self.skipped[0] else ""
         self.log_prior = None  # token_classification: the training tags' log frequencies [num_labels]
         if isinstance(self.val, windows.Windows):
             train, self.val_words, self.val = train.arrays, self.val, self.val.arrays

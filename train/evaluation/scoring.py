@@ -21,7 +21,7 @@ from flax import nnx
 from train.config.sections import ConfigError
 from train.config.validate import split_labels
 from train.core.step import make_score_step
-from train.data import examples, windows
+from train.data import chat, examples, windows
 from train.data.conll import check_tags
 from train.data.objectives import raw_length
 from train.data.tasks import EVAL_SEED_OFFSET, eval_set, global_batch, make_objective, packs, process_rows
@@ -134,18 +134,20 @@ def score_stream(setup, documents: Sequence[str]) -> dict:
 
 def score_examples(setup, rows: Sequence, split: str, out_dir: pathlib.Path) -> dict:
     """Classification: prints the per-class table, writes ``confusion-<split>.png`` into ``out_dir``;
-    returns loss, accuracy, macro-F1, per-class scores. Seq2seq: loss and token accuracy."""
+    returns loss, accuracy, macro-F1, per-class scores. Seq2seq, sft: loss and token accuracy."""
     c, t = setup.config, setup.config.train
     if t.objective == "token_classification":
         return score_tagged(setup, rows, split)
     if t.objective == "classification":
         labels = split_labels(c.data.labels)
         arrays = examples.classification_arrays(rows, c.data, labels, setup.tokenizer, t.seq_len)
+    elif t.objective == "sft":  # the loss over the run's train.loss_on tokens
+        arrays = chat.sft_arrays(rows, c.data, setup.tokenizer, t.seq_len, t.loss_on)[0]
     else:
         arrays = examples.seq2seq_arrays(rows, c.data, setup.tokenizer, t.seq_len, t.target_len)
     total, weight, predicted = _score_examples(setup, arrays)
     loss = total / weight
-    if t.objective == "seq2seq":
+    if t.objective in ("seq2seq", "sft"):
         accuracy = scores.token_accuracy(predicted, arrays["targets"], arrays["weights"])
         return {"eval_loss": loss, "perplexity": perplexity(loss), "token_accuracy": accuracy,
                 "tokens": int(weight), "examples": len(rows)}  # fmt: skip
