@@ -21,11 +21,11 @@ from sharding.mesh import make_mesh
 from train.config.sections import ConfigError, load_config
 from train.core.state import init_state, make_state_spec
 from train.core.step import make_eval_step, make_predict_step, make_train_step
-from train.data import examples, objectives, packing, tagging
+from train.data import chat, examples, objectives, packing, tagging
 from train.data.files import Row
 from train.data.tasks import global_batch, make_task, packs
 from train.data.text import PackedTokens, eval_batches
-from train.data.tokenizer import ByteTokenizer
+from train.data.tokenizer import ByteTokenizer, markers
 from train.run.loop import resolve_model
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -101,11 +101,16 @@ def _example_arrays(objective: str):
         return tagging.tagged_arrays(rows, config.data, labels, TOK, 64).arrays, rest
     if objective == "classification":
         texts = [TOK.encode(_words(rng, rng.integers(1, 6))) for _ in range(24)]
-        m = examples.markers(TOK)
+        m = markers(TOK)
         arrays = objectives.classification(texts, rng.integers(0, 3, 24), seq_len=64, pad_id=m.pad, cls_id=m.cls, sep_id=m.sep)
         return arrays, _setup("tiny-bert.yaml", "train.objective=classification", "model.head=classification", "model.num_labels=3", "data.format=jsonl")[2:]
+    if objective == "sft":
+        records = [{"prompt": _words(rng, rng.integers(1, 4)), "completion": _words(rng, rng.integers(1, 4))} for _ in range(24)]
+        config, _, *rest = _setup("tiny-gpt2.yaml", "train.objective=sft", "data.format=jsonl")
+        rows = [Row(r, "sft.jsonl", i + 1) for i, r in enumerate(records)]
+        return chat.sft_arrays(rows, config.data, TOK, 64, "assistant")[0], rest
     pairs = [(TOK.encode(_words(rng, rng.integers(1, 5))), TOK.encode(_words(rng, rng.integers(1, 3)))) for _ in range(24)]
-    m = examples.markers(TOK)
+    m = markers(TOK)
     arrays = objectives.seq2seq(pairs, inputs_length=48, targets_length=32, eos_id=m.eos, pad_id=m.pad, decoder_start_id=m.pad)
     return arrays, _setup("tiny-t5.yaml", "train.objective=seq2seq", "data.format=jsonl")[2:]
 
@@ -116,7 +121,7 @@ def _summed(spec, mesh, params, batches) -> tuple[float, float]:
     return sum(float(s) for s, _ in sums), sum(float(w) for _, w in sums)
 
 
-@pytest.mark.parametrize("objective", ["token_classification", "classification", "seq2seq"])
+@pytest.mark.parametrize("objective", ["token_classification", "classification", "seq2seq", "sft"])
 def test_a_packed_train_step_loss_is_the_loss_of_its_examples_each_in_its_own_padded_row(objective):
     arrays, (mesh, spec, state) = _example_arrays(objective)
     packed, unpack = packing.eval_batches(arrays, BATCH)

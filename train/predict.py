@@ -111,11 +111,12 @@ def predict_labels(s, inputs: list[str]) -> list[str]:
     from flax import nnx
 
     from train.core.step import make_probability_step
-    from train.data import examples, objectives
+    from train.data import objectives
     from train.data.tasks import global_batch, process_rows
+    from train.data.tokenizer import markers
 
     t, labels = s.config.train, split_labels(s.config.data.labels)
-    m = examples.markers(s.tokenizer)
+    m = markers(s.tokenizer)
     tokens = [ids[: t.seq_len] for ids in s.tokenizer.encode_batch(inputs)]
     arrays = objectives.classification(
         tokens, np.zeros(len(inputs)), seq_len=t.seq_len, pad_id=m.pad, cls_id=m.cls, sep_id=m.sep

@@ -117,9 +117,10 @@ def sft_arrays(
     rows: Sequence[Row], cfg: DataConfig, tokenizer: Tokenizer, seq_len: int, loss_on: str
 ) -> tuple[dict[str, np.ndarray], int]:
     """``inputs`` / ``targets`` int32 [N, seq_len] (targets: inputs shifted left by one), ``weights``
-    float32 [N, seq_len] (1 where the target is a scored token, 0 on the prompt and the padding), and
-    the number of bad rows left out (``data.skip_bad``)."""
-    inputs, targets, weights, skipped = [], [], [], 0
+    float32 [N, seq_len] (1 where the target is a scored token, 0 on the prompt and the padding),
+    ``attention_mask`` int32 [N, seq_len] (1 on the example's tokens: what packing keeps), and the
+    number of bad rows left out (``data.skip_bad``)."""
+    inputs, targets, weights, masks, skipped = [], [], [], [], 0
     for row in rows:
         try:
             conversation = turns(row)
@@ -136,6 +137,7 @@ def sft_arrays(
             skipped += 1
             continue
         ids, w = ids[: seq_len + 1], w[: seq_len + 1]
+        masks.append(np.arange(seq_len) < len(ids) - 1)
         pad = seq_len + 1 - len(ids)
         ids = np.pad(ids, (0, pad), constant_values=tokenizer.eos_id)
         w = np.pad(w, (0, pad))
@@ -144,7 +146,8 @@ def sft_arrays(
         weights.append(w[1:])
     if not inputs:
         raise ConfigError(f"no usable example in data.train_files='{cfg.train_files}'; fix the rows")
-    return {"inputs": np.stack(inputs), "targets": np.stack(targets), "weights": np.stack(weights)}, skipped
+    arrays = {"inputs": np.stack(inputs), "targets": np.stack(targets), "weights": np.stack(weights)}
+    return arrays | {"attention_mask": np.stack(masks).astype(np.int32)}, skipped
 
 
 # --- the instruction set from the plays --------------------------------------------------------

@@ -14,6 +14,7 @@ the segment). Per objective the row carries (T = seq_len, S / T' the seq2seq len
 
 - token classification: ``inputs``, ``token_types``, ``segment_ids``, ``positions``, ``targets``,
   ``weights`` [T];
+- causal (sft, train/data/chat.py): the same without ``token_types``;
 - classification: the same [T] without per-token targets, and ``pool_positions`` [K] (each
   segment's first token, its [CLS]), ``targets`` [K], ``weights`` [K] (0 on unused slots);
 - seq2seq: ``encoder_inputs`` / ``encoder_segment_ids`` / ``encoder_positions`` [S] and
@@ -44,7 +45,7 @@ class Layout:
     """How one objective's examples pack: ``lengths`` of every packed key; ``segments`` the key
     whose segment ids / positions each side uses; ``slots`` > 0 for classification (K)."""
 
-    kind: str  # 'tagging' | 'classification' | 'seq2seq'
+    kind: str  # 'tagging' | 'causal' | 'classification' | 'seq2seq'
     lengths: dict[str, int]
     slots: int = 0
 
@@ -58,6 +59,8 @@ class Layout:
             return Layout("seq2seq", keys)
         t = arrays["inputs"].shape[1]
         keys = {"inputs": t, "token_types": t, "targets": t, "weights": t}
+        if "token_types" not in arrays:  # a decoder's examples (sft)
+            return Layout("causal", {k: t for k in ("inputs", "targets", "weights")})
         if arrays["targets"].ndim == 2:
             return Layout("tagging", keys)
         shortest = int(arrays["attention_mask"].sum(axis=1).min(initial=t))
@@ -83,8 +86,9 @@ class Layout:
             }
         else:
             segments, positions = packed["inputs_segment_ids"], packed["inputs_positions"]
-            out = {k: packed[k] for k in ("inputs", "token_types")} | {"segment_ids": segments, "positions": positions}
-            if self.kind == "tagging":
+            out = {k: packed[k] for k in ("inputs", "token_types") if k in packed}
+            out |= {"segment_ids": segments, "positions": positions}
+            if self.kind in ("tagging", "causal"):
                 out |= {"targets": packed["targets"], "weights": packed["weights"]}
             else:
                 starts = np.flatnonzero((positions == 0) & (segments > 0))  # each segment's [CLS], in row order
@@ -119,7 +123,7 @@ def example_records(arrays: Arrays, with_example: bool = False) -> list[Arrays]:
         return out
     lengths = arrays["attention_mask"].sum(axis=1)
     for i, n in enumerate(lengths):
-        record = {k: arrays[k][i, :n] for k in ("inputs", "token_types")}
+        record = {k: arrays[k][i, :n] for k in ("inputs", "token_types") if k in arrays}
         if arrays["targets"].ndim == 2:
             record |= {k: arrays[k][i, :n] for k in ("targets", "weights")}
         else:
