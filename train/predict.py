@@ -111,7 +111,7 @@ def predict_labels(s, inputs: list[str]) -> list[str]:
     from flax import nnx
 
     from train.core.step import make_probability_step
-    from train.data import objectives
+    from train.data import examples, objectives
     from train.data.tasks import global_batch, process_rows
     from train.data.tokenizer import markers
 
