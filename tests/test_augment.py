@@ -172,6 +172,7 @@ def test_a_tiny_augmented_classification_run_trains_and_resumes_bitwise(tmp_path
 # --- back-translation ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_back_translation_runs_rows_through_two_t5_models_and_keeps_the_other_fields(tmp_path, capsys):
     import json
 

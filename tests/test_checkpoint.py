@@ -135,6 +135,7 @@ print("saved 2", flush=True)
 """
 
 
+@pytest.mark.slow
 def test_killed_during_an_async_save_resumes_from_the_previous_step(tmp_path):
     directory = tmp_path / "checkpoints"
     env = {**os.environ, "PYTHONPATH": str(REPO), "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
@@ -308,6 +309,7 @@ def test_init_from_takes_the_parameters_only_and_checks_the_model(saved_run):
         params_only(run_dir / "missing", target_params)
 
 
+@pytest.mark.slow
 def test_export_writes_fp32_params_and_model_json_that_load_back(saved_run, tmp_path, capsys):
     run_dir, saved = saved_run
     out = tmp_path / "export"

@@ -115,6 +115,7 @@ def check_ok(result: subprocess.CompletedProcess) -> None:
     assert result.returncode == 0, f"exit {result.returncode}\n{output}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, preset", [("gpt2", GPT2), ("llama", LLAMA)])
 def test_run_writes_train_and_eval_records_with_every_metric(runs, name, preset):
     run_dir, result = runs[name]
@@ -139,6 +140,7 @@ def test_run_writes_train_and_eval_records_with_every_metric(runs, name, preset)
         assert r["eval_bpb"] == pytest.approx(r["eval_loss"] / math.log(2), rel=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
 def test_loss_falls(runs, name):
     run_dir, result = runs[name]
@@ -149,6 +151,7 @@ def test_loss_falls(runs, name):
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] < 0.8 * math.log(384)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, preset", [("gpt2", GPT2), ("llama", LLAMA)])
 def test_run_dir_holds_resolved_config_checkpoint_and_plot(runs, name, preset):
     run_dir, result = runs[name]
@@ -163,12 +166,14 @@ def test_run_dir_holds_resolved_config_checkpoint_and_plot(runs, name, preset):
     assert "final: eval_loss" in result.stdout
 
 
+@pytest.mark.slow
 def test_sample_is_printed_after_training(runs):
     _, result = runs["gpt2"]
     check_ok(result)
     assert "sample:\nROMEO.\n" in result.stdout
 
 
+@pytest.mark.slow
 def test_same_seed_in_another_run_dir_gives_identical_losses(runs):
     (dir_a, a), (dir_b, b) = runs["gpt2"], runs["gpt2-again"]
     check_ok(a)
@@ -189,6 +194,7 @@ def bad_runs(launched):
     return {name: (launched[name][0], finish(launched[name][1])) for name in BAD_INPUTS}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", BAD_INPUTS)
 def test_bad_input_exits_2_with_one_error_line_and_writes_nothing(bad_runs, name):
     run_dir, result = bad_runs[name]
@@ -201,6 +207,7 @@ def test_bad_input_exits_2_with_one_error_line_and_writes_nothing(bad_runs, name
     assert not run_dir.exists(), f"{name}: wrote {sorted(p.name for p in run_dir.rglob('*'))}"
 
 
+@pytest.mark.slow
 def test_help_exits_0_and_shows_usage():
     result = subprocess.run(
         [sys.executable, "-m", "train", "--help"],

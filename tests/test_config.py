@@ -238,6 +238,7 @@ def test_invalid_yaml_is_a_config_error(tmp_path):
         load_config(path)
 
 
+@pytest.mark.slow
 def test_a_config_file_that_is_not_utf8_exits_2_with_one_error_line(tmp_path, capsys):
     from train.__main__ import main
 

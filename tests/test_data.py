@@ -104,6 +104,7 @@ def test_bpe_training_is_deterministic_and_round_trips_through_auto_tokenizer(tm
     assert packed.tokens[len(tok.encode("to be"))] == tok.eos_id == packed.tokens[-1]
 
 
+@pytest.mark.slow
 def test_train_tokenizer_cli_reports_errors_on_one_line(tmp_path, capsys):
     assert train_tokenizer.main(["--files", str(tmp_path / "*.txt"), "--out", str(tmp_path / "t")]) == 2
     assert capsys.readouterr().err.startswith("error: --files pattern")

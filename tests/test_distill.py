@@ -273,6 +273,7 @@ def saved_params(run_dir: pathlib.Path, step: int) -> dict[str, np.ndarray]:
     return {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(restored)}
 
 
+@pytest.mark.slow
 def test_a_distilled_run_logs_both_parts_and_resumes_bitwise(teacher, runs):
     ref, resumed = runs["ref"], runs["resumed"]
     for run in (ref, runs["stopped"], resumed):
@@ -291,6 +292,7 @@ def test_a_distilled_run_logs_both_parts_and_resumes_bitwise(teacher, runs):
     assert load_config(ref.dir / "config.yaml").distill.teacher == str(teacher)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name, words",
     [
@@ -308,6 +310,7 @@ def test_a_teacher_that_cannot_teach_is_one_error_line(error_runs, name, words):
     assert not (run.dir / "checkpoints").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["run", "hf"])
 def test_init_layers_lower_copies_exactly_the_sources_lower_rows(teacher, kind, tmp_path):
     teacher_dir = source = teacher

@@ -116,6 +116,7 @@ def test_train_steps_deterministic_and_mesh_independent():
     np.testing.assert_allclose(train_losses(cfg, one), dropped, rtol=2e-5)
 
 
+@pytest.mark.slow
 def test_resume_with_dropout_is_exact(tmp_path):
     """Stopped at step 3 and continued to 6 == 6 straight, bitwise (grad_accum=2 on a data x fsdp x tensor mesh)."""
     preset = [

@@ -80,6 +80,7 @@ CAUSAL = "train.objective=causal_lm; use one of eval_loss, eval_bpb"
 CLASSIFY, F1S = "is never reported by train.objective=classification", "eval_loss, eval_accuracy, eval_macro_f1"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "config, overrides, message",
     [
@@ -209,6 +210,7 @@ def checkpoint_steps(run_dir: pathlib.Path) -> list[int]:
     return sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
 
 
+@pytest.mark.slow
 def test_early_stopping_stops_at_the_first_eval_after_patience_without_improvement(runs):
     run = runs["full"]
     assert run.rc == 0, run.err[-3000:]
@@ -221,6 +223,7 @@ def test_early_stopping_stops_at_the_first_eval_after_patience_without_improveme
     assert checkpoint_steps(run.dir) == sorted({best, stop})  # keep=1 newest, and the best
 
 
+@pytest.mark.slow
 def test_evaluate_best_scores_the_checkpoint_of_the_best_eval(runs, capsys):
     run = runs["full"]
     _, best = expected_stop(evals(run), patience=2)
@@ -237,6 +240,7 @@ def read_last_json(out: str) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_export_best_writes_the_best_steps_parameters(runs, tmp_path, capsys):
     run = runs["full"]
     _, best = expected_stop(evals(run), patience=2)
@@ -261,6 +265,7 @@ def saved_state(run_dir: pathlib.Path, step: int) -> dict[str, np.ndarray]:
     return {jax.tree_util.keystr(path): value for path, value in jax.tree_util.tree_leaves_with_path(restored)}
 
 
+@pytest.mark.slow
 def test_a_resumed_run_carries_the_early_stopping_state_and_stops_at_the_same_eval(runs):
     full, first, resumed = runs["full"], runs["split-1"], runs["split-2"]
     assert first.rc == 0 and resumed.rc == 0, resumed.err[-3000:]
@@ -275,6 +280,7 @@ def test_a_resumed_run_carries_the_early_stopping_state_and_stops_at_the_same_ev
         c.close()
 
 
+@pytest.mark.slow
 def test_keep_best_alone_ranks_steps_by_its_own_metric_and_never_stops(runs, tmp_path, capsys):
     run = runs["best-only"]
     assert run.rc == 0 and "stopped" not in run.out and max(r["step"] for r in run.metrics) == 6

@@ -110,6 +110,7 @@ def gpt_run(tmp_path_factory) -> pathlib.Path:
     return run_dir
 
 
+@pytest.mark.slow
 def test_evaluate_equals_the_trainers_eval(gpt_run, capsys):
     status, result, _, _ = run_evaluate(capsys, gpt_run, "--files", gpt_run.parent / "val" / "a.txt")
     trainer = final_eval(gpt_run)
@@ -119,12 +120,14 @@ def test_evaluate_equals_the_trainers_eval(gpt_run, capsys):
     assert result["eval_bpb"] == pytest.approx(trainer["eval_bpb"], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_without_files_a_run_is_scored_on_all_of_its_validation_documents(gpt_run, capsys):
     status, result, _, _ = run_evaluate(capsys, gpt_run)
     # documents kept apart (data.packing): no document's first byte is predicted from the one before
     assert status == 0 and result["tokens"] == SEQ * BATCH + 40 * 3 and result["bytes"] == SEQ * BATCH - 1 + 40 * 2
 
 
+@pytest.mark.slow
 def test_perplexity_is_exp_of_the_loss_and_bpb_counts_the_scored_bytes(gpt_run, capsys):
     text = gpt_run.parent / "macbeth.txt"
     _, result, _, _ = run_evaluate(capsys, gpt_run, "--files", text, "--batch", 8)
@@ -133,6 +136,7 @@ def test_perplexity_is_exp_of_the_loss_and_bpb_counts_the_scored_bytes(gpt_run, 
     assert (result["tokens"], result["bytes"]) == (len(text.read_bytes()), len(text.read_bytes()) - 1)
 
 
+@pytest.mark.slow
 def test_stride_scores_the_same_tokens_with_more_context(gpt_run, capsys):
     text = gpt_run.parent / "macbeth.txt"
     _, plain, _, _ = run_evaluate(capsys, gpt_run, "--files", text)
@@ -142,6 +146,7 @@ def test_stride_scores_the_same_tokens_with_more_context(gpt_run, capsys):
     assert strided["eval_loss"] == pytest.approx(plain["eval_loss"], rel=0.05)
 
 
+@pytest.mark.slow
 def test_an_export_scores_as_its_run(gpt_run, capsys, tmp_path):
     from train.export import export
 
@@ -153,6 +158,7 @@ def test_an_export_scores_as_its_run(gpt_run, capsys, tmp_path):
     assert status == 0 and from_export == pytest.approx(from_run, rel=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", ["tiny-bert", "tiny-t5"])
 def test_masked_lm_and_span_corruption_score_as_the_trainer(preset, capsys, tmp_path):
     from train.config.sections import load_config
@@ -227,6 +233,7 @@ def classifier_run(tmp_path_factory) -> pathlib.Path:
 PICKED = ["hamlet", "lear", "macbeth", "tempest", "twelfth_night", "as_you_like_it", "john", "henry_v", "richard_ii"]
 
 
+@pytest.mark.slow
 def test_a_classifier_reports_what_the_trainer_reported_with_a_table_and_a_confusion_matrix(
     classifier_run, capsys, tmp_path
 ):
@@ -248,6 +255,7 @@ def test_a_classifier_reports_what_the_trainer_reported_with_a_table_and_a_confu
     assert png == tmp_path / "confusion-val.png" and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_the_test_split_is_whole_plays_training_never_read_and_is_reported_on(classifier_run, capsys, tmp_path):
     from train.config.sections import load_config
     from train.data.examples import split_rows
@@ -270,6 +278,7 @@ def test_the_test_split_is_whole_plays_training_never_read_and_is_reported_on(cl
 # --- errors ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_errors_are_one_line_and_status_2(gpt_run, capsys, tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "fresh" / "checkpoints").mkdir(parents=True)

@@ -123,6 +123,7 @@ def assert_ok(*checked: Run) -> None:
         assert run.rc == 0, f"{run.dir} exited {run.rc}:\n{run.err[-3000:]}"
 
 
+@pytest.mark.slow
 def test_classification_reports_accuracy_and_macro_f1_over_the_whole_held_out_split(runs):
     run = runs["ref"]
     assert_ok(run)
@@ -135,11 +136,13 @@ def test_classification_reports_accuracy_and_macro_f1_over_the_whole_held_out_sp
     assert yaml.safe_load((run.dir / "config.yaml").read_text())["data"]["labels"] == "a,b,c"
 
 
+@pytest.mark.slow
 def test_classification_loss_falls(runs):
     losses = list(runs["ref"].losses().values())
     assert len(losses) == 12 and np.mean(losses[-2:]) < np.mean(losses[:2]) - 0.2, losses
 
 
+@pytest.mark.slow
 def test_a_classification_run_stopped_and_continued_is_bitwise_the_uninterrupted_run(runs):
     ref, stopped, resumed = runs["ref"], runs["resumed"], runs["resumed#2"]
     assert_ok(ref, stopped, resumed)
@@ -147,6 +150,7 @@ def test_a_classification_run_stopped_and_continued_is_bitwise_the_uninterrupted
     assert resumed.losses() == ref.losses()  # exact float equality, every step
 
 
+@pytest.mark.slow
 def test_init_from_an_imported_mlm_encoder_restores_the_shared_parameters_and_starts_the_head_fresh(runs):
     run = runs["init-mlm"]
     assert_ok(run)
@@ -164,6 +168,7 @@ def test_init_from_an_imported_mlm_encoder_restores_the_shared_parameters_and_st
         np.testing.assert_array_equal(ours[path], theirs[path], err_msg=path)
 
 
+@pytest.mark.slow
 def test_init_from_a_hugging_face_classifier_with_other_labels_keeps_its_pooler(runs):
     run = runs["init-hf"]
     assert_ok(run)
@@ -184,6 +189,7 @@ def test_the_pretrained_minilm_package_gives_its_encoder_and_pooler_and_no_head(
     assert not any(n.startswith(("classifier", "mlm")) for n in names)
 
 
+@pytest.mark.slow
 def test_seq2seq_loss_falls_and_reports_token_accuracy(runs):
     run = runs["seq2seq"]
     assert_ok(run)
@@ -193,6 +199,7 @@ def test_seq2seq_loss_falls_and_reports_token_accuracy(runs):
     assert 0 < run.evals()[-1]["eval_token_accuracy"] < 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("name", "message"),
     [

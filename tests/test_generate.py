@@ -222,6 +222,7 @@ def test_post_norm_decoders_decode_from_the_cache_as_a_full_forward_does():
     assert len(set(cached[1].tolist())) > 1  # not a constant row
 
 
+@pytest.mark.slow
 def test_cli_streams_the_greedy_continuation_and_refuses_bad_sources(tmp_path, capsys):
     from train.data.tokenizer import ByteTokenizer
     from train.generate import main

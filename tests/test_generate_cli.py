@@ -64,6 +64,7 @@ def hf_greedy(theirs, prompt: np.ndarray, seq2seq: bool) -> list[int]:
     return new[: new.index(EOS)] if EOS in new else new
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["t5-v1.1", "llama-gqa"])
 def test_cli_greedy_text_is_transformers_generate_token_for_token(models, name, capsys):
     path, theirs = models[name]
@@ -80,6 +81,7 @@ def test_cli_greedy_text_is_transformers_generate_token_for_token(models, name, 
     assert capsys.readouterr().out == shown + tokenizer.decode(expected) + "\n"
 
 
+@pytest.mark.slow
 def test_the_decoder_start_is_the_hf_configs_or_what_the_runs_objective_fed_the_decoder(tmp_path):
     import yaml
 
@@ -99,6 +101,7 @@ def test_the_decoder_start_is_the_hf_configs_or_what_the_runs_objective_fed_the_
     assert load_source(tmp_path / "run").decoder_start_id == 259  # seq2seq feeds the byte tokenizer's [PAD]
 
 
+@pytest.mark.slow
 def test_cli_top_k_above_the_vocabulary_keeps_every_token_as_transformers_clamps_it(models, capsys):
     path, _ = models["llama-gqa"]
     sampling = [str(path), "--prompt", PROMPT, "--temperature", "1.5", "--max-new-tokens", str(NEW), "--seed", "3"]

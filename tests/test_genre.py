@@ -61,6 +61,7 @@ def test_passages_skip_the_title_and_cast_list_and_cut_at_line_ends():
     assert cut == ["ACT I.\n" + three.strip(), four.strip(), three.strip()]
 
 
+@pytest.mark.slow
 def test_the_command_writes_jsonl_and_names_the_majority_rate(tmp_path, capsys):
     assert genre.main(["--out", str(tmp_path), "--chars", "512", "--val-plays", "1"]) == 0
     out = capsys.readouterr().out
@@ -70,6 +71,7 @@ def test_the_command_writes_jsonl_and_names_the_majority_rate(tmp_path, capsys):
     assert len({r["play"] for r in val}) == 3
 
 
+@pytest.mark.slow
 def test_a_play_missing_from_the_table_is_one_error_line(tmp_path, capsys):
     plays = tmp_path / "plays"
     plays.mkdir()

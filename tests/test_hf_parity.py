@@ -196,6 +196,7 @@ def test_export_loads_in_transformers_with_the_same_outputs(reference, tmp_path)
     assert_same(run_torch(case, back), expected)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["gpt2", "llama-gqa"])
 def test_import_onto_fsdp_tensor_mesh_shards_every_parameter_and_keeps_logits(name, tmp_path):
     if jax.device_count() < 8:  # jax started before this module could ask for fake devices
@@ -280,6 +281,7 @@ def test_export_with_a_tokenizer_writes_its_files_and_special_token_ids(tmp_path
         hf.export(model, dataclasses.replace(cfg, vocab_size=2), tmp_path / "small", tokenizer=tmp_path / "tok")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["gpt2", "t5-v1.1"])
 def test_cli_import_then_export_writes_the_same_weights(name, tmp_path):
     from safetensors.numpy import load_file
@@ -300,6 +302,7 @@ def test_cli_import_then_export_writes_the_same_weights(name, tmp_path):
         np.testing.assert_array_equal(value, original[key], err_msg=key)
 
 
+@pytest.mark.slow
 def test_cli_user_errors_are_one_error_line_and_exit_2(tmp_path, capsys):
     assert export_cli([str(tmp_path), str(tmp_path / "out"), "--format", "checkpoint"]) == 2
     assert export_cli([str(tmp_path / "missing"), str(tmp_path / "out"), "--format", "hf"]) == 2

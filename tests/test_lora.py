@@ -173,6 +173,7 @@ def runs(tmp_path_factory) -> dict:
     return out
 
 
+@pytest.mark.slow
 def test_a_lora_run_trains_only_the_adapters_and_resumes_exactly(runs):
     assert [runs[k].rc for k in ("base", "ref", "stopped", "resumed")] == [0, 0, 0, 0], runs["ref"].err
     assert "restored 20 parameters; initialised fresh: stack.blocks.attn.k.lora_a, " in runs["ref"].out  # all the base
@@ -183,6 +184,7 @@ def test_a_lora_run_trains_only_the_adapters_and_resumes_exactly(runs):
     assert {**runs["stopped"].losses(), **runs["resumed"].losses()} == ref  # bitwise: same mesh, same steps
 
 
+@pytest.mark.slow
 def test_merge_lora_exports_a_plain_model_equal_to_the_adapter_model(runs):
     adapter_cfg, adapter_params = runs["adapters"]
     merged_cfg, merged_params = runs["merged"]
@@ -231,6 +233,7 @@ def test_adapter_dropout_is_off_without_a_key_and_a_zero_rate_changes_nothing():
     np.testing.assert_array_equal(forward(dropping, key), dropped)
 
 
+@pytest.mark.slow
 def test_a_lora_checkpoint_holds_the_adapters_and_a_reference_to_its_base(runs):
     root = runs["root"]
 
@@ -253,6 +256,7 @@ def test_a_lora_checkpoint_holds_the_adapters_and_a_reference_to_its_base(runs):
     assert ref["params"] == first["params"] - EXPECTED_TRAINABLE and len(ref["fingerprint"]) == 64
 
 
+@pytest.mark.slow
 def test_a_moved_or_changed_base_is_named_and_nothing_is_lost(runs, tmp_path, capsys):
     root = runs["root"]
     base, aside = root / "base", root / "base.aside"
@@ -274,6 +278,7 @@ def test_a_moved_or_changed_base_is_named_and_nothing_is_lost(runs, tmp_path, ca
     assert sorted(p.name for p in (root / "resumed" / "checkpoints").iterdir()) == steps
 
 
+@pytest.mark.slow
 def test_resuming_with_other_optimizer_or_freeze_settings_names_them(runs):
     root = runs["root"]
     sgd = in_this_process([*runs["lora_run"], f"run.dir={root / 'resumed'}", "train.steps=8", "optimizer.name=sgd"])

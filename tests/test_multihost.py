@@ -74,6 +74,7 @@ def runs(tmp_path_factory):
     return root, config
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process(runs):
     root, _ = runs
     one, two = _losses(root / "one"), _losses(root / "two")
@@ -83,6 +84,7 @@ def test_two_processes_match_one_process(runs):
         assert b == pytest.approx(a, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_two_process_checkpoint_resumes_in_one_process(runs):
     root, config = runs
     for name in ("one", "two"):
@@ -98,6 +100,7 @@ def test_two_process_checkpoint_resumes_in_one_process(runs):
         assert b == pytest.approx(a, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_unreachable_coordinator_fails_fast_with_the_address(tmp_path):
     config = tmp_path / "tiny.yaml"
     config.write_text(TINY)
@@ -118,6 +121,7 @@ def test_unreachable_coordinator_fails_fast_with_the_address(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_process_stops_every_process_at_one_step_with_a_checkpoint(tmp_path):
     config = tmp_path / "tiny.yaml"
     config.write_text(TINY)

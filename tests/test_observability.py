@@ -11,6 +11,7 @@ from train.config.sections import ConfigError, load_config
 RUN = ["configs/tiny-gpt2.yaml", *FAST, "train.steps=3", "checkpoint.every=0"]
 
 
+@pytest.mark.slow
 def test_profile_writes_a_trace_of_the_chosen_steps_and_says_where(tmp_path):
     run = in_this_process([*RUN, f"run.dir={tmp_path}", "train.profile.start_step=1", "train.profile.steps=1"])
     assert run.rc == 0, run.err
@@ -30,6 +31,7 @@ def test_a_profile_past_the_last_step_is_refused():
 # --- trackers ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_wandb_and_mlflow_get_the_scalars_config_and_artifacts_and_a_resume_continues_their_runs(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     pytest.importorskip("mlflow")
@@ -60,6 +62,7 @@ def test_wandb_and_mlflow_get_the_scalars_config_and_artifacts_and_a_resume_cont
     assert run.info.status == "FINISHED"
 
 
+@pytest.mark.slow
 def test_a_failing_tracker_warns_once_and_the_run_goes_on(tmp_path, monkeypatch):
     pytest.importorskip("mlflow")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "nosuchscheme://nowhere")

@@ -301,6 +301,7 @@ def test_a_freeze_that_matches_nothing_or_everything_is_refused(model_cfg, freez
         spec_for(model_cfg, (1, 1, 1), freeze)
 
 
+@pytest.mark.slow
 def test_the_cli_reports_a_freeze_that_matches_nothing_as_one_error_line(tmp_path):
     run = in_this_process(["configs/tiny-gpt2.yaml", f"run.dir={tmp_path / 'run'}", "train.freeze=layers/.*"])
     assert run.rc == 2

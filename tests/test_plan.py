@@ -50,6 +50,7 @@ def error_line(result: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_small_model_fits_on_v5e_8_with_a_per_chip_table():
     result = plan(GPT2, "topology=v5e-8", *TINY)
@@ -63,6 +64,7 @@ def test_small_model_fits_on_v5e_8_with_a_per_chip_table():
     assert "verdict: fits" in out
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_splash_attention_compiles_its_pallas_kernels_into_the_step():
     result = plan(GPT2, "topology=v5e-8", *TINY, "model.attention=splash", "model.remat=none")
@@ -72,6 +74,7 @@ def test_splash_attention_compiles_its_pallas_kernels_into_the_step():
     assert "verdict: fits" in result.stdout
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_llama_7b_without_fsdp_does_not_fit_on_v5e_4():
     result = plan(LLAMA_7B, "topology=v5e-4", "mesh.fsdp=1", "mesh.data=-1", "train.batch_size=4")
@@ -81,6 +84,7 @@ def test_llama_7b_without_fsdp_does_not_fit_on_v5e_4():
     assert "25.10" in result.stdout  # fp32 weights, replicated: 6.74B * 4 bytes on every chip
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_two_slices_put_data_parallelism_across_dcn():
     result = plan(GPT2, "topology=v5e-4", "slices=2", *TINY)
@@ -89,31 +93,37 @@ def test_two_slices_put_data_parallelism_across_dcn():
     assert "verdict: fits" in result.stdout
 
 
+@pytest.mark.slow
 def test_unknown_topology_lists_the_known_ones():
     line = error_line(plan(GPT2, "topology=v9z-8"))
     assert "unknown TPU topology 'v9z-8'" in line and "v5e-8" in line and "v5p-64" in line
 
 
+@pytest.mark.slow
 def test_missing_topology_says_how_to_give_one():
     assert "topology=NAME" in error_line(plan(GPT2))
 
 
+@pytest.mark.slow
 def test_missing_libtpu_says_how_to_install_it():
     line = error_line(plan(GPT2, "topology=v5e-8", without_libtpu=True))
     assert "pip install -e '.[tpu]'" in line
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_mesh_that_does_not_divide_the_chips_gives_the_mesh_error():
     line = error_line(plan(GPT2, "topology=v5e-8", "mesh.tensor=3", *TINY))
     assert "mesh sizes" in line and "8 devices per slice" in line
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_slices_that_disagree_with_the_dcn_mesh_are_refused():
     line = error_line(plan(GPT2, "topology=v5e-4", "slices=2", "mesh.dcn_data=3", *TINY))
     assert "slices=2" in line
 
 
+@pytest.mark.slow
 def test_bad_override_is_a_config_error():
     assert "did you mean 'n_layers'" in error_line(plan(GPT2, "topology=v5e-8", "model.n_layer=2"))

@@ -95,6 +95,7 @@ def conlleval(lines: list[str]) -> float:
     return 2 * right / (len(gold) + len(guessed)) if gold or guessed else 0.0
 
 
+@pytest.mark.slow
 def test_epochs_set_the_steps_and_the_labels_are_the_training_tags_o_first(tagger):
     from train.config.sections import load_config
     from train.run.loop import prepare
@@ -110,6 +111,7 @@ def test_epochs_set_the_steps_and_the_labels_are_the_training_tags_o_first(tagge
     assert {"eval_token_macro_f1", "eval_entity_f1"} <= set(last)
 
 
+@pytest.mark.slow
 def test_evaluate_scores_every_word_once_and_prints_the_token_table(tagger, capsys):
     root, run = tagger
     result = evaluate.evaluate(evaluate.parse_args([str(run.dir)]))
@@ -124,6 +126,7 @@ def test_evaluate_scores_every_word_once_and_prints_the_token_table(tagger, caps
         assert any(line.strip().startswith(row) for line in table.splitlines()), row
 
 
+@pytest.mark.slow
 def test_predictions_score_as_conlleval_counts_from_every_kind_of_source(tagger):
     root, run = tagger
     val = str(root / "val.conll")
@@ -153,6 +156,7 @@ def test_predictions_score_as_conlleval_counts_from_every_kind_of_source(tagger)
             assert len(out.read_text().splitlines()) == len(lines)
 
 
+@pytest.mark.slow
 def test_text_input_gives_word_and_tag_lines_and_bad_input_one_error_line(tagger):
     root, run = tagger
     rc, out, err = cli(predict.main, [str(run.dir), "--text", "Bob said hello\nexit abc."])
@@ -166,6 +170,7 @@ def test_text_input_gives_word_and_tag_lines_and_bad_input_one_error_line(tagger
     assert "bad.conll' line 3: tag 'B-ANIMAL' is not in the label set" in err
 
 
+@pytest.mark.slow
 def test_a_val_tag_outside_the_training_tags_stops_training_naming_its_line(tagger):
     root, _ = tagger
     bad = root / "badval.conll"
@@ -176,6 +181,7 @@ def test_a_val_tag_outside_the_training_tags_stops_training_naming_its_line(tagg
     assert "badval.conll' line 4: tag 'B-ANIMAL' is not in the label set" in run.err
 
 
+@pytest.mark.slow
 def test_classifier_writes_jsonl_with_probabilities_from_run_and_export(tmp_path):
     rng = np.random.default_rng(0)
     rows = [

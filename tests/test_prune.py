@@ -187,6 +187,7 @@ class StopAt(Callback):
             loop.request_stop("interrupted")
 
 
+@pytest.mark.slow
 def test_pruned_run_resumes_bitwise_and_masked_weights_stay_zero(tmp_path):
     """Gradual pruning (steps 1, 3, 5) with a checkpoint at step 4 in between, against an uninterrupted run."""
     argv = [
@@ -286,6 +287,7 @@ def exports(tmp_path_factory) -> dict[str, pathlib.Path]:
     return out
 
 
+@pytest.mark.slow
 def test_prune_cli_writes_a_smaller_export_that_loads_and_warm_starts(exports, tmp_path, capsys):
     from train.checkpoints.sources import warm_start
     from train.checkpoints.store import restore_target
@@ -306,6 +308,7 @@ def test_prune_cli_writes_a_smaller_export_that_loads_and_warm_starts(exports, t
     assert all(np.array_equal(want[p], np.asarray(got[p])) for p in want)
 
 
+@pytest.mark.slow
 def test_prune_cli_magnitude_keeps_shapes_and_writes_masks(exports, tmp_path):
     out = tmp_path / "magnitude"
     assert prune_cli.main([str(exports["gpt2"]), str(out), "--method", "magnitude", "--sparsity", "0.5"]) == 0
@@ -314,6 +317,7 @@ def test_prune_cli_magnitude_keeps_shapes_and_writes_masks(exports, tmp_path):
     assert (out / "masks").is_dir() and load_source(out).config == GPT2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "source, args, message",
     [
@@ -337,6 +341,7 @@ def test_prune_cli_refuses_bad_requests_with_one_error_line(exports, tmp_path, c
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_prune_cli_checks_the_targets_regex_before_loading_the_model(tmp_path, capsys):
     args = ["--method", "magnitude", "--sparsity", "0.5", "--targets", "("]
     assert prune_cli.main([str(tmp_path / "no-model"), str(tmp_path / "out"), *args]) == 2

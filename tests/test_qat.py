@@ -123,6 +123,7 @@ def test_quant_fields_need_int8_to_block_a_restore():
     assert config_mismatch({"quant": "int8"}, qat) == ["quant: 'int8' -> 'qat'"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "overrides, message",
     [(["model.quant=qat", "lora.rank=4"], "use one of model.quant=qat and lora.rank"),
@@ -148,6 +149,7 @@ def qat_run(tmp_path_factory) -> pathlib.Path:
     return root / "run"
 
 
+@pytest.mark.slow
 def test_a_qat_run_learns_and_its_int8_export_scores_what_it_scored(qat_run, tmp_path, capsys):
     losses = [r["loss"] for r in map(json.loads, (qat_run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert len(losses) == 20 and np.mean(losses[-3:]) < losses[0] - 1.0  # byte-level: ~5.5 nats at the start
@@ -169,6 +171,7 @@ def test_a_qat_run_learns_and_its_int8_export_scores_what_it_scored(qat_run, tmp
     assert scores["int8"]["eval_bpb"] == pytest.approx(scores["qat"]["eval_bpb"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_a_qat_run_is_exported_with_its_own_selection(qat_run, tmp_path, capsys):
     assert quantize_cli.main([str(qat_run), str(tmp_path / "out"), "--skip", "mlp/wo"]) == 2
     err = capsys.readouterr().err.strip()

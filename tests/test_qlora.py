@@ -48,6 +48,7 @@ def runs(tmp_path_factory) -> dict:
     return {"root": root, "base": base, "qlora": qlora, "final": kept.params}
 
 
+@pytest.mark.slow
 def test_qlora_trains_only_the_adapters_and_keeps_the_int8_base_bitwise(runs):
     assert runs["base"].rc == 0 and runs["qlora"].rc == 0, runs["qlora"].err
     first = next(r for r in runs["qlora"].metrics if "loss" in r)
@@ -65,6 +66,7 @@ def test_qlora_trains_only_the_adapters_and_keeps_the_int8_base_bitwise(runs):
     assert final[("stack", "blocks", "attn", "q", "lora_b")].std() > 0  # the adapters did train
 
 
+@pytest.mark.slow
 def test_merge_lora_of_a_qlora_run_writes_a_float_model_equal_to_the_adapter_model(runs):
     adapter_cfg, adapter_params = sources.load_export(runs["root"] / "adapters")
     merged_cfg, merged_params = sources.load_export(runs["root"] / "merged")
@@ -78,6 +80,7 @@ def test_merge_lora_of_a_qlora_run_writes_a_float_model_equal_to_the_adapter_mod
     np.testing.assert_allclose(logits(merged_cfg, merged_params), logits(adapter_cfg, adapter_params), atol=2e-5)
 
 
+@pytest.mark.slow
 def test_init_from_an_int8_export_into_a_float_model_dequantises_it(runs):
     int8_cfg, int8 = sources.load_export(runs["root"] / "int8")
     cfg = dataclasses.replace(int8_cfg, quant="none")

@@ -126,6 +126,7 @@ def scores(capsys, source: pathlib.Path, text: pathlib.Path) -> dict:
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_cli_writes_an_int8_export_that_evaluates_like_the_float_run(tiny_run, tmp_path, capsys):
     from train.export import export
 
@@ -153,6 +154,7 @@ def test_cli_writes_an_int8_export_that_evaluates_like_the_float_run(tiny_run, t
     assert int8["eval_bpb"] == pytest.approx(fp32["eval_bpb"], rel=0.005)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "argv, message",
     [(["--bits", "4"], "only --bits 8"), (["--skip", "("], "is not a regex"), (["--skip", "."], "matches every layer")],
@@ -164,12 +166,14 @@ def test_cli_mistakes_are_one_error_line(tiny_run, tmp_path, capsys, argv, messa
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_a_quantised_export_is_not_quantised_again(tiny_run, tmp_path, capsys):
     assert quantize_cli.main([str(tiny_run), str(tmp_path / "a")]) == 0
     assert quantize_cli.main([str(tmp_path / "a"), str(tmp_path / "b")]) == 2
     assert "already quantised" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_quantised_model_is_not_trained(tmp_path, capsys):
     argv = [str(REPO / "configs/tiny-gpt2.yaml"), f"run.dir={tmp_path / 'run'}", "model.quant=int8"]
     assert train_main(argv) == 2

@@ -161,6 +161,7 @@ def assert_states_equal(a: dict, b: dict) -> None:
         np.testing.assert_array_equal(value, b[path], err_msg=path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["gpt2", "llama"])
 def test_a_run_stopped_at_step_3_and_continued_is_bitwise_the_uninterrupted_run(runs, model):
     ref, stopped, resumed = runs[f"{model}-ref"], runs[f"{model}-stopped"], runs[f"{model}-resumed"]
@@ -174,6 +175,7 @@ def test_a_run_stopped_at_step_3_and_continued_is_bitwise_the_uninterrupted_run(
     assert_states_equal(saved_state(resumed.dir, steps), saved_state(ref.dir, steps))
 
 
+@pytest.mark.slow
 def test_a_frozen_adafactor_run_resumes_bitwise_and_reports_its_trainable_params(runs):
     ref, stopped, resumed = runs["adafactor-ref"], runs["adafactor-stopped"], runs["adafactor-resumed"]
     assert_ok(ref, stopped, resumed)
@@ -194,6 +196,7 @@ def test_a_frozen_adafactor_run_resumes_bitwise_and_reports_its_trainable_params
     assert f"model: {first['params'] / 1e6:.2f}M params ({first['trainable_params'] / 1e6:.2f}M trainable)" in ref.out
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_the_step_saves_once_and_the_resumed_run_is_bitwise_uninterrupted(runs):
     """The signal arrives after step 3's callbacks looked for it: the run stops after step 4."""
     ref, stopped, resumed = runs["llama-ref"], runs["llama-sigterm"], runs["llama-sigterm-resumed"]
@@ -211,6 +214,7 @@ def test_sigterm_finishes_the_step_saves_once_and_the_resumed_run_is_bitwise_uni
     assert_states_equal(saved_state(resumed.dir, LLAMA_STEPS), saved_state(ref.dir, LLAMA_STEPS))
 
 
+@pytest.mark.slow
 def test_a_callback_sees_every_eval_record_and_its_stop_saves_a_step_that_resumes_exactly(runs):
     ref, stopped, resumed, callback = (
         runs["gpt2-ref"],
@@ -230,6 +234,7 @@ def test_a_callback_sees_every_eval_record_and_its_stop_saves_a_step_that_resume
     assert_states_equal(saved_state(resumed.dir, GPT2_STEPS), saved_state(ref.dir, GPT2_STEPS))
 
 
+@pytest.mark.slow
 def test_continuing_on_other_meshes_matches_the_unresharded_run_within_fp32_tolerance(runs):
     ref = runs["gpt2-ref"]
     legs = runs["meshes-data8"], runs["meshes-fsdp4-tensor2"], runs["meshes-1-device"]
@@ -247,6 +252,7 @@ def test_continuing_on_other_meshes_matches_the_unresharded_run_within_fp32_tole
         np.testing.assert_allclose(final[path], final_ref[path], rtol=1e-3, atol=1e-5, err_msg=path)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_another_model_is_refused_naming_the_fields(runs):
     run = runs["gpt2-other-model"]
     assert run.rc == 2
@@ -257,6 +263,7 @@ def test_a_checkpoint_of_another_model_is_refused_naming_the_fields(runs):
     assert run.metrics == runs["gpt2-ref"].metrics  # the run it refused is untouched
 
 
+@pytest.mark.slow
 def test_init_from_starts_a_new_run_from_another_runs_parameters(runs):
     source, init = runs["gpt2-ref"], runs["gpt2-init"]
     assert_ok(source, init)
@@ -273,6 +280,7 @@ def test_init_from_starts_a_new_run_from_another_runs_parameters(runs):
     assert counts and all(int(state[path]) == 1 for path in counts)  # a fresh optimizer
 
 
+@pytest.mark.slow
 def test_export_of_a_trained_run_loads_back_its_parameters(runs, tmp_path, capsys):
     source = runs["gpt2-ref"]
     assert export.main([str(source.dir), str(tmp_path / "export")]) == 0

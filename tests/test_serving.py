@@ -71,6 +71,7 @@ def test_exported_prefill_and_decode_give_generates_greedy_tokens_on_ragged_prom
     np.testing.assert_array_equal(np.stack(greedy, axis=1), generate(model, prompts, 6))
 
 
+@pytest.mark.slow
 def test_the_export_runs_in_a_python_without_meshlm(llama, tmp_path):
     model, out = llama
     script = (

@@ -152,6 +152,7 @@ def test_eval_loss_is_the_mean_cross_entropy_of_the_assistant_tokens_only(tmp_pa
     assert abs(eval_loss - losses[:, :10].mean()) > 1e-3  # not the loss of the prompt tokens
 
 
+@pytest.mark.slow
 def test_a_tiny_sft_run_learns_the_answers_and_chats(tmp_path, monkeypatch, capsys):
     argv = [
         "configs/sft-llama.yaml", f"run.dir={tmp_path / 'run'}", f"data.train_files={tmp_path / 'train.jsonl'}",

@@ -130,6 +130,7 @@ def stream(docs: list[str]) -> np.ndarray:
 # --- the local builder ----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_records_read_back_equal_the_source_texts_in_file_order(data_dir):
     corpus = open_tfds(DataConfig(format="tfds", tfds_name="plays:1.0.0", tfds_data_dir=str(data_dir)))
     plays = {p: (PLAYS / f"{p}.txt").read_text() for p in [*TRAIN_PLAYS, VAL_PLAY]}
@@ -138,6 +139,7 @@ def test_records_read_back_equal_the_source_texts_in_file_order(data_dir):
     assert corpus.num_records("train") == 4
 
 
+@pytest.mark.slow
 def test_builder_reports_bad_input_on_one_error_line(data_dir, tmp_path, capsys):
     assert build(tmp_path, "x", str(tmp_path / "none/*.txt")) == 2
     assert "error: --files=" in capsys.readouterr().err
@@ -150,6 +152,7 @@ def test_builder_reports_bad_input_on_one_error_line(data_dir, tmp_path, capsys)
 # --- training batches -----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_batches_are_shifted_windows_of_the_documents_with_eos_between_them(lines):
     it = lines.train_iterator(TOK, seq_len=16, global_batch=4, seed=0, shuffle=False)
     batches = take(it, 40)  # 40 x 4 x 17 tokens: more than two passes over the 60 lines
@@ -162,12 +165,14 @@ def test_batches_are_shifted_windows_of_the_documents_with_eos_between_them(line
     np.testing.assert_array_equal(windows.reshape(-1), expected)
 
 
+@pytest.mark.slow
 def test_same_seed_gives_the_same_batches_and_another_seed_others(lines):
     a = take(lines.train_iterator(TOK, 16, 4, seed=1, shuffle=True), 10)
     assert same(a, take(lines.train_iterator(TOK, 16, 4, seed=1, shuffle=True), 10))
     assert not same(a, take(lines.train_iterator(TOK, 16, 4, seed=2, shuffle=True), 10))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("k", [0, 3, 17])  # 0: no remainder, whose (-1, -1) slice JSON makes a list
 def test_resume_from_state_after_k_batches_continues_bitwise_identical(lines, k):
     uninterrupted = take(lines.train_iterator(TOK, 16, 4, seed=5, shuffle=True), k + 12)
@@ -180,6 +185,7 @@ def test_resume_from_state_after_k_batches_continues_bitwise_identical(lines, k)
     assert same(take(restored, 12), uninterrupted[k:])
 
 
+@pytest.mark.slow
 def test_resume_with_worker_processes_continues_bitwise_identical(lines):
     if (os.cpu_count() or 1) < 2:
         pytest.skip("needs two CPUs")
@@ -198,6 +204,7 @@ def test_resume_with_worker_processes_continues_bitwise_identical(lines):
         restored.iterator.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("count", [2, 3])
 def test_process_shards_are_disjoint_and_cover_the_records(lines, count):
     n = lines.num_records("train")
@@ -214,6 +221,7 @@ def as_text_field(record: dict) -> str:
     return as_text(record["text"])
 
 
+@pytest.mark.slow
 def test_each_process_packs_its_own_shard_and_resumes_from_its_own_position(lines):
     its = [lines.train_iterator(TOK, 16, 8, seed=3, shuffle=True, process_index=p, process_count=2) for p in (0, 1)]
     first = [take(it, 4) for it in its]
@@ -232,6 +240,7 @@ def test_each_process_packs_its_own_shard_and_resumes_from_its_own_position(line
 # --- eval -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_eval_uses_the_first_validation_documents_in_order(lines):
     tokens = lines.val_tokens(TOK, seq_len=8, batch_size=2, max_batches=3)  # needs 3 x 2 x 8 + 1 = 49 tokens
     assert tokens.num_tokens >= 49 and tokens.num_documents < len(VAL_LINES)
@@ -253,6 +262,7 @@ def tfds_config(data_dir, **kw) -> DataConfig:
     return DataConfig(**{"format": "tfds", "tfds_data_dir": str(data_dir), "tfds_name": "lines", **kw})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "kw, message",
     [
@@ -272,6 +282,7 @@ def test_bad_tfds_inputs_raise_config_errors_naming_the_fix(data_dir, kw, messag
         open_tfds(tfds_config(data_dir, **kw))
 
 
+@pytest.mark.slow
 def test_a_gcs_data_dir_without_tensorflow_says_how_to_read_it(data_dir):
     if importlib.util.find_spec("tensorflow") is not None:
         pytest.skip("TensorFlow is installed (and would try the network)")
@@ -285,6 +296,7 @@ def test_missing_dataset_error_names_the_default_data_dir_and_how_to_build(monke
         open_tfds(DataConfig(format="tfds", tfds_name="plays"))
 
 
+@pytest.mark.slow
 def test_tfds_format_needs_a_name_and_tf_data_needs_tensorflow(data_dir, capsys):
     with pytest.raises(ConfigError, match="data.format=tfds needs data.tfds_name"):
         load_config(REPO / "configs" / "tiny-gpt2.yaml", ["data.format=tfds"])
@@ -296,6 +308,7 @@ def test_tfds_format_needs_a_name_and_tf_data_needs_tensorflow(data_dir, capsys)
     assert "--file-format tfrecord needs TensorFlow; pip install -e '.[tf]'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_tf_data_reader_feeds_tfrecord_datasets_into_the_same_packing(data_dir):
     pytest.importorskip("tensorflow")
     assert build_lines(data_dir, "lines_tf", "--file-format", "tfrecord") == 0
@@ -315,6 +328,7 @@ def test_tf_data_reader_feeds_tfrecord_datasets_into_the_same_packing(data_dir):
     np.testing.assert_array_equal(val.tokens, stream(VAL_LINES[: val.num_documents]))
 
 
+@pytest.mark.slow
 def test_cli_reports_a_missing_dataset_on_one_line_before_writing_anything(data_dir, tmp_path, capsys):
     from train.__main__ import main
 
@@ -335,6 +349,7 @@ def test_cli_reports_a_missing_dataset_on_one_line_before_writing_anything(data_
 # --- end to end -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_tfds_run_trains_evaluates_and_resumes_exactly(e2e):
     out, err = e2e.communicate(timeout=600)
     assert e2e.returncode == 0, err[-3000:]

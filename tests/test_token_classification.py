@@ -196,6 +196,7 @@ def test_shipped_speakers_data_is_what_the_generator_writes():
         assert all(not t.startswith("I-") or p[2:] == t[2:] for p, t in zip(["O", *r["tags"]], r["tags"]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -271,6 +272,7 @@ def trained(tmp_path_factory):
     return root, data, run
 
 
+@pytest.mark.slow
 def test_training_lowers_the_loss_and_evals_report_entity_f1(trained):
     _, _, run = trained
     assert run.rc == 0, run.err[-2000:]
@@ -282,6 +284,7 @@ def test_training_lowers_the_loss_and_evals_report_entity_f1(trained):
     assert {"eval_token_accuracy", "eval_entity_precision", "eval_entity_recall"} <= set(last)
 
 
+@pytest.mark.slow
 def test_evaluate_reports_the_trainers_entity_scores_with_a_table_per_type(trained, capsys):
     _, _, run = trained
     args = evaluate.parse_args([str(run.dir)])
@@ -297,6 +300,7 @@ def test_evaluate_reports_the_trainers_entity_scores_with_a_table_per_type(train
 BAD_LABELS = ["data.labels=O,B-NAME,B-STAGE,I-STAGE,I-NAME", "model.num_labels=5"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "argv, rows, message",
     [

@@ -63,6 +63,7 @@ GOOD_STUDY = "  dir: {dir}\n  metric: eval_bpb\n  trials: 2"
 GOOD_SPACE = "  optimizer.lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "study, space, message",
     [
@@ -104,11 +105,13 @@ def test_search_file_mistakes_exit_2_naming_the_key_before_any_trial(tmp_path, s
     assert not list(study_dir.glob("trial-*"))
 
 
+@pytest.mark.slow
 def test_missing_search_file_is_named():
     status, _out, err = tune([TINY, "configs/search/nope.yaml"])
     assert status == 2 and err.startswith("error: search file 'configs/search/nope.yaml' does not exist")
 
 
+@pytest.mark.slow
 def test_search_file_errors_say_search_file_and_binary_ones_exit_2(tmp_path):
     binary, listing = tmp_path / "binary.bin", tmp_path / "list.yaml"
     binary.write_bytes(bytes(range(128, 256)) * 4)
@@ -131,6 +134,7 @@ def test_shipped_search_files_check_against_their_configs():
     assert EVAL_METRICS["classification"] == ("eval_loss", "eval_accuracy", "eval_macro_f1")
 
 
+@pytest.mark.slow
 def test_study_prunes_bad_trials_fails_invalid_ones_and_best_yaml_reruns_the_best(tmp_path):
     """lr 1e-6 is hopeless next to 1e-2: after one complete trial the median pruner stops it at its
     first eval. Batch 12 does not divide over 8 devices: that trial fails with the reason. The three
@@ -194,6 +198,7 @@ def wait_for(predicate, proc: subprocess.Popen, log: pathlib.Path, timeout: floa
         time.sleep(0.5)
 
 
+@pytest.mark.slow
 def test_same_command_after_sigkill_finishes_the_study_without_repeating_trials(tmp_path):
     study_dir = tmp_path / "study"
     study = f"  dir: {study_dir}\n  metric: eval_bpb\n  trials: 2\n  sampler: random\n  seed: 0\n  pruner: none"
@@ -222,6 +227,7 @@ def test_same_command_after_sigkill_finishes_the_study_without_repeating_trials(
     assert after[1].user_attrs["fail_reason"].startswith("stale: its worker")
 
 
+@pytest.mark.slow
 def test_two_workers_share_one_study_and_finish_exactly_the_trials(tmp_path):
     study_dir = tmp_path / "study"
     journal = tmp_path / "shared" / "journal.log"
