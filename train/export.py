@@ -1,6 +1,6 @@
 """``python -m train.export SRC OUT_DIR``: a model's parameters in another layout.
 
-    python -m train.export SRC OUT_DIR [--format params|hf|checkpoint] [--tokenizer DIR] [--best] [--merge-lora]
+    python -m train.export SRC OUT_DIR [--format params|hf|checkpoint|peft] [--tokenizer DIR] [--best] [--merge-lora]
 
 SRC is a run directory (its newest intact checkpoint, or with ``--best`` its best one, kept by
 ``checkpoint.keep_best``; also its ``checkpoints/`` directory or a ``--format checkpoint``
@@ -13,6 +13,11 @@ output) or a Hugging Face model directory (config.json + safetensors).
 --format hf
     ``OUT_DIR/{config.json, model.safetensors}`` for transformers' ``from_pretrained``; with
     ``--tokenizer DIR`` the tokenizer's files too (and its special token ids in the config).
+--format peft
+    A LoRA run's adapters in the PEFT layout (``OUT_DIR/{adapter_config.json, adapter_model.safetensors}``,
+    Hugging Face module names; Llama-style families) for ``PeftModel.from_pretrained``. Its
+    ``base_model_name_or_path`` is the run's ``checkpoint.init_from`` when that is a Hugging Face
+    directory; otherwise the base is written beside them as ``OUT_DIR/base`` (``--format hf``).
 --format checkpoint
     ``OUT_DIR/0/`` in the layout of a run's ``checkpoints/`` (state = {"params": ...}) and
     ``OUT_DIR/config.yaml``: ``python -m train OUT_DIR/config.yaml run.dir=...`` fine-tunes it
@@ -36,7 +41,7 @@ import sys
 from models.config import ConfigError, ModelConfig
 from train import cli
 
-FORMATS = ("params", "hf", "checkpoint")
+FORMATS = ("params", "hf", "checkpoint", "peft")
 
 
 def _cpu():
@@ -130,6 +135,11 @@ def export(
     if tokenizer is not None and format != "hf":
         raise ConfigError("--tokenizer only applies to --format hf; leave it out")
     source, cfg, params = read_model(pathlib.Path(src).absolute(), best)
+    if format == "peft":
+        if merge_lora or not cfg.lora_rank:
+            raise ConfigError(f"--format peft writes LoRA adapters; SRC='{src}' needs lora.rank > 0 and no --merge-lora")
+        write_peft(params, cfg, out_dir, pathlib.Path(src))
+        return source
     if merge_lora:
         from models import lora
 
@@ -145,6 +155,26 @@ def export(
     else:
         hf.export(params, cfg, out_dir, tokenizer=tokenizer, labels=_run_labels(pathlib.Path(src), cfg))
     return source
+
+
+def write_peft(params, cfg: ModelConfig, out_dir: pathlib.Path, src: pathlib.Path) -> None:
+    """The adapters of a LoRA run ``src`` in the PEFT layout, on its Hugging Face base (referenced, or written)."""
+    import yaml
+    from flax import traverse_util
+
+    from models import hf, lora
+    from models.hf import peft
+
+    flat = hf.params_to_numpy(params)
+    config = src / "config.yaml"
+    run = (yaml.safe_load(config.read_text()) or {}) if config.is_file() else {}
+    init_from = str((run.get("checkpoint") or {}).get("init_from") or "")
+    if init_from and hf.is_model_dir(init_from):
+        base = str(pathlib.Path(init_from).absolute())
+    else:
+        base_params = traverse_util.unflatten_dict({p: x for p, x in flat.items() if p[-1] not in lora.ADAPTERS})
+        base = str(hf.export(base_params, lora.base_config(cfg), out_dir / "base"))
+    peft.write(flat, cfg, out_dir, base)
 
 
 def _run_labels(src: pathlib.Path, cfg: ModelConfig) -> list[str]:

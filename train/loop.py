@@ -36,7 +36,7 @@ from train.state import StateSpec, TrainState, count_params, init_state, make_st
 from train.step import make_train_step
 from train.tokenizer import Tokenizer, load_tokenizer
 from train.validate import fit_sizes
-from train.warm_start import warm_start
+from train.warm_start import load_adapters, warm_start
 from train.writers import MetricsWriter
 
 VOCAB_MULTIPLE = 128
@@ -92,10 +92,13 @@ def fresh_state(setup: Setup) -> TrainState:
     if config.train.prior_bias and getattr(setup.task, "log_prior", None) is not None:
         bias = state.params["classifier"]["bias"]
         bias.value = jax.device_put(setup.task.log_prior, bias.value.sharding)
-    if not config.checkpoint.init_from:
-        return state
     target = restore_target(spec.abstract.params, spec.shardings.params)
-    params = warm_start(config.checkpoint.init_from, state.params, target, config.model, config.checkpoint.init_layers)
+    params = state.params
+    if config.checkpoint.init_from:
+        init_layers = config.checkpoint.init_layers
+        params = warm_start(config.checkpoint.init_from, params, target, config.model, init_layers)
+    if config.lora.init_from:
+        params = load_adapters(config.lora.init_from, params, target, config.model)
     return state.replace(params=params)
 
 

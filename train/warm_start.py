@@ -4,7 +4,9 @@ The source is a run directory (its newest intact checkpoint; also its ``checkpoi
 output of ``python -m train.export HF_DIR OUT --format checkpoint``), a Hugging Face model directory (config.json +
 safetensors), an export (``python -m train.export``, ``train.prune`` or ``train.quantize``: model.json + params/; an
 int8 one is dequantised into a float model, and kept int8 by a QLoRA run, ``model.quant: int8``), or
-``python-package:NAME`` naming one (train/packages.py). Every parameter the
+``python-package:NAME`` naming one (train/packages.py), or PEFT LoRA adapters (adapter_config.json +
+adapter_model.safetensors: their ``base_model_name_or_path``, a local directory of any of these
+kinds, gives the base, the adapters those of a LoRA run with the same rank, alpha and targets). Every parameter the
 source holds at the same path with the same shape is restored; the rest keep their fresh
 initialisation, and one line says which. So a masked-LM encoder, or a bare ``BertModel``,
 starts a classifier: the encoder is restored, the pooler (unless the source has one) and the
@@ -28,6 +30,7 @@ import numpy as np
 from flax import nnx, traverse_util
 
 from models import abstract_model, hf
+from models.hf import peft
 from models.config import ModelConfig
 from train import packages
 from train.checkpoint import config_mismatch, newest_params
@@ -171,16 +174,73 @@ def warm_start(
     """
     location = pathlib.Path(packages.resolve(init_from, KEY)).absolute()
     targets, lower = _flat(target), init_layers == "lower"
-    if hf.is_model_dir(location):
-        source, restored, unused = _from_hugging_face(location, targets, model, lower)
-    elif (location / "model.json").is_file() and (location / "params").is_dir():
-        source, restored, unused = _from_export(location, targets, model)
+    if peft.is_adapter_dir(location):
+        source, restored, unused = _from_any(_peft_base(location), targets, model, lower)
+        restored |= peft_adapters(location, targets, model, KEY)
+        source = f"{location} on {source}"
     else:
-        source, restored, unused = _from_run(location, targets, model, lower)
+        source, restored, unused = _from_any(location, targets, model, lower)
     values = {p: restored.get(p, x) for p, x in _flat(fresh).items()}
     nnx.replace_by_pure_dict(fresh, traverse_util.unflatten_dict(values))
     if verbose and jax.process_index() == 0:
         print(describe(source, len(restored), sorted(set(values) - set(restored)), sorted(unused)), flush=True)
+    return fresh
+
+
+def _from_any(location: pathlib.Path, targets: Flat, model: ModelConfig, lower: bool) -> tuple[str, Flat, list]:
+    if hf.is_model_dir(location):
+        return _from_hugging_face(location, targets, model, lower)
+    if (location / "model.json").is_file() and (location / "params").is_dir():
+        return _from_export(location, targets, model)
+    return _from_run(location, targets, model, lower)
+
+
+def _peft_base(directory: pathlib.Path) -> pathlib.Path:
+    """The local base model of PEFT adapters: ``base_model_name_or_path`` as given or relative to them."""
+    base = str(peft.read_config(directory).get("base_model_name_or_path") or "")
+    for candidate in (pathlib.Path(base), directory / base):
+        if base and candidate.exists():
+            return candidate.absolute()
+    raise ConfigError(
+        f"{KEY}: the PEFT adapters in {directory} name the base model '{base}', which is no local directory; "
+        f"set base_model_name_or_path in {directory / peft.CONFIG} to the base model's directory"
+    )
+
+
+def peft_adapters(directory: pathlib.Path | str, targets: Flat, model: ModelConfig, key: str) -> Flat:
+    """The adapters of the PEFT directory placed as ``targets``' lora_a / lora_b; ConfigError (naming
+    ``key``) unless ``model``'s LoRA has their rank, alpha and targets."""
+    try:
+        _, fields, arrays = peft.read(directory, model)
+    except hf.ConversionError as e:
+        raise ConfigError(f"{key}: {e}") from None
+    ours = {p for p in targets if p[-1] in ("lora_a", "lora_b")}
+    same = (model.lora_rank, model.lora_alpha) == (fields["lora_rank"], fields["lora_alpha"]) and ours == set(arrays)
+    if not same:
+        raise ConfigError(
+            f"{key}: {directory} holds LoRA adapters of rank {fields['lora_rank']}, alpha {fields['lora_alpha']:g} on "
+            f"{fields['lora_targets']}; set lora.rank={fields['lora_rank']} lora.alpha={fields['lora_alpha']:g} "
+            f"lora.targets='{fields['lora_targets']}'"
+        )
+    return {
+        p: jax.make_array_from_callback(a.shape, targets[p].sharding, lambda index, a=a: a[index])
+        for p, a in arrays.items()
+    }
+
+
+def load_adapters(init_from: str, fresh: nnx.State, target: nnx.State, model: ModelConfig) -> nnx.State:
+    """``lora.init_from``: ``fresh`` parameters with their LoRA adapters replaced by those of a PEFT directory."""
+    location = pathlib.Path(init_from).absolute()
+    if not peft.is_adapter_dir(location):
+        raise ConfigError(
+            f"lora.init_from='{init_from}' holds no PEFT adapters (adapter_config.json + adapter_model.safetensors); "
+            "point it at a PeftModel.save_pretrained or python -m train.export --format peft directory"
+        )
+    adapters = peft_adapters(location, _flat(target), model, "lora.init_from")
+    values = {p: adapters.get(p, x) for p, x in _flat(fresh).items()}
+    nnx.replace_by_pure_dict(fresh, traverse_util.unflatten_dict(values))
+    if jax.process_index() == 0:
+        print(f"lora.init_from {location}: restored {len(adapters)} adapter parameters", flush=True)
     return fresh
 
 
