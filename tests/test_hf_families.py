@@ -160,14 +160,15 @@ def test_unsupported_config_fields_are_one_error_line_naming_them(case, tmp_path
 TRAIN = [
     "data.tokenizer=byte",
     "train.steps=2",
-    "train.batch_size=8",
-    "train.seq_len=32",
+    "train.batch_size=4",
+    "train.seq_len=16",
     "train.log_every=1",
     "train.eval_every=0",
+    "train.eval_batches=1",
     "train.sample_tokens=0",
     "optimizer.warmup_steps=0",
     "checkpoint.every=0",
-    "mesh.data=2",
+    "mesh.data=1",
     "mesh.fsdp=2",
     "mesh.tensor=2",
 ]
@@ -185,7 +186,9 @@ def test_each_family_fine_tunes_from_init_from_also_with_lora_and_generates(name
     config.vocab_size = 264  # the byte tokenizer's 257 ids
     hf_model(name, config).save_pretrained(tmp_path / "hf")
     assert export_cli([str(tmp_path / "hf"), str(tmp_path / "ckpt"), "--format", "checkpoint"]) == 0
-    base = [str(tmp_path / "ckpt" / "config.yaml"), *TRAIN]
+    text = tmp_path / "plays.txt"
+    text.write_text("To be, or not to be, that is the question.\n" * 40)
+    base = [str(tmp_path / "ckpt" / "config.yaml"), *TRAIN, f"data.train_files={text}", f"data.val_files={text}"]
     for run, extra in [("full", []), ("lora", ["lora.rank=4", "lora.alpha=8"])]:
         result = in_this_process([*base, *extra, f"run.dir={tmp_path / run}"])
         assert result.rc == 0, result.err
