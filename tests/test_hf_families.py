@@ -168,7 +168,7 @@ TRAIN = [
     "train.sample_tokens=0",
     "optimizer.warmup_steps=0",
     "checkpoint.every=0",
-    "mesh.data=1",
+    "mesh.data=2",
     "mesh.fsdp=2",
     "mesh.tensor=2",
 ]

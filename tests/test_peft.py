@@ -137,3 +137,34 @@ def test_gpt2_adapters_are_refused_for_the_peft_layout(tmp_path):
     cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=4, d_ff=64, lora_rank=2)
     with pytest.raises(hf.ConversionError, match="Llama-style decoders"):
         peft.write({}, cfg, tmp_path, "")
+
+
+@pytest.mark.slow
+def test_a_lora_run_exports_as_peft_and_new_runs_start_from_that(base, tmp_path):
+    from cli_runs import in_this_process
+
+    from train.export import main as export_cli
+    from train.export import read_model
+
+    config = transformers.Qwen2Config(**(QWEN2 | {"vocab_size": 264}))  # the byte tokenizer's 257 ids
+    perturbed(transformers.AutoModelForCausalLM.from_config(config)).save_pretrained(tmp_path / "hf")
+    assert export_cli([str(tmp_path / "hf"), str(tmp_path / "ckpt"), "--format", "checkpoint"]) == 0
+    text = tmp_path / "plays.txt"
+    text.write_text("To be, or not to be, that is the question.\n" * 40)
+    run = [str(tmp_path / "ckpt" / "config.yaml"), "data.tokenizer=byte", f"data.train_files={text}"]
+    run += [f"data.val_files={text}", "train.steps=2", "train.batch_size=4", "train.seq_len=16", "train.eval_batches=1"]
+    run += ["train.eval_every=0", "train.sample_tokens=0", "optimizer.warmup_steps=0", "optimizer.lr=0.05"]
+    run += ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "lora.rank=4", "lora.alpha=8"]
+    assert in_this_process([*run, f"run.dir={tmp_path / 'lora'}"]).rc == 0
+    assert export_cli([str(tmp_path / "lora"), str(tmp_path / "peft"), "--format", "peft"]) == 0
+    # the run started from our checkpoint export, not an HF directory: the base is written beside the adapters
+    assert json.loads((tmp_path / "peft" / peft.CONFIG).read_text())["base_model_name_or_path"] == str(
+        tmp_path / "peft" / "base"
+    )
+    _, cfg, params = read_model(tmp_path / "lora")
+    ours = logits_of(dataclasses.replace(cfg, compute_dtype="float32"), params)
+    np.testing.assert_allclose(peft_logits(tmp_path / "peft" / "base", tmp_path / "peft"), ours, atol=TOL, rtol=0)
+    again = in_this_process([*run, f"checkpoint.init_from={tmp_path / 'peft'}", f"run.dir={tmp_path / 'again'}"])
+    assert again.rc == 0 and "restored" in again.out and "initialised fresh: none" in again.out
+    adapters_only = in_this_process([*run, f"lora.init_from={tmp_path / 'peft'}", f"run.dir={tmp_path / 'adapters'}"])
+    assert adapters_only.rc == 0 and "restored 8 adapter parameters" in adapters_only.out

@@ -25,6 +25,12 @@ KINDS = {
     ),
 }
 COMMON = {"rope_type", "type", "rope_theta", "partial_rotary_factor"}
+REQUIRED = {
+    "linear": ("factor",),
+    "dynamic": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "yarn": ("original_max_position_embeddings",),
+}
 
 
 def _mscale(factor: float, mscale: float = 1.0) -> float:
@@ -42,6 +48,8 @@ def rope_fields(hf: dict) -> dict[str, Any]:
     ours, allowed = KINDS[kind]
     unknown = sorted(set(rope) - allowed - COMMON)
     require(not unknown, f"rope_parameters.{unknown[0] if unknown else ''} ({kind} RoPE) is not supported")
+    missing = [k for k in REQUIRED.get(kind, ()) if rope.get(k) is None]
+    require(not missing, f"rope_parameters.{missing[0] if missing else ''} is missing; {kind} RoPE needs it")
     require(rope.get("partial_rotary_factor", 1.0) == 1.0, "rope_parameters.partial_rotary_factor < 1 is not supported")
     max_len = hf.get("max_position_embeddings", 2048)
     out: dict[str, Any] = {"rope_theta": float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))}
