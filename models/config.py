@@ -204,9 +204,7 @@ class ModelConfig:
         if self.sliding_window < 0:
             out.append("model.sliding_window must be >= 0 (0: every earlier key)")
         if self.sliding_window and (self.family != "decoder" or self.attention == "splash"):
-            out.append(
-                "model.sliding_window needs family='decoder' and attention xla, recompute or cudnn; set it to 0"
-            )
+            out.append("model.sliding_window needs family='decoder' and attention xla, recompute or cudnn; set it to 0")
         return out
 
     def _dropout_problems(self) -> list[str]:

@@ -196,7 +196,9 @@ def rope_frequencies(cfg: ModelConfig) -> tuple[np.ndarray, float]:
     elif kind == "yarn":
 
         def correction(rotations: float) -> float:  # the dimension that turns ``rotations`` times over the context
-            return dim * math.log(cfg.rope_original_max_len / (rotations * 2 * math.pi)) / (2 * math.log(cfg.rope_theta))
+            return (
+                dim * math.log(cfg.rope_original_max_len / (rotations * 2 * math.pi)) / (2 * math.log(cfg.rope_theta))
+            )
 
         low = max(math.floor(correction(cfg.rope_beta_fast)), 0)
         high = min(math.ceil(correction(cfg.rope_beta_slow)), dim - 1)

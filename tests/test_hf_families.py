@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import pathlib
 
 import numpy as np
 import pytest
@@ -19,15 +18,15 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from models import hf  # noqa: E402
-from models.generate import generate, pad_prompts  # noqa: E402
-from train.export import main as export_cli  # noqa: E402
+from models import hf
+from models.generate import generate, pad_prompts
+from train.export import main as export_cli
 
 TOL = 1e-4
-BASE = dict(
-    vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=64, bos_token_id=0, eos_token_id=0, pad_token_id=0,
-)  # fmt: skip
+BASE = {
+    "vocab_size": 96, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "max_position_embeddings": 64, "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0,
+}  # fmt: skip
 LLAMA3 = {"rope_type": "llama3", "rope_theta": 500.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
 CONFIGS = {  # name -> (HF config, the model_type an export of ours writes)
     "llama3.1": lambda: transformers.LlamaConfig(
@@ -38,7 +37,12 @@ CONFIGS = {  # name -> (HF config, the model_type an export of ours writes)
     ),
     "llama-yarn": lambda: transformers.LlamaConfig(
         **BASE,
-        rope_parameters={"rope_type": "yarn", "rope_theta": 500.0, "factor": 4.0, "original_max_position_embeddings": 16},
+        rope_parameters={
+            "rope_type": "yarn",
+            "rope_theta": 500.0,
+            "factor": 4.0,
+            "original_max_position_embeddings": 16,
+        },
     ),
     "llama-dynamic": lambda: transformers.LlamaConfig(
         **BASE, rope_parameters={"rope_type": "dynamic", "rope_theta": 500.0, "factor": 4.0}
@@ -99,7 +103,7 @@ def test_greedy_tokens_equal_transformers_generate_on_a_ragged_batch(reference):
 
 
 def test_export_is_the_same_architecture_with_the_same_logits(reference, tmp_path):
-    name, path, theirs, ours, cfg = reference
+    _name, path, theirs, ours, cfg = reference
     hf.export(ours, cfg, tmp_path)
     written = json.loads((tmp_path / "config.json").read_text())
     assert written["model_type"] == json.loads((path / "config.json").read_text())["model_type"]
@@ -186,9 +190,10 @@ def test_each_family_fine_tunes_from_init_from_also_with_lora_and_generates(name
     config.vocab_size = 264  # the byte tokenizer's 257 ids
     hf_model(name, config).save_pretrained(tmp_path / "hf")
     assert export_cli([str(tmp_path / "hf"), str(tmp_path / "ckpt"), "--format", "checkpoint"]) == 0
-    text = tmp_path / "plays.txt"
+    text, held_out = tmp_path / "train.txt", tmp_path / "val.txt"
     text.write_text("To be, or not to be, that is the question.\n" * 40)
-    base = [str(tmp_path / "ckpt" / "config.yaml"), *TRAIN, f"data.train_files={text}", f"data.val_files={text}"]
+    held_out.write_text("Whether 'tis nobler in the mind to suffer.\n" * 20)
+    base = [str(tmp_path / "ckpt" / "config.yaml"), *TRAIN, f"data.train_files={text}", f"data.val_files={held_out}"]
     for run, extra in [("full", []), ("lora", ["lora.rank=4", "lora.alpha=8"])]:
         result = in_this_process([*base, *extra, f"run.dir={tmp_path / run}"])
         assert result.rc == 0, result.err

@@ -16,20 +16,20 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft_lib = pytest.importorskip("peft")
 
-from flax import nnx, traverse_util  # noqa: E402
+from flax import nnx, traverse_util
 
-from models import abstract_model, build_model, hf  # noqa: E402
-from models.config import ConfigError  # noqa: E402
-from models.hf import peft  # noqa: E402
-from train.checkpoint import restore_target  # noqa: E402
-from train.warm_start import load_adapters, warm_start  # noqa: E402
+from models import abstract_model, build_model, hf
+from models.config import ConfigError
+from models.hf import peft
+from train.checkpoint import restore_target
+from train.warm_start import load_adapters, warm_start
 
 TOL = 1e-4
 TOKENS = np.random.default_rng(0).integers(0, 96, (2, 12))
-QWEN2 = dict(
-    vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=64, bos_token_id=0, eos_token_id=0,
-)  # fmt: skip
+QWEN2 = {
+    "vocab_size": 96, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "max_position_embeddings": 64, "bos_token_id": 0, "eos_token_id": 0,
+}  # fmt: skip
 ALL = "stack/blocks/(attn/(q|k|v|o)|mlp/(wi|wg|wo))"
 
 
@@ -58,7 +58,9 @@ def lora_model(base: pathlib.Path, rank: int, alpha: float, targets: str, seed: 
     flat = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     flat |= {p: jax.numpy.asarray(a) for p, a in hf.read_params(base)[1]}
     rng = np.random.default_rng(seed)
-    flat |= {p: jax.numpy.asarray(rng.normal(0, 0.2, x.shape), np.float32) for p, x in flat.items() if p[-1] == "lora_b"}
+    flat |= {
+        p: jax.numpy.asarray(rng.normal(0, 0.2, x.shape), np.float32) for p, x in flat.items() if p[-1] == "lora_b"
+    }
     state = nnx.state(model, nnx.Param)
     nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(flat))
     nnx.update(model, state)
@@ -99,7 +101,9 @@ def test_our_adapters_load_in_peft_model_with_our_logits(base, tmp_path):
 def test_peft_adapters_start_our_lora_model_with_peft_logits_both_ways(base, tmp_path):
     torch.manual_seed(1)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(base)
-    lora = peft_lib.LoraConfig(r=2, lora_alpha=6, target_modules=["q_proj", "v_proj", "down_proj"], task_type="CAUSAL_LM")
+    lora = peft_lib.LoraConfig(
+        r=2, lora_alpha=6, target_modules=["q_proj", "v_proj", "down_proj"], task_type="CAUSAL_LM"
+    )
     theirs = peft_lib.get_peft_model(theirs, lora)
     with torch.no_grad():
         for name, p in theirs.named_parameters():
@@ -108,13 +112,19 @@ def test_peft_adapters_start_our_lora_model_with_peft_logits_both_ways(base, tmp
     theirs.save_pretrained(tmp_path / "adapters")
     expected = peft_logits(base, tmp_path / "adapters")
     _, fields, _ = peft.read(tmp_path / "adapters", hf.load_config(base))
-    assert fields == {"lora_rank": 2, "lora_alpha": 6.0, "lora_targets": "stack/blocks/attn/q|stack/blocks/attn/v|stack/blocks/mlp/wo"}
+    assert fields == {
+        "lora_rank": 2,
+        "lora_alpha": 6.0,
+        "lora_targets": "stack/blocks/attn/q|stack/blocks/attn/v|stack/blocks/mlp/wo",
+    }
     cfg = dataclasses.replace(hf.load_config(base, compute_dtype="float32"), **fields)
     # checkpoint.init_from=ADAPTERS: the base from base_model_name_or_path, the adapters over it
     params = warm_start(str(tmp_path / "adapters"), *fresh(cfg), cfg, verbose=False)
     np.testing.assert_allclose(logits_of(cfg, params), expected, atol=TOL, rtol=0)
     # lora.init_from=ADAPTERS over a base from checkpoint.init_from=BASE
-    params = load_adapters(str(tmp_path / "adapters"), warm_start(str(base), *fresh(cfg), cfg, verbose=False), fresh(cfg)[1], cfg)
+    params = load_adapters(
+        str(tmp_path / "adapters"), warm_start(str(base), *fresh(cfg), cfg, verbose=False), fresh(cfg)[1], cfg
+    )
     np.testing.assert_allclose(logits_of(cfg, params), expected, atol=TOL, rtol=0)
     other = dataclasses.replace(cfg, lora_rank=4)
     with pytest.raises(ConfigError, match=r"rank 2, alpha 6 on .*; set lora.rank=2 lora.alpha=6 lora.targets="):
@@ -149,10 +159,17 @@ def test_a_lora_run_exports_as_peft_and_new_runs_start_from_that(base, tmp_path)
     config = transformers.Qwen2Config(**(QWEN2 | {"vocab_size": 264}))  # the byte tokenizer's 257 ids
     perturbed(transformers.AutoModelForCausalLM.from_config(config)).save_pretrained(tmp_path / "hf")
     assert export_cli([str(tmp_path / "hf"), str(tmp_path / "ckpt"), "--format", "checkpoint"]) == 0
-    text = tmp_path / "plays.txt"
+    text, held_out = tmp_path / "train.txt", tmp_path / "val.txt"
     text.write_text("To be, or not to be, that is the question.\n" * 40)
+    held_out.write_text("Whether 'tis nobler in the mind to suffer.\n" * 20)
     run = [str(tmp_path / "ckpt" / "config.yaml"), "data.tokenizer=byte", f"data.train_files={text}"]
-    run += [f"data.val_files={text}", "train.steps=2", "train.batch_size=4", "train.seq_len=16", "train.eval_batches=1"]
+    run += [
+        f"data.val_files={held_out}",
+        "train.steps=2",
+        "train.batch_size=4",
+        "train.seq_len=16",
+        "train.eval_batches=1",
+    ]
     run += ["train.eval_every=0", "train.sample_tokens=0", "optimizer.warmup_steps=0", "optimizer.lr=0.05"]
     run += ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "lora.rank=4", "lora.alpha=8"]
     assert in_this_process([*run, f"run.dir={tmp_path / 'lora'}"]).rc == 0

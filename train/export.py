@@ -137,7 +137,9 @@ def export(
     source, cfg, params = read_model(pathlib.Path(src).absolute(), best)
     if format == "peft":
         if merge_lora or not cfg.lora_rank:
-            raise ConfigError(f"--format peft writes LoRA adapters; SRC='{src}' needs lora.rank > 0 and no --merge-lora")
+            raise ConfigError(
+                f"--format peft writes LoRA adapters; SRC='{src}' needs lora.rank > 0 and no --merge-lora"
+            )
         write_peft(params, cfg, out_dir, pathlib.Path(src))
         return source
     if merge_lora:

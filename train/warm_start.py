@@ -30,8 +30,8 @@ import numpy as np
 from flax import nnx, traverse_util
 
 from models import abstract_model, hf
-from models.hf import peft
 from models.config import ModelConfig
+from models.hf import peft
 from train import packages
 from train.checkpoint import config_mismatch, newest_params
 from train.config import ConfigError

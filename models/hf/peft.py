@@ -126,7 +126,9 @@ def read(path: str | pathlib.Path, cfg: ModelConfig) -> tuple[dict, dict[str, fl
     for name, array in tensors.items():
         match = pattern.fullmatch(name)
         if not match or match[2] not in by_name:
-            raise ConversionError(f"{path / WEIGHTS}: tensor '{name}' is not a LoRA adapter of a Llama-style projection")
+            raise ConversionError(
+                f"{path / WEIGHTS}: tensor '{name}' is not a LoRA adapter of a Llama-style projection"
+            )
         side = "lora_a" if match[3] == "A" else "lora_b"
         layers.setdefault((by_name[match[2]], side), {})[int(match[1])] = np.asarray(array, np.float32).T
     adapters = {}
@@ -137,5 +139,9 @@ def read(path: str | pathlib.Path, cfg: ModelConfig) -> tuple[dict, dict[str, fl
         )
         adapters[ours + (side,)] = np.stack([rows[i] for i in range(cfg.n_layers)])
     targets = sorted({"/".join(p[:-1]) for p in adapters})
-    fields = {"lora_rank": int(config["r"]), "lora_alpha": float(config["lora_alpha"]), "lora_targets": "|".join(targets)}
+    fields = {
+        "lora_rank": int(config["r"]),
+        "lora_alpha": float(config["lora_alpha"]),
+        "lora_targets": "|".join(targets),
+    }
     return config, fields, adapters

@@ -72,7 +72,10 @@ def rope_fields(hf: dict) -> dict[str, Any]:
         if attention is None and rope.get("mscale") and rope.get("mscale_all_dim"):
             attention = _mscale(factor, rope["mscale"]) / _mscale(factor, rope["mscale_all_dim"])
         out |= {"rope_original_max_len": original, "rope_attention_factor": float(attention or 0.0)}
-        out |= {"rope_beta_fast": float(rope.get("beta_fast") or 32), "rope_beta_slow": float(rope.get("beta_slow") or 1)}
+        out |= {
+            "rope_beta_fast": float(rope.get("beta_fast") or 32),
+            "rope_beta_slow": float(rope.get("beta_slow") or 1),
+        }
     return out
 
 
