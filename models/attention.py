@@ -20,7 +20,7 @@ from flax import nnx
 
 from models.config import ModelConfig
 from models.dot_attention import dot_product_attention
-from models.layers import constrain, dense, residual_std, rope, site_key, table
+from models.layers import constrain, dense, norm, residual_std, rope, site_key, table
 from models.splash import splash_attention
 
 
@@ -37,9 +37,12 @@ class Attention(nnx.Module):
         self.cfg = cfg
         hd = cfg.dim_per_head
         q_std = cfg.init_std if cfg.scale_attention else cfg.init_std / math.sqrt(hd)
-        self.q = dense(cfg, cfg.d_model, cfg.n_heads * hd, ("embed", "heads"), rngs=rngs, std=q_std)
-        self.k = dense(cfg, cfg.d_model, cfg.kv_heads * hd, ("embed", "kv_heads"), rngs=rngs)
-        self.v = dense(cfg, cfg.d_model, cfg.kv_heads * hd, ("embed", "kv_heads"), rngs=rngs)
+        bias = cfg.use_bias or cfg.qkv_bias
+        self.q = dense(cfg, cfg.d_model, cfg.n_heads * hd, ("embed", "heads"), rngs=rngs, std=q_std, bias=bias)
+        self.k = dense(cfg, cfg.d_model, cfg.kv_heads * hd, ("embed", "kv_heads"), rngs=rngs, bias=bias)
+        self.v = dense(cfg, cfg.d_model, cfg.kv_heads * hd, ("embed", "kv_heads"), rngs=rngs, bias=bias)
+        if cfg.qk_norm:  # Qwen3: RMSNorm of each head's query and key, [head_dim] scales shared by the heads
+            self.q_norm, self.k_norm = norm(cfg, hd, rngs=rngs), norm(cfg, hd, rngs=rngs)
         self.o = dense(cfg, cfg.n_heads * hd, cfg.d_model, ("heads", "embed"), rngs=rngs, std=residual_std(cfg))
 
     def __call__(
@@ -72,8 +75,10 @@ class Attention(nnx.Module):
         """[B, T, embed] -> [B, T, heads, head_dim]; rotated when ``positions`` [B, T] are given (rope)."""
         cfg = self.cfg
         q = self.q(x, site_key(lora_rng, 0)).reshape(*x.shape[:2], cfg.n_heads, cfg.dim_per_head)
+        if cfg.qk_norm:
+            q = self.q_norm(q)
         if cfg.position == "rope" and positions is not None:
-            q = rope(q, positions, cfg.rope_theta)
+            q = rope(q, positions, cfg)
         return constrain(q, ("batch", "length", "act_heads", None))
 
     def keys_values(
@@ -83,8 +88,10 @@ class Attention(nnx.Module):
         cfg = self.cfg
         shape = (*kv.shape[:2], cfg.kv_heads, cfg.dim_per_head)
         k, v = self.k(kv, site_key(lora_rng, 1)).reshape(shape), self.v(kv, site_key(lora_rng, 2)).reshape(shape)
+        if cfg.qk_norm:
+            k = self.k_norm(k)
         if cfg.position == "rope" and positions is not None:
-            k = rope(k, positions, cfg.rope_theta)
+            k = rope(k, positions, cfg)
         axes = ("batch", "length", "act_kv_heads", None)
         return constrain(k, axes), constrain(v, axes)
 
@@ -168,6 +175,19 @@ def segment_positions(segment_ids: jax.Array) -> jax.Array:
     )
     first = jax.lax.cummax(jnp.where(starts, index, 0), axis=1)  # [B, L]: index of the segment's start
     return index - first
+def sliding_window_mask(q_pos: jax.Array, k_pos: jax.Array, window: int) -> jax.Array | None:
+    """Mistral's sliding window: query positions q_pos [..., T] and key positions k_pos [..., S] (int)
+    -> bool [..., 1, T, S], True where the key is one of the ``window`` newest up to the query
+    (``q - k < window``; the causal mask bounds it from the other side). None when ``window`` is 0.
+    AND it with the other masks (padding, segments)."""
+    if not window:
+        return None
+    return (q_pos[..., None, :, None] - k_pos[..., None, None, :]) < window
+
+
+def both(a: jax.Array | None, b: jax.Array | None) -> jax.Array | None:
+    """The AND of two broadcastable bool masks, either of which may be None (no constraint)."""
+    return b if a is None else a if b is None else a & b
 
 
 def relative_position_bucket(

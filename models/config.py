@@ -38,6 +38,20 @@ class ModelConfig:
     max_seq_len: int = 1024
     position: Literal["learned", "rope", "relative"] = "learned"  # relative: T5 buckets
     rope_theta: float = 10000.0
+    # scaled rotary frequencies of long-context checkpoints (models.layers.rope_frequencies; HF rope_parameters):
+    # linear / dynamic (NTK, exact up to max_seq_len) / llama3 (Llama 3.1+) / yarn; none: plain theta ** (-2i/d)
+    rope_scaling: Literal["none", "linear", "dynamic", "llama3", "yarn"] = "none"
+    rope_factor: float = 1.0
+    rope_original_max_len: int = 0  # llama3 / yarn: the pre-training context length
+    rope_low_freq_factor: float = 1.0  # llama3
+    rope_high_freq_factor: float = 4.0  # llama3
+    rope_beta_fast: float = 32.0  # yarn
+    rope_beta_slow: float = 1.0  # yarn
+    rope_attention_factor: float = 0.0  # yarn: cos/sin multiplier; 0: 0.1 ln(rope_factor) + 1
+    sliding_window: int = 0  # decoder: a query attends to the sliding_window newest keys only (Mistral); 0: all
+    qkv_bias: bool = False  # biases on the q, k, v projections even when use_bias is false (Qwen2)
+    qk_norm: bool = False  # RMSNorm over head_dim of queries and keys before rope (Qwen3)
+    scale_embeddings: bool = False  # token embeddings times sqrt(d_model) (Gemma)
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     norm_eps: float = 1e-5
     # gelu: tanh approximation (GPT-2, HF 'gelu_new'); gelu_exact: erf (BERT, HF 'gelu');
@@ -130,6 +144,7 @@ class ModelConfig:
                 f"model.n_heads={self.n_heads} is not a multiple of model.n_kv_heads={self.n_kv_heads}; "
                 "pick n_kv_heads that divides n_heads"
             )
+        out.extend(self._decoder_problems())
         if self.position == "rope" and self.dim_per_head % 2:
             out.append("rotary positions need an even head dimension; change model.head_dim")
         if (self.position == "relative") != (self.family == "encoder_decoder"):
@@ -174,6 +189,22 @@ class ModelConfig:
             out.append(f"lora.rank={self.lora_rank} must be >= 0; 0 turns LoRA off")
         if not 0.0 <= self.lora_dropout < 1.0:
             out.append(f"lora.dropout={self.lora_dropout} must be in [0, 1); 0 turns it off")
+        return out
+
+    def _decoder_problems(self) -> list[str]:
+        out = []
+        if self.rope_scaling != "none" and self.position != "rope":
+            out.append(f"model.rope_scaling='{self.rope_scaling}' needs model.position='rope'; set it to 'none'")
+        if self.rope_scaling != "none" and self.rope_factor < 1.0:
+            out.append(f"model.rope_factor={self.rope_factor} must be >= 1 (how far the context was stretched)")
+        if self.rope_scaling in ("llama3", "yarn") and self.rope_original_max_len <= 0:
+            out.append(f"model.rope_scaling='{self.rope_scaling}' needs model.rope_original_max_len > 0")
+        if self.rope_scaling == "llama3" and self.rope_high_freq_factor <= self.rope_low_freq_factor:
+            out.append("model.rope_high_freq_factor must exceed model.rope_low_freq_factor (Llama 3.1: 4 and 1)")
+        if self.sliding_window < 0:
+            out.append("model.sliding_window must be >= 0 (0: every earlier key)")
+        if self.sliding_window and (self.family != "decoder" or self.attention == "splash"):
+            out.append("model.sliding_window needs family='decoder' and attention xla, recompute or cudnn; set it to 0")
         return out
 
     def _dropout_problems(self) -> list[str]:

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.attention import padding_mask, segment_positions
+from models.attention import both, padding_mask, segment_positions, sliding_window_mask
 from models.cache import KVCache, advance, write_slots
 from models.config import ModelConfig
 from models.layers import DTYPES, constrain, dropout, matmul, norm, site_key
@@ -70,6 +70,8 @@ class DecoderLM(nnx.Module):
             if positions is None:
                 positions = segment_positions(segment_ids)
         x = self.embed(tokens)  # [B, T, embed]
+        if cfg.scale_embeddings:
+            x = x * jnp.asarray(cfg.d_model**0.5, x.dtype)
         if cfg.position == "learned":
             table = self.pos_embed[...]  # [max_seq_len, embed]
             pos = table[None, : tokens.shape[1]] if positions is None else table[positions]
@@ -78,10 +80,13 @@ class DecoderLM(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         x = constrain(dropout(x, cfg.dropout, site_key(rng, 0)), ("batch", "length", "act_embed"))
         if cache is None:
-            mask = padding_mask(mask)
-            x = self.stack(x, positions, causal=True, mask=mask, rng=site_key(rng, 1), segment_ids=segment_ids)
+            attend = both(padding_mask(mask), sliding_window_mask(positions, positions, cfg.sliding_window))
+            x = self.stack(x, positions, causal=True, mask=attend, rng=site_key(rng, 1), segment_ids=segment_ids)
         else:
+            slots = cache.index + jnp.arange(tokens.shape[1])  # rows are contiguous: slot gaps are position gaps
+            window = sliding_window_mask(slots, jnp.arange(cache.length), cfg.sliding_window)
             cache, attend = write_slots(cache, mask, tokens.shape[1])
+            attend = both(attend, window)
             x, cache = self.stack.extend(x, positions, cache, attend)
             cache = advance(cache, tokens.shape[1])
         x = self.final_norm(x)

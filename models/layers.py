@@ -12,6 +12,7 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
@@ -99,14 +100,22 @@ def adapter(layer: nnx.Module, x: jax.Array, y: jax.Array, rng: jax.Array | None
 
 
 def dense(
-    cfg: ModelConfig, d_in: int, d_out: int, axes: tuple[str, str], *, rngs: nnx.Rngs, std: float | None = None
+    cfg: ModelConfig,
+    d_in: int,
+    d_out: int,
+    axes: tuple[str, str],
+    *,
+    rngs: nnx.Rngs,
+    std: float | None = None,
+    bias: bool | None = None,
 ) -> Dense:
-    """A Dense whose kernel [d_in, d_out] carries ``axes`` and bias [d_out] carries ``axes[1]``."""
+    """A Dense whose kernel [d_in, d_out] carries ``axes`` and bias [d_out] (``bias``, default
+    ``cfg.use_bias``) carries ``axes[1]``."""
     init = nnx.initializers.normal(cfg.init_std if std is None else std)
     return Dense(
         d_in,
         d_out,
-        use_bias=cfg.use_bias,
+        use_bias=cfg.use_bias if bias is None else bias,
         kernel_init=nnx.with_partitioning(init, axes),
         bias_init=nnx.with_partitioning(nnx.initializers.zeros, (axes[1],)),
         dtype=DTYPES[cfg.compute_dtype],
@@ -115,14 +124,15 @@ def dense(
     )
 
 
-def norm(cfg: ModelConfig, *, rngs: nnx.Rngs) -> nnx.Module:
-    """LayerNorm (GPT-2, with bias when cfg.use_bias) or RMSNorm (Llama) over ``embed``."""
+def norm(cfg: ModelConfig, dim: int | None = None, *, rngs: nnx.Rngs) -> nnx.Module:
+    """LayerNorm (GPT-2, with bias when cfg.use_bias) or RMSNorm (Llama) over the last ``dim``
+    (default ``embed``: d_model) features."""
     scale = nnx.with_partitioning(nnx.initializers.ones, ("norm",))
     kwargs = {"epsilon": cfg.norm_eps, "dtype": DTYPES[cfg.compute_dtype], "param_dtype": jnp.float32, "rngs": rngs}
     if cfg.norm == "rmsnorm":
-        return nnx.RMSNorm(cfg.d_model, scale_init=scale, **kwargs)
+        return nnx.RMSNorm(dim or cfg.d_model, scale_init=scale, **kwargs)
     bias = nnx.with_partitioning(nnx.initializers.zeros, ("norm",))
-    return nnx.LayerNorm(cfg.d_model, use_bias=cfg.use_bias, scale_init=scale, bias_init=bias, **kwargs)
+    return nnx.LayerNorm(dim or cfg.d_model, use_bias=cfg.use_bias, scale_init=scale, bias_init=bias, **kwargs)
 
 
 def residual_std(cfg: ModelConfig) -> float:
@@ -163,15 +173,51 @@ class MLP(nnx.Module):
         return self.wo(h, site_key(rng, 2))
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-    """Rotary embedding, rotate-half convention (as Hugging Face Llama).
+def rope_frequencies(cfg: ModelConfig) -> tuple[np.ndarray, float]:
+    """The rotary inverse frequencies [head_dim / 2] float32 and the cos/sin multiplier of ``cfg.rope_scaling``.
+
+    As transformers' ``ROPE_INIT_FUNCTIONS``: none ``theta ** (-2i / d)``; linear divides them by
+    ``rope_factor``; dynamic (NTK) leaves them unscaled up to the context it was given (our
+    ``max_seq_len``); llama3 divides the low frequencies by the factor and blends the middle band;
+    yarn ramps between interpolated and original frequencies and scales cos/sin.
+    """
+    dim = cfg.dim_per_head
+    inv = 1.0 / cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)  # [dim / 2]
+    factor, kind, attention = cfg.rope_factor, cfg.rope_scaling, 1.0
+    if kind == "linear":
+        inv = inv / factor
+    elif kind == "llama3":
+        original, low, high = cfg.rope_original_max_len, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > original / low, inv / factor, inv)
+        smooth = (original / wavelen - low) / (high - low)
+        middle = (wavelen >= original / high) & (wavelen <= original / low)
+        inv = np.where(middle, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+    elif kind == "yarn":
+
+        def correction(rotations: float) -> float:  # the dimension that turns ``rotations`` times over the context
+            return (
+                dim * math.log(cfg.rope_original_max_len / (rotations * 2 * math.pi)) / (2 * math.log(cfg.rope_theta))
+            )
+
+        low = max(math.floor(correction(cfg.rope_beta_fast)), 0)
+        high = min(math.ceil(correction(cfg.rope_beta_slow)), dim - 1)
+        ramp = np.clip((np.arange(dim // 2) - low) / ((high - low) or 0.001), 0, 1)
+        inv = inv / factor * ramp + inv * (1 - ramp)
+        attention = cfg.rope_attention_factor or (0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0)
+    return inv.astype(np.float32), attention
+
+
+def rope(x: jax.Array, positions: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Rotary embedding, rotate-half convention (as Hugging Face Llama), frequencies from ``rope_frequencies``.
 
     x: [B, T, heads, head_dim]; positions: [B, T] int.
     """
-    half = x.shape[-1] // 2
-    freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [half]
-    angles = positions[..., None].astype(jnp.float32) * freqs  # [B, T, half]
+    inv_freq, attention = rope_frequencies(cfg)
+    angles = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)  # [B, T, half]
     sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]  # [B, T, 1, half]
+    if attention != 1.0:
+        sin, cos = sin * attention, cos * attention
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x.dtype)

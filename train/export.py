@@ -1,6 +1,7 @@
 """``python -m train.export SRC OUT_DIR``: a model's parameters in another layout.
 
-    python -m train.export SRC OUT_DIR [--format params|hf|checkpoint|stablehlo] [--tokenizer DIR] [--best] [--merge-lora]
+    python -m train.export SRC OUT_DIR [--format params|hf|checkpoint|peft|stablehlo] [--tokenizer DIR] [--best]
+        [--merge-lora]
 
 SRC is any model source (train/checkpoints/sources.py): a run directory (its newest intact checkpoint, or with
 ``--best`` its best one, kept by ``checkpoint.keep_best``; also its ``checkpoints/`` directory or a
@@ -18,6 +19,11 @@ tokenizer's files, or ``byte_tokenizer.json`` for the byte tokenizer (train/data
     ``OUT_DIR/{config.json, model.safetensors}`` for transformers' ``from_pretrained``, and the
     tokenizer's files (``--tokenizer DIR``'s instead of SRC's; its special token ids in the config).
     Not for int8 models.
+--format peft
+    A LoRA run's adapters in the PEFT layout (``OUT_DIR/{adapter_config.json, adapter_model.safetensors}``,
+    Hugging Face module names; Llama-style families) for ``PeftModel.from_pretrained``. Its
+    ``base_model_name_or_path`` is the run's ``checkpoint.init_from`` when that is a Hugging Face
+    directory; otherwise the base is written beside them as ``OUT_DIR/base`` (``--format hf``).
 --format checkpoint
     ``OUT_DIR/0/`` in the layout of a run's ``checkpoints/`` (state = {"params": ...}) and
     ``OUT_DIR/config.yaml``: ``python -m train OUT_DIR/config.yaml run.dir=...`` fine-tunes it
@@ -46,7 +52,7 @@ import sys
 from models.config import ConfigError, ModelConfig
 from train import cli
 
-FORMATS = ("params", "hf", "checkpoint", "stablehlo")
+FORMATS = ("params", "hf", "checkpoint", "peft", "stablehlo")
 
 
 
@@ -128,6 +134,13 @@ def export(
         raise ConfigError("--tokenizer only applies to --format hf; leave it out")
     source = load_source(src, mesh=make_mesh(MeshConfig(), jax.devices("cpu")[:1]), best=best, what="SRC")
     cfg, params = source.config, nnx.state(source.model, nnx.Param)
+    if format == "peft":
+        if merge_lora or not cfg.lora_rank:
+            raise ConfigError(
+                f"--format peft writes LoRA adapters; SRC='{src}' needs lora.rank > 0 and no --merge-lora"
+            )
+        write_peft(params, cfg, out_dir, source.path)
+        return str(source.path)
     if merge_lora:
         from models import lora
 
@@ -158,6 +171,26 @@ def export(
     if source.step is None:
         return str(source.path)
     return f"{'best checkpoint, step' if best else 'step'} {source.step} of {source.path}"
+
+
+def write_peft(params, cfg: ModelConfig, out_dir: pathlib.Path, src: pathlib.Path) -> None:
+    """The adapters of a LoRA run ``src`` in the PEFT layout, on its Hugging Face base (referenced, or written)."""
+    import yaml
+    from flax import traverse_util
+
+    from models import hf, lora
+    from models.hf import peft
+
+    flat = hf.params_to_numpy(params)
+    config = src / "config.yaml"
+    run = (yaml.safe_load(config.read_text()) or {}) if config.is_file() else {}
+    init_from = str((run.get("checkpoint") or {}).get("init_from") or "")
+    if init_from and hf.is_model_dir(init_from):
+        base = str(pathlib.Path(init_from).absolute())
+    else:
+        base_params = traverse_util.unflatten_dict({p: x for p, x in flat.items() if p[-1] not in lora.ADAPTERS})
+        base = str(hf.export(base_params, lora.base_config(cfg), out_dir / "base"))
+    peft.write(flat, cfg, out_dir, base)
 
 
 def _run_labels(src: pathlib.Path, cfg: ModelConfig) -> list[str]:

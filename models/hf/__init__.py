@@ -5,8 +5,8 @@ our parameter tree (per-layer weights stacked on the leading ``layers`` axis, to
 weights transposed to our [in, out]); with a mesh every array is placed directly with the
 ``NamedSharding`` our logical axis rules give it. ``export(model, cfg, path)`` writes a
 directory that transformers' ``from_pretrained`` loads (``AutoModelForCausalLM`` for GPT-2 and
-Llama, ``AutoModelForMaskedLM``/``...SequenceClassification``/``...TokenClassification`` for BERT, ``AutoModelForSeq2SeqLM``
-for T5).
+the Llama-style decoders: Llama, Mistral, Qwen2/3, Gemma), ``AutoModelForMaskedLM``/``...SequenceClassification``/``...TokenClassification`` for BERT, ``AutoModelForSeq2SeqLM``
+for T5). LoRA adapters in the PEFT layout: ``models.hf.peft``.
 
 One module per family holds the name and layout mapping, with the same few names:
 ``MODEL_TYPES``, ``PREFIXES`` (base-model prefixes dropped from HF names), ``IGNORE`` (buffers

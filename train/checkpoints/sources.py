@@ -42,6 +42,7 @@ from jax.sharding import Mesh
 
 from models import abstract_model, hf
 from models.config import ModelConfig
+from models.hf import peft
 from models.quant import dequantize_params
 from sharding.mesh import MeshConfig, make_mesh
 from sharding.rules import RULES, Rules, logical_to_mesh
@@ -62,6 +63,8 @@ from train.checkpoints.warm_start import (
     flat,
     layer_axes,
     lower_layers,
+    peft_adapters,
+    peft_base,
     taller,
 )
 from train.config import packages
@@ -309,7 +312,10 @@ def warm_start(
     different architecture.
     """
     targets, lower = flat(target), init_layers == "lower"
-    found = read_params(init_from, mesh=_mesh_of(targets.values()), whole=False, what=KEY)
+    location = pathlib.Path(packages.resolve(init_from, KEY)).absolute()
+    adapters_only = peft.is_adapter_dir(location)  # PEFT LoRA adapters: their base, then them
+    base = peft_base(location) if adapters_only else init_from
+    found = read_params(base, mesh=_mesh_of(targets.values()), whole=False, what=KEY)
     cfg, arrays = found.config, flat(found.params)
     if cfg.quant == "int8" and model.quant == "none":
         arrays = dequantize_params(arrays)
@@ -330,12 +336,15 @@ def warm_start(
             unused.append(path)
             continue
         restored[path] = jax.device_put(array.astype(want.dtype), want.sharding)
+    if adapters_only:
+        restored |= peft_adapters(location, targets, model, KEY)
     if not restored:
         raise ConfigError(f"{KEY}='{init_from}' shares no parameter with this model; point it at a similar model")
     values = {p: restored.get(p, x) for p, x in flat(fresh).items()}
     nnx.replace_by_pure_dict(fresh, traverse_util.unflatten_dict(values))
     if verbose and jax.process_index() == 0:
         source = f"{found.path} step {found.step}" if found.step is not None else str(found.path)
+        source = f"{location} on {source}" if adapters_only else source
         print(describe(source, len(restored), sorted(set(values) - set(restored)), sorted(unused)), flush=True)
     return fresh
 

@@ -22,11 +22,14 @@ the lower half of a 6-layer teacher.
 
 from __future__ import annotations
 
+import pathlib
+
 import jax
 from flax import nnx, traverse_util
 
-from models import abstract_model
+from models import abstract_model, hf
 from models.config import ModelConfig
+from models.hf import peft
 from train.config.sections import ConfigError
 
 HEAD_FIELDS = frozenset({"head", "num_labels", "pooling"})
@@ -66,6 +69,55 @@ def check_layers(saved_model: dict, model: ModelConfig, lower: bool, source) -> 
                 f"{KEY}: {source} has {name}={theirs}, fewer layers than this model's {ours}; "
                 f"checkpoint.init_layers=lower needs a source with at least as many"
             )
+
+
+def peft_base(directory: pathlib.Path) -> pathlib.Path:
+    """The local base model of PEFT adapters: ``base_model_name_or_path`` as given or relative to them."""
+    base = str(peft.read_config(directory).get("base_model_name_or_path") or "")
+    for candidate in (pathlib.Path(base), directory / base):
+        if base and candidate.exists():
+            return candidate.absolute()
+    raise ConfigError(
+        f"{KEY}: the PEFT adapters in {directory} name the base model '{base}', which is no local directory; "
+        f"set base_model_name_or_path in {directory / peft.CONFIG} to the base model's directory"
+    )
+
+
+def peft_adapters(directory: pathlib.Path | str, targets: Flat, model: ModelConfig, key: str) -> Flat:
+    """The adapters of the PEFT directory placed as ``targets``' lora_a / lora_b; ConfigError (naming
+    ``key``) unless ``model``'s LoRA has their rank, alpha and targets."""
+    try:
+        _, fields, arrays = peft.read(directory, model)
+    except hf.ConversionError as e:
+        raise ConfigError(f"{key}: {e}") from None
+    ours = {p for p in targets if p[-1] in ("lora_a", "lora_b")}
+    same = (model.lora_rank, model.lora_alpha) == (fields["lora_rank"], fields["lora_alpha"]) and ours == set(arrays)
+    if not same:
+        raise ConfigError(
+            f"{key}: {directory} holds LoRA adapters of rank {fields['lora_rank']}, alpha {fields['lora_alpha']:g} on "
+            f"{fields['lora_targets']}; set lora.rank={fields['lora_rank']} lora.alpha={fields['lora_alpha']:g} "
+            f"lora.targets='{fields['lora_targets']}'"
+        )
+    return {
+        p: jax.make_array_from_callback(a.shape, targets[p].sharding, lambda index, a=a: a[index])
+        for p, a in arrays.items()
+    }
+
+
+def load_adapters(init_from: str, fresh: nnx.State, target: nnx.State, model: ModelConfig) -> nnx.State:
+    """``lora.init_from``: ``fresh`` parameters with their LoRA adapters replaced by those of a PEFT directory."""
+    location = pathlib.Path(init_from).absolute()
+    if not peft.is_adapter_dir(location):
+        raise ConfigError(
+            f"lora.init_from='{init_from}' holds no PEFT adapters (adapter_config.json + adapter_model.safetensors); "
+            "point it at a PeftModel.save_pretrained or python -m train.export --format peft directory"
+        )
+    adapters = peft_adapters(location, flat(target), model, "lora.init_from")
+    values = {p: adapters.get(p, x) for p, x in flat(fresh).items()}
+    nnx.replace_by_pure_dict(fresh, traverse_util.unflatten_dict(values))
+    if jax.process_index() == 0:
+        print(f"lora.init_from {location}: restored {len(adapters)} adapter parameters", flush=True)
+    return fresh
 
 
 def describe(source: str, restored: int, fresh: list, unused: list) -> str:

@@ -177,6 +177,7 @@ class LoRAConfig:
     alpha: float = 16.0  # the adapters' update is scaled by alpha / rank
     targets: str = ModelConfig.lora_targets  # regex over kernel paths; e.g. add '|(.*/)?mlp/(wi|wg|wo)'
     dropout: float = 0.0  # on the adapters' input (x -> dropout(x) A B); training only
+    init_from: str = ""  # PEFT adapters (adapter_config.json + adapter_model.safetensors) to start from
 
 
 @dataclasses.dataclass(frozen=True)

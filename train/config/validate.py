@@ -57,6 +57,8 @@ def validate(config: Config) -> list[str]:
             "model.quant=qat trains the weights int8 will round, but LoRA freezes them and adds float adapters; "
             "use one of model.quant=qat and lora.rank"
         )
+    if config.lora.init_from and not config.model.lora_rank:
+        out.append("lora.init_from starts LoRA adapters from PEFT ones; set lora.rank (and alpha, targets) to theirs")
     out += config.mesh.problems()
     if not out:  # before the devices are known: one data-parallel shard (the mesh check follows in the run)
         one = {axis: 1 for axis in ("data", "fsdp", "tensor")}

@@ -24,6 +24,7 @@ from sharding.mesh import make_mesh
 from train.checkpoints import adapters
 from train.checkpoints.sources import warm_start
 from train.checkpoints.store import Checkpoints, Restored, restore_target
+from train.checkpoints.warm_start import load_adapters
 from train.compress.distill_loss import TeacherSpec
 from train.compress.teacher import load_teacher
 from train.config.sections import Config, ConfigError, save_config
@@ -104,10 +105,13 @@ def fresh_state(setup: Setup) -> TrainState:
     if config.train.prior_bias and getattr(setup.task, "log_prior", None) is not None:
         bias = state.params["classifier"]["bias"]
         bias.value = jax.device_put(setup.task.log_prior, bias.value.sharding)
-    if not config.checkpoint.init_from:
-        return state
     target = restore_target(spec.abstract.params, spec.shardings.params)
-    params = warm_start(config.checkpoint.init_from, state.params, target, config.model, config.checkpoint.init_layers)
+    params = state.params
+    if config.checkpoint.init_from:
+        init_layers = config.checkpoint.init_layers
+        params = warm_start(config.checkpoint.init_from, params, target, config.model, init_layers)
+    if config.lora.init_from:
+        params = load_adapters(config.lora.init_from, params, target, config.model)
     return state.replace(params=params)
 
 
