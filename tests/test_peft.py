@@ -21,8 +21,9 @@ from flax import nnx, traverse_util
 from models import abstract_model, build_model, hf
 from models.config import ConfigError
 from models.hf import peft
+from train.checkpoints.sources import warm_start
 from train.checkpoints.store import restore_target
-from train.checkpoints.warm_start import load_adapters, warm_start
+from train.checkpoints.warm_start import load_adapters
 
 TOL = 1e-4
 TOKENS = np.random.default_rng(0).integers(0, 96, (2, 12))
