@@ -179,7 +179,8 @@ def _decoder_start(found: Params, tokenizer: Tokenizer | None) -> int:
     """The token T5's decoder starts from: what a run's objective fed it first (seq2seq: the tokenizer's
     pad, train/data/examples.py; span corruption: 0), a Hugging Face directory's
     ``decoder_start_token_id`` (else ``pad_token_id``), an export's 0 (T5's)."""
-    if found.kind == "run" and found.run_config.train.objective == "seq2seq" and tokenizer is not None:
+    run = found.run_config
+    if run is not None and run.train.objective == "seq2seq" and tokenizer is not None:
         return markers(tokenizer).pad
     if found.kind == "hf":
         hf_config = json.loads((found.path / "config.json").read_text())
