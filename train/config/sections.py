@@ -21,7 +21,7 @@ from train.config.validate import close_match, validate
 
 __all__ = ["Config", "ConfigError", "MeshConfig", "ModelConfig", "load_config", "save_config", "validate"]
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.yaml"
 
 
