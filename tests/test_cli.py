@@ -158,7 +158,11 @@ def test_run_dir_holds_resolved_config_checkpoint_and_plot(runs, name, preset):
     check_ok(result)
     saved = load_config(run_dir / "config.yaml")  # the saved config loads and validates as it is
     given = load_config(REPO / preset, [f"run.dir={run_dir}"])
-    expected = dataclasses.replace(given, model=resolve_model(given.model, ByteTokenizer.vocab_size))
+    resolved = {
+        "model": resolve_model(given.model, ByteTokenizer.vocab_size),
+        "data": dataclasses.replace(given.data, packing=True),
+    }
+    expected = dataclasses.replace(given, **resolved)  # vocabulary size and data.packing filled in
     assert saved == expected
     assert saved.model.vocab_size == 384  # 257 byte ids rounded up to a multiple of 128
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if not p.name.startswith(".")) == ["30"]
