@@ -164,6 +164,8 @@ def load_source(
     model = nnx.merge(abstract_model(found.config)[0], found.params)
     if found.run_config is not None:
         tokenizer = load_tokenizer(found.run_config.data.tokenizer)
+        if tokenizer.vocab_size > found.config.vocab_size:  # --format checkpoint of a source with none: the default
+            tokenizer = None
     else:
         tokenizer = saved_tokenizer(found.path)
     if tokenizer is not None:
