@@ -155,7 +155,7 @@ def test_a_lora_run_exports_as_peft_and_new_runs_start_from_that(base, tmp_path)
     from cli_runs import in_this_process
 
     from train.export import main as export_cli
-    from train.export import read_model
+    from train.checkpoints.sources import read_params
 
     config = transformers.Qwen2Config(**(QWEN2 | {"vocab_size": 264}))  # the byte tokenizer's 257 ids
     perturbed(transformers.AutoModelForCausalLM.from_config(config)).save_pretrained(tmp_path / "hf")
@@ -179,7 +179,8 @@ def test_a_lora_run_exports_as_peft_and_new_runs_start_from_that(base, tmp_path)
     assert json.loads((tmp_path / "peft" / peft.CONFIG).read_text())["base_model_name_or_path"] == str(
         tmp_path / "peft" / "base"
     )
-    _, cfg, params = read_model(tmp_path / "lora")
+    found = read_params(tmp_path / "lora")
+    cfg, params = found.config, found.params
     ours = logits_of(dataclasses.replace(cfg, compute_dtype="float32"), params)
     np.testing.assert_allclose(peft_logits(tmp_path / "peft" / "base", tmp_path / "peft"), ours, atol=TOL, rtol=0)
     again = in_this_process([*run, f"checkpoint.init_from={tmp_path / 'peft'}", f"run.dir={tmp_path / 'again'}"])
