@@ -150,10 +150,12 @@ def test_predictions_score_as_conlleval_counts_from_every_kind_of_source(tagger)
         argv = [str(root / name), "--files", val, "--tokenizer", "byte", "--seq-len", "32", "--out", str(out)]
         rc, _, err = cli(predict.main, argv)  # the run's seq_len: the same windows
         assert rc == 0, err
-        if name != "int8":  # the same weights in float: the same tags
-            assert out.read_text() == (root / "run.pred").read_text(), name
-        else:
-            assert len(out.read_text().splitlines()) == len(lines)
+        got, want = out.read_text().splitlines(), (root / "run.pred").read_text().splitlines()
+        assert len(got) == len(want), name
+        if name == "params":  # the same weights, the same compute dtype: the same tags
+            assert got == want
+        elif name == "hf":  # Hugging Face sources compute in bf16: a near-tie may flip a tag
+            assert np.mean([a == b for a, b in zip(got, want)]) > 0.99
 
 
 @pytest.mark.slow
