@@ -38,8 +38,10 @@ MESHES = {  # name -> (data, fsdp, tensor) over the 8 devices
 ACCUM_MESH = "data2-fsdp2-tensor2"  # batch 16 = 4 micro-batches of 4, each spread over dp=4
 
 # Largest |loss_bf16 - loss_fp32| over the 50 steps, measured on this preset and these batches:
-# 0.0113 (at step 48; losses fall from 5.96 to about 3.1). Asserted with about 2.7x headroom.
-BF16_MAX_LOSS_GAP = 0.03
+# 0.0113 (at step 48; losses fall from 5.96 to about 3.1) with windows whose documents attended to
+# each other; 0.0471 (at step 23) with the documents kept apart (data.packing, segment ids), where
+# the bf16 and fp32 trajectories part earlier. Asserted with about 1.7x headroom over that.
+BF16_MAX_LOSS_GAP = 0.08
 # ... and bf16 really is used: the first loss already differs by 3.5e-5 (measured), where fp32
 # on different meshes agrees to 1e-6 (about 1e-7 relative).
 BF16_MIN_FIRST_STEP_GAP = 5e-6
