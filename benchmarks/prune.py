@@ -88,7 +88,7 @@ def _recover(export: pathlib.Path, run_dir: pathlib.Path, record: dict, args, lo
 
 def point(method: str, sparsity: float, args, work: pathlib.Path, log) -> dict:
     from benchmarks.common import machine
-    from train.export import export
+    from train.checkpoints.exporting import export
     from train.prune import prune_source
 
     name = f"{method}-{sparsity:g}"

@@ -71,7 +71,7 @@ def _disk(export_dir: pathlib.Path) -> int:
 
 def _exports(source: pathlib.Path, tmp: pathlib.Path) -> dict[str, pathlib.Path]:
     """float32, int8 and int8 + --embeddings exports of ``source`` under ``tmp``."""
-    from train.export import export
+    from train.checkpoints.exporting import export
     from train.quantize import quantize_source
 
     export(source, tmp / "float32")

@@ -20,7 +20,7 @@ from test_resume import GPT2
 
 from models import build_model
 from sharding.mesh import make_mesh
-from train import export
+from train.checkpoints import exporting
 from train.checkpoints.sources import load_source, shardings_for, warm_start
 from train.checkpoints.store import restore_target
 from train.compress.distill_loss import TeacherSpec, kl_per_position
@@ -316,7 +316,7 @@ def test_init_layers_lower_copies_exactly_the_sources_lower_rows(teacher, kind, 
     teacher_dir = source = teacher
     if kind == "hf":
         source = tmp_path / "hf"
-        export.export(teacher_dir, source, format="hf")
+        exporting.export(teacher_dir, source, format="hf")
     config = load_config(REPO / FAST[0], [*FAST[1:], "model.n_layers=1", "model.vocab_size=384"])
     mesh = make_mesh(config.mesh)
     spec = make_state_spec(config.model, config.optimizer, 4, mesh)

@@ -148,7 +148,7 @@ def test_stride_scores_the_same_tokens_with_more_context(gpt_run, capsys):
 
 @pytest.mark.slow
 def test_an_export_scores_as_its_run(gpt_run, capsys, tmp_path):
-    from train.export import export
+    from train.checkpoints.exporting import export
 
     export(gpt_run, tmp_path / "params")
     text = gpt_run.parent / "macbeth.txt"

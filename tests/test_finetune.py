@@ -23,8 +23,8 @@ from cli_runs import REPO, Run, in_one_process
 
 from models import build_model, hf
 from models.config import ModelConfig
+from train.checkpoints.exporting import export
 from train.config import packages
-from train.export import export
 
 FAST = [
     "optimizer.schedule=constant",

@@ -21,7 +21,7 @@ from models import build_model, hf, lora
 from models.config import ConfigError, ModelConfig
 from sharding.mesh import make_mesh
 from train import export
-from train.checkpoints import sources
+from train.checkpoints import exporting, sources
 from train.config.sections import MeshConfig, OptimizerConfig
 from train.core.freeze import Freeze, param_path
 from train.core.state import count_params, make_state_spec
@@ -167,9 +167,9 @@ def runs(tmp_path_factory) -> dict:
     assert export.main([str(root / "ref"), str(root / "hf"), "--merge-lora", "--format=hf"]) == 0
     out["hf"] = hf.load(root / "hf", compute_dtype="float32")
     with pytest.raises(ConfigError, match="has LoRA adapters, which the Hugging Face layout lacks; add --merge-lora"):
-        export.export(root / "ref", root / "hf-unmerged", "hf")
+        exporting.export(root / "ref", root / "hf-unmerged", "hf")
     with pytest.raises(ConfigError, match="has no LoRA adapters"):
-        export.export(root / "base", root / "base-merged", merge_lora=True)
+        exporting.export(root / "base", root / "base-merged", merge_lora=True)
     return out
 
 
@@ -271,7 +271,7 @@ def test_a_moved_or_changed_base_is_named_and_nothing_is_lost(runs, tmp_path, ca
         assert resume.rc == 2 and "is missing; put the base back at that path" in resume.err
         assert in_this_process([*FAST, f"run.dir={base}", "train.steps=2", "seed=1"]).rc == 0  # another base there
         with pytest.raises(ConfigError, match=f"its base model '{base}' .* has changed since the run saved it"):
-            export.export(root / "ref", tmp_path / "b")
+            exporting.export(root / "ref", tmp_path / "b")
     finally:
         shutil.rmtree(base, ignore_errors=True)
         aside.rename(base)

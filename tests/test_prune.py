@@ -21,11 +21,11 @@ from flax import nnx, traverse_util
 from models import abstract_model, build_model
 from models.config import ConfigError, ModelConfig
 from train import prune as prune_cli
+from train.checkpoints.exporting import write_params
 from train.checkpoints.sources import load_source
 from train.compress.magnitude import pruning_steps, sparsity_at
 from train.compress.structured import shrink_heads, shrink_neurons
 from train.config.sections import PruneConfig
-from train.export import write_params
 from train.run.callbacks import Callback
 
 GPT2 = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, d_ff=48, max_seq_len=16, compute_dtype="float32")

@@ -128,7 +128,7 @@ def scores(capsys, source: pathlib.Path, text: pathlib.Path) -> dict:
 
 @pytest.mark.slow
 def test_cli_writes_an_int8_export_that_evaluates_like_the_float_run(tiny_run, tmp_path, capsys):
-    from train.export import export
+    from train.checkpoints.exporting import export
 
     text = tmp_path / "lines.txt"
     text.write_text((PLAYS / "hamlet.txt").read_text()[:4096])

@@ -18,7 +18,7 @@ from flax import nnx, traverse_util
 from models import build_model
 from models.config import ModelConfig
 from train import evaluate, export, generate, prune, quantize
-from train.checkpoints import sources
+from train.checkpoints import exporting, sources
 from train.data.tokenizer import ByteTokenizer, HFTokenizer
 
 TOKENIZER = "data/tokenizers/shakespeare-bpe-1024"
@@ -117,7 +117,7 @@ def test_every_export_carries_the_tokenizer_and_is_evaluated_exported_and_genera
 
 def test_an_export_of_a_byte_tokenizer_model_reads_back_the_byte_tokenizer(tmp_path):
     cfg = ModelConfig(family="decoder", vocab_size=257, d_model=16, n_layers=1, n_heads=2, d_ff=32, max_seq_len=16)
-    export.write_params(nnx.state(build_model(cfg, 0), nnx.Param), cfg, tmp_path / "out", ByteTokenizer())
+    exporting.write_params(nnx.state(build_model(cfg, 0), nnx.Param), cfg, tmp_path / "out", ByteTokenizer())
     assert json.loads((tmp_path / "out" / "byte_tokenizer.json").read_text())["tokenizer"] == "byte"
     source = sources.load_source(tmp_path / "out")
     assert isinstance(source.tokenizer, ByteTokenizer) and source.kind == "export"

@@ -144,10 +144,10 @@ def prune_source(
     import orbax.checkpoint as ocp
     from flax import nnx, traverse_util
 
+    from train.checkpoints.exporting import new_out_dir, write_params
     from train.checkpoints.sources import load_source
     from train.compress.structured import METHODS as SHRINK
     from train.config.sections import PruneConfig
-    from train.export import new_out_dir, write_params
 
     check_request(method, sparsity, scope, importance, targets)
     out_dir = new_out_dir(out_dir)

@@ -38,8 +38,8 @@ def quantize_source(
 
     from models.config import regex_problem
     from models.quant import float_weights, quantize_model
+    from train.checkpoints.exporting import new_out_dir, write_params
     from train.checkpoints.sources import load_source
-    from train.export import new_out_dir, write_params
 
     if bits not in BITS:
         raise ConfigError(f"--bits {bits} is not supported; only --bits 8 (weight-only int8) is")

@@ -201,8 +201,9 @@ def read_labels(out_dir: pathlib.Path) -> list[str]:
 
 
 def _labels(source: Source) -> list[str]:
-    """A classifier's label names: its run's ``data.labels``, an export's ``labels.json`` (train/export.py
-    ``write_labels``) or a Hugging Face ``id2label``; [] when the source names none (or not one per class)."""
+    """A classifier's label names: its run's ``data.labels``, an export's ``labels.json``
+    (train/checkpoints/exporting.py ``write_params``) or a Hugging Face ``id2label``; [] when the source names
+    none (or not one per class)."""
     from train.config.validate import split_labels
 
     if source.run_config is not None:
