@@ -68,8 +68,8 @@ def _disk(directory: pathlib.Path) -> int:
 
 def _recover(export: pathlib.Path, run_dir: pathlib.Path, record: dict, args, log) -> float:
     """Fine-tunes ``export`` for ``args.steps`` steps in ``run_dir``; returns the seconds it took."""
+    from train.compress.pruning import recovery_overrides
     from train.config.sections import load_config
-    from train.prune import recovery_overrides
     from train.run.loop import run
 
     overrides = [
@@ -89,7 +89,7 @@ def _recover(export: pathlib.Path, run_dir: pathlib.Path, record: dict, args, lo
 def point(method: str, sparsity: float, args, work: pathlib.Path, log) -> dict:
     from benchmarks.common import machine
     from train.checkpoints.exporting import export
-    from train.prune import prune_source
+    from train.compress.pruning import prune_source
 
     name = f"{method}-{sparsity:g}"
     out = work / name

@@ -72,7 +72,7 @@ def _disk(export_dir: pathlib.Path) -> int:
 def _exports(source: pathlib.Path, tmp: pathlib.Path) -> dict[str, pathlib.Path]:
     """float32, int8 and int8 + --embeddings exports of ``source`` under ``tmp``."""
     from train.checkpoints.exporting import export
-    from train.quantize import quantize_source
+    from train.compress.quantizing import quantize_source
 
     export(source, tmp / "float32")
     quantize_source(source, tmp / "int8")
@@ -83,7 +83,7 @@ def _exports(source: pathlib.Path, tmp: pathlib.Path) -> dict[str, pathlib.Path]
 def _also(args, tmp: pathlib.Path) -> None:
     """Prints eval_bpb of each ``--also`` run and of its int8 export."""
     from train.checkpoints.sources import load_source
-    from train.quantize import quantize_source
+    from train.compress.quantizing import quantize_source
 
     for i, run in enumerate(filter(None, args.also.split(","))):
         out = tmp / f"also-{i}"

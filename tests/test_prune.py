@@ -23,6 +23,7 @@ from models.config import ConfigError, ModelConfig
 from train import prune as prune_cli
 from train.checkpoints.exporting import write_params
 from train.checkpoints.sources import load_source
+from train.compress import pruning
 from train.compress.magnitude import pruning_steps, sparsity_at
 from train.compress.structured import shrink_heads, shrink_neurons
 from train.config.sections import PruneConfig
@@ -93,7 +94,7 @@ def test_cubic_schedule_rises_from_zero_to_the_target_at_end_step():
 def test_magnitude_pruning_zeroes_exactly_round_s_n_of_the_smallest(scope):
     cfg = dataclasses.replace(GPT2, scan_layers=True)
     params = nnx.state(random_model(cfg), nnx.Param)
-    pruned, masks, counts = prune_cli.magnitude(params, cfg, 0.3, scope, PruneConfig.targets)
+    pruned, masks, counts = pruning.magnitude(params, cfg, 0.3, scope, PruneConfig.targets)
     flat = traverse_util.flatten_dict(nnx.to_pure_dict(pruned), sep="/")
     masks = traverse_util.flatten_dict(masks, sep="/")
     assert sorted(masks) == sorted(p for p in flat if p.endswith("kernel") and "blocks" in p)  # q k v o wi wo

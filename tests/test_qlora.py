@@ -15,10 +15,11 @@ from test_lora import EXPECTED_TRAINABLE, FAST, LORA
 
 from models import abstract_model, build_model
 from models.quant import dequantize
-from train import export, quantize
+from train import export
 from train.checkpoints import sources
 from train.checkpoints.sources import warm_start
 from train.checkpoints.store import restore_target
+from train.compress import quantizing
 from train.config.sections import ConfigError, load_config
 from train.run.callbacks import Callback
 
@@ -39,7 +40,7 @@ def runs(tmp_path_factory) -> dict:
     """A plain run (2 steps), its int8 export, a QLoRA run from that export, and its exports."""
     root = tmp_path_factory.mktemp("qlora")
     base = in_this_process([*FAST, f"run.dir={root / 'base'}", "train.steps=2"])
-    quantize.quantize_source(root / "base", root / "int8")
+    quantizing.quantize_source(root / "base", root / "int8")
     kept = KeepParams()
     argv = [*LORA, "model.quant=int8", f"checkpoint.init_from={root / 'int8'}", f"run.dir={root / 'qlora'}"]
     qlora = in_this_process([*argv, "train.steps=6"], callbacks=(kept,))

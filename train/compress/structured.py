@@ -15,7 +15,7 @@ Importance (per layer), ``weight`` by default:
   by about ``<dL/dW_r, W_r>`` (first-order Taylor, as Molchanov et al. 2019); a unit scores the mean
   over a few batches of that estimate's absolute value. ``dL/dW_r`` sums the activation of the unit
   times the gradient at the output over the batch's tokens, so this weighs what the unit actually
-  writes on real data. The gradients come from the caller (train/prune.py).
+  writes on real data. The gradients come from the caller (train/compress/pruning.py).
 
 Grouped-query attention removes whole key/value groups (a kv head and its ``n_heads / n_kv_heads``
 query heads, scored by their summed importance), so the group size stays the same. T5's relative
