@@ -101,10 +101,10 @@ def _classifier(args, tmp: pathlib.Path) -> None:
 
     from train import evaluate
     from train.checkpoints.sources import load_source
-    from train.evaluation import scoring
+    from train.evaluation import evaluating, scoring
 
-    setup = evaluate.setup(evaluate.parse_args([args.source]))
-    rows = evaluate.rows(setup, "", "val")
+    setup = evaluating.setup(evaluate.parse_args([args.source]))
+    rows = evaluating.rows(setup, "", "val")
     for name, export_dir in _exports(pathlib.Path(args.source), tmp).items():
         source = load_source(export_dir, mesh=setup.mesh)
         config = dataclasses.replace(setup.config, model=source.config)

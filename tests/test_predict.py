@@ -15,6 +15,7 @@ import pytest
 from cli_runs import REPO, in_this_process
 
 from train import evaluate, export, predict, quantize
+from train.evaluation import evaluating
 
 TAGGER = [
     "configs/tiny-bert.yaml",
@@ -114,7 +115,7 @@ def test_epochs_set_the_steps_and_the_labels_are_the_training_tags_o_first(tagge
 @pytest.mark.slow
 def test_evaluate_scores_every_word_once_and_prints_the_token_table(tagger, capsys):
     root, run = tagger
-    result = evaluate.evaluate(evaluate.parse_args([str(run.dir)]))
+    result = evaluating.evaluate(evaluate.parse_args([str(run.dir)]))
     table = capsys.readouterr().out
     assert result["words_cut"] == 0 and result["words"] == sum(
         1 for line in (root / "val.conll").read_text().splitlines() if "\t" in line
@@ -137,7 +138,7 @@ def test_predictions_score_as_conlleval_counts_from_every_kind_of_source(tagger)
         "\t" in line for line in pathlib.Path(val).read_text().splitlines()
     )
     assert all(len(line.split()) == 3 for line in lines if line)
-    result = evaluate.evaluate(evaluate.parse_args([str(run.dir)]))
+    result = evaluating.evaluate(evaluate.parse_args([str(run.dir)]))
     assert conlleval(lines) == pytest.approx(result["entity_f1"], abs=1e-9)
 
     assert export.main([str(run.dir), str(root / "params")]) == 0

@@ -18,7 +18,7 @@ from train.config.sections import DataConfig
 from train.data import examples, speakers, tagging
 from train.data.files import Row
 from train.data.tokenizer import load_tokenizer
-from train.evaluation import scores
+from train.evaluation import evaluating, scores
 
 LABELS = ["O", "B-NAME", "I-NAME", "B-STAGE", "I-STAGE"]
 TINY = ModelConfig(
@@ -288,7 +288,7 @@ def test_training_lowers_the_loss_and_evals_report_entity_f1(trained):
 def test_evaluate_reports_the_trainers_entity_scores_with_a_table_per_type(trained, capsys):
     _, _, run = trained
     args = evaluate.parse_args([str(run.dir)])
-    result = evaluate.evaluate(args)
+    result = evaluating.evaluate(args)
     last = run.evals()[-1]
     assert result["entity_f1"] == pytest.approx(last["eval_entity_f1"], abs=1e-9)
     assert result["token_accuracy"] == pytest.approx(last["eval_token_accuracy"], abs=1e-9)

@@ -142,7 +142,7 @@ def predict_labels(s, inputs: list[str]) -> list[str]:
 
 def predict(args: argparse.Namespace, stdin=sys.stdin) -> list[str]:
     """The output lines for ``args``."""
-    from train.evaluate import setup
+    from train.evaluation.evaluating import setup
 
     s = setup(args)
     objective = s.config.train.objective
