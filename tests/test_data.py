@@ -14,6 +14,7 @@ from cli_runs import REPO
 
 from train import train_tokenizer
 from train.config.sections import ConfigError, DataConfig
+from train.data import bpe
 from train.data.text import PackedTokens, eval_batches, read_documents, train_iterator
 from train.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 
@@ -83,8 +84,8 @@ def test_bpe_training_is_deterministic_and_round_trips_through_auto_tokenizer(tm
     import transformers
 
     plays = sorted(glob.glob(PLAYS))[:3]
-    train_tokenizer.train_bpe(plays, 512, str(tmp_path / "a"))
-    train_tokenizer.train_bpe(plays[::-1], 512, str(tmp_path / "b"))
+    bpe.train_bpe(plays, 512, str(tmp_path / "a"))
+    bpe.train_bpe(plays[::-1], 512, str(tmp_path / "b"))
     a = json.loads((tmp_path / "a" / "tokenizer.json").read_text())
     b = json.loads((tmp_path / "b" / "tokenizer.json").read_text())
     assert a["model"]["vocab"] == b["model"]["vocab"] and a["model"]["merges"] == b["model"]["merges"]
