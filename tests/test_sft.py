@@ -24,6 +24,7 @@ from train.core.state import init_state
 from train.data import chat
 from train.data.files import Row
 from train.data.tokenizer import ByteTokenizer, load_tokenizer
+from train.evaluation.evaluators import make_evaluator
 from train.run.loop import prepare
 
 BYTE = ByteTokenizer()
@@ -141,7 +142,7 @@ def tiny_config(tmp_path: pathlib.Path, **train):
 def test_eval_loss_is_the_mean_cross_entropy_of_the_assistant_tokens_only(tmp_path):
     setup = prepare(tiny_config(tmp_path))
     params = init_state(setup.spec, setup.config.model, seed=0).params
-    eval_loss = setup.task.evaluator(setup.spec, setup.mesh)(params)["eval_loss"]
+    eval_loss = make_evaluator(setup.task, setup.spec, setup.mesh)(params)["eval_loss"]
     val = setup.task.val  # 2 rows
     with activation_context(setup.mesh, setup.config.mesh.logical_rules):
         logits = jax.jit(lambda p, x: nnx.merge(setup.spec.graphdef, p).forward({"inputs": x}))(params, val["inputs"])

@@ -158,7 +158,7 @@ def split_labels(text: str) -> list[str]:
 # read JSONL examples, not a packed token stream
 EXAMPLE_OBJECTIVES = ("seq2seq", "classification", "token_classification", "sft")
 ENTITY_METRICS = ("eval_entity_precision", "eval_entity_recall", "eval_entity_f1")  # micro, exact spans
-# The keys of the eval records each objective writes (train/data/tasks.py evaluators).
+# The keys of the eval records each objective writes (train/evaluation/evaluators.py).
 EVAL_METRICS = {
     "causal_lm": ("eval_loss", "eval_bpb"),
     "masked_lm": ("eval_loss",),

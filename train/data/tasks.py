@@ -1,21 +1,20 @@
-"""What the loop trains on and how it is scored: one task per kind of data, the same interface.
+"""What the loop trains on: one task per kind of data, the same interface.
 
     task = make_task(config, model_cfg, tokenizer)      # reads and tokenises; ConfigError on bad data
     batch = task.batch(next(task.batches), step)         # this process's rows of global batch `step`
-    scores = task.evaluator(spec, mesh)(params)          # {'eval_loss', ...} over the held-out data
 
 ``StreamTask`` (causal_lm, masked_lm, span_corruption) cuts a packed token stream into windows;
 ``ExampleTask`` (classification, token_classification, seq2seq) reads one example per JSONL row
 and packs whole examples into rows (``data.packing``, train/data/packing.py).
 Both draw batches from a grain iterator whose ``get_state`` / ``set_state`` resume exactly, and a
-batch is a pure function of (seed, step).
+batch is a pure function of (seed, step). A task's held-out batches (``eval_set``) are scored by
+train/evaluation/evaluators.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
 from collections.abc import Callable
 
 import jax
@@ -25,7 +24,6 @@ from models.config import ModelConfig
 from sharding.rules import batch_sharding
 from train.config.sections import Config, ConfigError
 from train.config.validate import EXAMPLE_OBJECTIVES
-from train.core.step import make_eval_step, make_predict_step
 from train.data import augment, chat, examples, packing, tagging, windows
 from train.data.objectives import raw_length, text_objective
 from train.data.text import PackedTokens, eval_batches, read_documents, train_iterator
@@ -124,21 +122,6 @@ class StreamTask:
         kept = "documents apart (segment ids)" if segments else "documents run together"
         self.summary = f"{train_size} / {val_tokens.num_tokens:,} val tokens; padding 0.0% (full windows, {kept})"
 
-    def evaluator(self, spec, mesh) -> Callable[[object], dict]:
-        """``evaluate(params) -> {'eval_loss'[, 'eval_bpb']}`` over the first ``train.eval_batches`` windows."""
-        eval_step = make_eval_step(spec, mesh)
-
-        def evaluate(params) -> dict:
-            total, weight = 0.0, 0.0
-            for batch in self.eval_set:
-                s, w = eval_step(params, global_batch(batch, mesh))
-                total, weight = total + float(s), weight + float(w)
-            if self.eval_bytes is None:
-                return {"eval_loss": total / weight}
-            return {"eval_loss": total / weight, "eval_bpb": total / math.log(2) / self.eval_bytes}
-
-        return evaluate
-
 
 # --- one example per row --------------------------------------------------------------------
 
@@ -222,33 +205,3 @@ class ExampleTask:
     def batch(self, local: dict, step: int) -> dict:
         """Examples are ready to train on: the pipeline's rows are the batch."""
         return local
-
-    def evaluator(self, spec, mesh) -> Callable[[object], dict]:
-        """``evaluate(params)`` over every held-out example: ``eval_loss`` and ``eval_accuracy`` /
-        ``eval_macro_f1`` (classification), ``eval_token_accuracy`` (seq2seq; token_classification:
-        of the words) and ``eval_token_macro_f1``, ``eval_entity_precision`` / ``recall`` / ``f1``
-        (token_classification)."""
-        predict = make_predict_step(spec, mesh)
-
-        def evaluate(params) -> dict:
-            total, weight, predictions = 0.0, 0.0, []
-            for batch in self.eval_set:
-                s, w, p = predict(params, global_batch(process_rows(batch), mesh))
-                total, weight = total + float(s), weight + float(w)
-                predictions.append(np.asarray(p))
-            predicted = self.unpack(predictions)
-            result = {"eval_loss": total / weight}
-            if self.objective == "classification":
-                found = scores.classification_scores(predicted, self.val["targets"], len(self.labels))
-                return {**result, "eval_accuracy": found["accuracy"], "eval_macro_f1": found["macro_f1"]}
-            if self.val_words is not None:
-                gold, guessed = windows.word_tags(predicted, self.val_words, self.labels)
-                found = scores.entity_scores(gold, guessed)
-                entities = {f"eval_entity_{k}": found[k] for k in ("precision", "recall", "f1")}
-                macro = scores.token_macro_f1(gold, guessed, self.labels)
-                return {**result, "eval_token_accuracy": found["token_accuracy"], "eval_token_macro_f1": macro,
-                        **entities}  # fmt: skip
-            accuracy = scores.token_accuracy(predicted, self.val["targets"], self.val["weights"])
-            return {**result, "eval_token_accuracy": accuracy}
-
-        return evaluate

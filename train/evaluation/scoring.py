@@ -6,7 +6,7 @@
     result = score_tagged(setup, rows, split)              # token classifiers: + per-entity-type table
 
 Sums of the loss and of the token weights are accumulated per batch in the same order as the
-trainer's eval (train/data/tasks.py), so the same windows give the same numbers.
+trainer's eval (train/evaluation/evaluators.py), so the same windows give the same numbers.
 """
 
 from __future__ import annotations

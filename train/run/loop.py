@@ -37,6 +37,7 @@ from train.core.state import StateSpec, TrainState, count_params, init_state, ma
 from train.core.step import make_train_step
 from train.data.tasks import ExampleTask, StreamTask, global_batch, make_task, vocab_needed
 from train.data.tokenizer import Tokenizer, load_tokenizer
+from train.evaluation.evaluators import make_evaluator
 from train.run.callbacks import Callback, builtin, describe
 from train.run.profiling import Profile
 from train.run.writers import MetricsWriter
@@ -307,7 +308,7 @@ def run(config: Config, callbacks: Sequence[Callback] = ()) -> dict:
         )
         teacher = () if setup.teacher is None else (setup.teacher_params,)  # passed to every step, never donated
         compiled = train_step.lower(state, first, *teacher).compile()
-        evaluator = setup.task.evaluator(setup.spec, setup.mesh)
+        evaluator = make_evaluator(setup.task, setup.spec, setup.mesh)
         compile_s = time.perf_counter() - compile_start
 
         loop = Loop(
