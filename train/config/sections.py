@@ -377,13 +377,18 @@ def build_config(tree: dict) -> Config:
     return dataclasses.replace(config, model=dataclasses.replace(config.model, **lora))
 
 
-def load_config(path: str | pathlib.Path | None = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
-    """Reads ``path`` (default: the shipped default run), applies overrides, validates."""
-    config = build_config(config_tree(path, overrides))
+def checked_config(tree: dict) -> Config:
+    """``build_config(tree)`` that also passes ``validate``; ConfigError names the first problem."""
+    config = build_config(tree)
     problems = validate(config)
     if problems:
         raise ConfigError(problems[0])
     return config
+
+
+def load_config(path: str | pathlib.Path | None = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
+    """Reads ``path`` (default: the shipped default run), applies overrides, validates."""
+    return checked_config(config_tree(path, overrides))
 
 
 def save_config(config: Config, path: pathlib.Path) -> None:

@@ -16,7 +16,7 @@ import traceback
 
 import optuna
 
-from train.config.sections import Config, ConfigError, apply_overrides, build_config, validate
+from train.config.sections import Config, ConfigError, apply_overrides, checked_config
 from train.run.callbacks import Callback
 from train.tune.liveness import Heartbeat
 from train.tune.search import Search, override
@@ -57,11 +57,7 @@ class Reporter(Callback):
 def trial_config(search: Search, base_tree: dict, params: dict, run_dir: pathlib.Path) -> Config:
     """The base config with ``params`` and ``run.dir`` set, validated like a normal run."""
     overrides = [override(key, value) for key, value in params.items()] + [override("run.dir", str(run_dir))]
-    config = build_config(apply_overrides(copy.deepcopy(base_tree), overrides))
-    problems = validate(config)
-    if problems:
-        raise ConfigError(problems[0])
-    return config
+    return checked_config(apply_overrides(copy.deepcopy(base_tree), overrides))
 
 
 def _fail(trial: optuna.Trial, reason: str, kind: type[TrialFailed] = TrialFailed) -> TrialFailed:
