@@ -121,6 +121,7 @@ def prune_source(
     from train.checkpoints.sources import load_source
     from train.compress.structured import METHODS as SHRINK
     from train.config.sections import PruneConfig
+    from train.core.state import count_params
 
     check_request(method, sparsity, scope, importance, targets)
     out_dir = new_out_dir(out_dir)
@@ -128,7 +129,7 @@ def prune_source(
     cfg = source.config
     check_model(cfg)
     params = nnx.state(source.model, nnx.Param)
-    before = _count(params)
+    before = count_params(params)
     record = {"source": str(source.path), "step": source.step, "method": method, "sparsity": sparsity}
     if method == "magnitude":
         params, masks, counts = magnitude(params, cfg, sparsity, scope, targets or PruneConfig.targets)
@@ -146,15 +147,9 @@ def prune_source(
         write_params(params, cfg, out_dir, source.tokenizer)
         record |= {"importance": importance, **({"batches": batches} if contributions else {})}
         record |= {"n_heads": cfg.n_heads, "n_kv_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "d_ff": cfg.d_ff}
-    record |= {"params_before": before, "params_after": _count(params)}
+    record |= {"params_before": before, "params_after": count_params(params)}
     (out_dir / "prune.json").write_text(json.dumps(record, indent=2) + "\n")
     return record
-
-
-def _count(params) -> int:
-    import jax
-
-    return sum(x.size for x in jax.tree.leaves(params))
 
 
 def _as_state(flat: dict, cfg: ModelConfig):

@@ -23,6 +23,7 @@ from train.checkpoints.sources import Source, load_source, shardings_for
 from train.compress.distill_loss import TeacherSpec
 from train.config.sections import Config, ConfigError
 from train.config.validate import split_labels
+from train.core.state import count_params
 from train.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 
 SPECIAL_IDS = ("eos_id", "cls_id", "sep_id", "pad_id", "mask_id")
@@ -55,7 +56,7 @@ def load_teacher(config: Config, mesh: Mesh, tokenizer: Tokenizer) -> tuple[Teac
     shardings = shardings_for(abstract, mesh, config.mesh.logical_rules)
     params = jax.device_put(nnx.state(source.model), shardings)
     if jax.process_index() == 0:
-        count = sum(x.size for x in jax.tree.leaves(params))
+        count = count_params(params)
         print(
             f"distill: teacher {d.teacher} ({count / 1e6:.2f}M params, {cfg.n_layers} layers, d_model {cfg.d_model}), "
             f"temperature {d.temperature}, alpha {d.alpha}, top_k {d.top_k or 'all'}",

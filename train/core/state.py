@@ -130,4 +130,5 @@ def init_state(spec: StateSpec, model_cfg: ModelConfig, seed: int) -> TrainState
 
 
 def count_params(params) -> int:
+    """The number of scalars in a tree of arrays (a model's parameters)."""
     return sum(x.size for x in jax.tree.leaves(params))
