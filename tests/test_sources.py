@@ -3,7 +3,6 @@ every command that takes a model source reads a run and an export of every kind 
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import io
 import json
@@ -121,34 +120,3 @@ def test_an_export_of_a_byte_tokenizer_model_reads_back_the_byte_tokenizer(tmp_p
     assert json.loads((tmp_path / "out" / "byte_tokenizer.json").read_text())["tokenizer"] == "byte"
     source = sources.load_source(tmp_path / "out")
     assert isinstance(source.tokenizer, ByteTokenizer) and source.kind == "export"
-
-
-def test_the_model_directory_modules_import_each_other_without_a_cycle():
-    """checkpoint -> adapters -> warm start -> export -> checkpoint was one: adapters.py is handed its loader."""
-    modules = {
-        ".".join(f.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__"): f
-        for f in (REPO / "train").rglob("*.py")
-    }
-    graph = {name: set() for name in modules}
-    for name, path in modules.items():
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                for alias in node.names:
-                    full = f"{node.module}.{alias.name}"
-                    graph[name].add(full if full in modules else node.module)
-            elif isinstance(node, ast.Import):
-                graph[name].update(alias.name for alias in node.names)
-    reader = ("train.sources", "train.checkpoint", "train.adapters", "train.warm_start", "train.export")
-
-    def reaches(start: str, goal: str) -> bool:
-        seen, todo = set(), [start]
-        while todo:
-            for nxt in graph.get(todo.pop(), ()):
-                if nxt == goal:
-                    return True
-                if nxt in modules and nxt not in seen:
-                    seen.add(nxt)
-                    todo.append(nxt)
-        return False
-
-    assert [m for m in reader if reaches(m, m)] == []
