@@ -3,13 +3,14 @@ lose no word of a long sentence, the token-level report."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import pathlib
 
 import numpy as np
 import pytest
 
-from train.config.sections import ConfigError, DataConfig
+from train.config.sections import ConfigError, DataConfig, load_config
 from train.data import conll, windows
 from train.data.files import Row
 from train.data.tokenizer import load_tokenizer
@@ -102,6 +103,23 @@ def test_long_sentence_is_tagged_in_windows_with_every_word_predicted_once():
     assert gold == guessed == [tags, ["O", "B-X"]]
     flat = np.concatenate(w.positions)
     assert len(set(flat.tolist())) == 42 and (flat >= 0).all()
+
+
+def test_document_context_fills_a_sentences_window_with_its_documents_neighbours_each_word_still_once():
+    tokenizer, cfg = load_tokenizer("byte"), DataConfig(format="conll", document_context=True)
+    rows = conll.read_sentences([str(SAMPLE)], cfg)  # doc 0: 3 sentences (9, 2, 2 words); doc 1: 1 (8 words)
+    labels = conll.conll_labels(rows)
+    w = windows.windowed_arrays(rows, cfg, labels, tokenizer, seq_len=64)
+    texts = [tokenizer.decode([int(i) for i in ids if i < 256]) for ids in w.arrays["inputs"]]
+    assert texts[1] == "to boycott British lamb . Peter Blackburn BRUSSELS 1996-08-22"  # before, own, after
+    assert texts[0].endswith("lamb . Peter") and texts[3] == "The European Commission said Germany France disagree ."
+    assert w.arrays["weights"].sum() == 21 and w.words_cut == 0  # context words weigh nothing
+    gold, guessed = windows.word_tags(w.arrays["targets"], w, labels)
+    assert gold == guessed == [r.record["tags"] for r in rows]
+    alone = windows.windowed_arrays(rows, dataclasses.replace(cfg, document_context=False), labels, tokenizer, 64)
+    assert tokenizer.decode([int(i) for i in alone.arrays["inputs"][1] if i < 256]) == "Peter Blackburn"
+    with pytest.raises(ConfigError, match="data.document_context is for token_classification"):
+        load_config(REPO / "configs" / "tiny-bert.yaml", ["data.document_context=true"])
 
 
 # --- token-level report -----------------------------------------------------------------------

@@ -76,6 +76,7 @@ class DataConfig:
     tags_field: str = "tags"  # token_classification: the field holding one tag per word (B-PER, I-PER, O, ...)
     tag_column: int = -1  # conll: the column holding the tag (0 is the word, -1 the last)
     tag_scheme: Literal["auto", "iob1", "iob2", "bioes"] = "auto"  # conll: how the files write entities; iob1 -> iob2
+    document_context: bool = False  # conll: a sentence's window filled with its document's neighbouring words
     input_field: str = "input"  # seq2seq: the field holding the input text
     target_field: str = "target"  # seq2seq: the field holding the target text
     group_field: str = ""  # hold out whole groups of rows sharing this field's value (val_fraction of groups)

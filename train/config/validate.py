@@ -77,6 +77,8 @@ def validate(config: Config) -> list[str]:
     d = config.data
     if d.format != "conll" and (d.tag_scheme != "auto" or d.tag_column != -1):
         out.append(f"data.tag_scheme and data.tag_column are for data.format=conll, not {d.format}; drop them")
+    if d.document_context and (d.format != "conll" or t.objective != "token_classification"):
+        out.append("data.document_context is for token_classification on data.format=conll (documents); drop it")
     if t.epochs < 0 or (t.epochs and config.data.format == "tfds"):
         out.append(f"train.epochs must be >= 0 (0: train.steps) and needs files, not data.format=tfds; got {t.epochs}")
     if config.data.format == "tfds" and not config.data.tfds_name:
@@ -254,6 +256,8 @@ def augment_problems(config: Config) -> list[str]:
         )
     if a.synonym > 0 and not a.synonyms:
         out.append("data.augment.synonym > 0 needs data.augment.synonyms=FILE ('word syn1 syn2 ...' lines)")
+    if any(probabilities.values()) and config.data.document_context:
+        out.append("data.augment remakes each sentence alone, without data.document_context; drop one of them")
     return out
 
 

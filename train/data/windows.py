@@ -10,6 +10,12 @@ boundaries into windows that fill the room, each next one starting up to ``room 
 word is *owned* by exactly one window, the one where it lies before the middle of the overlap;
 only owned words carry weight in ``targets`` (the loss and the scores count each word once) and
 only their predictions are read back. A single word longer than the room keeps its first sub-words.
+
+Document context (``data.document_context``, CoNLL ``-DOCSTART-`` documents, the ``doc`` of each row):
+a sentence that fits in one window fills the rest of it with the words of the sentences around it in
+its document (those of ``rows``, in their order), one word before it, then one after, and so on
+outward while they fit. Context words carry no weight, so each word is still trained, scored and
+predicted once, in its own sentence's window.
 """
 
 from __future__ import annotations
@@ -83,41 +89,67 @@ def windowed_arrays(
 ) -> Windows:
     """The windows of ``rows`` as the module docstring describes; tags must be in ``labels``."""
     sentences = [tagging.tagged_words(r, cfg) for r in rows]
+    counts = [_counts(w, tokenizer) for w, _ in sentences]
+    docs = [r.record.get("doc") if cfg.document_context else None for r in rows]
     room = seq_len - 2  # [CLS] ... [SEP]
     margin = 0  # sub-words left free, raised when a window's own tokenisation runs longer than counted
     while True:
-        plans = [plan_windows(_counts(w, tokenizer), room - margin, (room - margin) // CONTEXT) for w, _ in sentences]
-        window_rows = [
-            Row({cfg.tokens_field: w[s:e], cfg.tags_field: t[s:e]}, r.path, r.line)
-            for r, (w, t), plan in zip(rows, sentences, plans)
-            for s, e, _, _ in plan
+        plans = [plan_windows(c, room - margin, (room - margin) // CONTEXT) for c in counts]
+        contexts = [
+            _context(i, docs, counts, room - margin - int(counts[i].sum())) if len(plan) == 1 else ([], [])
+            for i, plan in enumerate(plans)
         ]
+        window_rows, leads = [], []
+        for r, (w, t), plan, (before, after) in zip(rows, sentences, plans, contexts):
+            for s, e, _, _ in plan:
+                words = [sentences[j][0][k] for j, k in before] + w[s:e] + [sentences[j][0][k] for j, k in after]
+                tags = [sentences[j][1][k] for j, k in before] + t[s:e] + [sentences[j][1][k] for j, k in after]
+                window_rows.append(Row({cfg.tokens_field: words, cfg.tags_field: tags}, r.path, r.line))
+                leads.append(len(before) - s)  # a sentence word's index in its window, less its own index
         tagged = tagging.tagged_arrays(window_rows, cfg, labels, tokenizer, seq_len)
         weights = np.zeros_like(tagged.arrays["weights"])
         positions, tags, k, lost = [], [], 0, False
-        for (words, _), plan, row_tags in zip(sentences, plans, _tags(tagged, plans)):
+        for (words, _), plan, (before, after) in zip(sentences, plans, contexts):
             flat = np.full(len(words), -1, np.int64)
+            own = []
             for s, _, a, b in plan:
-                first = tagged.positions[k][a - s : b - s]
-                lost |= bool((first < 0).any()) and len(plan) > 1
+                first = tagged.positions[k][a + leads[k] : b + leads[k]]
+                lost |= bool((first < 0).any()) and (len(plan) > 1 or bool(before or after))
                 kept = first >= 0
                 flat[a:b] = np.where(kept, k * seq_len + first, -1)
                 weights[k, first[kept]] = 1.0
+                own.append(tagged.tags[k][a + leads[k] : b + leads[k]])
                 k += 1
             positions.append(flat)
-            tags.append(row_tags)
+            tags.append(np.concatenate(own))
         if not lost or margin >= room // 2:
             return Windows({**tagged.arrays, "weights": weights}, positions, tags)
         margin += max(room // 16, 1)
 
 
-def _tags(tagged: tagging.TaggedArrays, plans) -> list[np.ndarray]:
-    """Per sentence, the label ids of its words, from its windows' tags."""
-    out, k = [], 0
-    for plan in plans:
-        out.append(np.concatenate([tagged.tags[k + i][a - s : b - s] for i, (s, _, a, b) in enumerate(plan)]))
-        k += len(plan)
-    return out
+def _context(i: int, docs: Sequence, counts: Sequence[np.ndarray], budget: int) -> tuple[list, list]:
+    """(before, after): (sentence, word) index pairs, in text order, of the words around sentence ``i``
+    in its document (``docs[i]``; None: none) whose sub-words (``counts``) fit in ``budget``: one word
+    before, then one after, outward, each side stopping at the first word that does not fit."""
+    if docs[i] is None:
+        return [], []
+
+    def words(step: int):
+        j = i + step
+        while 0 <= j < len(docs) and docs[j] == docs[i]:
+            yield from ((j, k) for k in (range(len(counts[j])) if step > 0 else reversed(range(len(counts[j])))))
+            j += step
+
+    sides, taken, open_ = (words(-1), words(1)), ([], []), [True, True]
+    while any(open_):
+        for side in (0, 1):
+            nxt = next(sides[side], None) if open_[side] else None
+            if nxt is None or counts[nxt[0]][nxt[1]] > budget:
+                open_[side] = False
+                continue
+            budget -= int(counts[nxt[0]][nxt[1]])
+            taken[side].append(nxt)
+    return taken[0][::-1], taken[1]
 
 
 def word_tags(predicted: np.ndarray, windows: Windows, labels: Sequence[str]) -> tuple[list, list]:
