@@ -90,7 +90,7 @@ def windowed_arrays(
     """The windows of ``rows`` as the module docstring describes; tags must be in ``labels``."""
     sentences = [tagging.tagged_words(r, cfg) for r in rows]
     counts = [_counts(w, tokenizer) for w, _ in sentences]
-    docs = [r.record.get("doc") if cfg.document_context else None for r in rows]
+    docs = [(r.path, r.record["doc"]) if cfg.document_context and "doc" in r.record else None for r in rows]
     room = seq_len - 2  # [CLS] ... [SEP]
     margin = 0  # sub-words left free, raised when a window's own tokenisation runs longer than counted
     while True:
@@ -129,7 +129,7 @@ def windowed_arrays(
 
 def _context(i: int, docs: Sequence, counts: Sequence[np.ndarray], budget: int) -> tuple[list, list]:
     """(before, after): (sentence, word) index pairs, in text order, of the words around sentence ``i``
-    in its document (``docs[i]``; None: none) whose sub-words (``counts``) fit in ``budget``: one word
+    in its document (``docs[i]``, (file, doc); None: none) whose sub-words (``counts``) fit in ``budget``: one word
     before, then one after, outward, each side stopping at the first word that does not fit."""
     if docs[i] is None:
         return [], []
