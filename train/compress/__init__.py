@@ -1,1 +1,2 @@
-"""Making models smaller: magnitude masks, structured pruning, distillation."""
+"""Making models smaller: magnitude masks, structured pruning (train.prune), int8 exports (train.quantize),
+distillation."""

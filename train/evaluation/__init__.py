@@ -1,1 +1,2 @@
-"""Scoring a model on held-out data and the reports made from the scores."""
+"""Scoring models on held-out data: the trainer's evaluators, train.evaluate's scoring, train.predict's predictions,
+the reports made from the scores and the lm-eval model."""
