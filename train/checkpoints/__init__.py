@@ -1,1 +1,2 @@
-"""Orbax checkpoints, manifests, adapter-only saves, warm starts and the one model-source reader."""
+"""Orbax checkpoints, manifests, adapter-only saves, warm starts, the one model-source reader and the
+export formats (exporting.py: train.export; serving.py: jax.export)."""
