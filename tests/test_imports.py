@@ -63,10 +63,10 @@ def import_graph() -> dict[str, set[str]]:
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     """Strongly connected components of more than one module (Tarjan, iterative)."""
     index, low, on_stack, stack, found, counter = {}, {}, set(), [], [], 0
-    for root in graph:
+    for root, imports in graph.items():
         if root in index:
             continue
-        work = [(root, iter(sorted(graph[root])))]
+        work = [(root, iter(sorted(imports)))]
         index[root] = low[root] = counter
         counter += 1
         stack.append(root)

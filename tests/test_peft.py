@@ -154,8 +154,8 @@ def test_gpt2_adapters_are_refused_for_the_peft_layout(tmp_path):
 def test_a_lora_run_exports_as_peft_and_new_runs_start_from_that(base, tmp_path):
     from cli_runs import in_this_process
 
-    from train.export import main as export_cli
     from train.checkpoints.sources import read_params
+    from train.export import main as export_cli
 
     config = transformers.Qwen2Config(**(QWEN2 | {"vocab_size": 264}))  # the byte tokenizer's 257 ids
     perturbed(transformers.AutoModelForCausalLM.from_config(config)).save_pretrained(tmp_path / "hf")
