@@ -1,5 +1,5 @@
-"""``python -m train.generate SOURCE (--prompt TEXT | --chat) [--max-new-tokens N] [--temperature T] [--top-k K]
-[--top-p P] [--seed S] [--num-samples N] [--tokenizer DIR]``
+"""``python -m train.generate SOURCE [--prompt TEXT] [--chat] [--max-new-tokens N] [--temperature T] [--top-k K]
+[--top-p P] [--seed S] [--num-samples N] [--stop TOKEN ...] [--tokenizer DIR]``
 
 Continues ``--prompt`` with a saved model (a run directory, an export directory or a Hugging Face
 model directory with its tokenizer, train/checkpoints/sources.py), decoding from the KV cache
@@ -8,13 +8,18 @@ several (``--num-samples``) are printed one after another once decoded, each aft
 ``--- sample i ---`` line. Decoders print the prompt and its continuation; T5 reads the prompt
 with its encoder and prints what the decoder writes, starting from the token it was trained to start
 from (``decoder_start_token_id``, 0 for T5; train/checkpoints/sources.py). ``--top-k`` above the vocabulary
-keeps every token, as in transformers. A sample ends at the tokenizer's eos or after
-``--max-new-tokens`` (default: up to 200, as many as the model's positions leave room for). An
-empty prompt starts a new document (from eos). The model runs on the devices as the run's mesh
-says (all devices as fsdp otherwise). ``--chat`` (decoders) reads one user turn per line of standard
-input (a terminal or a pipe) until its end, and answers each through the chat template of
-train/data/chat.py with the whole conversation so far, one answer a line, each ending at the
-template's end-of-turn token (the tokenizer's eos). User mistakes print one ``error:`` line and exit with status 2.
+keeps every token, as in transformers. A sample ends at a stop token or after
+``--max-new-tokens`` (default: up to 200, as many as the model's positions leave room for). The
+stop tokens are the tokenizer's eos, a Hugging Face directory's ``eos_token_id`` list
+(generation_config.json, as transformers' ``generate()`` reads it), each ``--stop`` token and, with
+``--chat``, the template's end-of-turn token (``<|im_end|>``, ``<|eot_id|>``, ...; train/data/chat.py).
+An empty prompt starts a new document (from eos). The model runs on the devices as the run's mesh
+says (all devices as fsdp otherwise). ``--chat`` (decoders) renders the conversation through the
+chat template of train/data/chat.py and prints the assistant's answers only, one a line: with
+``--prompt``, the answer to that one user turn (what a transformers text-generation pipeline gives
+for ``[{"role": "user", "content": TEXT}]``); without, one answer per line of standard input (a
+terminal or a pipe) until its end, the whole conversation so far kept. User mistakes print one
+``error:`` line and exit with status 2.
 """
 
 from __future__ import annotations
@@ -37,17 +42,19 @@ DEFAULT_NEW_TOKENS = 200
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = cli.Parser(prog="python -m train.generate", description=__doc__.split("\n\n")[1])
     parser.add_argument("source", help="run directory, export directory or Hugging Face model directory")
-    what = parser.add_mutually_exclusive_group(required=True)
-    what.add_argument("--prompt", help="the text to continue (T5: the encoder's input)")
-    what.add_argument("--chat", action="store_true", help="converse: user turns from stdin, one a line")
+    parser.add_argument("--prompt", help="the text to continue (T5: the encoder's input; --chat: the user's turn)")
+    parser.add_argument("--chat", action="store_true", help="answer through the chat template (turns from stdin)")
     parser.add_argument("--max-new-tokens", type=int, default=0, help=f"default: up to {DEFAULT_NEW_TOKENS}")
     parser.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
     parser.add_argument("--top-k", type=int, default=40, help="sample among the k likeliest tokens (0: all)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus: the likeliest tokens holding this mass")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-samples", type=int, default=1)
+    parser.add_argument("--stop", action="append", default=[], help="also stop at this token (repeatable)")
     parser.add_argument("--tokenizer", default="", help="'byte' or a tokenizer directory (default: the source's)")
     args = parser.parse_args(argv)
+    if args.prompt is None and not args.chat:
+        raise ConfigError("give --prompt TEXT, --chat (user turns from stdin) or both (one chat turn)")
     if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1 or args.num_samples < 1:
         raise ConfigError("need --temperature >= 0, --top-k >= 0, 0 < --top-p <= 1 and --num-samples >= 1")
     return args
@@ -98,15 +105,32 @@ def samples(args: argparse.Namespace) -> Iterator[tuple[int, str]]:
     dp = math.prod(mesh.shape[a] for a in BATCH_AXES)
     rows = -(-args.num_samples // dp) * dp  # the batch shards over the data-parallel devices
     kwargs = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
-    kwargs |= {"eos_id": tokenizer.eos_id, "pad_id": tokenizer.eos_id, "start_id": source.decoder_start_id}
+    stops = stop_ids(args, source, tokenizer)
+    kwargs |= {"eos_id": stops, "pad_id": tokenizer.eos_id, "start_id": source.decoder_start_id}
     shown = args.prompt if source.config.family == "decoder" else ""
     with activation_context(mesh):
         pieces = stream(source.model, [prompt] * rows, new_tokens, chunk=CHUNK, **kwargs)
-        yield from _texts(pieces, tokenizer, args.num_samples, shown)
+        yield from _texts(pieces, tokenizer, stops, args.num_samples, shown)
+
+
+def stop_ids(args: argparse.Namespace, source, tokenizer) -> list[int]:
+    """The ids generation stops at (module docstring); ConfigError for a ``--stop`` that is not one token."""
+    from train.data.chat import end_of_turn
+
+    ids = [tokenizer.eos_id, *source.eos_ids] + ([end_of_turn(tokenizer)] if args.chat else [])
+    for text in args.stop:
+        token = tokenizer.encode(text)
+        if len(token) != 1:
+            raise ConfigError(
+                f"--stop {text!r} is {len(token)} tokens of the tokenizer; give one token (e.g. <|im_end|>)"
+            )
+        ids.append(int(token[0]))
+    return list(dict.fromkeys(ids))
 
 
 def answers(args: argparse.Namespace, turns: Iterable[str]) -> Iterator[str]:
-    """``--chat``: the model's answer to each user turn (blank lines skipped), the conversation kept."""
+    """``--chat``: the model's answer to each user turn (blank lines skipped), the conversation kept;
+    ``turns`` is the one ``--prompt`` when given."""
     from models.generate import stream
     from sharding.rules import BATCH_AXES, activation_context
     from train.data.chat import prompt_ids
@@ -116,8 +140,8 @@ def answers(args: argparse.Namespace, turns: Iterable[str]) -> Iterator[str]:
         raise ConfigError(f"--chat needs a decoder; '{args.source}' is a {source.config.family} model")
     dp = math.prod(mesh.shape[a] for a in BATCH_AXES)
     kwargs = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
-    eos, conversation = tokenizer.eos_id, []
-    for turn in turns:
+    stops, conversation = stop_ids(args, source, tokenizer), []
+    for turn in [args.prompt] if args.prompt is not None else turns:
         if not turn.strip():
             continue
         conversation.append(("user", turn.rstrip("\n")))
@@ -130,9 +154,8 @@ def answers(args: argparse.Namespace, turns: Iterable[str]) -> Iterator[str]:
             )
         with activation_context(mesh):
             pieces = stream(source.model, [prompt] * dp, min(args.max_new_tokens or DEFAULT_NEW_TOKENS, room),
-                            chunk=CHUNK, eos_id=eos, pad_id=eos, **kwargs)  # fmt: skip
-            tokens = [int(t) for piece in pieces for t in piece[0]]
-        answer = tokenizer.decode(tokens[: tokens.index(eos)] if eos in tokens else tokens)
+                            chunk=CHUNK, eos_id=stops, pad_id=tokenizer.eos_id, **kwargs)  # fmt: skip
+            answer = tokenizer.decode(_until_stop([int(t) for piece in pieces for t in piece[0]], stops))
         conversation.append(("assistant", answer))
         yield answer
 
@@ -152,7 +175,14 @@ def _load(args: argparse.Namespace):
     return mesh, source, tokenizer
 
 
-def _texts(pieces: Iterator[np.ndarray], tokenizer, num_samples: int, prefix: str) -> Iterator[tuple[int, str]]:
+def _until_stop(tokens: list[int], stops: list[int]) -> list[int]:
+    """``tokens`` up to (without) the first stop id."""
+    return tokens[: next((i for i, t in enumerate(tokens) if t in stops), len(tokens))]
+
+
+def _texts(
+    pieces: Iterator[np.ndarray], tokenizer, stops: list[int], num_samples: int, prefix: str
+) -> Iterator[tuple[int, str]]:
     """Each sample's text as it grows: one sample streams, several come out whole at the end."""
     tokens: list[list[int]] = [[] for _ in range(num_samples)]
     if num_samples == 1:
@@ -162,16 +192,15 @@ def _texts(pieces: Iterator[np.ndarray], tokenizer, num_samples: int, prefix: st
         for i in range(num_samples):
             tokens[i].extend(int(t) for t in piece[i])
         if num_samples == 1:
-            yield 0, _unseen(tokens[0], shown, 0, tokenizer, final=False)
+            yield 0, _unseen(tokens[0], shown, 0, tokenizer, stops, final=False)
     for i in range(num_samples):
-        text = _unseen(tokens[i], shown, i, tokenizer, final=True)
+        text = _unseen(tokens[i], shown, i, tokenizer, stops, final=True)
         yield i, text if num_samples == 1 else prefix + text
 
 
-def _unseen(tokens: list[int], shown: list[str], i: int, tokenizer, *, final: bool) -> str:
-    """The text of ``tokens`` (up to eos) past what was shown; an unfinished UTF-8 character waits."""
-    eos = tokenizer.eos_id
-    text = tokenizer.decode(tokens[: tokens.index(eos)] if eos in tokens else tokens)
+def _unseen(tokens: list[int], shown: list[str], i: int, tokenizer, stops: list[int], *, final: bool) -> str:
+    """The text of ``tokens`` (up to a stop) past what was shown; an unfinished UTF-8 character waits."""
+    text = tokenizer.decode(_until_stop(tokens, stops))
     if not final:
         text = text.rstrip("\ufffd")
     new, shown[i] = text[len(shown[i]) :], text
