@@ -56,9 +56,8 @@ def vocab_needed(config: Config, tokenizer: Tokenizer) -> int:
 
 
 def packs(config: Config) -> bool:
-    """``data.packing`` resolved: unset means on for every objective but span_corruption."""
-    packing = config.data.packing
-    return config.train.objective != "span_corruption" if packing is None else packing
+    """``data.packing`` resolved: unset means on."""
+    return config.data.packing is not False
 
 
 def make_task(config: Config, model: ModelConfig, tokenizer: Tokenizer) -> StreamTask | ExampleTask:
