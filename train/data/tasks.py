@@ -121,7 +121,13 @@ class StreamTask:
         scored = len(self.eval_set) * t.batch_size
         self.eval_bytes = val_tokens.target_bytes(window, scored, segments) if causal else None
         kept = "documents apart (segment ids)" if segments else "documents run together"
-        self.summary = f"{train_size} / {val_tokens.num_tokens:,} val tokens; padding 0.0% (full windows, {kept})"
+        # span corruption's packed rows end where the next document no longer fits: measured on the held-out rows
+        padding, where = (
+            (packing.padding_fraction(self.eval_set), "held-out rows")
+            if t.objective == "span_corruption"
+            else (0.0, "full windows")
+        )
+        self.summary = f"{train_size} / {val_tokens.num_tokens:,} val tokens; padding {padding:.1%} ({where}, {kept})"
 
     def evaluator(self, spec, mesh) -> Callable[[object], dict]:
         """``evaluate(params) -> {'eval_loss'[, 'eval_bpb']}`` over the first ``train.eval_batches`` windows."""
