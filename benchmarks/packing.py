@@ -1,15 +1,18 @@
-"""Packed vs padded example tasks: padding fraction and real tokens (and examples) per second.
+"""Packed vs padded tasks: padding fraction and real tokens (and examples) per second.
 
     PYTHONPATH=. python benchmarks/packing.py                                   # speakers + genre, MiniLM
     PYTHONPATH=. python benchmarks/packing.py --configs configs/speakers-minilm.yaml --steps 5 --seq-len 128
+    PYTHONPATH=. python benchmarks/packing.py --configs configs/sft-gpt.yaml,configs/sft-llama.yaml --steps 8
+    PYTHONPATH=. python benchmarks/packing.py --configs configs/default.yaml,configs/tiny-t5.yaml   # text windows
 
 For each task config, builds the task twice (``data.packing`` true / false, train/data/tasks.py),
 measures the padding fraction of its first training batches, then times ``--steps`` train steps
 (after one compiling step) of the config's model from a fresh init (throughput does not depend on
 the weights). Prints one JSON object per (config, packing): ``padding_fraction``,
 ``real_tokens_per_s`` (tokens of examples, not padding), ``examples_per_s``, ``s_per_step`` and
-``epoch_s`` (the training examples over examples_per_s). Run packed and padded in one process:
-only their ratio means something on a shared machine.
+``epoch_s`` (the training examples over examples_per_s). Text-window tasks (causal LM, span
+corruption) count a window as an example and its tokens as real (span corruption: its encoder
+inputs). Run packed and padded in one process: only their ratio means something on a shared machine.
 """
 
 from __future__ import annotations
@@ -27,8 +30,12 @@ if str(REPO_ROOT) not in sys.path:
 CONFIGS = "configs/speakers-minilm.yaml,configs/genre-minilm.yaml"
 
 
-def real_tokens(batch: dict) -> tuple[int, int]:
-    """(tokens of examples, examples) in a batch, packed or padded."""
+def real_tokens(batch: dict, windows: bool = False) -> tuple[int, int]:
+    """(tokens of examples, examples) in a batch, packed or padded; ``windows``: of text windows."""
+    if windows:
+        key = next((k for k in ("encoder_segment_ids", "encoder_mask") if k in batch), "")
+        rows = len(next(iter(batch.values())))
+        return (int((batch[key] > 0).sum()) if key else int(batch["inputs"].size)), rows
     if "segment_ids" in batch:
         segments = batch["segment_ids"]
         return int((segments > 0).sum()), int(((batch["positions"] == 0) & (segments > 0)).sum())
@@ -43,7 +50,7 @@ def measure(config_path: str, packing: bool, steps: int, overrides: list[str]) -
     from train.core.state import init_state, make_state_spec
     from train.core.step import make_train_step
     from train.data import packing as packer
-    from train.data.tasks import global_batch, make_task, vocab_needed
+    from train.data.tasks import StreamTask, global_batch, make_task, vocab_needed
     from train.data.tokenizer import load_tokenizer
     from train.run.loop import resolve_model
 
@@ -55,7 +62,7 @@ def measure(config_path: str, packing: bool, steps: int, overrides: list[str]) -
     spec = make_state_spec(model_cfg, config.optimizer, config.train.steps, mesh)
     state = init_state(spec, model_cfg, config.seed)
     step = make_train_step(spec, mesh, config.train.grad_accum, config.seed)
-    batches = [next(task.batches) for _ in range(steps + 1)]
+    batches = [task.batch(next(task.batches), i) for i in range(steps + 1)]
     state, metrics = step(state, global_batch(batches[0], mesh))  # compiles
     jax.block_until_ready(metrics)
     start = time.perf_counter()
@@ -63,8 +70,9 @@ def measure(config_path: str, packing: bool, steps: int, overrides: list[str]) -
         state, metrics = step(state, global_batch(batch, mesh))
     jax.block_until_ready(metrics)
     elapsed = time.perf_counter() - start
-    tokens, examples = map(sum, zip(*(real_tokens(b) for b in batches[1:])))
-    train_examples = int(task.summary.split(" train")[0].replace(",", ""))
+    windows = isinstance(task, StreamTask)
+    tokens, examples = map(sum, zip(*(real_tokens(b, windows) for b in batches[1:])))
+    train_examples = task.train_examples
     return {
         "config": config_path,
         "packing": packing,

@@ -45,6 +45,7 @@ def test_padding_fraction_of_six_examples_packed_first_fit_and_padded():
     assert [list(r[r > 0]) for b in packed for r in b["segment_ids"]] == [[1] * 5 + [2] * 3, [1] * 8, [1] * 2 + [2] * 6, [1] * 4]
     assert packing.padding_fraction(packed) == pytest.approx(1 - 28 / 32)  # 12.5%
     assert packing.padding_fraction(examples.padded_batches(arrays, 2)) == pytest.approx(1 - 28 / 48)  # 41.7%
+    assert packing.padding_fraction([{"inputs": np.ones((2, 4)), "targets": np.ones((2, 4))}]) == 0.0  # text windows
 
 
 def test_text_windows_number_documents_restart_positions_and_drop_the_cross_document_target():
