@@ -115,3 +115,20 @@ def test_a_plain_prompt_stops_at_stop_and_at_generation_config_eos_ids_as_transf
         .err.splitlines()[-1]
         .startswith("error: --stop 'w5 w17' is 2 tokens of the tokenizer; give one token")
     )
+
+
+def test_an_hf_export_lists_the_end_of_turn_in_generation_config_so_transformers_stops_there(chat_model, tmp_path):
+    from train.export import main as export_main
+
+    path, answer = chat_model
+    assert export_main([str(path), str(tmp_path / "hf"), "--format", "hf"]) == 0
+    assert json.loads((tmp_path / "hf" / "generation_config.json").read_text()) == {"eos_token_id": [EOS, IM_END]}
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    tokenizer = HFTokenizer(str(tmp_path / "hf"))
+    text = tokenizer.tokenizer.apply_chat_template(
+        [{"role": "user", "content": TURN}], tokenize=False, add_generation_prompt=True
+    )
+    with torch.no_grad():
+        ids = tokenizer.encode(text).tolist()
+        out = theirs.generate(torch.tensor([ids]), max_new_tokens=NEW, do_sample=False)[0, len(ids) :].tolist()
+    assert out == answer + [IM_END]
