@@ -117,6 +117,7 @@ def test_a_plain_prompt_stops_at_stop_and_at_generation_config_eos_ids_as_transf
     )
 
 
+@pytest.mark.slow
 def test_an_hf_export_lists_the_end_of_turn_in_generation_config_so_transformers_stops_there(chat_model, tmp_path):
     from train.export import main as export_main
 
