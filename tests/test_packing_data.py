@@ -176,10 +176,10 @@ def test_a_packed_causal_lm_step_loss_is_the_loss_of_each_documents_piece_in_its
     for row in range(BATCH):
         for segment in np.unique(packed["segment_ids"][row]):
             mine = packed["segment_ids"][row] == segment
-            for key in alone:
-                piece = np.zeros((1, 32), alone[key].dtype)
+            for key, rows in list(alone.items()):
+                piece = np.zeros((1, 32), rows.dtype)
                 piece[0, : mine.sum()] = packed[key][row, mine]
-                alone[key] = np.concatenate([alone[key], piece])
+                alone[key] = np.concatenate([rows, piece])
     assert len(alone["inputs"]) > 2 * BATCH  # documents share rows
     n = len(alone["inputs"])
     alone = {k: np.concatenate([v, np.zeros((-n % BATCH, 32), v.dtype)]) for k, v in alone.items()}
