@@ -15,8 +15,9 @@ Conventions:
   T5 and our span corruption use 0, its ``decoder_start_token_id``).
 - Length: a decoder's prompt plus its new tokens, and T5's prompt and its new tokens each, must fit
   the model's ``max_seq_len`` positions (any position scheme); ValueError otherwise.
-- ``eos_id``: once a row emits it, the rest of the row is ``pad_id``; the loop stops when every
-  row is done. None: no early end.
+- ``eos_id``: the stop ids, one int or several (Hugging Face's ``eos_token_id`` list, a chat
+  template's end-of-turn token beside the tokenizer's eos): once a row emits any of them, the rest
+  of the row is ``pad_id``; the loop stops when every row is done. None: no early end.
 - Sampling: ``temperature=0`` is greedy (argmax, the first of ties); otherwise logits are divided
   by the temperature, cut to the ``top_k`` largest (0, or more than the vocabulary: all, as Hugging
   Face clamps it) and to the smallest set whose probability reaches ``top_p`` (nucleus), in that
@@ -56,12 +57,18 @@ class Decoding(NamedTuple):
 
 
 class Sampling(NamedTuple):
-    """Traced sampling settings (changing them does not recompile): temperature, top_p, eos, pad."""
+    """Traced sampling settings (changing them does not recompile; the number of stop ids does):
+    temperature, top_p, the stop ids [K], pad."""
 
     temperature: jax.Array
     top_p: jax.Array
     eos: jax.Array
     pad: jax.Array
+
+
+def _stops(token: jax.Array, eos: jax.Array) -> jax.Array:
+    """tokens [B], stop ids [K] -> bool [B]: the token is one of them."""
+    return jnp.any(token[:, None] == eos[None, :], axis=1)
 
 
 def sample(logits: jax.Array, key: jax.Array, s: Sampling, *, top_k: int, greedy: bool, nucleus: bool) -> jax.Array:
@@ -131,7 +138,7 @@ def _decode(graphdef, state, decoding: Decoding, key, s: Sampling, *, steps: int
         token = jnp.where(d.done, s.pad, token)
         out = jax.lax.dynamic_update_slice(out, token[:, None], (0, i))
         logits, cache = _feed(model, token, d.positions, d.cache)
-        return i + 1, Decoding(cache, logits, d.positions + 1, d.done | (token == s.eos), d.step + 1), out
+        return i + 1, Decoding(cache, logits, d.positions + 1, d.done | _stops(token, s.eos), d.step + 1), out
 
     def more(carry):
         i, d, _ = carry
@@ -172,7 +179,7 @@ def _recompute(graphdef, state, prompts, mask, start, key, s: Sampling, *, steps
         token = jnp.where(done, s.pad, token)
         tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, slot))
         out = jax.lax.dynamic_update_slice(out, token[:, None], (0, i))
-        return i + 1, tokens, done | (token == s.eos), out
+        return i + 1, tokens, done | _stops(token, s.eos), out
 
     def more(carry):
         return (carry[0] < steps) & ~jnp.all(carry[2])
@@ -233,6 +240,14 @@ class _Setup(NamedTuple):
     decoder: bool
 
 
+def _stop_ids(eos_id: int | Sequence[int] | None) -> list[int]:
+    """``eos_id`` as a list of stop ids (``[NO_EOS]`` for None, which no token matches)."""
+    if eos_id is None:
+        return [NO_EOS]
+    ids = [int(eos_id)] if isinstance(eos_id, int | np.integer) else [int(i) for i in eos_id]
+    return ids or [NO_EOS]
+
+
 def _setup(model, prompts, max_new_tokens, mask, temperature, top_k, top_p, eos_id, pad_id, start_id) -> _Setup:
     cfg = model.cfg
     if cfg.family not in ("decoder", "encoder_decoder") or cfg.head != "lm":
@@ -249,7 +264,7 @@ def _setup(model, prompts, max_new_tokens, mask, temperature, top_k, top_p, eos_
     s = Sampling(
         jnp.float32(max(temperature, 1e-6)),
         jnp.float32(top_p),
-        jnp.int32(NO_EOS if eos_id is None else eos_id),
+        jnp.asarray(_stop_ids(eos_id), jnp.int32),
         jnp.int32(pad_id),
     )
     static = {"top_k": min(int(top_k), cfg.vocab_size), "greedy": temperature == 0, "nucleus": top_p < 1.0}
@@ -268,7 +283,7 @@ def generate(
     seed: int = 0,
     cache: bool = True,
     mask: np.ndarray | None = None,
-    eos_id: int | None = None,
+    eos_id: int | Sequence[int] | None = None,
     pad_id: int = 0,
     start_id: int | None = None,
 ) -> np.ndarray:
@@ -295,7 +310,7 @@ def stream(
     top_p: float = 1.0,
     seed: int = 0,
     mask: np.ndarray | None = None,
-    eos_id: int | None = None,
+    eos_id: int | Sequence[int] | None = None,
     pad_id: int = 0,
     start_id: int | None = None,
 ) -> Iterator[np.ndarray]:

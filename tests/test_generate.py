@@ -110,6 +110,18 @@ def test_rows_are_padding_after_eos_as_in_transformers(pair):
 
 
 @pytest.mark.parametrize("pair", ["llama-gqa"], indirect=True)
+@pytest.mark.parametrize("cache", [True, False], ids=["cache", "recompute"])
+def test_any_of_several_stop_ids_ends_a_row_as_an_eos_token_id_list_does_in_transformers(pair, cache):
+    name, theirs, ours, prompts = pair
+    greedy = generate(ours, prompts, NEW)
+    fresh = [[j for j in range(1, NEW) if greedy[i, j] not in greedy[i, :j]] for i in range(2)]
+    stops = [int(greedy[0, fresh[0][0]]), int(greedy[1, fresh[1][-1]])]  # row 0 ends early, row 1 late
+    got = generate(ours, prompts, NEW, eos_id=stops, pad_id=5, cache=cache)
+    np.testing.assert_array_equal(got, hf_generate(name, theirs, prompts, NEW, eos=stops, pad=5))
+    assert (got[0, fresh[0][0] + 1 :] == 5).all() and got[1, fresh[1][-1]] == stops[1]
+
+
+@pytest.mark.parametrize("pair", ["llama-gqa"], indirect=True)
 def test_cached_and_recomputed_sampling_draw_the_same_tokens(pair):
     _, _, ours, prompts = pair
     kwargs = {"temperature": 0.9, "top_k": 20, "top_p": 0.95, "seed": 3}

@@ -18,6 +18,8 @@ tokenizer's files, or ``byte_tokenizer.json`` for the byte tokenizer (train/data
 --format hf
     ``OUT_DIR/{config.json, model.safetensors}`` for transformers' ``from_pretrained``, and the
     tokenizer's files (``--tokenizer DIR``'s instead of SRC's; its special token ids in the config).
+    A decoder that stops at more than eos (SRC's own ``eos_token_id`` list, its chat template's
+    end-of-turn token) also gets ``generation_config.json`` listing them, as transformers reads it.
     Not for int8 models.
 --format peft
     A LoRA run's adapters in the PEFT layout (``OUT_DIR/{adapter_config.json, adapter_model.safetensors}``,

@@ -125,9 +125,26 @@ def export(
         hf.export(params, cfg, out_dir, tokenizer=tokenizer or own, labels=_run_labels(source.path, cfg))
         if tokenizer is None and isinstance(source.tokenizer, ByteTokenizer):
             save_tokenizer(source.tokenizer, out_dir)
+        if cfg.family == "decoder":
+            write_stops(out_dir, [] if tokenizer else source.eos_ids)
     if source.step is None:
         return str(source.path)
     return f"{'best checkpoint, step' if best else 'step'} {source.step} of {source.path}"
+
+
+def write_stops(out_dir: pathlib.Path, eos_ids: list[int]) -> None:
+    """``generation_config.json`` with ``eos_token_id`` [eos, ...] when generation should also stop at
+    the source's other eos ids or the chat template's end-of-turn token (``<|im_end|>``), so that
+    transformers' ``generate()`` and pipelines stop where ``python -m train.generate`` does."""
+    from train.data.chat import end_of_turn
+    from train.data.tokenizer import saved_tokenizer
+
+    written = saved_tokenizer(out_dir)
+    if written is None:
+        return
+    stops = list(dict.fromkeys([written.eos_id, *eos_ids, end_of_turn(written)]))
+    if len(stops) > 1:
+        (out_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": stops}, indent=2) + "\n")
 
 
 def write_peft(params, cfg: ModelConfig, out_dir: pathlib.Path, src: pathlib.Path) -> None:

@@ -96,6 +96,7 @@ class Source:
     path: pathlib.Path | None = None
     step: int | None = None  # the checkpoint step of a run
     decoder_start_id: int = 0  # T5: the token its decoder starts from (what training fed it)
+    eos_ids: list[int] = dataclasses.field(default_factory=list)  # an HF directory's eos_token_id(s) (_eos_ids)
     labels: list[str] = dataclasses.field(default_factory=list)  # a classifier's label names in id order
 
     @property
@@ -172,6 +173,7 @@ def load_source(
         check_tokenizer(tokenizer, found.config, f"the tokenizer of '{path}'")
     source = Source(model, found.config, tokenizer, found.kind, found.run_config, found.path, found.step)
     source.decoder_start_id = _decoder_start(found, tokenizer)
+    source.eos_ids = _eos_ids(found)
     if source.config.head != "lm":
         source.labels = _labels(source)
     return source
@@ -189,6 +191,18 @@ def _decoder_start(found: Params, tokenizer: Tokenizer | None) -> int:
         keys = ("decoder_start_token_id", "pad_token_id")
         return int(next((hf_config[k] for k in keys if hf_config.get(k) is not None), 0))
     return 0
+
+
+def _eos_ids(found: Params) -> list[int]:
+    """The ids a Hugging Face directory ends generation at, as transformers' ``generate()`` does: the
+    ``eos_token_id`` (one id or a list) of its ``generation_config.json`` and ``config.json`` (Llama 3
+    instruct: ``<|end_of_text|>``, ``<|eom_id|>``, ``<|eot_id|>``); [] for runs and exports."""
+    ids: list[int] = []
+    for name in ("generation_config.json", "config.json"):
+        path = found.path / name
+        value = json.loads(path.read_text()).get("eos_token_id") if found.kind == "hf" and path.is_file() else None
+        ids += [value] if isinstance(value, int) else [i for i in value or [] if isinstance(i, int)]
+    return list(dict.fromkeys(ids))
 
 
 def read_labels(out_dir: pathlib.Path) -> list[str]:

@@ -213,11 +213,6 @@ def objective_problems(config: Config) -> list[str]:
         )
     if t.target_len <= 0:
         out.append(f"train.target_len must be positive, got {t.target_len}")
-    if data.packing and t.objective == "span_corruption":
-        out.append(
-            "data.packing=true cannot keep documents apart in span_corruption, which corrupts whole windows; "
-            "leave data.packing unset or set it false"
-        )
     if t.objective != "sft" and (t.loss_on != "assistant" or data.skip_bad):
         out.append(f"train.loss_on and data.skip_bad are for train.objective=sft, not {t.objective}; drop them")
     if t.prior_bias and t.objective != "token_classification":

@@ -10,10 +10,11 @@ directory that has one), else by the built-in template (byte tokenizer, our BPEs
 
     <|system|>\\n{content}\\n<|user|>\\n{content}\\n<|assistant|>\\n{content}<eos>
 
-where ``<eos>`` is the tokenizer's end-of-sequence id and ends every assistant turn (the end-of-turn
-token ``train.generate --chat`` stops at). ``train.loss_on``: ``assistant`` / ``completion`` weigh
-only the assistant contents and their end-of-turn token, ``all`` every real token. Rows longer than
-``seq_len + 1`` tokens are cut; a row whose first assistant token lies past ``seq_len`` is a bad row,
+where ``<eos>`` is the tokenizer's end-of-sequence id and ends every assistant turn. ``end_of_turn``
+names the token that ends an assistant turn (``train.generate --chat`` stops there): that eos, or the
+added token a Hugging Face template puts right after the assistant's content (``<|im_end|>``).
+``train.loss_on``: ``assistant`` / ``completion`` weigh only the assistant contents and their
+end-of-turn token, ``all`` every real token. Rows longer than ``seq_len + 1`` tokens are cut; a row whose first assistant token lies past ``seq_len`` is a bad row,
 as is one with no assistant turn or an unknown role: a ConfigError naming the file and line, or,
 with ``data.skip_bad: true``, left out and counted.
 
@@ -95,12 +96,31 @@ def render(conversation: Sequence[Turn], tokenizer: Tokenizer) -> list[tuple[np.
     return pieces + [(tokenizer.encode(text[done:]), False)]
 
 
+PROBE = "PROBE"  # an assistant content whose end the template's text is searched for
+
+
+def end_of_turn(tokenizer: Tokenizer) -> int:
+    """The id that ends an assistant turn: the first token after the assistant's content in the
+    tokenizer's chat template when it is one of the tokenizer's added tokens (ChatML's ``<|im_end|>``,
+    Llama 3's ``<|eot_id|>``, Gemma's ``<end_of_turn>``), else the eos (the built-in template's)."""
+    hf = _hf_template(tokenizer)
+    if hf is None:
+        return tokenizer.eos_id
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": PROBE}]
+    text = hf.apply_chat_template(msgs, tokenize=False)
+    after = tokenizer.encode(text[text.rfind(PROBE) + len(PROBE) :]) if PROBE in text else []
+    added = set(hf.added_tokens_decoder)
+    return int(after[0]) if len(after) and int(after[0]) in added else tokenizer.eos_id
+
+
 def prompt_ids(conversation: Sequence[Turn], tokenizer: Tokenizer) -> np.ndarray:
     """int32 [L]: the conversation so far, templated, then the start of the assistant's next turn."""
     hf = _hf_template(tokenizer)
     if hf is not None:
         msgs = [{"role": r, "content": c} for r, c in conversation]
-        return np.asarray(tokenizer.encode(hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)), np.int32)
+        return np.asarray(
+            tokenizer.encode(hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)), np.int32
+        )
     pieces = [ids for ids, _ in render(conversation, tokenizer)] + [tokenizer.encode("<|assistant|>\n")]
     return np.concatenate(pieces).astype(np.int32)
 

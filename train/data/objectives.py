@@ -3,6 +3,7 @@ model family's ``forward`` reads, plus ``targets`` and ``weights`` for the loss 
 
     masked_lm(tokens, mask_id=..., vocab_size=..., seed=(seed, step))   # encoder (BERT)
     span_corruption(tokens, vocab_size=..., seed=(seed, step))          # encoder_decoder (T5)
+    packed_span_corruption(row, segment_ids, vocab_size=..., seed=...)  # T5, each document of a row alone
     seq2seq(pairs, inputs_length=..., targets_length=...)               # encoder_decoder
     classification(sequences, labels, seq_len=...)                      # encoder, head='classification'
 
@@ -168,6 +169,82 @@ def span_corruption(
     return seq2seq(pairs, inputs_length=inputs_length, targets_length=targets_length, eos_id=eos_id, pad_id=pad_id)
 
 
+def _corrupted_lengths(n: int, noise_density: float, mean_span: float) -> tuple[int, int]:
+    """(inputs, targets) lengths, eos left out, of ``n`` tokens corrupted as ``random_spans_noise_mask``
+    draws them: exact unless a draw leaves a non-noise span empty, which only shortens both."""
+    if noise_density == 0.0 or n == 1:
+        return n, 1  # no noise: the tokens, and one sentinel for the whole row
+    noise = min(max(round(n * noise_density), 1), n - 1)
+    spans = max(round(noise / mean_span), 1)
+    return n - noise + spans, noise + spans
+
+
+def packed_span_corruption(
+    tokens: np.ndarray,
+    segment_ids: np.ndarray,
+    *,
+    vocab_size: int,
+    seed: Seed,
+    noise_density: float = 0.15,
+    mean_span: float = 3.0,
+    eos_id: int = 1,
+    pad_id: int = 0,
+) -> Batch:
+    """T5 span corruption of each document of a packed window, as t5x/seqio corrupt examples before
+    packing them: int[1, L] ``tokens`` with their ``segment_ids`` [1, L] (contiguous runs) -> one packed
+    seq2seq row.
+
+    Each segment (its trailing ``eos_id`` left out: the end of its document) is corrupted alone: spans
+    never cross a document boundary and its sentinels count down from ``vocab_size - 1`` again; its
+    inputs and targets each end in ``eos_id``. The rows are as long as the corrupted inputs / targets of
+    L tokens of one document (``span_corruption_lengths``), so a window of one document is exactly what
+    ``span_corruption`` gives it; a segment that would overflow either side is cut to the longest prefix
+    that fits (the rest of the window is dropped, as seqio's trimming packer drops it).
+    Returns int32 ``encoder_inputs`` / ``encoder_segment_ids`` / ``encoder_positions`` [1, inputs_length],
+    ``decoder_inputs`` (each segment's targets shifted right after ``pad_id``, T5's start) /
+    ``decoder_segment_ids`` / ``decoder_positions`` / ``targets`` [1, targets_length] and float32
+    ``weights`` (1 on every segment's targets); padding is ``pad_id`` with segment 0.
+    """
+    rng = _rng(seed)
+    row, segments = np.asarray(tokens, np.int32).reshape(-1), np.asarray(segment_ids).reshape(-1)
+    inputs_length, targets_length = (n + 1 for n in _corrupted_lengths(len(row), noise_density, mean_span))
+    sides = {"encoder": [], "decoder": []}  # per segment (inputs, targets) with eos
+    room = [inputs_length, targets_length]
+    for segment in dict.fromkeys(segments[segments > 0].tolist()):
+        x = row[segments == segment]
+        x = x[:-1] if x[-1] == eos_id else x
+        if len(x) == 0:
+            continue  # a document's eos alone
+        n = len(x)
+        while n and any(k + 1 > r for k, r in zip(_corrupted_lengths(n, noise_density, mean_span), room)):
+            n -= 1
+        if n == 0:
+            break  # the row is full
+        noise = random_spans_noise_mask(n, rng, noise_density, mean_span)
+        pair = [np.append(_spans_to_sentinels(x[:n], m, vocab_size), eos_id) for m in (noise, ~noise)]
+        room = [r - len(p) for r, p in zip(room, pair)]
+        sides["encoder"].append(pair[0])
+        sides["decoder"].append(pair[1])
+    out: Batch = {}
+    for side, length in (("encoder", inputs_length), ("decoder", targets_length)):
+        pieces = sides[side]
+        ids = np.full(length, pad_id, np.int32)
+        used = sum(len(p) for p in pieces)
+        ids[:used] = np.concatenate(pieces) if pieces else []
+        seg = np.zeros(length, np.int32)
+        seg[:used] = np.repeat(np.arange(1, len(pieces) + 1), [len(p) for p in pieces])
+        out[f"{side}_segment_ids"] = seg[None]
+        out[f"{side}_positions"] = np.where(seg > 0, segment_positions(seg[None])[0], 0).astype(np.int32)[None]
+        if side == "encoder":
+            out["encoder_inputs"] = ids[None]
+        else:
+            previous = np.concatenate([[pad_id], ids[:-1]])
+            first = out["decoder_positions"][0] == 0  # each segment's start, and padding
+            out["decoder_inputs"] = np.where(first, pad_id, previous).astype(np.int32)[None]
+            out["targets"], out["weights"] = ids[None], (seg > 0).astype(np.float32)[None]
+    return out
+
+
 # --- sequence to sequence -------------------------------------------------------------------
 
 
@@ -315,9 +392,10 @@ def text_objective(
     ``windows``: ``split_batch``'s dict of [local_B, raw_length - 1] arrays; ``first_row`` is the
     global index of its first row. Random choices are seeded by (seed, step, global row), so a
     global batch does not depend on how many processes share it, and resuming at a step
-    reproduces it. Windows with segments stay apart: causal LM as they come, masked LM masks
-    each document alone (its batch adds ``segment_ids`` and ``positions``); span corruption
-    corrupts whole rows, documents together (rows of fixed inputs length, as T5's).
+    reproduces it. Windows with segments keep their documents apart: causal LM as they come, masked
+    LM masks each document alone (its batch adds ``segment_ids`` and ``positions``), span corruption
+    corrupts each document alone into one packed seq2seq row (``packed_span_corruption``); without
+    segments span corruption corrupts whole rows, documents together (as T5's unpacked rows).
     """
 
     def per_row(fn, windows, step, first_row):
@@ -337,9 +415,10 @@ def text_objective(
         return batch | {"segment_ids": segments, "positions": segment_positions(segments)}
 
     def corrupted(row, segments, s):
-        return span_corruption(
-            row, vocab_size=vocab_size, seed=s, noise_density=noise_density, mean_span=mean_span, eos_id=eos_id
-        )
+        kwargs = {"vocab_size": vocab_size, "seed": s, "noise_density": noise_density, "mean_span": mean_span}
+        if segments is None:
+            return span_corruption(row, eos_id=eos_id, **kwargs)
+        return packed_span_corruption(row, segments, eos_id=eos_id, **kwargs)
 
     if objective == "causal_lm":
         return lambda windows, step, first_row: windows

@@ -184,13 +184,16 @@ def eval_batches(arrays: Arrays, batch_size: int) -> tuple[list[Arrays], Callabl
 
 def padding_fraction(batches: Sequence[Arrays]) -> float:
     """Fraction of the token positions computed that are padding: of every ``*segment_ids`` key of
-    packed batches; of ``attention_mask`` / ``encoder_mask`` and the real targets of padded ones."""
+    packed batches; of ``attention_mask`` / ``encoder_mask`` and the real targets of padded ones;
+    none of text windows without either (every token real)."""
     real = total = 0
     for batch in batches:
         keys = [k for k in batch if k.endswith("segment_ids")]
         if not keys:
             keys = [k for k in ("attention_mask", "encoder_mask") if k in batch]
             keys += ["weights"] if "encoder_mask" in batch else []
+        if not keys:
+            real, total = real + batch["inputs"].size, total + batch["inputs"].size
         for key in keys:
             real, total = real + int((batch[key] > 0).sum()), total + batch[key].size
     return 1.0 - real / max(total, 1)

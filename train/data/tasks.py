@@ -54,9 +54,8 @@ def vocab_needed(config: Config, tokenizer: Tokenizer) -> int:
 
 
 def packs(config: Config) -> bool:
-    """``data.packing`` resolved: unset means on for every objective but span_corruption."""
-    packing = config.data.packing
-    return config.train.objective != "span_corruption" if packing is None else packing
+    """``data.packing`` resolved: unset means on."""
+    return config.data.packing is not False
 
 
 def make_task(config: Config, model: ModelConfig, tokenizer: Tokenizer) -> StreamTask | ExampleTask:
@@ -120,7 +119,13 @@ class StreamTask:
         scored = len(self.eval_set) * t.batch_size
         self.eval_bytes = val_tokens.target_bytes(window, scored, segments) if causal else None
         kept = "documents apart (segment ids)" if segments else "documents run together"
-        self.summary = f"{train_size} / {val_tokens.num_tokens:,} val tokens; padding 0.0% (full windows, {kept})"
+        # span corruption's packed rows end where the next document no longer fits: measured on the held-out rows
+        padding, where = (
+            (packing.padding_fraction(self.eval_set), "held-out rows")
+            if t.objective == "span_corruption"
+            else (0.0, "full windows")
+        )
+        self.summary = f"{train_size} / {val_tokens.num_tokens:,} val tokens; padding {padding:.1%} ({where}, {kept})"
 
 
 # --- one example per row --------------------------------------------------------------------

@@ -50,15 +50,33 @@ def samples(args: argparse.Namespace) -> Iterator[tuple[int, str]]:
     dp = math.prod(mesh.shape[a] for a in BATCH_AXES)
     rows = -(-args.num_samples // dp) * dp  # the batch shards over the data-parallel devices
     kwargs = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
-    kwargs |= {"eos_id": tokenizer.eos_id, "pad_id": tokenizer.eos_id, "start_id": source.decoder_start_id}
+    stops = stop_ids(args, source, tokenizer)
+    kwargs |= {"eos_id": stops, "pad_id": tokenizer.eos_id, "start_id": source.decoder_start_id}
     shown = args.prompt if source.config.family == "decoder" else ""
     with activation_context(mesh):
         pieces = stream(source.model, [prompt] * rows, new_tokens, chunk=CHUNK, **kwargs)
-        yield from _texts(pieces, tokenizer, args.num_samples, shown)
+        yield from _texts(pieces, tokenizer, stops, args.num_samples, shown)
+
+
+def stop_ids(args: argparse.Namespace, source, tokenizer) -> list[int]:
+    """The ids generation stops at (train/generate.py's docstring); ConfigError for a ``--stop`` that is not
+    one token."""
+    from train.data.chat import end_of_turn
+
+    ids = [tokenizer.eos_id, *source.eos_ids] + ([end_of_turn(tokenizer)] if args.chat else [])
+    for text in args.stop:
+        token = tokenizer.encode(text)
+        if len(token) != 1:
+            raise ConfigError(
+                f"--stop {text!r} is {len(token)} tokens of the tokenizer; give one token (e.g. <|im_end|>)"
+            )
+        ids.append(int(token[0]))
+    return list(dict.fromkeys(ids))
 
 
 def answers(args: argparse.Namespace, turns: Iterable[str]) -> Iterator[str]:
-    """``--chat``: the model's answer to each user turn (blank lines skipped), the conversation kept."""
+    """``--chat``: the model's answer to each user turn (blank lines skipped), the conversation kept;
+    ``turns`` is the one ``--prompt`` when given."""
     from models.generate import stream
     from sharding.rules import BATCH_AXES, activation_context
     from train.data.chat import prompt_ids
@@ -68,8 +86,8 @@ def answers(args: argparse.Namespace, turns: Iterable[str]) -> Iterator[str]:
         raise ConfigError(f"--chat needs a decoder; '{args.source}' is a {source.config.family} model")
     dp = math.prod(mesh.shape[a] for a in BATCH_AXES)
     kwargs = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
-    eos, conversation = tokenizer.eos_id, []
-    for turn in turns:
+    stops, conversation = stop_ids(args, source, tokenizer), []
+    for turn in [args.prompt] if args.prompt is not None else turns:
         if not turn.strip():
             continue
         conversation.append(("user", turn.rstrip("\n")))
@@ -82,9 +100,8 @@ def answers(args: argparse.Namespace, turns: Iterable[str]) -> Iterator[str]:
             )
         with activation_context(mesh):
             pieces = stream(source.model, [prompt] * dp, min(args.max_new_tokens or DEFAULT_NEW_TOKENS, room),
-                            chunk=CHUNK, eos_id=eos, pad_id=eos, **kwargs)  # fmt: skip
-            tokens = [int(t) for piece in pieces for t in piece[0]]
-        answer = tokenizer.decode(tokens[: tokens.index(eos)] if eos in tokens else tokens)
+                            chunk=CHUNK, eos_id=stops, pad_id=tokenizer.eos_id, **kwargs)  # fmt: skip
+            answer = tokenizer.decode(_until_stop([int(t) for piece in pieces for t in piece[0]], stops))
         conversation.append(("assistant", answer))
         yield answer
 
@@ -98,7 +115,14 @@ def _load(args: argparse.Namespace):
     return mesh, source, source_tokenizer(source, args.tokenizer)
 
 
-def _texts(pieces: Iterator[np.ndarray], tokenizer, num_samples: int, prefix: str) -> Iterator[tuple[int, str]]:
+def _until_stop(tokens: list[int], stops: list[int]) -> list[int]:
+    """``tokens`` up to (without) the first stop id."""
+    return tokens[: next((i for i, t in enumerate(tokens) if t in stops), len(tokens))]
+
+
+def _texts(
+    pieces: Iterator[np.ndarray], tokenizer, stops: list[int], num_samples: int, prefix: str
+) -> Iterator[tuple[int, str]]:
     """Each sample's text as it grows: one sample streams, several come out whole at the end."""
     tokens: list[list[int]] = [[] for _ in range(num_samples)]
     if num_samples == 1:
@@ -108,16 +132,15 @@ def _texts(pieces: Iterator[np.ndarray], tokenizer, num_samples: int, prefix: st
         for i in range(num_samples):
             tokens[i].extend(int(t) for t in piece[i])
         if num_samples == 1:
-            yield 0, _unseen(tokens[0], shown, 0, tokenizer, final=False)
+            yield 0, _unseen(tokens[0], shown, 0, tokenizer, stops, final=False)
     for i in range(num_samples):
-        text = _unseen(tokens[i], shown, i, tokenizer, final=True)
+        text = _unseen(tokens[i], shown, i, tokenizer, stops, final=True)
         yield i, text if num_samples == 1 else prefix + text
 
 
-def _unseen(tokens: list[int], shown: list[str], i: int, tokenizer, *, final: bool) -> str:
-    """The text of ``tokens`` (up to eos) past what was shown; an unfinished UTF-8 character waits."""
-    eos = tokenizer.eos_id
-    text = tokenizer.decode(tokens[: tokens.index(eos)] if eos in tokens else tokens)
+def _unseen(tokens: list[int], shown: list[str], i: int, tokenizer, stops: list[int], *, final: bool) -> str:
+    """The text of ``tokens`` (up to a stop) past what was shown; an unfinished UTF-8 character waits."""
+    text = tokenizer.decode(_until_stop(tokens, stops))
     if not final:
         text = text.rstrip("\ufffd")
     new, shown[i] = text[len(shown[i]) :], text
