@@ -49,7 +49,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=64, help="context length")
     p.add_argument("--dtype", nargs="+", default=["float32", "auto"], help="our compute dtypes (torch: float32)")
     p.add_argument(
-        "--tokenizer", nargs="+", default=[None], help="char (83), byte (256), or a tokenizer dir; default: the config's"
+        "--tokenizer",
+        nargs="+",
+        default=[None],
+        help="char (83), byte (256), or a tokenizer dir; default: the config's",
     )
     p.add_argument("--steps", type=int, default=5, help="timed steps per round and model")
     p.add_argument("--repeats", type=int, default=11, help="rounds, alternating which of ours and torch goes first")
@@ -181,8 +184,6 @@ class Torch:
 
     def __init__(self, config, model_cfg, total_steps: int, threads: int):
         import torch
-
-        from train.core.optimizer import schedule
 
         torch.set_num_threads(threads)
         self.torch = torch
