@@ -30,7 +30,7 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks.torch_reference import _machine, _timed, adamw, train_step
+from benchmarks.torch_reference import adamw, machine, timed, train_step
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -127,16 +127,16 @@ def compare(args: argparse.Namespace, batch: int, dtype: str) -> dict:
     ours, ref = Ours(config, model_cfg, total), Torch(config, model_cfg, total, args.threads)
 
     start = time.perf_counter()
-    _timed(ours, batches, args.warmup)  # compiles
+    timed(ours, batches, args.warmup)  # compiles
     compile_s = time.perf_counter() - start
-    _timed(ref, batches, args.warmup)
+    timed(ref, batches, args.warmup)
     rounds = []
     for r in range(args.repeats):  # ours first in even rounds, torch first in odd ones
         if r % 2:
-            b = _timed(ref, batches, args.steps)
-            rounds.append((_timed(ours, batches, args.steps), b))
+            b = timed(ref, batches, args.steps)
+            rounds.append((timed(ours, batches, args.steps), b))
         else:
-            rounds.append((_timed(ours, batches, args.steps), _timed(ref, batches, args.steps)))
+            rounds.append((timed(ours, batches, args.steps), timed(ref, batches, args.steps)))
     tokens = batch * args.seq_len
     ratios = [a[0] / b[0] for a, b in rounds]
     return {
@@ -159,7 +159,7 @@ def compare(args: argparse.Namespace, batch: int, dtype: str) -> dict:
         "compile_s": round(compile_s, 2),
         "torch_threads": args.threads,
         "single_thread": args.single_thread,
-        **_machine(),
+        **machine(),
     }
 
 

@@ -238,7 +238,7 @@ def train_step(ref, loss) -> None:
 # --- one comparison --------------------------------------------------------------------------
 
 
-def _timed(model, batches: list[np.ndarray], n: int) -> tuple[float, float]:
+def timed(model, batches: list[np.ndarray], n: int) -> tuple[float, float]:
     """``n`` steps of ``model`` on its prepared ``batches``: tokens per second of wall time and per
     second of this process's CPU time."""
     prepared = [model.prepare(b) for b in batches]
@@ -265,16 +265,16 @@ def compare(args: argparse.Namespace, batch: int, dtype: str, tokenizer: str | N
     ours, ref = Ours(config, model_cfg, total), Torch(config, model_cfg, total, args.threads)
 
     start = time.perf_counter()
-    _timed(ours, batches, args.warmup)  # compiles
+    timed(ours, batches, args.warmup)  # compiles
     compile_s = time.perf_counter() - start
-    _timed(ref, batches, args.warmup)
+    timed(ref, batches, args.warmup)
     rounds = []  # ((ours wall, ours cpu), (torch wall, torch cpu))
     for r in range(args.repeats):  # ours first in even rounds, torch first in odd ones
         if r % 2:
-            b = _timed(ref, batches, args.steps)
-            rounds.append((_timed(ours, batches, args.steps), b))
+            b = timed(ref, batches, args.steps)
+            rounds.append((timed(ours, batches, args.steps), b))
         else:
-            rounds.append((_timed(ours, batches, args.steps), _timed(ref, batches, args.steps)))
+            rounds.append((timed(ours, batches, args.steps), timed(ref, batches, args.steps)))
     ratios = [a[0] / b[0] for a, b in rounds]
     best = max(a[0] for a, _ in rounds) / max(b[0] for _, b in rounds)
     cpu_ratio = float(np.median([a[1] / b[1] for a, b in rounds]))
@@ -304,11 +304,11 @@ def compare(args: argparse.Namespace, batch: int, dtype: str, tokenizer: str | N
         "compile_s": round(compile_s, 2),
         "torch_threads": args.threads,
         "single_thread": args.single_thread,
-        **_machine(),
+        **machine(),
     }
 
 
-def _machine() -> dict:
+def machine() -> dict:
     import jax
     import torch
 
