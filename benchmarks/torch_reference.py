@@ -7,8 +7,12 @@ Ours is the run's own jitted train step (``train.core.step.make_train_step``, th
 ``python -m train``) on the model and optimizer of ``--config`` (default: the default run).
 The reference is a nanoGPT-style eager model of the same shape: pre-LN blocks, fused QKV,
 ``F.scaled_dot_product_attention``, tanh-GELU MLP, tied embeddings, AdamW with the same
-settings and decay mask, global-norm clipping, warm-up + cosine schedule; always fp32, with
-``torch.set_num_threads`` = the cores this process may use. Both train on the same windows of
+settings and decay mask (``fused=True``: one kernel for all parameters), foreach global-norm
+clipping, warm-up + cosine schedule read from a precomputed table (no work between steps but
+the step itself: batches are torch tensors before the clock starts); always fp32, with
+``torch.set_num_threads`` = the cores this process may use. ``--tokenizer`` picks the
+vocabulary: ``char`` (nanoGPT's shakespeare_char: the 83 characters of the plays), ``byte``
+(256) or the config's BPE (2048). Both train on the same windows of
 the config's training text. After ``--warmup`` untimed steps each, ``--repeats`` rounds time
 ``--steps`` steps of each, alternating which goes first; one JSON line per (batch, dtype)
 reports the median tokens/s of each, the median of the per-round ratios and their spread, the
@@ -44,7 +48,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, nargs="+", default=[12, 64], help="batch sizes in sequences")
     p.add_argument("--seq-len", type=int, default=64, help="context length")
     p.add_argument("--dtype", nargs="+", default=["float32", "auto"], help="our compute dtypes (torch: float32)")
-    p.add_argument("--tokenizer", default=None, help="default: the config's data.tokenizer ('byte' for bytes)")
+    p.add_argument(
+        "--tokenizer",
+        nargs="+",
+        default=[None],
+        help="char (83), byte (256), or a tokenizer dir; default: the config's",
+    )
     p.add_argument("--steps", type=int, default=5, help="timed steps per round and model")
     p.add_argument("--repeats", type=int, default=11, help="rounds, alternating which of ours and torch goes first")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per model before the rounds")
@@ -62,17 +71,27 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def token_windows(config, tokenizer_name: str, seq_len: int, count: int, seed: int = 0) -> tuple[np.ndarray, int]:
-    """``count`` random int32 [seq_len + 1] windows of the config's training text, and the tokenizer's vocab."""
+    """``count`` random int32 [seq_len + 1] windows of the config's training text, and the vocabulary size.
+
+    ``tokenizer_name`` ``'char'``: one id per distinct character of the text (nanoGPT's shakespeare_char)."""
     from train.data.tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer(tokenizer_name)
     paths = sorted(p for pattern in config.data.train_files.split(",") for p in glob.glob(pattern.strip()))
     if not paths:
         sys.exit(f"error: data.train_files={config.data.train_files!r} matches no file; run from the repository root")
-    eos = np.array([tokenizer.eos_id], np.int32)
-    stream = np.concatenate([x for path in paths for x in (tokenizer.encode(pathlib.Path(path).read_text()), eos)])
+    texts = [pathlib.Path(path).read_text() for path in paths]
+    if tokenizer_name == "char":
+        chars = sorted(set("".join(texts)))
+        ids = {c: i for i, c in enumerate(chars)}
+        stream = np.array([ids[c] for text in texts for c in text], np.int32)
+        vocab = len(chars)
+    else:
+        tokenizer = load_tokenizer(tokenizer_name)
+        eos = np.array([tokenizer.eos_id], np.int32)
+        stream = np.concatenate([x for text in texts for x in (tokenizer.encode(text), eos)])
+        vocab = tokenizer.vocab_size
     starts = np.random.default_rng(seed).integers(0, len(stream) - seq_len - 1, count)
-    return np.stack([stream[s : s + seq_len + 1] for s in starts]).astype(np.int32), tokenizer.vocab_size
+    return np.stack([stream[s : s + seq_len + 1] for s in starts]).astype(np.int32), vocab
 
 
 # --- ours ------------------------------------------------------------------------------------
@@ -97,10 +116,13 @@ class Ours:
         self.jax = jax
         self.loss = float("nan")
 
-    def run(self, windows: list[np.ndarray]) -> None:
+    def prepare(self, windows: np.ndarray) -> dict:
+        """An int32 [B, T + 1] window batch as the step's placed inputs and targets."""
+        return self.jax.device_put({"inputs": windows[:, :-1], "targets": windows[:, 1:]}, self.sharding)
+
+    def run(self, batches: list[dict]) -> None:
         out = None
-        for w in windows:
-            batch = self.jax.device_put({"inputs": w[:, :-1], "targets": w[:, 1:]}, self.sharding)
+        for batch in batches:
             self.state, out = self.step(self.state, batch)
         self.loss = float(out["loss"])  # waits for the last step
 
@@ -163,57 +185,79 @@ class Torch:
     def __init__(self, config, model_cfg, total_steps: int, threads: int):
         import torch
 
-        from train.core.optimizer import schedule
-
         torch.set_num_threads(threads)
         self.torch = torch
         self.model = torch_gpt(model_cfg, config.seed)
-        opt = config.optimizer
-        params = list(self.model.parameters())
-        groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": opt.weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ]
-        self.optimizer = torch.optim.AdamW(groups, lr=opt.lr, betas=(opt.b1, opt.b2), eps=opt.eps)
-        lr_at = schedule(opt, total_steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: float(lr_at(s)) / opt.lr)
-        self.clip = opt.clip_norm
+        self.params = list(self.model.parameters())
+        self.optimizer, self.lrs = adamw(self.params, config.optimizer, total_steps)
+        self.clip = config.optimizer.clip_norm
+        self.steps = 0
         self.loss = float("nan")
 
-    def run(self, windows: list[np.ndarray]) -> None:
+    def prepare(self, windows: np.ndarray):
+        """An int32 [B, T + 1] window batch as an int64 tensor."""
+        return self.torch.from_numpy(windows).long()
+
+    def run(self, windows: list) -> None:
+        """One step per int64 [B, T + 1] tensor of ``windows``."""
         for w in windows:
-            w = self.torch.from_numpy(w).long()
             loss = self.model(w[:, :-1], w[:, 1:])
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if self.clip > 0:
-                self.torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
-            self.optimizer.step()
-            self.scheduler.step()
+            train_step(self, loss)
         self.loss = loss.item()
+
+
+def adamw(params: list, opt, total_steps: int) -> tuple:
+    """torch's fused AdamW with ``opt``'s settings, decay on matrices only (as ``train.core.optimizer``),
+    and the learning rate of every step (warm-up + cosine) as a list of floats."""
+    import jax.numpy as jnp
+    import torch
+
+    from train.core.optimizer import schedule
+
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": opt.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=opt.lr, betas=(opt.b1, opt.b2), eps=opt.eps, fused=True)
+    return optimizer, np.asarray(schedule(opt, total_steps)(jnp.arange(total_steps + 1))).tolist()
+
+
+def train_step(ref, loss) -> None:
+    """Backward, foreach clipping and the optimizer step of a reference with ``optimizer``, ``params``, ``lrs``."""
+    ref.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if ref.clip > 0:
+        ref.torch.nn.utils.clip_grad_norm_(ref.params, ref.clip, foreach=True)
+    lr = ref.lrs[min(ref.steps, len(ref.lrs) - 1)]
+    for group in ref.optimizer.param_groups:
+        group["lr"] = lr
+    ref.optimizer.step()
+    ref.steps += 1
 
 
 # --- one comparison --------------------------------------------------------------------------
 
 
-def _timed(model, batches: list[np.ndarray], n: int) -> tuple[float, float]:
-    """``n`` steps of ``model``: tokens per second of wall time and per second of this process's CPU time."""
+def timed(model, batches: list[np.ndarray], n: int) -> tuple[float, float]:
+    """``n`` steps of ``model`` on its prepared ``batches``: tokens per second of wall time and per
+    second of this process's CPU time."""
+    prepared = [model.prepare(b) for b in batches]
     wall, cpu = time.perf_counter(), time.process_time()
-    model.run([batches[i % len(batches)] for i in range(n)])
-    tokens = sum(batches[i % len(batches)][:, 1:].size for i in range(n))
+    model.run([prepared[i % len(prepared)] for i in range(n)])
+    tokens = n * batches[0][:, 1:].size
     return tokens / (time.perf_counter() - wall), tokens / (time.process_time() - cpu)
 
 
-def compare(args: argparse.Namespace, batch: int, dtype: str) -> dict:
+def compare(args: argparse.Namespace, batch: int, dtype: str, tokenizer: str | None) -> dict:
     from train.config.sections import load_config
     from train.core.precision import resolve_compute_dtype
 
     config = load_config(args.config, [*args.overrides, f"model.compute_dtype={dtype}"])
-    windows, vocab = token_windows(config, args.tokenizer or config.data.tokenizer, args.seq_len, 8 * batch)
+    windows, vocab = token_windows(config, tokenizer or config.data.tokenizer, args.seq_len, 8 * batch)
     model_cfg = config.model
     model_cfg = dataclasses.replace(
         resolve_compute_dtype(model_cfg),
-        vocab_size=model_cfg.vocab_size or -(-vocab // 128) * 128,
+        vocab_size=vocab,
         max_seq_len=max(model_cfg.max_seq_len, args.seq_len),
     )
     batches = [windows[i * batch : (i + 1) * batch] for i in range(8)]
@@ -221,22 +265,23 @@ def compare(args: argparse.Namespace, batch: int, dtype: str) -> dict:
     ours, ref = Ours(config, model_cfg, total), Torch(config, model_cfg, total, args.threads)
 
     start = time.perf_counter()
-    _timed(ours, batches, args.warmup)  # compiles
+    timed(ours, batches, args.warmup)  # compiles
     compile_s = time.perf_counter() - start
-    _timed(ref, batches, args.warmup)
+    timed(ref, batches, args.warmup)
     rounds = []  # ((ours wall, ours cpu), (torch wall, torch cpu))
     for r in range(args.repeats):  # ours first in even rounds, torch first in odd ones
         if r % 2:
-            b = _timed(ref, batches, args.steps)
-            rounds.append((_timed(ours, batches, args.steps), b))
+            b = timed(ref, batches, args.steps)
+            rounds.append((timed(ours, batches, args.steps), b))
         else:
-            rounds.append((_timed(ours, batches, args.steps), _timed(ref, batches, args.steps)))
+            rounds.append((timed(ours, batches, args.steps), timed(ref, batches, args.steps)))
     ratios = [a[0] / b[0] for a, b in rounds]
     best = max(a[0] for a, _ in rounds) / max(b[0] for _, b in rounds)
     cpu_ratio = float(np.median([a[1] / b[1] for a, b in rounds]))
     return {
         "batch": batch,
         "seq_len": args.seq_len,
+        "tokenizer": tokenizer or config.data.tokenizer,
         "vocab_size": model_cfg.vocab_size,
         "dtype": dtype,
         "compute_dtype": model_cfg.compute_dtype,
@@ -259,11 +304,11 @@ def compare(args: argparse.Namespace, batch: int, dtype: str) -> dict:
         "compile_s": round(compile_s, 2),
         "torch_threads": args.threads,
         "single_thread": args.single_thread,
-        **_machine(),
+        **machine(),
     }
 
 
-def _machine() -> dict:
+def machine() -> dict:
     import jax
     import torch
 
@@ -295,9 +340,10 @@ def main(argv: list[str] | None = None) -> None:
         args.threads = 1
         flags = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()
-    for batch in args.batch:
-        for dtype in args.dtype:
-            print(json.dumps(compare(args, batch, dtype)), flush=True)
+    for tokenizer in args.tokenizer:
+        for batch in args.batch:
+            for dtype in args.dtype:
+                print(json.dumps(compare(args, batch, dtype, tokenizer)), flush=True)
 
 
 if __name__ == "__main__":
