@@ -39,8 +39,8 @@ def export_serving(model: nnx.Module, cfg: ModelConfig, out_dir: pathlib.Path, e
     graphdef, state = nnx.split(model)
     leaves, treedef = jax.tree.flatten(state)
     weights = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves]
-    bind = lambda w: nnx.merge(graphdef, jax.tree.unflatten(treedef, w))  # noqa: E731
-    ints = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
+    bind = lambda w: nnx.merge(graphdef, jax.tree.unflatten(treedef, w))
+    ints = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
     programs = {"forward": _forward_program(cfg, bind, weights, ints)}
     if cfg.family == "decoder":
         b, t = _dims(cfg, "b, t")

@@ -217,10 +217,10 @@ def example_iterator(
     else:  # example i of epoch e, made afresh; packed: unpadded as packer.example_records makes them
         ds = grain.MapDataset.range(n)
         per_epoch = len(range(process_index, n, process_count)) if packing else n  # packing shards the order
-        made = lambda e, i: per_example(e, int(i))  # noqa: E731
+        made = lambda e, i: per_example(e, int(i))
         if packing:
-            made = lambda e, i: packer.example_records({k: v[None] for k, v in per_example(e, int(i)).items()})[0]  # noqa: E731
-        per_position = lambda k, i: made(k // per_epoch, i)  # noqa: E731
+            made = lambda e, i: packer.example_records({k: v[None] for k, v in per_example(e, int(i)).items()})[0]
+        per_position = lambda k, i: made(k // per_epoch, i)
     bins = packer.BINS_PER_ROW * batch_size // process_count
     pack = packer.first_fit(packer.Layout.of(arrays), bins, seed, shuffle) if packing else None
     batches = batch_iterator(
