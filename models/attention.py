@@ -21,7 +21,6 @@ from flax import nnx
 from models.config import ModelConfig
 from models.dot_attention import dot_product_attention
 from models.layers import constrain, dense, norm, residual_std, rope, site_key, table
-from models.peft import prefix_attention
 from models.splash import splash_attention
 
 
@@ -156,6 +155,15 @@ class Attention(nnx.Module):
             out = out + prefix_attention(q, *prefix, self.prefix_gate[...], scale)
         out = constrain(out, ("batch", "length", "act_heads", None))
         return self.o(out.reshape(b, t, n * hd).astype(self.o.dtype), site_key(lora_rng, 3))
+
+
+def prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, gate: jax.Array, scale: float) -> jax.Array:
+    """The gated second softmax: queries q [B, T, heads, head_dim] over prefix keys/values k, v
+    [P, kv_heads, head_dim] (the same for every row), times ``gate`` [heads] -> [B, T, heads, head_dim]."""
+    shape = (q.shape[0], *k.shape)
+    k, v = (jnp.broadcast_to(x.astype(q.dtype)[None], shape) for x in (k, v))
+    out = jax.nn.dot_product_attention(q, k, v, scale=scale)
+    return out * gate.astype(out.dtype)[:, None]
 
 
 def padding_mask(mask: jax.Array | None) -> jax.Array | None:

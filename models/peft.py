@@ -14,7 +14,8 @@ Every method starts equal to its base model (step 0 == base, exactly):
   per-head ``prefix_gate`` [layers, heads] initialised at 0. A prefix in the same softmax as the tokens
   changes its normalisation, so no prefix is exactly inert; instead the queries attend to the prefix in
   a second softmax whose output is scaled by the gate and added to the tokens' (LLaMA-Adapter's
-  zero-init attention): ``attend(q, K, V) + gate * softmax(q P_k^T * scale) P_v``. Prefix positions
+  zero-init attention, ``models.attention.prefix_attention``):
+  ``attend(q, K, V) + gate * softmax(q P_k^T * scale) P_v``. Prefix positions
   carry no rope or relative bias and are seen by every query (every packed segment, padding), so masks,
   segment ids and KV caches are untouched. ``prefix_hidden > 0`` reparameterises them (Li & Liang):
   ``embed`` [layers, length, embed] -> tanh(down) [.., hidden] -> ``up_k`` / ``up_v``; ``fold`` computes
@@ -37,6 +38,7 @@ from flax import nnx, traverse_util
 
 from models.config import ModelConfig
 from models.layers import DTYPES, matmul
+from models.transformer import Stack
 
 FIELDS = ("adapter_size", "prefix_length", "prefix_hidden", "prompt_length")  # their ModelConfig fields
 # path parts of the parameters these methods add (what trains, what an adapter-only checkpoint holds)
@@ -110,19 +112,8 @@ def reparameterised(tree: dict) -> tuple[jax.Array, jax.Array]:
     )
 
 
-def prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, gate: jax.Array, scale: float) -> jax.Array:
-    """The gated second softmax: queries q [B, T, heads, head_dim] over prefix keys/values k, v
-    [P, kv_heads, head_dim] (the same for every row), times ``gate`` [heads] -> [B, T, heads, head_dim]."""
-    shape = (q.shape[0], *k.shape)
-    k, v = (jnp.broadcast_to(x.astype(q.dtype)[None], shape) for x in (k, v))
-    out = jax.nn.dot_product_attention(q, k, v, scale=scale)
-    return out * gate.astype(out.dtype)[:, None]
-
-
 def add_peft(model: nnx.Module, cfg: ModelConfig, rngs: nnx.Rngs) -> None:
     """Attaches ``cfg``'s method (module docstring) to every layer stack of ``model``."""
-    from models.transformer import Stack
-
     stacks = [m for _, m in nnx.iter_modules(model) if isinstance(m, Stack)]
     for stack in stacks:
         blocks, layers, cross = stack.blocks, stack.n_layers, hasattr(stack.blocks, "cross")

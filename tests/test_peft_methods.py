@@ -220,7 +220,6 @@ def test_a_prefix_run_saves_only_its_parameters_and_resumes_bitwise(tmp_path):
     saved = {n.removeprefix("params/") for n in steps.read_manifest(4)["arrays"] if n.startswith("params/")}
     steps.close()
     assert saved and all(peft.is_peft_path(p) for p in saved)  # the base is a reference, not arrays
-    source = sources.load_source(tmp_path / "ref")
-    trained, initial = flat(source.model), flat(build_model(source.config, 0))
-    for path, x in trained.items():  # the run's seeded base (no init_from) stays bitwise; the prefix moved
-        assert np.array_equal(x, initial[path]) != peft.is_peft_path(path), path
+    # reading it rebuilds the seeded base and checks its fingerprint; the zero-initialised gates have opened
+    gates = flat(sources.load_source(tmp_path / "ref").model)["stack/blocks/attn/prefix_gate"]
+    assert np.abs(gates).min() > 0

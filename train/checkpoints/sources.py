@@ -169,7 +169,7 @@ def _peft_params(location: pathlib.Path, what: str) -> tuple[ModelConfig, nnx.St
     wanted = set(flat(abstract))
     values = {path: x for path, x in ((tuple(p.split("/")), x) for p, x in values.items()) if path in wanted}
     if len(values) < len(wanted):
-        missing = "/".join(sorted(wanted - set(values))[0])
+        missing = "/".join(min(wanted - set(values)))
         raise ConfigError(f"{what} '{location}' lacks {missing} (its base or peft.safetensors changed)")
     pure = traverse_util.unflatten_dict({p: jnp.asarray(x) for p, x in values.items()})
     nnx.replace_by_pure_dict(abstract, pure)
