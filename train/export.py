@@ -222,8 +222,8 @@ def write_methods(params, cfg: ModelConfig, out_dir: pathlib.Path, source) -> No
 
     flat = {"/".join(p): x for p, x in hf.params_to_numpy(params).items()}
     base = traverse_util.unflatten_dict({tuple(p.split("/")): x for p, x in flat.items() if not peft.is_peft_path(p)})
-    labels = _run_labels(source.path, cfg)
-    hf.export(base, peft.base_config(cfg), out_dir / "base", tokenizer=getattr(source.tokenizer, "path", None), labels=labels)
+    labels, own = _run_labels(source.path, cfg), getattr(source.tokenizer, "path", None)
+    hf.export(base, peft.base_config(cfg), out_dir / "base", tokenizer=own, labels=labels)
     peft_dir.write({p: x for p, x in flat.items() if peft.is_peft_path(p)}, cfg, out_dir, "base")
     if source.tokenizer is not None:
         save_tokenizer(source.tokenizer, out_dir)

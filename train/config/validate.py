@@ -136,7 +136,8 @@ def prune_problems(config: Config) -> list[str]:
     except re.error as e:
         out.append(f"prune.targets={p.targets!r} is not a regular expression ({e}); fix or quote it")
     if config.model.peft_method != "none":
-        out.append(f"prune does not apply to {config.model.peft_method} runs (the base weights are frozen); set prune.sparsity=0")
+        method = config.model.peft_method
+        out.append(f"prune does not apply to {method} runs (the base weights are frozen); set prune.sparsity=0")
     return out
 
 
