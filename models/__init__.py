@@ -13,7 +13,8 @@ def build_model(cfg: ModelConfig, seed: int) -> nnx.Module:
     Eager sharding is off: shardings are applied by the caller from the logical names. With
     ``cfg.quant='int8'`` its Dense layers hold int8 kernels; with ``'qat'`` the same weights stay float
     and read as their int8 round trip (``models.quant``); with ``cfg.lora_rank`` the targeted ones
-    (int8 or not) get LoRA adapters (``models.lora``).
+    (int8 or not) get LoRA adapters (``models.lora``); with ``adapter_size``, ``prefix_length`` or
+    ``prompt_length`` the stacks get bottleneck adapters, prefixes or a prompt (``models.peft``).
     """
     from models.decoder import DecoderLM
     from models.encoder import EncoderLM
@@ -39,6 +40,10 @@ def build_model(cfg: ModelConfig, seed: int) -> nnx.Module:
             from models.lora import add_adapters
 
             add_adapters(model, cfg, rngs)
+        if cfg.peft_method in ("adapter", "prefix", "prompt"):
+            from models.peft import add_peft
+
+            add_peft(model, cfg, rngs)
         return model
 
 

@@ -30,8 +30,11 @@ class Attention(nnx.Module):
     Query heads ``n_heads``, key/value heads ``kv_heads`` (GQA when fewer); projections are
     stored flat ([embed, heads * head_dim]) as Hugging Face stores them. With
     ``scale_attention=False`` (T5) scores are not divided by sqrt(head_dim); the query init
-    is scaled down by that factor instead, as T5 does.
+    is scaled down by that factor instead, as T5 does. A self-attention of a prefix- or prompt-tuned
+    model also attends to ``prefix`` keys/values through its ``prefix_gate`` (models/peft.py).
     """
+
+    prefix = prefix_gate = None  # models.peft attaches them
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -56,6 +59,7 @@ class Attention(nnx.Module):
         context: jax.Array | None = None,
         rng: jax.Array | None = None,
         segments: tuple[jax.Array, jax.Array] | None = None,
+        prefix: tuple[jax.Array, jax.Array] | None = None,
     ) -> jax.Array:
         """x: [B, T, embed]; positions: [B, T] int (rope only); context: [B, S, embed] for cross-attention.
 
@@ -64,12 +68,15 @@ class Attention(nnx.Module):
         0 = padding): a query attends only to keys of its own segment; bias: float [1 or B, heads,
         T, S] added to the scores; rng: the key
         of ``model.attention_dropout`` on the probabilities (None: off), and through ``fold_in(rng, 1)``
-        of the LoRA adapters' dropout (q, k, v, o fold in 0, 1, 2, 3). Returns [B, T, embed].
+        of the LoRA adapters' dropout (q, k, v, o fold in 0, 1, 2, 3); prefix: a prompt's keys/values
+        (see ``attend``). Returns [B, T, embed].
         """
         lora = site_key(rng, 1)
         q = self.queries(x, positions if context is None else None, lora)
         k, v = self.keys_values(x if context is None else context, positions if context is None else None, lora)
-        return self.attend(q, k, v, causal=causal, mask=mask, bias=bias, rng=rng, lora_rng=lora, segments=segments)
+        return self.attend(
+            q, k, v, causal=causal, mask=mask, bias=bias, rng=rng, lora_rng=lora, segments=segments, prefix=prefix
+        )
 
     def queries(self, x: jax.Array, positions: jax.Array | None = None, lora_rng: jax.Array | None = None) -> jax.Array:
         """[B, T, embed] -> [B, T, heads, head_dim]; rotated when ``positions`` [B, T] are given (rope)."""
@@ -108,13 +115,16 @@ class Attention(nnx.Module):
         rng: jax.Array | None = None,
         lora_rng: jax.Array | None = None,
         segments: tuple[jax.Array, jax.Array] | None = None,
+        prefix: tuple[jax.Array, jax.Array] | None = None,
     ) -> jax.Array:
         """q [B, T, heads, head_dim] over k/v [B, S, kv_heads, head_dim], then the output projection -> [B, T, embed].
 
         ``implementation`` overrides ``model.attention`` (decoding from a cache uses 'recompute'); rng: the
         probabilities' dropout key; lora_rng: the adapters' (the output projection folds in 3). None: off.
         segments: (query, key) segment ids [B, T], [B, S] int; splash takes them natively, the other
-        implementations get them as ``segment_mask`` ANDed with ``mask``.
+        implementations get them as ``segment_mask`` ANDed with ``mask``. prefix: keys/values [P, kv_heads,
+        head_dim] (a prompt's, models/peft.py; default this layer's own ``prefix``) the queries also attend to
+        in a second softmax scaled by ``prefix_gate`` [heads].
         """
         cfg = self.cfg
         b, t, n, hd = q.shape
@@ -139,8 +149,21 @@ class Attention(nnx.Module):
                 q, k, v, bias=bias, mask=attention_mask(mask, segments), scale=scale, is_causal=causal,
                 implementation=implementation,
             )
+        if prefix is None and self.prefix is not None:
+            prefix = self.prefix.keys_values()
+        if prefix is not None:
+            out = out + prefix_attention(q, *prefix, self.prefix_gate[...], scale)
         out = constrain(out, ("batch", "length", "act_heads", None))
         return self.o(out.reshape(b, t, n * hd).astype(self.o.dtype), site_key(lora_rng, 3))
+
+
+def prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, gate: jax.Array, scale: float) -> jax.Array:
+    """The gated second softmax: queries q [B, T, heads, head_dim] over prefix keys/values k, v
+    [P, kv_heads, head_dim] (the same for every row), times ``gate`` [heads] -> [B, T, heads, head_dim]."""
+    shape = (q.shape[0], *k.shape)
+    k, v = (jnp.broadcast_to(x.astype(q.dtype)[None], shape) for x in (k, v))
+    out = jax.nn.dot_product_attention(q, k, v, scale=scale)
+    return out * gate.astype(out.dtype)[:, None]
 
 
 def padding_mask(mask: jax.Array | None) -> jax.Array | None:

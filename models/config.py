@@ -86,6 +86,11 @@ class ModelConfig:
     lora_alpha: float = 16.0
     lora_targets: str = "(.*/)?(attn|cross)/(q|k|v|o)"
     lora_dropout: float = 0.0  # on the adapters' input inside the blocks (training only)
+    # the other parameter-efficient methods (models/peft.py), set from the run's ``peft:`` section; 0: off
+    adapter_size: int = 0  # bottleneck adapters after every attention and MLP sub-layer
+    prefix_length: int = 0  # learned keys/values per self-attention, behind a zero-initialised gate
+    prefix_hidden: int = 0  # prefix_length: width of their reparameterisation MLP (0: none); exports fold it
+    prompt_length: int = 0  # learned input embeddings of the (encoder) stack, behind the same gate
     # weight-only int8 (models/quant.py): every Dense whose path (e.g. 'stack/blocks/mlp/wi') does not match
     # the regex quant_skip holds an int8 kernel (int8: written by python -m train.quantize), or, for
     # quantisation-aware training (qat), a float kernel the forward pass reads rounded to int8
@@ -113,6 +118,12 @@ class ModelConfig:
         if problems:
             raise ConfigError(f"{where}: {problems[0]}")
         return cfg
+
+    @property
+    def peft_method(self) -> str:
+        """'lora', 'adapter', 'prefix', 'prompt' (the first whose size is set) or 'none'."""
+        sizes = {"lora": self.lora_rank, "adapter": self.adapter_size, "prefix": self.prefix_length}
+        return next((name for name, n in (sizes | {"prompt": self.prompt_length}).items() if n), "none")
 
     @property
     def kv_heads(self) -> int:
@@ -189,6 +200,17 @@ class ModelConfig:
             out.append(f"lora.rank={self.lora_rank} must be >= 0; 0 turns LoRA off")
         if not 0.0 <= self.lora_dropout < 1.0:
             out.append(f"lora.dropout={self.lora_dropout} must be in [0, 1); 0 turns it off")
+        return out + self._peft_problems()
+
+    def _peft_problems(self) -> list[str]:
+        sizes = {"lora.rank": self.lora_rank, "peft.adapter.size": self.adapter_size}
+        sizes |= {"peft.prefix.length": self.prefix_length, "peft.prompt.length": self.prompt_length}
+        out = [f"{key}={n} must be >= 0; 0 turns it off" for key, n in list(sizes.items())[1:] if n < 0]
+        if self.prefix_hidden < 0 or (self.prefix_hidden and not self.prefix_length):
+            out.append(f"peft.prefix.hidden={self.prefix_hidden} needs peft.method=prefix and must be >= 0")
+        on = [key for key, n in sizes.items() if n > 0]
+        if len(on) > 1:
+            out.append(f"{' and '.join(on)} are set; a model trains one PEFT method, keep one (peft.method)")
         return out
 
     def _decoder_problems(self) -> list[str]:

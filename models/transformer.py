@@ -14,7 +14,7 @@ from flax import nnx
 from models.attention import Attention, padding_mask
 from models.cache import CACHE_AXES, KVCache
 from models.config import ModelConfig
-from models.layers import MLP, constrain, dropout, norm, site_key
+from models.layers import DTYPES, MLP, constrain, dropout, norm, site_key
 
 REMAT_POLICIES = {
     "full": None,  # save nothing, recompute the whole block
@@ -31,7 +31,10 @@ class Block(nnx.Module):
 
     Pre-norm (GPT-2, Llama, T5): ``x + f(norm(x))``. Post-norm (``cfg.post_norm``, BERT):
     ``norm(x + f(x))``. ``cross=True`` adds ``cross_norm`` + ``cross`` (T5 decoder) between them.
+    Bottleneck adapters (models/peft.py), when attached, transform each branch's output before the sum.
     """
+
+    attn_adapter = cross_adapter = mlp_adapter = None  # models.peft attaches them
 
     def __init__(self, cfg: ModelConfig, *, cross: bool = False, rngs: nnx.Rngs):
         self.post_norm = cfg.post_norm
@@ -56,6 +59,11 @@ class Block(nnx.Module):
         """The branch ``f``'s output goes through dropout (key ``rng``, None: off) before the sum."""
         return self._add(x, ln, dropout(f(self._branch_input(x, ln)), self.dropout, rng))
 
+    @staticmethod
+    def _adapted(adapter: nnx.Module | None, y: jax.Array) -> jax.Array:
+        """A branch output [B, T, embed] through its bottleneck adapter, if the block has one."""
+        return y if adapter is None else adapter(y)
+
     def __call__(
         self,
         x: jax.Array,
@@ -68,23 +76,31 @@ class Block(nnx.Module):
         rng: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
         context_segment_ids: jax.Array | None = None,
+        prefix: tuple[jax.Array, jax.Array] | None = None,
     ) -> jax.Array:
         """mask / bias: self-attention padding mask and score bias; context [B, S, embed] and
         context_mask [B, 1, 1, S] feed the cross-attention (blocks built with ``cross=True``).
         rng: this layer's dropout key (None: no dropout); each site folds in its own number (the attention's
         adapters derive theirs from site 1, the MLP's from site 5). segment_ids [B, T] / context_segment_ids
-        [B, S] (int, 0 = padding): packed rows; self- and cross-attention stay inside a segment."""
+        [B, S] (int, 0 = padding): packed rows; self- and cross-attention stay inside a segment. prefix: this
+        layer's prompt keys/values [P, kv_heads, head_dim] (models/peft.py)."""
         attn_rng, cross_rng = site_key(rng, 1), site_key(rng, 3)
         own = None if segment_ids is None else (segment_ids, segment_ids)
-        attn = lambda h: self.attn(h, positions, causal=causal, mask=mask, bias=bias, rng=attn_rng, segments=own)
+
+        def attn(h):
+            y = self.attn(h, positions, causal=causal, mask=mask, bias=bias, rng=attn_rng, segments=own, prefix=prefix)
+            return self._adapted(self.attn_adapter, y)
+
         x = self._residual(x, self.attn_norm, attn, site_key(rng, 0))
         if context is not None:
             pair = None if context_segment_ids is None else (segment_ids, context_segment_ids)
-            cross = lambda h: self.cross(
-                h, causal=False, mask=context_mask, context=context, rng=cross_rng, segments=pair
+            cross = lambda h: self._adapted(
+                self.cross_adapter,
+                self.cross(h, causal=False, mask=context_mask, context=context, rng=cross_rng, segments=pair),
             )
             x = self._residual(x, self.cross_norm, cross, site_key(rng, 2))
-        x = self._residual(x, self.mlp_norm, lambda h: self.mlp(h, site_key(rng, 5)), site_key(rng, 4))
+        mlp = lambda h: self._adapted(self.mlp_adapter, self.mlp(h, site_key(rng, 5)))
+        x = self._residual(x, self.mlp_norm, mlp, site_key(rng, 4))
         return constrain(x, ("batch", "length", "act_embed"))
 
     def extend(
@@ -97,13 +113,15 @@ class Block(nnx.Module):
         bias: jax.Array | None = None,
         cross: tuple[jax.Array, jax.Array] | None = None,
         cross_mask: jax.Array | None = None,
+        prefix: tuple[jax.Array, jax.Array] | None = None,
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Decoding from a cache: x [B, T, embed] are the tokens of slots ``at[1]`` on.
 
         kv: the stack's cache (k, v) [layers, B, S, kv_heads, head_dim]; this block writes its new keys
         and values at ``at`` = (layer, slot) and attends over its layer's S slots with ``mask``
         [B, 1, T, S] (and ``bias`` [1, heads, T, S]). cross: this layer's encoder keys/values
-        [B, S_enc, kv_heads, head_dim] with ``cross_mask`` [B, 1, 1, S_enc]. Returns (x, k, v).
+        [B, S_enc, kv_heads, head_dim] with ``cross_mask`` [B, 1, 1, S_enc]; prefix: as ``__call__``.
+        Returns (x, k, v).
         """
         h = self._branch_input(x, self.attn_norm)
         new_k, new_v = self.attn.keys_values(h, positions)
@@ -115,18 +133,34 @@ class Block(nnx.Module):
 
         k, v = write(kv[0], new_k), write(kv[1], new_v)
         q = self.attn.queries(h, positions)
-        y = self.attn.attend(q, k[layer], v[layer], causal=False, mask=mask, bias=bias, implementation="recompute")
-        x = self._add(x, self.attn_norm, y)
+        y = self.attn.attend(
+            q, k[layer], v[layer], causal=False, mask=mask, bias=bias, implementation="recompute", prefix=prefix
+        )
+        x = self._add(x, self.attn_norm, self._adapted(self.attn_adapter, y))
         if cross is not None:
             q = self.cross.queries(self._branch_input(x, self.cross_norm))
             y = self.cross.attend(q, *cross, causal=False, mask=cross_mask, implementation="recompute")
-            x = self._add(x, self.cross_norm, y)
-        x = self._residual(x, self.mlp_norm, self.mlp)
+            x = self._add(x, self.cross_norm, self._adapted(self.cross_adapter, y))
+        x = self._residual(x, self.mlp_norm, lambda h: self._adapted(self.mlp_adapter, self.mlp(h)))
         return constrain(x, ("batch", "length", "act_embed")), k, v
+
+    def prompt_states(self, x: jax.Array, positions: jax.Array, causal: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """A prompt [1, P, embed] through this block on its own (self-attention and MLP, no masks, bias or
+        prefix) -> (its next states [1, P, embed], its keys and values [P, kv_heads, head_dim])."""
+        h = self._branch_input(x, self.attn_norm)
+        k, v = self.attn.keys_values(h, positions)
+        y = self.attn.attend(self.attn.queries(h, positions), k, v, causal=causal, implementation="xla")
+        x = self._add(x, self.attn_norm, y)
+        return self._residual(x, self.mlp_norm, self.mlp), k[0], v[0]
 
 
 class Stack(nnx.Module):
-    """``n_layers`` blocks (default ``cfg.n_layers``); run with ``jax.lax.scan`` (one compiled body) or a loop."""
+    """``n_layers`` blocks (default ``cfg.n_layers``); run with ``jax.lax.scan`` (one compiled body) or a loop.
+
+    A prompt-tuned stack also holds ``prompt`` [prompt_length, embed] (models/peft.py).
+    """
+
+    prompt = None  # models.peft attaches it
 
     def __init__(self, cfg: ModelConfig, *, n_layers: int | None = None, cross: bool = False, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -160,21 +194,36 @@ class Stack(nnx.Module):
         graphdef, stacked = nnx.split(self.blocks)
         dropping = rng is not None and max(self.cfg.dropout, self.cfg.attention_dropout, self.cfg.lora_dropout) > 0
         keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(self.n_layers)) if dropping else None
+        prompt = self.prompt_keys_values(graphdef, stacked, causal)
 
         def layer(x, inputs):
-            layer_state, key = inputs
+            layer_state, key, prefix = inputs
             block = nnx.merge(graphdef, layer_state)
             segments = (segment_ids, context_segment_ids)
-            return block(x, positions, causal, mask, bias, context, context_mask, key, *segments), None
+            return block(x, positions, causal, mask, bias, context, context_mask, key, *segments, prefix), None
 
         if self.cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=not self.cfg.scan_layers)
         if self.cfg.scan_layers:
-            x, _ = jax.lax.scan(layer, x, (stacked, keys))
+            x, _ = jax.lax.scan(layer, x, (stacked, keys, prompt))
             return x
         for i in range(self.n_layers):
-            x, _ = layer(x, jax.tree.map(lambda a, i=i: a[i], (stacked, keys)))
+            x, _ = layer(x, jax.tree.map(lambda a, i=i: a[i], (stacked, keys, prompt)))
         return x
+
+    def prompt_keys_values(self, graphdef, stacked, causal: bool) -> tuple[jax.Array, jax.Array] | None:
+        """Every layer's keys and values of the ``prompt`` run through the blocks (``Block.prompt_states``)
+        -> 2 x [layers, P, kv_heads, head_dim]; None without a prompt."""
+        if self.prompt is None:
+            return None
+        x = self.prompt[...].astype(DTYPES[self.cfg.compute_dtype])[None]  # [1, P, embed]
+        positions = jnp.arange(x.shape[1])[None]
+
+        def layer(x, layer_state):
+            x, k, v = nnx.merge(graphdef, layer_state).prompt_states(x, positions, causal)
+            return x, (k, v)
+
+        return jax.lax.scan(layer, x, stacked)[1]
 
     def extend(
         self, x: jax.Array, positions: jax.Array | None, cache: KVCache, mask: jax.Array, bias: jax.Array | None = None
@@ -189,13 +238,14 @@ class Stack(nnx.Module):
 
         def layer(carry, inputs):
             x, k, v = carry
-            layer_state, i, cross_k, cross_v = inputs
+            layer_state, i, cross_k, cross_v, prefix = inputs
             block = nnx.merge(graphdef, layer_state)
             cross = None if cross_k is None else (cross_k, cross_v)
-            return block.extend(x, positions, (k, v), (i, cache.index), mask, bias, cross, cross_mask), None
+            return block.extend(x, positions, (k, v), (i, cache.index), mask, bias, cross, cross_mask, prefix), None
 
         carry = (x, cache.k, cache.v)
-        inputs = (stacked, jnp.arange(self.n_layers), cache.cross_k, cache.cross_v)
+        prompt = self.prompt_keys_values(graphdef, stacked, causal=True)
+        inputs = (stacked, jnp.arange(self.n_layers), cache.cross_k, cache.cross_v, prompt)
         if self.cfg.scan_layers:
             carry, _ = jax.lax.scan(layer, carry, inputs)
         else:

@@ -22,6 +22,11 @@ tokenizer's files, or ``byte_tokenizer.json`` for the byte tokenizer (train/data
     end-of-turn token) also gets ``generation_config.json`` listing them, as transformers reads it.
     Not for int8 models.
 --format peft
+    An adapter, prefix or prompt run (``peft.method``): ``OUT_DIR/base`` (--format hf) and the method's
+    parameters beside it (``peft.json`` + ``peft.safetensors``, train/checkpoints/peft_dir.py); a
+    source for every reader. None of them folds into the base weights (bottleneck adapters sit behind a
+    non-linearity; prefixes and prompts are extra keys/values), and a prefix's reparameterisation MLP
+    is folded into plain keys and values in every format.
     A LoRA run's adapters in the PEFT layout (``OUT_DIR/{adapter_config.json, adapter_model.safetensors}``,
     Hugging Face module names; Llama-style families) for ``PeftModel.from_pretrained``. Its
     ``base_model_name_or_path`` is the run's ``checkpoint.init_from`` when that is a Hugging Face

@@ -91,6 +91,19 @@ def export(
         raise ConfigError("--tokenizer only applies to --format hf; leave it out")
     source = load_source(src, mesh=make_mesh(MeshConfig(), jax.devices("cpu")[:1]), best=best, what="SRC")
     cfg, params = source.config, nnx.state(source.model, nnx.Param)
+    if cfg.prefix_hidden:  # the reparameterisation MLP only serves training: its keys and values
+        from models import peft
+
+        folded = peft.folded_config(cfg)
+        params, cfg = peft.fold(params, abstract_model(folded)[1]), folded
+    if cfg.peft_method in ("adapter", "prefix", "prompt") and format in ("hf", "peft"):
+        if format == "hf":
+            raise ConfigError(
+                f"SRC='{src}' has {cfg.peft_method} parameters, which no base weight can absorb and the Hugging Face "
+                "layout lacks; use --format peft (the base in that layout, them beside it) or params"
+            )
+        write_methods(params, cfg, out_dir, source)
+        return str(source.path)
     if format == "peft":
         if merge_lora or not cfg.lora_rank:
             raise ConfigError(
@@ -165,6 +178,26 @@ def write_peft(params, cfg: ModelConfig, out_dir: pathlib.Path, src: pathlib.Pat
         base_params = traverse_util.unflatten_dict({p: x for p, x in flat.items() if p[-1] not in lora.ADAPTERS})
         base = str(hf.export(base_params, lora.base_config(cfg), out_dir / "base"))
     peft.write(flat, cfg, out_dir, base)
+
+
+def write_methods(params, cfg: ModelConfig, out_dir: pathlib.Path, source) -> None:
+    """An adapter, prefix or prompt model: its base as ``OUT/base`` (--format hf) and the method's parameters
+    beside it (train/checkpoints/peft_dir.py), with the tokenizer and a classifier's labels."""
+    from flax import traverse_util
+
+    from models import hf, peft
+    from train.checkpoints import peft_dir
+    from train.data.tokenizer import save_tokenizer
+
+    flat = {"/".join(p): x for p, x in hf.params_to_numpy(params).items()}
+    base = traverse_util.unflatten_dict({tuple(p.split("/")): x for p, x in flat.items() if not peft.is_peft_path(p)})
+    labels, own = _run_labels(source.path, cfg), getattr(source.tokenizer, "path", None)
+    hf.export(base, peft.base_config(cfg), out_dir / "base", tokenizer=own, labels=labels)
+    peft_dir.write({p: x for p, x in flat.items() if peft.is_peft_path(p)}, cfg, out_dir, "base")
+    if source.tokenizer is not None:
+        save_tokenizer(source.tokenizer, out_dir)
+    if labels:
+        (out_dir / "labels.json").write_text(json.dumps({"id2label": dict(enumerate(labels))}, indent=2) + "\n")
 
 
 def _run_labels(src: pathlib.Path, cfg: ModelConfig) -> list[str]:

@@ -16,6 +16,8 @@ What a directory holds (``locate``, the only place that tells them apart):
 - export directory (``model.json`` + ``params/``): ``train.export --format params``, ``train.quantize``
   (int8), ``train.prune`` (also ``prune.json``, ``masks/``), a LoRA run exported with its adapters;
   with the tokenizer saved beside the parameters (train/data/tokenizer.py ``save_tokenizer``);
+- PEFT export (``peft.json`` + ``peft.safetensors`` + ``base/``): an adapter, prefix or prompt run's
+  ``--format peft`` (train/checkpoints/peft_dir.py), its base's arrays with the method's laid over;
 - Hugging Face model directory (``config.json`` + safetensors, ``models.hf``) with its own tokenizer
   files, if any (``train.export --format hf`` writes them). ``python-package:NAME`` names a
   directory inside an installed package.
@@ -46,7 +48,7 @@ from models.hf import peft
 from models.quant import dequantize_params
 from sharding.mesh import MeshConfig, make_mesh
 from sharding.rules import RULES, Rules, logical_to_mesh
-from train.checkpoints import adapters
+from train.checkpoints import adapters, peft_dir
 from train.checkpoints.store import (
     Checkpoints,
     best_params,
@@ -78,7 +80,7 @@ WHAT = "a run directory, an export directory (python -m train.export) or a Huggi
 class Params:
     """What ``read_params`` found: the parameters of the model ``config`` in the directory ``path``."""
 
-    kind: str  # "run" | "export" | "hf"
+    kind: str  # "run" | "export" | "peft" | "hf"
     path: pathlib.Path
     config: ModelConfig
     params: nnx.State | dict  # an nnx.State; of a Hugging Face directory read with whole=False, nested dicts
@@ -91,7 +93,7 @@ class Source:
     model: nnx.Module  # the model with its parameters (eval mode)
     config: ModelConfig
     tokenizer: Tokenizer | None  # None when the directory holds none
-    kind: str  # "run" | "export" | "hf"
+    kind: str  # "run" | "export" | "peft" | "hf"
     run_config: Config | None  # the run's config.yaml when the source is a run directory
     path: pathlib.Path | None = None
     step: int | None = None  # the checkpoint step of a run
@@ -121,6 +123,8 @@ def locate(path: str | pathlib.Path, what: str = "model source", best: bool = Fa
         kind = "run"
     elif (location / "model.json").is_file() and (location / "params").is_dir():
         kind = "export"
+    elif peft_dir.is_peft_dir(location):
+        kind = "peft"
     elif hf.is_model_dir(location):
         kind = "hf"
     else:
@@ -142,11 +146,11 @@ def read_params(
     kind, location = locate(path, what, best)
     if kind == "run":
         return _run_params(location, mesh, best, what)
-    if kind == "export":
-        cfg, params = load_export(location)
+    if kind in ("export", "peft"):
+        cfg, params = load_export(location) if kind == "export" else _peft_params(location, what)
         if mesh is not None:
             params = jax.device_put(params, shardings_for(params, mesh))
-        return Params("export", location, cfg, params, None)
+        return Params(kind, location, cfg, params, None)
     try:
         if whole:
             model, cfg = hf.load(location, mesh, RULES)
@@ -155,6 +159,22 @@ def read_params(
         return Params("hf", location, cfg, traverse_util.unflatten_dict(dict(arrays)), None)
     except hf.ConversionError as e:
         raise ConfigError(f"{what} '{location}' cannot be read: {e}") from None
+
+
+def _peft_params(location: pathlib.Path, what: str) -> tuple[ModelConfig, nnx.State]:
+    """A ``--format peft`` export of an adapter, prefix or prompt run: its base's arrays with the method's over them."""
+    cfg, arrays, base = peft_dir.read(location)
+    found = flat(read_params(base, whole=False, what=what).params)
+    values = {"/".join(p): x for p, x in found.items()} | arrays
+    _, abstract = abstract_model(cfg)
+    wanted = set(flat(abstract))
+    values = {path: x for path, x in ((tuple(p.split("/")), x) for p, x in values.items()) if path in wanted}
+    if len(values) < len(wanted):
+        missing = "/".join(min(wanted - set(values)))
+        raise ConfigError(f"{what} '{location}' lacks {missing} (its base or peft.safetensors changed)")
+    pure = traverse_util.unflatten_dict({p: jnp.asarray(x) for p, x in values.items()})
+    nnx.replace_by_pure_dict(abstract, pure)
+    return cfg, abstract
 
 
 def load_source(
@@ -222,7 +242,7 @@ def _labels(source: Source) -> list[str]:
 
     if source.run_config is not None:
         labels = split_labels(source.run_config.data.labels)
-    elif source.kind == "export":
+    elif source.kind in ("export", "peft"):
         labels = read_labels(source.path)
     else:
         labels = hf.label_names(source.path)

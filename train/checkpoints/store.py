@@ -92,6 +92,7 @@ STATE_SETTINGS = (
     "train.freeze_layers",
     "lora.rank",
     "lora.targets",
+    "peft.method",
 )
 
 

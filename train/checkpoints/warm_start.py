@@ -13,7 +13,8 @@ starts a classifier: the encoder is restored, the pooler (unless the source has 
 classifier start fresh.
 
 The source must be the same architecture: every model field except the head's (``head``, ``pooling``,
-``num_labels``), the LoRA adapters' (a LoRA run starts from its base, the adapters fresh) and those
+``num_labels``), the PEFT methods' (a LoRA or adapter, prefix, prompt run starts from its base, their
+parameters fresh) and those
 that do not change parameters (train/checkpoints/store.py) must match. With ``checkpoint.init_layers:
 lower`` the source may have more layers (``n_layers``, ``n_decoder_layers``): every stacked layer
 parameter takes the source's rows [0, n_layers) (``lower_layers``), e.g. a 3-layer student from
@@ -28,12 +29,13 @@ import jax
 from flax import nnx, traverse_util
 
 from models import abstract_model, hf
+from models import peft as methods
 from models.config import ModelConfig
 from models.hf import peft
 from train.config.sections import ConfigError
 
 HEAD_FIELDS = frozenset({"head", "num_labels", "pooling"})
-ADAPTER_FIELDS = frozenset({"lora_rank", "lora_alpha", "lora_targets", "lora_dropout"})
+ADAPTER_FIELDS = frozenset({"lora_rank", "lora_alpha", "lora_targets", "lora_dropout", *methods.FIELDS})
 LAYER_FIELDS = frozenset({"n_layers", "n_decoder_layers"})
 KEY = "checkpoint.init_from"
 

@@ -182,6 +182,41 @@ class LoRAConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class AdapterConfig:
+    size: int = 64  # bottleneck width of every adapter (embed -> size -> embed)
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefixConfig:
+    length: int = 16  # learned key/value vectors per self-attention layer
+    hidden: int = 0  # width of the reparameterisation MLP they come from (0: none); exports fold it
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptConfig:
+    length: int = 16  # learned input embeddings
+
+
+@dataclasses.dataclass(frozen=True)
+class PeftConfig:
+    """The parameter-efficient method (models/lora.py, models/peft.py); only its parameters (and a
+    classifier's fresh head) train. ``none`` with ``lora.rank > 0`` is LoRA (the ``lora:`` section alone)."""
+
+    method: Literal["none", "lora", "adapter", "prefix", "prompt"] = "none"
+    adapter: AdapterConfig = dataclasses.field(default_factory=AdapterConfig)
+    prefix: PrefixConfig = dataclasses.field(default_factory=PrefixConfig)
+    prompt: PromptConfig = dataclasses.field(default_factory=PromptConfig)
+
+    def model_fields(self) -> dict[str, int]:
+        """The ModelConfig fields of ``method`` (adapter, prefix, prompt; LoRA's come from ``lora:``)."""
+        if self.method == "adapter":
+            return {"adapter_size": self.adapter.size}
+        if self.method == "prefix":
+            return {"prefix_length": self.prefix.length, "prefix_hidden": self.prefix.hidden}
+        return {"prompt_length": self.prompt.length} if self.method == "prompt" else {}
+
+
+@dataclasses.dataclass(frozen=True)
 class PruneConfig:
     """Magnitude pruning during training (train/compress/magnitude.py); off while ``sparsity`` is 0."""
 
@@ -214,6 +249,7 @@ class Config:
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
+    peft: PeftConfig = dataclasses.field(default_factory=PeftConfig)
     prune: PruneConfig = dataclasses.field(default_factory=PruneConfig)
     distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
 
@@ -372,10 +408,10 @@ def config_tree(path: str | pathlib.Path | None = None, overrides: tuple[str, ..
 def build_config(tree: dict) -> Config:
     """A tree of sections -> ``Config``, checking keys and types (not the cross-key rules of ``validate``)."""
     config = _build(Config, tree, "")
-    if config.lora.rank == 0:  # a saved, resolved model config may carry its adapters itself
-        return config
-    lora = {f"lora_{name}": getattr(config.lora, name) for name in ("rank", "alpha", "targets", "dropout")}
-    return dataclasses.replace(config, model=dataclasses.replace(config.model, **lora))
+    fields = config.peft.model_fields()
+    if config.lora.rank:  # without: a saved, resolved model config may carry its adapters itself
+        fields |= {f"lora_{name}": getattr(config.lora, name) for name in ("rank", "alpha", "targets", "dropout")}
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, **fields)) if fields else config
 
 
 def checked_config(tree: dict) -> Config:

@@ -46,17 +46,18 @@ def validate(config: Config) -> list[str]:
         )
     if config.model.attention == "splash" and t.seq_len % 128:
         out.append(f"model.attention='splash' needs train.seq_len to be a multiple of 128, got {t.seq_len}")
-    if config.model.quant == "int8" and not config.model.lora_rank:
+    if config.model.quant == "int8" and config.model.peft_method == "none":
         out.append(
             "model.quant=int8 holds int8 weights that cannot be trained; train LoRA adapters over them (lora.rank > 0, "
-            "checkpoint.init_from a python -m train.quantize export), fine-tune for int8 with model.quant=qat, or "
-            "train with model.quant=none and quantise the result with python -m train.quantize"
+            "checkpoint.init_from a python -m train.quantize export) or another peft.method, fine-tune for int8 with "
+            "model.quant=qat, or train with model.quant=none and quantise the result with python -m train.quantize"
         )
-    if config.model.quant == "qat" and config.model.lora_rank:
+    if config.model.quant == "qat" and config.model.peft_method != "none":
         out.append(
-            "model.quant=qat trains the weights int8 will round, but LoRA freezes them and adds float adapters; "
-            "use one of model.quant=qat and lora.rank"
+            f"model.quant=qat trains the weights int8 will round, but {config.model.peft_method} freezes them and adds "
+            "float parameters; use one of model.quant=qat and a PEFT method"
         )
+    out += peft_problems(config)
     if config.lora.init_from and not config.model.lora_rank:
         out.append("lora.init_from starts LoRA adapters from PEFT ones; set lora.rank (and alpha, targets) to theirs")
     out += config.mesh.problems()
@@ -136,8 +137,9 @@ def prune_problems(config: Config) -> list[str]:
         re.compile(p.targets)
     except re.error as e:
         out.append(f"prune.targets={p.targets!r} is not a regular expression ({e}); fix or quote it")
-    if config.model.lora_rank:
-        out.append("prune does not apply to LoRA runs (the base weights are frozen); set prune.sparsity=0")
+    if config.model.peft_method != "none":
+        method = config.model.peft_method
+        out.append(f"prune does not apply to {method} runs (the base weights are frozen); set prune.sparsity=0")
     return out
 
 
@@ -299,3 +301,18 @@ def best_problems(config: Config) -> list[str]:
     if c.keep_best and not (es.metric or c.best_metric):
         out.append("checkpoint.keep_best needs a metric: set checkpoint.best_metric (or train.early_stopping.metric)")
     return out
+
+
+def peft_problems(config: Config) -> list[str]:
+    """``peft.method`` against the ``lora:`` section and the chosen method's sizes (two methods at once:
+    ``ModelConfig.problems``)."""
+    method, p = config.peft.method, config.peft
+    if method == "lora" and config.lora.rank <= 0:
+        return ["peft.method=lora needs lora.rank > 0 (and lora.alpha, lora.targets); set lora.rank"]
+    sizes = {"adapter": ("peft.adapter.size", p.adapter.size), "prefix": ("peft.prefix.length", p.prefix.length)}
+    key, size = (sizes | {"prompt": ("peft.prompt.length", p.prompt.length)}).get(method, ("", 1))
+    if size <= 0:
+        return [f"{key}={size} must be > 0 for peft.method={method}"]
+    if method == "prefix" and p.prefix.hidden < 0:
+        return [f"peft.prefix.hidden={p.prefix.hidden} must be >= 0 (0: no reparameterisation MLP)"]
+    return []

@@ -13,9 +13,10 @@ layers, so those rows keep (zero) moments; their gradient rows are zeroed before
 optimizer, and their update rows after it, so weight decay cannot move them either: the update
 is exactly zero and the rows stay bitwise unchanged.
 
-A LoRA run (``lora.rank > 0``, ``Freeze.adapters_only``) freezes every parameter but the adapters
-(paths ending in ``lora_a`` / ``lora_b``, models/lora.py) and a classifier's fresh head (``pooler``,
-``classifier``: as PEFT's sequence-classification ``modules_to_save``) the same way.
+A PEFT run (``lora.rank > 0`` or ``peft.method``, ``Freeze.adapters_only``) freezes every parameter but
+the method's (LoRA's ``lora_a`` / ``lora_b``, models/lora.py; the adapters, prefixes, gates and prompts
+of models/peft.py, ``is_peft_path``) and a classifier's fresh head (``pooler``, ``classifier``: as PEFT's
+sequence-classification ``modules_to_save``) the same way.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from jax.sharding import PartitionSpec
 from jax.tree_util import DictKey, GetAttrKey, SequenceKey
 
 from models.config import ConfigError
+from models.peft import is_peft_path
 
 TRAINABLE, FROZEN = "trainable", "frozen"
 
@@ -39,7 +41,7 @@ TRAINABLE, FROZEN = "trainable", "frozen"
 class Freeze:
     pattern: str = ""  # train.freeze
     layers: int = 0  # train.freeze_layers
-    adapters_only: bool = False  # LoRA: everything but the adapters
+    adapters_only: bool = False  # a PEFT run: everything but the method's parameters
 
 
 NOTHING = Freeze()
@@ -167,7 +169,7 @@ def frozen_set(logical_specs, freeze: Freeze) -> set[str]:
 
 
 def _adapter_or_head(path: str) -> bool:
-    return path.rsplit("/", 1)[-1] in ("lora_a", "lora_b") or path.startswith(("pooler/", "classifier/"))
+    return is_peft_path(path) or path.startswith(("pooler/", "classifier/"))
 
 
 def trainable_count(abstract_params, frozen: set[str], rows: dict[str, np.ndarray]) -> int:

@@ -121,7 +121,7 @@ def make_plan(cfg: Config, topology: Topology, slices: int = 1) -> Plan:
     mesh_shape = dict(mesh.shape)
     check_fits(cfg.model, mesh_shape, cfg.mesh.logical_rules, **fit_sizes(cfg, process_count=1))
 
-    freeze = Freeze(cfg.train.freeze, cfg.train.freeze_layers, cfg.model.lora_rank > 0)
+    freeze = Freeze(cfg.train.freeze, cfg.train.freeze_layers, cfg.model.peft_method != "none")
     spec = make_state_spec(cfg.model, cfg.optimizer, cfg.train.steps, mesh, cfg.mesh.logical_rules, freeze, cfg.prune)
     step = make_train_step(spec, mesh, cfg.train.grad_accum, cfg.seed)
     batch = abstract_batch(cfg)

@@ -81,7 +81,7 @@ def prepare(config: Config) -> Setup:
     check_fits(model_cfg, mesh.shape, config.mesh.logical_rules, **fit_sizes(config, jax.process_count()))
     task = make_task(config, model_cfg, tokenizer)
     config = epoch_steps(config, task.train_examples)
-    freeze = Freeze(config.train.freeze, config.train.freeze_layers, model_cfg.lora_rank > 0)
+    freeze = Freeze(config.train.freeze, config.train.freeze_layers, model_cfg.peft_method != "none")
     spec = make_state_spec(
         model_cfg, config.optimizer, config.train.steps, mesh, config.mesh.logical_rules, freeze, config.prune
     )
