@@ -21,8 +21,7 @@ from models import abstract_model, build_model, peft
 from models.cache import init_cache
 from models.config import ConfigError, ModelConfig
 from sharding.mesh import make_mesh
-from train import export
-from train.checkpoints import sources
+from train.checkpoints import exporting, sources
 from train.checkpoints.store import Checkpoints
 from train.config.sections import CheckpointConfig, MeshConfig, OptimizerConfig, load_config
 from train.core.freeze import Freeze, param_path
@@ -184,11 +183,11 @@ def test_an_export_writes_the_method_beside_its_base_and_reads_back_with_the_sam
     cfg = dataclasses.replace(FAMILIES[family], **METHODS[method])
     params = opened(nnx.state(build_model(cfg, 0), nnx.Param))
     want = forward(cfg)(params, BATCH)
-    export.write_params(params, cfg, tmp_path / "src")
+    exporting.write_params(params, cfg, tmp_path / "src")
     with pytest.raises(ConfigError, match=f"has {cfg.peft_method} parameters, which no base weight can absorb"):
-        export.export(tmp_path / "src", tmp_path / "hf", "hf")
+        exporting.export(tmp_path / "src", tmp_path / "hf", "hf")
     for format in ("peft", "params"):
-        export.export(tmp_path / "src", tmp_path / format, format)
+        exporting.export(tmp_path / "src", tmp_path / format, format)
         source = sources.load_source(tmp_path / format)
         assert source.config == peft.folded_config(cfg)  # a prefix's MLP is folded into keys and values
         np.testing.assert_allclose(source.model.forward(BATCH), want, atol=1e-5, err_msg=format)
