@@ -185,6 +185,7 @@ RESUME = [
     "train.eval_every=0",
     "train.sample_tokens=0",
     "optimizer.schedule=constant",
+    "optimizer.warmup_steps=0",  # a warm-up is cut to train.steps: the 2-step run's would differ
     "checkpoint.every=2",
 ]
 
