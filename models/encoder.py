@@ -35,18 +35,7 @@ from flax import nnx
 
 from models.attention import padding_mask, segment_positions
 from models.config import ModelConfig
-from models.layers import (
-    ACTIVATIONS,
-    constrain,
-    dense,
-    dropout,
-    embedding,
-    matmul,
-    norm,
-    perturbed,
-    site_key,
-    table,
-)
+from models.layers import ACTIVATIONS, constrain, dense, dropout, embedding, matmul, norm, perturbed, site_key, table
 from models.transformer import Stack
 
 
