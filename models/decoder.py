@@ -9,12 +9,14 @@ from flax import nnx
 from models.attention import both, padding_mask, segment_positions, sliding_window_mask
 from models.cache import KVCache, advance, write_slots
 from models.config import ModelConfig
-from models.layers import DTYPES, constrain, dropout, matmul, norm, site_key
+from models.layers import DTYPES, constrain, dropout, matmul, norm, perturbed, site_key
 from models.transformer import Stack
 
 
 class DecoderLM(nnx.Module):
     """tokens [B, T] int -> logits [B, T, vocab] float32."""
+
+    embedded_input = "inputs"  # the batch key whose token embeddings ``forward``'s ``embed_delta`` perturbs
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -39,11 +41,15 @@ class DecoderLM(nnx.Module):
                 nnx.with_partitioning(init, ("embed", "vocab"))(rngs.params(), (cfg.d_model, cfg.vocab_size))
             )
 
-    def forward(self, batch: dict[str, jax.Array], rng: jax.Array | None = None) -> jax.Array:
+    def forward(
+        self, batch: dict[str, jax.Array], rng: jax.Array | None = None, embed_delta: jax.Array | None = None
+    ) -> jax.Array:
         """The training interface every family shares: batch -> logits for ``batch['targets']``;
         ``rng`` (a key) turns dropout on (training), None leaves it off. Packed rows carry
-        ``segment_ids`` and ``positions`` [B, T] (see ``__call__``)."""
-        return self(batch["inputs"], batch.get("positions"), rng=rng, segment_ids=batch.get("segment_ids"))
+        ``segment_ids`` and ``positions`` [B, T] (see ``__call__``). ``embed_delta`` [B, T, embed]
+        float32 is added to the token embeddings of ``batch[embedded_input]`` (adversarial training)."""
+        segment_ids = batch.get("segment_ids")
+        return self(batch["inputs"], batch.get("positions"), rng=rng, segment_ids=segment_ids, embed_delta=embed_delta)
 
     def __call__(
         self,
@@ -54,6 +60,7 @@ class DecoderLM(nnx.Module):
         rng: jax.Array | None = None,
         *,
         segment_ids: jax.Array | None = None,
+        embed_delta: jax.Array | None = None,
     ) -> jax.Array | tuple[jax.Array, KVCache]:
         """tokens [B, T] int, positions [B, T] int (default 0..T-1) -> logits [B, T, vocab] float32.
 
@@ -61,7 +68,8 @@ class DecoderLM(nnx.Module):
         tokens fill its slots from ``cache.index`` on, attend to every earlier valid slot, and
         ``(logits, updated cache)`` is returned. rng: dropout key (training only; None: no dropout).
         segment_ids [B, T] int (packed rows, 0 = padding; no cache): a token attends only to earlier
-        tokens of its segment; positions default to restarting at each segment start.
+        tokens of its segment; positions default to restarting at each segment start. embed_delta
+        [B, T, embed]: added to the token embeddings (before any scaling and the positions).
         """
         cfg = self.cfg
         if segment_ids is not None:
@@ -69,7 +77,7 @@ class DecoderLM(nnx.Module):
                 raise ValueError("decoding from a cache takes no segment_ids (generation does not pack)")
             if positions is None:
                 positions = segment_positions(segment_ids)
-        x = self.embed(tokens)  # [B, T, embed]
+        x = perturbed(self.embed(tokens), embed_delta)  # [B, T, embed]
         if cfg.scale_embeddings:
             x = x * jnp.asarray(cfg.d_model**0.5, x.dtype)
         if cfg.position == "learned":

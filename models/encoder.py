@@ -35,7 +35,7 @@ from flax import nnx
 
 from models.attention import padding_mask, segment_positions
 from models.config import ModelConfig
-from models.layers import ACTIVATIONS, constrain, dense, dropout, embedding, matmul, norm, site_key, table
+from models.layers import ACTIVATIONS, constrain, dense, dropout, embedding, matmul, norm, perturbed, site_key, table
 from models.transformer import Stack
 
 
@@ -66,6 +66,8 @@ class EncoderLM(nnx.Module):
     [B, K, num_labels], one per segment) or per-token class logits [B, T, num_labels]
     (``head='token_classification'``, no pooler)."""
 
+    embedded_input = "inputs"  # the batch key whose token embeddings ``forward``'s ``embed_delta`` perturbs
+
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         self.embed = embedding(cfg, cfg.vocab_size, rngs=rngs)
@@ -85,13 +87,16 @@ class EncoderLM(nnx.Module):
             self.pooler = dense(cfg, cfg.d_model, cfg.d_model, ("embed", "mlp"), rngs=rngs)
             self.classifier = dense(cfg, cfg.d_model, cfg.num_labels, ("mlp", None), rngs=rngs)
 
-    def forward(self, batch: dict[str, jax.Array], rng: jax.Array | None = None) -> jax.Array:
+    def forward(
+        self, batch: dict[str, jax.Array], rng: jax.Array | None = None, embed_delta: jax.Array | None = None
+    ) -> jax.Array:
         """Reads ``inputs`` [B, T] and optional ``attention_mask`` [B, T] (1 = token, 0 = padding),
         ``token_types`` [B, T], ``positions`` [B, T] and, for packed rows, ``segment_ids`` [B, T] and
-        ``pool_positions`` [B, K] (see ``__call__``); ``rng``: dropout key (None: no dropout)."""
+        ``pool_positions`` [B, K] (see ``__call__``); ``rng``: dropout key (None: no dropout);
+        ``embed_delta`` [B, T, embed] float32: added to the token embeddings (adversarial training)."""
         inputs = (batch["inputs"], batch.get("attention_mask"), batch.get("token_types"), batch.get("positions"))
         packing = {"segment_ids": batch.get("segment_ids"), "pool_positions": batch.get("pool_positions")}
-        return self(*inputs, rng=rng, **packing)
+        return self(*inputs, rng=rng, embed_delta=embed_delta, **packing)
 
     def __call__(
         self,
@@ -103,11 +108,15 @@ class EncoderLM(nnx.Module):
         *,
         segment_ids: jax.Array | None = None,
         pool_positions: jax.Array | None = None,
+        embed_delta: jax.Array | None = None,
     ) -> jax.Array:
         """segment_ids [B, T] int (packed rows, 0 = padding): attention stays inside a segment, positions
         default to restarting at each segment start. pool_positions [B, K] int (classification head): the
-        index of each segment's first token; the head then classifies every segment -> [B, K, num_labels]."""
-        x = self.encode(tokens, attention_mask, token_types, positions, rng, segment_ids=segment_ids)
+        index of each segment's first token; the head then classifies every segment -> [B, K, num_labels].
+        embed_delta [B, T, embed]: see ``encode``."""
+        x = self.encode(
+            tokens, attention_mask, token_types, positions, rng, segment_ids=segment_ids, embed_delta=embed_delta
+        )
         if self.cfg.head == "lm":
             return self.mlm(x, self.embed.embedding[...])
         if self.cfg.head == "token_classification":
@@ -160,17 +169,19 @@ class EncoderLM(nnx.Module):
         rng: jax.Array | None = None,
         *,
         segment_ids: jax.Array | None = None,
+        embed_delta: jax.Array | None = None,
     ) -> jax.Array:
         """tokens [B, T] -> hidden states [B, T, embed] (HF BertModel's ``last_hidden_state``); rng: dropout key.
 
         segment_ids [B, T] int (0 = padding): packed rows; they replace ``attention_mask`` in the
-        attention (padding is segment 0), so the splash kernel takes packed rows too."""
+        attention (padding is segment 0), so the splash kernel takes packed rows too. embed_delta
+        [B, T, embed]: added to the token embeddings, before the type and position ones and the norm."""
         cfg = self.cfg
         if positions is None and segment_ids is not None:
             positions = segment_positions(segment_ids)
         elif positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        x = self.embed(tokens)  # [B, T, embed]
+        x = perturbed(self.embed(tokens), embed_delta)  # [B, T, embed]
         if cfg.type_vocab_size:
             types = jnp.zeros_like(tokens) if token_types is None else token_types
             x = x + self.type_embed[...][types].astype(x.dtype)

@@ -37,7 +37,7 @@ from flax import nnx
 from models.attention import RelativePositionBias, padding_mask
 from models.cache import KVCache, advance, init_cache, write_slots
 from models.config import ModelConfig
-from models.layers import constrain, dropout, embedding, matmul, norm, site_key, table
+from models.layers import constrain, dropout, embedding, matmul, norm, perturbed, site_key, table
 from models.transformer import Stack
 
 
@@ -47,6 +47,8 @@ def _positions(tokens: jax.Array) -> jax.Array:
 
 class EncoderDecoderLM(nnx.Module):
     """T5: encoder tokens [B, S] and decoder tokens [B, T] int -> logits [B, T, vocab] float32."""
+
+    embedded_input = "encoder_inputs"  # the batch key whose token embeddings ``forward``'s ``embed_delta`` perturbs
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -60,14 +62,17 @@ class EncoderDecoderLM(nnx.Module):
         if not cfg.tie_embeddings:
             self.head = table(cfg, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), rngs=rngs)
 
-    def forward(self, batch: dict[str, jax.Array], rng: jax.Array | None = None) -> jax.Array:
+    def forward(
+        self, batch: dict[str, jax.Array], rng: jax.Array | None = None, embed_delta: jax.Array | None = None
+    ) -> jax.Array:
         """Reads ``encoder_inputs`` [B, S], ``decoder_inputs`` [B, T] (targets shifted right) and
         optional ``encoder_mask`` [B, S], ``decoder_mask`` [B, T] (1 = token, 0 = padding) and, for
         packed rows, ``encoder_segment_ids`` [B, S] with ``decoder_segment_ids`` [B, T] (an example's
-        target carries its input's id); ``rng``: dropout key (None: no dropout)."""
+        target carries its input's id); ``rng``: dropout key (None: no dropout); ``embed_delta`` [B, S, embed]
+        float32: added to the encoder's token embeddings (adversarial training; the decoder's stay clean)."""
         segments = {key: batch.get(key) for key in ("encoder_segment_ids", "decoder_segment_ids")}
         encoder = (batch["encoder_inputs"], batch.get("encoder_mask"), site_key(rng, 0))
-        encoded = self.encode(*encoder, segment_ids=segments["encoder_segment_ids"])
+        encoded = self.encode(*encoder, segment_ids=segments["encoder_segment_ids"], embed_delta=embed_delta)
         masks = (batch.get("encoder_mask"), batch.get("decoder_mask"))
         return self.decode(batch["decoder_inputs"], encoded, *masks, rng=site_key(rng, 1), **segments)
 
@@ -78,14 +83,17 @@ class EncoderDecoderLM(nnx.Module):
         rng: jax.Array | None = None,
         *,
         segment_ids: jax.Array | None = None,
+        embed_delta: jax.Array | None = None,
     ) -> jax.Array:
         """tokens [B, S] -> encoder states [B, S, embed] (after the final norm); rng: dropout key.
 
         segment_ids [B, S] int (packed rows, 0 = padding; each segment contiguous): attention stays inside
         a segment and replaces ``mask``. The relative bias needs no per-segment positions: inside a
-        contiguous segment, index differences are position differences."""
+        contiguous segment, index differences are position differences. embed_delta [B, S, embed]: added to
+        the token embeddings."""
         rate = self.cfg.dropout
-        x = constrain(dropout(self.embed(tokens), rate, site_key(rng, 0)), ("batch", "length", "act_embed"))
+        x = dropout(perturbed(self.embed(tokens), embed_delta), rate, site_key(rng, 0))
+        x = constrain(x, ("batch", "length", "act_embed"))
         bias = self.encoder_relpos(tokens.shape[1], tokens.shape[1])  # [1, heads, S, S]
         mask = None if segment_ids is not None else padding_mask(mask)
         x = self.encoder(

@@ -236,6 +236,12 @@ def embedding(cfg: ModelConfig, num: int, *, rngs: nnx.Rngs) -> nnx.Embed:
     )
 
 
+def perturbed(x: jax.Array, delta: jax.Array | None) -> jax.Array:
+    """Token embeddings [B, T, embed] plus an adversarial ``delta`` of the same shape (cast to their
+    dtype); None leaves them untouched."""
+    return x if delta is None else x + delta.astype(x.dtype)
+
+
 def table(
     cfg: ModelConfig, shape: tuple[int, ...], axes: tuple, *, rngs: nnx.Rngs, std: float | None = None
 ) -> nnx.Param:

@@ -127,6 +127,16 @@ class ProfileConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class AdversarialConfig:
+    """Adversarial training on the input token embeddings, inside the train step (train/core/adversarial.py)."""
+
+    method: Literal["", "fgm", "pgd"] = ""  # fgm: one step of size epsilon; pgd: projected steps; empty: off
+    epsilon: float = 1.0  # L2 radius of each row's perturbation [T, embed]
+    steps: int = 3  # pgd: ascent steps
+    alpha: float = 0.3  # pgd: L2 length of each ascent step
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     steps: int = 1000
     epochs: float = 0.0  # > 0: train.steps = ceil(epochs * training examples (windows) / batch_size) instead
@@ -155,6 +165,8 @@ class TrainConfig:
     freeze: str = ""  # regex over parameter paths kept fixed ('embed|stack/blocks/attn'; train/core/freeze.py)
     freeze_layers: int = 0  # keep the lower N layers of every layer stack fixed
     profile: ProfileConfig = dataclasses.field(default_factory=ProfileConfig)
+    # fgm / pgd: the loss also reads the inputs perturbed along its normalised gradient (docs/fine-tuning.md)
+    adversarial: AdversarialConfig = dataclasses.field(default_factory=AdversarialConfig)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -44,6 +44,7 @@ def validate(config: Config) -> list[str]:
             f"train.profile traces steps {t.profile.start_step + 1}-{t.profile.start_step + t.profile.steps}, past "
             f"train.steps={t.steps}; lower train.profile.start_step or steps"
         )
+    out += adversarial_problems(t)
     if config.model.attention == "splash" and t.seq_len % 128:
         out.append(f"model.attention='splash' needs train.seq_len to be a multiple of 128, got {t.seq_len}")
     if config.model.quant == "int8" and config.model.peft_method == "none":
@@ -106,6 +107,18 @@ def optimizer_problems(o: OptimizerConfig) -> list[str]:
         out.append(f"optimizer.layer_decay must be in (0, 1] (1: off), got {o.layer_decay}")
     if o.decay_rate <= 0 or o.clipping_threshold < 0 or o.min_dim_size_to_factor < 1:
         out.append("optimizer.decay_rate must be > 0, clipping_threshold >= 0 (0: off) and min_dim_size_to_factor >= 1")
+    return out
+
+
+def adversarial_problems(t: TrainConfig) -> list[str]:
+    a = t.adversarial
+    if not a.method:
+        return []
+    out = [] if a.epsilon > 0 else [f"train.adversarial.epsilon must be > 0, got {a.epsilon}"]
+    if a.method == "pgd" and a.steps < 1:
+        out.append(f"train.adversarial.steps must be >= 1 (pgd ascent steps), got {a.steps}")
+    if a.method == "pgd" and a.alpha <= 0:
+        out.append(f"train.adversarial.alpha must be > 0 (the length of a pgd step), got {a.alpha}")
     return out
 
 

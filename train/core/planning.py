@@ -123,7 +123,7 @@ def make_plan(cfg: Config, topology: Topology, slices: int = 1) -> Plan:
 
     freeze = Freeze(cfg.train.freeze, cfg.train.freeze_layers, cfg.model.peft_method != "none")
     spec = make_state_spec(cfg.model, cfg.optimizer, cfg.train.steps, mesh, cfg.mesh.logical_rules, freeze, cfg.prune)
-    step = make_train_step(spec, mesh, cfg.train.grad_accum, cfg.seed)
+    step = make_train_step(spec, mesh, cfg.train.grad_accum, cfg.seed, adversarial=cfg.train.adversarial)
     batch = abstract_batch(cfg)
     batch_shardings = jax.tree.map(lambda _: batch_sharding(mesh), batch)
 

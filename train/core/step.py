@@ -20,6 +20,8 @@ from jax.sharding import Mesh
 
 from sharding.rules import RULES, Rules, activation_context, batch_sharding, replicated
 from train.compress.distill_loss import TeacherSpec, summed_distill_loss
+from train.config.sections import AdversarialConfig
+from train.core.adversarial import PARTS, adversarial_value_and_grad
 from train.core.freeze import trainable_leaves, with_leaves
 from train.core.state import StateSpec, TrainState
 
@@ -90,7 +92,12 @@ def _micro_batches(batch: Batch, n: int, mesh: Mesh) -> Batch:
 
 
 def make_train_step(
-    spec: StateSpec, mesh: Mesh, grad_accum: int, seed: int = 0, teacher: TeacherSpec | None = None
+    spec: StateSpec,
+    mesh: Mesh,
+    grad_accum: int,
+    seed: int = 0,
+    teacher: TeacherSpec | None = None,
+    adversarial: AdversarialConfig | None = None,
 ) -> Callable[..., tuple[TrainState, dict]]:
     """``step(state, batch) -> (state, {'loss', 'grad_norm'})``; the state is donated.
 
@@ -102,13 +109,18 @@ def make_train_step(
     With a ``teacher`` (train/compress/distill_loss.py) the step is ``step(state, batch, teacher_params)``: the
     frozen teacher runs on each micro-batch, ``loss`` is ``alpha * hard_loss + distill_loss`` and the
     metrics add both parts; the teacher's parameters get no gradient and are not returned.
+    With ``adversarial.method`` (fgm, pgd; train/core/adversarial.py) ``loss`` is the clean loss plus the
+    loss at the embedding perturbation (drawn with the same dropout masks), the metrics add
+    ``clean_loss`` and ``adversarial_loss``; off (None or no method) the step is unchanged.
     """
+    attack = adversarial if adversarial is not None and adversarial.method else None
 
     def loss_and_grads(params, batch, total_weight, rng, teacher_params):
         teacher_logits = None if teacher is None else teacher.logits(teacher_params, batch)
 
-        def scaled(trainable, b):
-            logits = nnx.merge(spec.graphdef, with_leaves(params, trainable)).forward(b, rng=rng)
+        def scaled(trainable, b, embed_delta=None):
+            model = nnx.merge(spec.graphdef, with_leaves(params, trainable))
+            logits = model.forward(b, rng=rng) if embed_delta is None else model.forward(b, rng, embed_delta)
             hard, _ = _summed(logits, b)
             if teacher is None:
                 return hard / total_weight, {}
@@ -117,7 +129,12 @@ def make_train_step(
             return teacher.alpha * hard + soft, {"hard_loss": hard, "distill_loss": soft}
 
         # only the trainable parameters are differentiated: no weight gradients of a frozen (LoRA) base
-        return jax.value_and_grad(scaled, has_aux=True)(trainable_leaves(params, spec.frozen), batch)
+        trainable = trainable_leaves(params, spec.frozen)
+        if attack is None:
+            return jax.value_and_grad(scaled, has_aux=True)(trainable, batch)
+        model = nnx.merge(spec.graphdef, params)
+        delta_shape = (*batch[model.embedded_input].shape, model.cfg.d_model)  # [B, T, embed]
+        return adversarial_value_and_grad(scaled, trainable, batch, delta_shape, attack)
 
     def step(state: TrainState, batch: Batch, teacher_params=None) -> tuple[TrainState, dict]:
         total_weight = jnp.sum(token_weights(batch))
@@ -133,6 +150,7 @@ def make_train_step(
                 return jax.tree.map(jnp.add, carry, out), None
 
             parts = {} if teacher is None else {"hard_loss": 0.0, "distill_loss": 0.0}
+            parts |= {} if attack is None else dict.fromkeys(PARTS, 0.0)
             zero = jnp.zeros((), jnp.float32)
             grads = jax.tree.map(jnp.zeros_like, trainable_leaves(state.params, spec.frozen))
             zeros = ((zero, jax.tree.map(lambda _: zero, parts)), grads)

@@ -303,8 +303,9 @@ def run(config: Config, callbacks: Sequence[Callback] = ()) -> dict:
 
         compile_start = time.perf_counter()
         first = global_batch(setup.task.batch(next(setup.task.batches), start), setup.mesh)
+        t = setup.config.train
         train_step = make_train_step(
-            setup.spec, setup.mesh, setup.config.train.grad_accum, setup.config.seed, setup.teacher
+            setup.spec, setup.mesh, t.grad_accum, setup.config.seed, setup.teacher, t.adversarial
         )
         teacher = () if setup.teacher is None else (setup.teacher_params,)  # passed to every step, never donated
         compiled = train_step.lower(state, first, *teacher).compile()
