@@ -3,7 +3,10 @@ first initialises, and an installed libtpu (the TPU plan tests) must not probe f
 
 The tests start many small runs of the same tiny models, in this process and in subprocesses
 (which inherit the environment): one persistent compilation cache for the session lets each
-program compile once.
+program compile once. The programs are tiny and run a few steps, so compiling them is most of a
+test's time: XLA skips its expensive LLVM passes (about 30% less CPU time per file; the same losses
+to the bit on the tiny runs). An environment variable, not XLA_FLAGS, so that subprocesses which set
+their own XLA_FLAGS (a device count) still inherit it.
 """
 
 import os
@@ -11,6 +14,7 @@ import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="meshlm-test-jax-cache-"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
