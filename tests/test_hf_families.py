@@ -2,8 +2,8 @@
 
 Each tiny random model (every parameter perturbed, so zero-initialised biases and unit norms are
 tested too) must give transformers' fp32 logits and greedy tokens, export back to the same
-architecture, refuse config fields we do not compute with one error line, and fine-tune (also
-with LoRA) from ``checkpoint.init_from``. Sequences run past the sliding windows and the scaled
+architecture, refuse config fields we do not compute with one error line, and fine-tune (with LoRA too where
+the adapted projections differ) from ``checkpoint.init_from``. Sequences run past the sliding windows and the scaled
 RoPE's original context, so both change the numbers these tests compare.
 """
 
@@ -180,6 +180,9 @@ TRAIN = [
     "mesh.tensor=2",
 ]
 TRAINED = ("llama3.1", "mistral", "qwen2", "qwen3", "gemma")
+# LoRA also where the adapted projections differ from Llama's: biases on q, k, v and tied embeddings
+# (qwen2), heads of 16 on a 32-wide model (gemma; qwen3's qk-norm comes after the projections)
+LORA = ("qwen2", "gemma")
 
 
 @pytest.mark.slow
@@ -197,7 +200,8 @@ def test_each_family_fine_tunes_from_init_from_also_with_lora_and_generates(name
     text.write_text("To be, or not to be, that is the question.\n" * 40)
     held_out.write_text("Whether 'tis nobler in the mind to suffer.\n" * 20)
     base = [str(tmp_path / "ckpt" / "config.yaml"), *TRAIN, f"data.train_files={text}", f"data.val_files={held_out}"]
-    for run, extra in [("full", []), ("lora", ["lora.rank=4", "lora.alpha=8"])]:
+    runs = [("full", []), ("lora", ["lora.rank=4", "lora.alpha=8"])]
+    for run, extra in runs if name in LORA else runs[:1]:
         result = in_this_process([*base, *extra, f"run.dir={tmp_path / run}"])
         assert result.rc == 0, result.err
         losses = result.losses()
