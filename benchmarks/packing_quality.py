@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
 import os
 import pathlib
 import re
@@ -33,7 +32,7 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks.packing import real_tokens  # noqa: E402
+from benchmarks.packing import real_tokens
 
 PADDING = re.compile(r"padding ([0-9.]+)% of the computed tokens")
 
@@ -114,7 +113,9 @@ def main(argv: list[str] | None = None) -> None:
     runs_dir = pathlib.Path(args.runs_dir) / pathlib.Path(args.config).stem
     for seed in (int(s) for s in args.seeds.split(",")):
         for mode in args.only:
-            print(json.dumps(run(args.config, mode == "packed", seed, args.epochs, args.overrides, runs_dir)), flush=True)
+            print(
+                json.dumps(run(args.config, mode == "packed", seed, args.epochs, args.overrides, runs_dir)), flush=True
+            )
 
 
 if __name__ == "__main__":
