@@ -18,7 +18,7 @@ from test_token_classification import TRAIN as TAGGER
 from test_token_classification import synthetic_rows
 
 from sharding.mesh import make_mesh
-from train.config.sections import ConfigError, load_config
+from train.config.sections import load_config
 from train.core.state import init_state, make_state_spec
 from train.core.step import make_eval_step, make_predict_step, make_train_step
 from train.data import chat, examples, objectives, packing, tagging
@@ -32,6 +32,7 @@ from train.run.loop import resolve_model
 REPO = pathlib.Path(__file__).resolve().parent.parent
 TOK = ByteTokenizer()
 BATCH = 8  # rows: one per fake device
+EOS = TOK.eos_id
 
 
 # --- what the rows hold ---------------------------------------------------------------------
@@ -66,12 +67,43 @@ def test_masked_lm_masks_each_document_of_a_row_at_the_rate():
     assert [int(batch["weights"][0, segments[0] == s].sum()) for s in (1, 2, 3)] == [2, 4, 1]  # round(0.15 n)
 
 
-def test_packing_is_on_by_default_but_for_span_corruption_where_asking_for_it_is_one_error():
-    assert packs(load_config(REPO / "configs" / "tiny-bert.yaml")) and packs(load_config(REPO / "configs" / "tiny-gpt2.yaml"))
-    assert not packs(load_config(REPO / "configs" / "tiny-t5.yaml"))  # span corruption
-    assert not packs(load_config(REPO / "configs" / "tiny-bert.yaml", ["data.packing=false"]))
-    with pytest.raises(ConfigError, match="^data.packing=true cannot keep documents apart in span_corruption, "):
-        load_config(REPO / "configs" / "tiny-t5.yaml", ["data.packing=true"])
+def test_packing_is_on_by_default_for_every_objective_and_off_when_asked():
+    assert all(packs(load_config(REPO / "configs" / name)) for name in ("tiny-bert.yaml", "tiny-gpt2.yaml", "tiny-t5.yaml"))
+    assert not packs(load_config(REPO / "configs" / "tiny-t5.yaml", ["data.packing=false"]))
+
+
+def _uncorrupted(inputs: np.ndarray, targets: np.ndarray, eos: int) -> list[int]:
+    """One example's tokens again: each sentinel of its inputs replaced by the span after it in its targets."""
+    spans, sentinel = {}, None
+    for t in targets[:-1].tolist():
+        sentinel, spans = (t, spans | {t: []}) if t >= 300 else (sentinel, spans)
+        if t < 300:
+            spans[sentinel].append(t)
+    return [u for t in inputs[:-1].tolist() for u in (spans[t] if t >= 300 else [t])]
+
+
+def test_span_corruption_corrupts_each_document_of_a_window_alone_with_its_own_sentinels():
+    docs = [np.arange(10, 10 + n) for n in (40, 9, 19)]  # a window of 70: the end of one document, two whole ones
+    tokens = np.concatenate([docs[0], [EOS], docs[1], [EOS], docs[2]]).astype(np.int32)
+    segments = np.repeat([1, 2, 3], [41, 10, 19])
+    batch = objectives.packed_span_corruption(tokens[None], segments[None], vocab_size=384, seed=4, eos_id=EOS)
+    assert batch["encoder_inputs"].shape == (1, 64) and batch["targets"].shape == (1, 14)  # as one document's
+    enc, dec = batch["encoder_segment_ids"][0], batch["decoder_segment_ids"][0]
+    kept = [_uncorrupted(batch["encoder_inputs"][0][enc == s], batch["targets"][0][dec == s], EOS) for s in (1, 2, 3)]
+    assert kept[:2] == [d.tolist() for d in docs[:2]]  # no span crosses a boundary, each document whole
+    assert kept[2] == docs[2][: len(kept[2])].tolist() and len(kept[2]) > 0  # the last one cut to what fits
+    for s in (1, 2, 3):
+        assert batch["targets"][0][dec == s][0] == 383  # sentinels count down from the top in every document
+        np.testing.assert_array_equal(batch["encoder_positions"][0][enc == s], np.arange((enc == s).sum()))
+        mine = batch["decoder_inputs"][0][dec == s]
+        np.testing.assert_array_equal(mine, np.concatenate([[0], batch["targets"][0][dec == s][:-1]]))
+    np.testing.assert_array_equal(batch["weights"][0], dec > 0)
+    # a window of one document is the row span_corruption gives it
+    whole = np.arange(10, 80, dtype=np.int32)[None]
+    alone = objectives.packed_span_corruption(whole, np.ones_like(whole), vocab_size=384, seed=4, eos_id=EOS)
+    padded = objectives.span_corruption(whole, vocab_size=384, seed=4, eos_id=EOS)
+    for key in ("encoder_inputs", "decoder_inputs", "targets", "weights"):
+        np.testing.assert_array_equal(alone[key], padded[key])
 
 
 # --- a packed step == its examples alone ----------------------------------------------------
@@ -152,6 +184,31 @@ def test_a_packed_causal_lm_step_loss_is_the_loss_of_each_documents_piece_in_its
     n = len(alone["inputs"])
     alone = {k: np.concatenate([v, np.zeros((-n % BATCH, 32), v.dtype)]) for k, v in alone.items()}
     batches = [{k: v[b : b + BATCH] for k, v in alone.items()} for b in range(0, len(alone["inputs"]), BATCH)]
+    total, weight = _summed(spec, mesh, state.params, batches)
+    _, metrics = make_train_step(spec, mesh, 1)(state, global_batch(packed, mesh))
+    assert float(metrics["loss"]) == pytest.approx(total / weight, rel=1e-5)
+
+
+def test_a_packed_span_corruption_step_loss_is_the_loss_of_each_documents_example_in_its_own_padded_row():
+    rng = np.random.default_rng(5)
+    docs = [_words(rng, rng.integers(1, 6)) for _ in range(60)]  # 2 to 36 bytes each
+    _, model_cfg, mesh, spec, state = _setup("tiny-t5.yaml", "train.seq_len=32")
+    window = objectives.raw_length("span_corruption", 32, 0.15, 3.0) - 1
+    (rows,) = eval_batches(PackedTokens(docs, TOK), window, BATCH, max_batches=1, segments=True)
+    transform = objectives.text_objective(
+        "span_corruption", vocab_size=model_cfg.vocab_size, eos_id=EOS, mask_id=0, seed=0, rate=0.15, noise_density=0.15, mean_span=3.0
+    )  # fmt: skip
+    packed = transform(rows, 0, 0)
+    pairs = []
+    for row in range(BATCH):
+        enc, dec = packed["encoder_segment_ids"][row], packed["decoder_segment_ids"][row]
+        for s in range(1, enc.max() + 1):  # each example as it is, eos included: seq2seq adds none
+            pairs.append((packed["encoder_inputs"][row][enc == s], packed["targets"][row][dec == s]))
+    assert len(pairs) > 2 * BATCH  # documents share rows
+    alone = objectives.seq2seq(pairs, inputs_length=32, targets_length=packed["targets"].shape[1], eos_id=None)
+    n = len(pairs)
+    alone = {k: np.concatenate([v, np.zeros((-n % BATCH, *v.shape[1:]), v.dtype)]) for k, v in alone.items()}
+    batches = [{k: v[b : b + BATCH] for k, v in alone.items()} for b in range(0, len(alone["targets"]), BATCH)]
     total, weight = _summed(spec, mesh, state.params, batches)
     _, metrics = make_train_step(spec, mesh, 1)(state, global_batch(packed, mesh))
     assert float(metrics["loss"]) == pytest.approx(total / weight, rel=1e-5)

@@ -126,7 +126,7 @@ def test_quant_fields_need_int8_to_block_a_restore():
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "overrides, message",
-    [(["model.quant=qat", "lora.rank=4"], "use one of model.quant=qat and lora.rank"),
+    [(["model.quant=qat", "lora.rank=4"], "use one of model.quant=qat and a PEFT method"),
      (["model.quant_embeddings=true"], "set model.quant=qat"),
      (["model.quant=int8"], "fine-tune for int8 with model.quant=qat")],
 )  # fmt: skip
