@@ -4,6 +4,8 @@
     PYTHONPATH=. python benchmarks/packing.py --configs configs/speakers-minilm.yaml --steps 5 --seq-len 128
     PYTHONPATH=. python benchmarks/packing.py --configs configs/sft-gpt.yaml,configs/sft-llama.yaml --steps 8
     PYTHONPATH=. python benchmarks/packing.py --configs configs/default.yaml,configs/tiny-t5.yaml   # text windows
+    PYTHONPATH=. python benchmarks/packing.py --configs configs/speakers-minilm.yaml --seq-len 128 \
+        data.format=conll data.train_files=/tmp/conll/train.conll data.val_files=/tmp/conll/val.conll  # CoNLL sentences
 
 For each task config, builds the task twice (``data.packing`` true / false, train/data/tasks.py),
 measures the padding fraction of its first training batches, then times ``--steps`` train steps
@@ -115,8 +117,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=1, help="timed rounds, packed and padded taking turns (median)")
     p.add_argument("--seq-len", type=int, default=0, help="override train.seq_len (0: the config's)")
     p.add_argument("--batch-size", type=int, default=0, help="override train.batch_size (0: the config's)")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides for every config")
     args = p.parse_args(argv)
-    overrides = ["checkpoint.init_from=", "mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1"]
+    overrides = ["checkpoint.init_from=", "mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1", *args.overrides]
     overrides += [f"train.seq_len={args.seq_len}"] * bool(args.seq_len)
     overrides += [f"train.batch_size={args.batch_size}"] * bool(args.batch_size)
     for path in args.configs.split(","):
