@@ -43,7 +43,7 @@ FAST = [
 ]
 GPT2 = ["configs/tiny-gpt2.yaml", *FAST, "train.grad_accum=2", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
 LLAMA = ["configs/tiny-llama.yaml", *FAST, "train.grad_accum=4", "mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2"]
-GPT2_STEPS, LLAMA_STEPS = 8, 30
+GPT2_STEPS, LLAMA_STEPS = 8, 8
 # Adafactor with factored moments (64-wide matrices factor above 32), the embeddings and layer 0 frozen
 FROZEN_ADAFACTOR = [
     "optimizer.name=adafactor",
