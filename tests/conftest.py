@@ -6,18 +6,21 @@ The tests start many small runs of the same tiny models, in this process and in 
 program compile once. The programs are tiny and run a few steps, so compiling them is most of a
 test's time: XLA skips its expensive LLVM passes (about 30% less CPU time per file; the same losses
 to the bit on the tiny runs). An environment variable, not XLA_FLAGS, so that subprocesses which set
-their own XLA_FLAGS (a device count) still inherit it.
+their own XLA_FLAGS (a device count) still inherit it; those take theirs from
+``cli_runs.child_env``, which keeps the suite's compile flags (``cli_runs.COMPILE_FLAGS``).
 """
 
 import os
 import tempfile
 
 import pytest
+from cli_runs import xla_flags
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("XLA_FLAGS", xla_flags(8))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="meshlm-test-jax-cache-"))
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # xdist workers inherit the controller's
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="meshlm-test-jax-cache-")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import pathlib
 import shutil
 import signal
@@ -16,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from cli_runs import REPO
+from cli_runs import REPO, child_env
 
 from models.config import ModelConfig
 from sharding.mesh import make_mesh
@@ -138,7 +137,7 @@ print("saved 2", flush=True)
 @pytest.mark.slow
 def test_killed_during_an_async_save_resumes_from_the_previous_step(tmp_path):
     directory = tmp_path / "checkpoints"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    env = child_env(1)
     child = subprocess.Popen(
         [sys.executable, "-c", KILLED_CHILD, str(directory)], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True
     )

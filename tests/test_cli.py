@@ -10,13 +10,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import pathlib
 import subprocess
 import sys
 
 import pytest
-from cli_runs import REPO
+from cli_runs import REPO, child_env
 
 from train.config.sections import load_config
 from train.core.optimizer import schedule
@@ -27,12 +26,7 @@ GPT2 = "configs/tiny-gpt2.yaml"
 LLAMA = "configs/tiny-llama.yaml"
 TRAIN_KEYS = {"step", "loss", "lr", "grad_norm", "tokens_per_sec", "mfu"}
 EVAL_KEYS = {"step", "eval_loss", "eval_bpb"}
-ENV = {
-    **os.environ,
-    "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-    "JAX_PLATFORMS": "cpu",  # an installed libtpu otherwise logs TPU probing to stderr
-    "PYTHONPATH": str(REPO),
-}
+ENV = child_env(8)
 TIMEOUT_S = 300
 
 

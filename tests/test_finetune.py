@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import pathlib
 
 import jax
@@ -19,7 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 import yaml
-from cli_runs import REPO, Run, in_one_process
+from cli_runs import REPO, Run, child_env, in_one_process
 
 from models import build_model, hf
 from models.config import ModelConfig
@@ -50,7 +49,7 @@ SEQ2SEQ = ["configs/tiny-t5.yaml", *FAST, "train.objective=seq2seq", "data.forma
 def run_all(root: pathlib.Path, runs: dict[str, list[str]]) -> dict[str, Run]:
     """name -> argv, run in order in one subprocess with ``run.dir=root/<dir>`` (``dir`` is the name
     up to any '#', so 'a#2' continues run 'a')."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    env = child_env(2)
     argvs = [[*argv, f"run.dir={root / name.split('#')[0]}"] for argv, name in zip(runs.values(), runs)]
     return dict(zip(runs, in_one_process(argvs, root, env, timeout=600)))
 

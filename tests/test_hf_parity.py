@@ -26,7 +26,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from cli_runs import REPO
+from cli_runs import REPO, child_env
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
@@ -211,7 +211,7 @@ def test_export_loads_in_transformers_with_the_same_outputs(reference, tmp_path)
 def test_import_onto_fsdp_tensor_mesh_shards_every_parameter_and_keeps_logits(name, tmp_path):
     if jax.device_count() < 8:  # jax started before this module could ask for fake devices
         test = f"{__file__}::{test_import_onto_fsdp_tensor_mesh_shards_every_parameter_and_keeps_logits.__name__}"
-        env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+        env = child_env(8)
         assert (
             subprocess.run(
                 [sys.executable, "-m", "pytest", "-q", f"{test}[{name}]"], cwd=REPO, env=env, check=False

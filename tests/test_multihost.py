@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import re
 import signal
@@ -13,7 +12,7 @@ import sys
 import time
 
 import pytest
-from cli_runs import REPO
+from cli_runs import REPO, child_env
 
 TINY = """
 seed: 0
@@ -26,12 +25,6 @@ checkpoint: {every: 4}
 """
 
 
-def _env(devices: int) -> dict:
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -41,7 +34,7 @@ def _free_port() -> int:
 def _train(config: pathlib.Path, *overrides: str, devices: int = 8, **popen) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "train", str(config), *overrides]
     return subprocess.Popen(
-        cmd, cwd=REPO, env=_env(devices), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen
+        cmd, cwd=REPO, env=child_env(devices), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen
     )
 
 

@@ -43,7 +43,12 @@ def test_padding_fraction_of_six_examples_packed_first_fit_and_padded():
     arrays = objectives.classification([[7] * n for n in lengths], np.zeros(6), seq_len=8)
     packed, _ = packing.eval_batches(arrays, 2)
     # 8 rows open: [5 3] [8] [2 6] [4]
-    assert [list(r[r > 0]) for b in packed for r in b["segment_ids"]] == [[1] * 5 + [2] * 3, [1] * 8, [1] * 2 + [2] * 6, [1] * 4]
+    assert [list(r[r > 0]) for b in packed for r in b["segment_ids"]] == [
+        [1] * 5 + [2] * 3,
+        [1] * 8,
+        [1] * 2 + [2] * 6,
+        [1] * 4,
+    ]
     assert packing.padding_fraction(packed) == pytest.approx(1 - 28 / 32)  # 12.5%
     assert packing.padding_fraction(examples.padded_batches(arrays, 2)) == pytest.approx(1 - 28 / 48)  # 41.7%
 
@@ -68,7 +73,9 @@ def test_masked_lm_masks_each_document_of_a_row_at_the_rate():
 
 
 def test_packing_is_on_by_default_for_every_objective_and_off_when_asked():
-    assert all(packs(load_config(REPO / "configs" / name)) for name in ("tiny-bert.yaml", "tiny-gpt2.yaml", "tiny-t5.yaml"))
+    assert all(
+        packs(load_config(REPO / "configs" / name)) for name in ("tiny-bert.yaml", "tiny-gpt2.yaml", "tiny-t5.yaml")
+    )
     assert not packs(load_config(REPO / "configs" / "tiny-t5.yaml", ["data.packing=false"]))
 
 
@@ -114,14 +121,21 @@ def _words(rng, n) -> str:
 
 
 def _setup(preset: str, *overrides: str):
-    config = load_config(REPO / "configs" / preset, ["model.compute_dtype=float32", "mesh.data=8", "mesh.fsdp=1", *overrides])
+    config = load_config(
+        REPO / "configs" / preset, ["model.compute_dtype=float32", "mesh.data=8", "mesh.fsdp=1", *overrides]
+    )
     model_cfg = resolve_model(config.model, TOK.vocab_size)
     mesh = make_mesh(config.mesh, jax.devices())
     spec = make_state_spec(model_cfg, config.optimizer, 10, mesh)
     return config, model_cfg, mesh, spec, init_state(spec, model_cfg, config.seed)
 
 
-TAGGING = ["train.objective=token_classification", "model.head=token_classification", "model.num_labels=4", "data.format=jsonl"]
+TAGGING = [
+    "train.objective=token_classification",
+    "model.head=token_classification",
+    "model.num_labels=4",
+    "data.format=jsonl",
+]
 
 
 def _example_arrays(objective: str):
@@ -135,16 +149,31 @@ def _example_arrays(objective: str):
     if objective == "classification":
         texts = [TOK.encode(_words(rng, rng.integers(1, 6))) for _ in range(24)]
         m = markers(TOK)
-        arrays = objectives.classification(texts, rng.integers(0, 3, 24), seq_len=64, pad_id=m.pad, cls_id=m.cls, sep_id=m.sep)
-        return arrays, _setup("tiny-bert.yaml", "train.objective=classification", "model.head=classification", "model.num_labels=3", "data.format=jsonl")[2:]
+        arrays = objectives.classification(
+            texts, rng.integers(0, 3, 24), seq_len=64, pad_id=m.pad, cls_id=m.cls, sep_id=m.sep
+        )
+        return arrays, _setup(
+            "tiny-bert.yaml",
+            "train.objective=classification",
+            "model.head=classification",
+            "model.num_labels=3",
+            "data.format=jsonl",
+        )[2:]
     if objective == "sft":
-        records = [{"prompt": _words(rng, rng.integers(1, 4)), "completion": _words(rng, rng.integers(1, 4))} for _ in range(24)]
+        records = [
+            {"prompt": _words(rng, rng.integers(1, 4)), "completion": _words(rng, rng.integers(1, 4))}
+            for _ in range(24)
+        ]
         config, _, *rest = _setup("tiny-gpt2.yaml", "train.objective=sft", "data.format=jsonl")
         rows = [Row(r, "sft.jsonl", i + 1) for i, r in enumerate(records)]
         return chat.sft_arrays(rows, config.data, TOK, 64, "assistant")[0], rest
-    pairs = [(TOK.encode(_words(rng, rng.integers(1, 5))), TOK.encode(_words(rng, rng.integers(1, 3)))) for _ in range(24)]
+    pairs = [
+        (TOK.encode(_words(rng, rng.integers(1, 5))), TOK.encode(_words(rng, rng.integers(1, 3)))) for _ in range(24)
+    ]
     m = markers(TOK)
-    arrays = objectives.seq2seq(pairs, inputs_length=48, targets_length=32, eos_id=m.eos, pad_id=m.pad, decoder_start_id=m.pad)
+    arrays = objectives.seq2seq(
+        pairs, inputs_length=48, targets_length=32, eos_id=m.eos, pad_id=m.pad, decoder_start_id=m.pad
+    )
     return arrays, _setup("tiny-t5.yaml", "train.objective=seq2seq", "data.format=jsonl")[2:]
 
 
@@ -158,7 +187,9 @@ def _summed(spec, mesh, params, batches) -> tuple[float, float]:
 def test_a_packed_train_step_loss_is_the_loss_of_its_examples_each_in_its_own_padded_row(objective):
     arrays, (mesh, spec, state) = _example_arrays(objective)
     packed, unpack = packing.eval_batches(arrays, BATCH)
-    marks = unpack([np.ones_like(b["targets"]) if i == 0 else np.zeros_like(b["targets"]) for i, b in enumerate(packed)])
+    marks = unpack(
+        [np.ones_like(b["targets"]) if i == 0 else np.zeros_like(b["targets"]) for i, b in enumerate(packed)]
+    )
     members = np.flatnonzero(marks.reshape(len(marks), -1).max(axis=1))  # the examples of the first batch
     assert len(members) > BATCH  # more examples than rows: they really share rows
     alone = examples.padded_batches({k: v[members] for k, v in arrays.items()}, BATCH)
@@ -221,13 +252,31 @@ def _task(tmp_path, objective: str, packed: bool):
     rng = np.random.default_rng(3)
     data = tmp_path / f"{objective}.jsonl"
     if objective == "token_classification":
-        rows = [r | {"tokens": r["tokens"][: 2 + i % 9], "tags": r["tags"][: 2 + i % 9]} for i, r in enumerate(synthetic_rows(64))]
+        rows = [
+            r | {"tokens": r["tokens"][: 2 + i % 9], "tags": r["tags"][: 2 + i % 9]}
+            for i, r in enumerate(synthetic_rows(64))
+        ]
         argv = [*TAGGING, "data.group_field=doc"]
     else:
-        rows = [{"text": _words(rng, rng.integers(1, 8)), "label": str(rng.integers(0, 3)), "doc": f"d{i // 4}"} for i in range(64)]
-        argv = ["train.objective=classification", "model.head=classification", "model.num_labels=3", "data.format=jsonl"]
+        rows = [
+            {"text": _words(rng, rng.integers(1, 8)), "label": str(rng.integers(0, 3)), "doc": f"d{i // 4}"}
+            for i in range(64)
+        ]
+        argv = [
+            "train.objective=classification",
+            "model.head=classification",
+            "model.num_labels=3",
+            "data.format=jsonl",
+        ]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    overrides = [*argv, f"data.train_files={data}", "data.val_fraction=0.5", "train.batch_size=8", "train.seq_len=64", f"data.packing={packed}"]
+    overrides = [
+        *argv,
+        f"data.train_files={data}",
+        "data.val_fraction=0.5",
+        "train.batch_size=8",
+        "train.seq_len=64",
+        f"data.packing={packed}",
+    ]
     config, model_cfg, mesh, spec, state = _setup("tiny-bert.yaml", *overrides)
     return make_task(config, model_cfg, TOK), mesh, spec, state
 
@@ -268,7 +317,10 @@ def test_a_packed_example_iterator_resumes_exactly_from_its_state():
 @pytest.mark.slow
 def test_a_packed_token_classification_run_stopped_and_continued_is_bitwise_the_uninterrupted_run(tmp_path):
     data = tmp_path / "tagged.jsonl"
-    rows = [r | {"tokens": r["tokens"][: 2 + i % 9], "tags": r["tags"][: 2 + i % 9]} for i, r in enumerate(synthetic_rows(96))]
+    rows = [
+        r | {"tokens": r["tokens"][: 2 + i % 9], "tags": r["tags"][: 2 + i % 9]}
+        for i, r in enumerate(synthetic_rows(96))
+    ]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     fast = ["optimizer.schedule=constant", "checkpoint.every=3", "train.log_every=1"]
     argv = [*TAGGER, *fast, f"data.train_files={data}"]

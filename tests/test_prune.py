@@ -292,7 +292,7 @@ def exports(tmp_path_factory) -> dict[str, pathlib.Path]:
 def test_prune_cli_writes_a_smaller_export_that_loads_and_warm_starts(exports, tmp_path, capsys):
     from train.checkpoints.sources import warm_start
     from train.checkpoints.store import restore_target
-    
+
     out = tmp_path / "neurons"
     assert prune_cli.main([str(exports["gpt2"]), str(out), "--method", "neurons", "--sparsity", "0.5"]) == 0
     assert "model.d_ff=24" in capsys.readouterr().out

@@ -10,7 +10,6 @@ deterministic) and within fp32 tolerance across meshes.
 
 from __future__ import annotations
 
-import os
 import pathlib
 import re
 import signal
@@ -21,7 +20,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from cli_runs import REPO, Run, in_this_process, read_jsonl, run_dir
+from cli_runs import REPO, Run, child_env, in_this_process, read_jsonl, run_dir
 from flax import nnx
 
 from train import export
@@ -82,13 +81,10 @@ class SigtermAfter(Callback):
 
 
 def start_cli(argv: list[str], devices: int) -> subprocess.Popen:
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(REPO),
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-    }
     command = [sys.executable, "-m", "train", *argv]
-    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        command, cwd=REPO, env=child_env(devices), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def finish_cli(process: subprocess.Popen, argv: list[str]) -> Run:

@@ -18,7 +18,15 @@ from models.config import ModelConfig
 from models.generate import generate
 from train.checkpoints.serving import export_serving, load_weights
 
-TINY = {"vocab_size": 300, "d_model": 32, "n_layers": 2, "n_heads": 4, "d_ff": 64, "max_seq_len": 32, "compute_dtype": "float32"}
+TINY = {
+    "vocab_size": 300,
+    "d_model": 32,
+    "n_layers": 2,
+    "n_heads": 4,
+    "d_ff": 64,
+    "max_seq_len": 32,
+    "compute_dtype": "float32",
+}
 LLAMA = {"position": "rope", "norm": "rms", "mlp": "swiglu", "n_kv_heads": 2, "tie_embeddings": False}
 
 

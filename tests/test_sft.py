@@ -116,7 +116,10 @@ def test_bad_rows_name_file_and_line_or_are_skipped_and_counted(record, message)
     [
         (["model.family=encoder"], "train.objective=sft trains model.family=decoder, not encoder"),
         (["data.format=text"], "train.objective=sft reads one example per JSONL row; set data.format=jsonl"),
-        (["train.objective=causal_lm", "data.format=text"], "train.loss_on and data.skip_bad are for train.objective=sft"),
+        (
+            ["train.objective=causal_lm", "data.format=text"],
+            "train.loss_on and data.skip_bad are for train.objective=sft",
+        ),
     ],
 )
 def test_sft_config_must_fit(overrides, message):
@@ -127,13 +130,17 @@ def test_sft_config_must_fit(overrides, message):
 
 
 def tiny_config(tmp_path: pathlib.Path, **train):
-    rows = [{"prompt": f"Who says {w}?", "completion": n} for w, n in [("aye", "KENT"), ("nay", "LEAR"), ("so", "FOOL")]]
+    rows = [
+        {"prompt": f"Who says {w}?", "completion": n} for w, n in [("aye", "KENT"), ("nay", "LEAR"), ("so", "FOOL")]
+    ]
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows * 6))
     (tmp_path / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
     base = load_config(REPO / "configs/sft-llama.yaml")
     return dataclasses.replace(
         base,
-        data=dataclasses.replace(base.data, train_files=str(tmp_path / "train.jsonl"), val_files=str(tmp_path / "val.jsonl")),
+        data=dataclasses.replace(
+            base.data, train_files=str(tmp_path / "train.jsonl"), val_files=str(tmp_path / "val.jsonl")
+        ),
         train=dataclasses.replace(base.train, seq_len=48, batch_size=8, **train),
         model=dataclasses.replace(base.model, max_seq_len=48),
     )

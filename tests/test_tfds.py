@@ -18,7 +18,7 @@ import sys
 import grain
 import numpy as np
 import pytest
-from cli_runs import REPO
+from cli_runs import REPO, child_env
 
 from train.config.sections import ConfigError, DataConfig, load_config
 from train.data import tfds_build
@@ -94,7 +94,7 @@ def e2e(data_dir, tmp_path_factory):
         [*E2E, f"data.tfds_data_dir={data_dir}", f"run.dir={root / name}", f"train.steps={steps}"]
         for name, steps in (("whole", 8), ("halves", 4), ("halves", 8))
     ]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env = child_env(8)
     process = subprocess.Popen(
         [sys.executable, "-c", DRIVER, json.dumps(runs)],
         cwd=REPO,
