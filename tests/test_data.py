@@ -271,6 +271,7 @@ def test_eval_batches_are_the_first_windows_in_order_without_the_ragged_tail():
         eval_batches(PackedTokens([], ByteTokenizer()), 4, 1, max_batches=1)
 
 
+@pytest.mark.slow
 def test_num_workers_do_not_change_the_batches():
     if os.cpu_count() is None or os.cpu_count() < 2:
         pytest.skip("needs two CPUs")

@@ -104,6 +104,7 @@ def train_losses(cfg, mesh, seed=0, grad_accum=2, steps=3) -> list[float]:
     return losses
 
 
+@pytest.mark.slow
 def test_train_steps_deterministic_and_mesh_independent():
     cfg = model_config("tiny-gpt2", **ON)
     data8 = make_mesh(MeshConfig(data=8, fsdp=1, tensor=1))

@@ -106,6 +106,7 @@ def test_generate_until_stops_at_the_stop_string_and_matches_greedy_tokens(lm, h
         assert cut == free.split(free[2])[0]
 
 
+@pytest.mark.slow
 def test_lm_eval_runs_a_local_multiple_choice_task(lm, tmp_path):
     import lm_eval
     from lm_eval.tasks import TaskManager

@@ -213,6 +213,7 @@ def test_four_micro_batches_give_the_parameters_and_moments_of_one_big_batch(mes
 # --- bf16 -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_bf16_compute_tracks_fp32_over_50_steps(single_device_fp32, bf16_run):
     _, fp32 = single_device_fp32
     _, bf16 = bf16_run
