@@ -4,7 +4,6 @@ every family, random token batches and the 8 fake CPU devices of tests/conftest.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -81,20 +80,25 @@ def encoder():
     return spec.graphdef, params, batch_for("encoder")
 
 
-@functools.partial(jax.jit, static_argnums=0)
 def mean_loss(graphdef, params, batch, delta):
     logits = nnx.merge(graphdef, params).forward(batch, embed_delta=delta)
     return optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]).mean()
 
 
+# the loss and its gradients with respect to the parameters and the perturbation: one program for both tests
+loss_and_grads = jax.jit(jax.value_and_grad(mean_loss, argnums=(1, 3)), static_argnums=0)
+
+
+def fgm_delta(g_delta: jax.Array) -> jax.Array:
+    """FGM's perturbation by hand: ``epsilon`` times the gradient normalised per row."""
+    return FGM.epsilon * g_delta / jnp.sqrt(jnp.sum(g_delta**2, axis=(1, 2), keepdims=True))
+
+
 def test_fgm_step_is_clean_loss_plus_the_loss_at_the_hand_computed_perturbation(encoder):
     graphdef, params, batch = encoder
     zero = jnp.zeros((B, T, 64), jnp.float32)
-    loss_and_grads = jax.jit(jax.value_and_grad(mean_loss, argnums=(1, 3)), static_argnums=0)
     clean, (g_params, g_delta) = loss_and_grads(graphdef, params, batch, zero)
-    norms = jnp.sqrt(jnp.sum(g_delta**2, axis=(1, 2), keepdims=True))  # one per row
-    r = FGM.epsilon * g_delta / norms
-    adversarial, (g_adv, _) = loss_and_grads(graphdef, params, batch, r)
+    adversarial, (g_adv, _) = loss_and_grads(graphdef, params, batch, fgm_delta(g_delta))
     [metrics], _ = run_steps("encoder", FGM, steps=1)
     assert adversarial > clean + 1e-3  # the perturbation raises the loss
     np.testing.assert_allclose(metrics["clean_loss"], clean, rtol=1e-5)
@@ -111,14 +115,12 @@ def test_pgd_stays_inside_the_epsilon_ball_and_raises_the_loss_more_than_one_ste
         return mean_loss(graphdef, p, b, delta), {}
 
     zero = jnp.zeros((B, T, 64), jnp.float32)
-    grad = jax.jit(jax.grad(mean_loss, argnums=3), static_argnums=0)(graphdef, params, batch, zero)
-    attack = jax.jit(perturbation, static_argnums=(0, 4))
+    _, (_, grad) = loss_and_grads(graphdef, params, batch, zero)
     far = AdversarialConfig(method="pgd", epsilon=0.5, steps=4, alpha=0.4)  # 4 x 0.4 would leave the ball
-    delta = attack(loss_fn, params, batch, grad, far)
+    delta = jax.jit(perturbation, static_argnums=(0, 4))(loss_fn, params, batch, grad, far)
     norms = np.sqrt(np.sum(np.asarray(delta) ** 2, axis=(1, 2)))
     assert np.all(norms <= far.epsilon * (1 + 1e-5)) and np.isclose(norms.max(), far.epsilon, rtol=1e-5)
-    fgm = attack(loss_fn, params, batch, grad, AdversarialConfig(method="fgm", epsilon=0.5))
-    losses = [float(mean_loss(graphdef, params, batch, d)) for d in (zero, fgm, delta)]
+    losses = [float(loss_and_grads(graphdef, params, batch, d)[0]) for d in (zero, fgm_delta(grad), delta)]
     assert losses[0] < losses[1] < losses[2]
 
 
@@ -144,18 +146,13 @@ def test_off_is_the_plain_step_bitwise():
     jax.tree.map(np.testing.assert_array_equal, plain_state, off_state)
 
 
-@pytest.fixture(scope="module")
-def pgd_single():
-    """Two PGD steps of the tiny Llama on one device, one batch of 8 rows."""
-    metrics, _ = run_steps("decoder", PGD)
-    assert metrics[0]["adversarial_loss"] > metrics[0]["clean_loss"]
-    return metrics
-
-
-@pytest.mark.parametrize("sizes, grad_accum", [((2, 2, 2), 1), ((2, 1, 1), 2)], ids=["mesh-2x2x2", "accum-2"])
-def test_pgd_sharded_or_accumulated_gives_the_single_device_losses(pgd_single, sizes, grad_accum):
-    other, _ = run_steps("decoder", PGD, sizes=sizes, grad_accum=grad_accum)
-    for one, two in zip(pgd_single, other):
+def test_pgd_on_a_data_fsdp_tensor_mesh_with_grad_accum_gives_the_single_device_losses():
+    """Two PGD steps of the tiny Llama on one batch of 8 rows, sharded 2 x 2 x 2 and in 2 micro-batches (one
+    program for both splits) == on one device."""
+    single, _ = run_steps("decoder", PGD)
+    assert single[0]["adversarial_loss"] > single[0]["clean_loss"]
+    split, _ = run_steps("decoder", PGD, sizes=(2, 2, 2), grad_accum=2)
+    for one, two in zip(single, split):
         for key in ("loss", "clean_loss", "adversarial_loss", "grad_norm"):
             np.testing.assert_allclose(two[key], one[key], rtol=2e-5)
 

@@ -1,8 +1,10 @@
-"""``python -m train CONFIG key=value ...`` end to end, in subprocesses on 8 fake CPU devices.
+"""``python -m train CONFIG key=value ...`` end to end, on 8 fake CPU devices.
 
-Good runs: the tiny GPT-2 (twice, same seed) and the tiny Llama presets, 30 steps each.
-Bad input: exit status 2, one ``error:`` line on stderr, and nothing written to run.dir.
-All processes of a kind start together, so the file costs about one run's wall time.
+Good runs, 30 steps each: the tiny GPT-2 preset as the real command, in a subprocess; the tiny
+Llama preset meanwhile in this process, through the command's ``main``; then the GPT-2 again
+here, same seed, another run dir (its programs compiled by then).
+Bad input: exit status 2, one ``error:`` line on stderr, and nothing written to run.dir; one
+case is the real command in a subprocess, started with the GPT-2 run, the rest run here.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ import subprocess
 import sys
 
 import pytest
-from cli_runs import REPO, child_env
+from cli_runs import REPO, child_env, in_this_process
 
+from train.__main__ import main
 from train.config.sections import load_config
 from train.core.optimizer import schedule
 from train.data.tokenizer import ByteTokenizer
@@ -45,11 +48,6 @@ def read_records(run_dir: pathlib.Path) -> tuple[list[dict], list[dict]]:
     return [r for r in records if "loss" in r], [r for r in records if "eval_loss" in r]
 
 
-GOOD_RUNS = {  # name: (config, extra arguments)
-    "gpt2": (GPT2, []),
-    "gpt2-again": (GPT2, ["train.sample_tokens=0"]),  # sampling happens after training
-    "llama": (LLAMA, []),
-}
 BAD_INPUTS = {
     # name: (arguments after the config path, what the one error line must say)
     "misspelt key": (["train.stpes=5"], "unknown config key 'train.stpes' (did you mean 'steps'?)"),
@@ -73,21 +71,32 @@ BAD_INPUTS = {
         "model.attention='splash' runs on TPU only, not on cpu; use model.attention='xla'",
     ),
 }
+REAL_BAD_INPUT = "misspelt key"  # the one bad input run as the real command
 
 
 @pytest.fixture(scope="module")
-def launched(tmp_path_factory):
-    """Every process of this file, started at once: name -> (run dir, Popen)."""
+def root(tmp_path_factory) -> pathlib.Path:
+    """The runs' directory, with an empty corpus for the bad input that needs one."""
     root = tmp_path_factory.mktemp("cli")
     empty = root / "empty_corpus"
     empty.mkdir()
     (empty / "blank.txt").write_text("")
-    out = {}
-    for name, (path, extra) in GOOD_RUNS.items():
-        out[name] = (root / name, start(path, f"run.dir={root / name}", *extra))
-    for name, (args, _) in BAD_INPUTS.items():
-        run_dir = root / name.replace(" ", "-")
-        out[name] = (run_dir, start(GPT2, f"run.dir={run_dir}", *(a.format(empty=empty) for a in args)))
+    return root
+
+
+def bad_argv(root: pathlib.Path, name: str) -> tuple[pathlib.Path, list[str]]:
+    """(run dir that must stay absent, argv) of the bad input ``name``."""
+    run_dir = root / name.replace(" ", "-")
+    args = [a.format(empty=root / "empty_corpus") for a in BAD_INPUTS[name][0]]
+    return run_dir, [GPT2, f"run.dir={run_dir}", *args]
+
+
+@pytest.fixture(scope="module")
+def launched(root):
+    """Every subprocess of this file, started at once: name -> (run dir, Popen)."""
+    out = {"gpt2": (root / "gpt2", start(GPT2, f"run.dir={root / 'gpt2'}"))}
+    run_dir, argv = bad_argv(root, REAL_BAD_INPUT)
+    out[REAL_BAD_INPUT] = (run_dir, start(*argv))
     yield out
     for _, process in out.values():
         if process.poll() is None:
@@ -99,9 +108,18 @@ def launched(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def runs(launched):
-    """name -> (run dir, CompletedProcess) for the good runs."""
-    return {name: (launched[name][0], finish(launched[name][1])) for name in GOOD_RUNS}
+def runs(launched, root):
+    """name -> (run dir, CompletedProcess) for the good runs: llama while the gpt2 subprocess
+    runs, gpt2-again once it is done."""
+
+    def here(name: str, *argv: str) -> tuple[pathlib.Path, subprocess.CompletedProcess]:
+        run = in_this_process([*argv, f"run.dir={root / name}"])
+        return run.dir, subprocess.CompletedProcess(argv, run.rc, run.out, run.err)
+
+    out = {"llama": here("llama", LLAMA)}
+    out["gpt2"] = (launched["gpt2"][0], finish(launched["gpt2"][1]))
+    out["gpt2-again"] = here("gpt2-again", GPT2, "train.sample_tokens=0")  # sampling happens after training
+    return out
 
 
 def check_ok(result: subprocess.CompletedProcess) -> None:
@@ -186,35 +204,32 @@ def test_same_seed_in_another_run_dir_gives_identical_losses(runs):
 # --- bad input ------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def bad_runs(launched):
-    """name -> (run dir that must stay absent, CompletedProcess)."""
-    return {name: (launched[name][0], finish(launched[name][1])) for name in BAD_INPUTS}
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", BAD_INPUTS)
-def test_bad_input_exits_2_with_one_error_line_and_writes_nothing(bad_runs, name):
-    run_dir, result = bad_runs[name]
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2, f"exit {result.returncode}\nstderr:\n{result.stderr[-4000:]}"
-    assert len(lines) == 1, f"stderr should be one line:\n{result.stderr[-4000:]}"
+def check_bad_input(name: str, run_dir: pathlib.Path, status: int, stdout: str, stderr: str) -> None:
+    lines = stderr.strip().splitlines()
+    assert status == 2, f"exit {status}\nstderr:\n{stderr[-4000:]}"
+    assert len(lines) == 1, f"stderr should be one line:\n{stderr[-4000:]}"
     assert lines[0].startswith("error: ")
     assert BAD_INPUTS[name][1] in lines[0]
-    assert "Traceback" not in result.stdout
+    assert "Traceback" not in stdout
     assert not run_dir.exists(), f"{name}: wrote {sorted(p.name for p in run_dir.rglob('*'))}"
 
 
 @pytest.mark.slow
-def test_help_exits_0_and_shows_usage():
-    result = subprocess.run(
-        [sys.executable, "-m", "train", "--help"],
-        cwd=REPO,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0
-    assert result.stdout.startswith("usage: python -m train [CONFIG.yaml]")
+def test_bad_input_as_the_real_command_exits_2_with_one_error_line_and_writes_nothing(launched):
+    run_dir, process = launched[REAL_BAD_INPUT]
+    result = finish(process)
+    check_bad_input(REAL_BAD_INPUT, run_dir, result.returncode, result.stdout, result.stderr)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [name for name in BAD_INPUTS if name != REAL_BAD_INPUT])
+def test_bad_input_exits_2_with_one_error_line_and_writes_nothing(root, name):
+    run_dir, argv = bad_argv(root, name)
+    run = in_this_process(argv)
+    check_bad_input(name, run_dir, run.rc, run.out, run.err)
+
+
+@pytest.mark.slow
+def test_help_exits_0_and_shows_usage(capsys):
+    assert main(["--help"]) == 0
+    assert capsys.readouterr().out.startswith("usage: python -m train [CONFIG.yaml]")

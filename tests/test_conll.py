@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import pathlib
 
 import numpy as np
 import pytest
+from cli_runs import REPO
 
 from train.config.sections import ConfigError, DataConfig, load_config
 from train.data import conll, windows
@@ -17,7 +17,6 @@ from train.data.tokenizer import load_tokenizer
 from train.evaluation.report import token_report
 from train.evaluation.scores import token_macro_f1
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "tests" / "data" / "sample.conll"
 CONLL = DataConfig(format="conll")
 

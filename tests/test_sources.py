@@ -24,6 +24,8 @@ TOKENIZER = "data/tokenizers/shakespeare-bpe-1024"
 FAST = [
     "configs/tiny-gpt2.yaml",
     f"data.tokenizer={TOKENIZER}",
+    "data.train_files=data/shakespeare/tempest.txt",  # not all the plays: BPE-encoding those takes seconds
+    "data.val_files=data/shakespeare/macbeth.txt",
     "optimizer.schedule=constant",
     "optimizer.warmup_steps=0",
     "train.seq_len=32",
@@ -36,13 +38,14 @@ FAST = [
     "mesh.tensor=2",
 ]
 TEXT = "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n" * 6
-# model source -> the command that makes it from the base run (or from the LoRA run: lora-adapters)
+# model source -> the command that makes it from the base run (or from the LoRA run: lora-adapters). Pruning
+# writes both methods' output alike; a magnitude-pruned export also loads and runs as "params" does (the same
+# shapes), so the neuron-pruned one (a smaller d_ff) stands for both.
 EXPORTS = {
     "params": (export.main, []),
     "hf": (export.main, ["--format", "hf"]),
     "checkpoint": (export.main, ["--format", "checkpoint"]),
     "int8": (quantize.main, []),
-    "magnitude": (prune.main, ["--method", "magnitude", "--sparsity", "0.5"]),
     "neurons": (prune.main, ["--method", "neurons", "--sparsity", "0.5"]),
 }
 SAME_MODEL = ("run", "params", "hf", "checkpoint")  # the base run's parameters, unchanged

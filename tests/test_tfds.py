@@ -2,8 +2,7 @@
 
 Two datasets are prepared once per module, offline, with ``python -m train.tfds_build``: five
 short plays (array_record, read back through ``tfds.data_source``) and 60 JSONL lines of
-varied length. The end-to-end runs (train, then stop-and-resume) start in one subprocess as
-soon as the plays exist and run while the in-process tests do.
+varied length. The end-to-end runs (train, then stop-and-resume) run in this process.
 """
 
 from __future__ import annotations
@@ -12,13 +11,11 @@ import importlib.util
 import json
 import os
 import pathlib
-import subprocess
-import sys
 
 import grain
 import numpy as np
 import pytest
-from cli_runs import REPO, child_env
+from cli_runs import REPO, in_this_process
 
 from train.config.sections import ConfigError, DataConfig, load_config
 from train.data import tfds_build
@@ -49,19 +46,6 @@ E2E = [
     "train.sample_tokens=0",
     "checkpoint.every=4",
 ]
-DRIVER = """
-import contextlib, io, json, pathlib, sys
-from train.__main__ import main
-out = []
-for argv in json.loads(sys.argv[1]):
-    err = io.StringIO()
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
-        status = main(argv)
-    run_dir = pathlib.Path([a for a in argv if a.startswith("run.dir=")][0][8:])
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines() if status == 0 else []
-    out.append({"status": status, "stderr": err.getvalue()[-3000:], "metrics": [json.loads(l) for l in lines]})
-print(json.dumps(out))
-"""
 
 
 def build(data_dir: pathlib.Path, name: str, files: str, *extra: str) -> int:
@@ -87,30 +71,7 @@ def data_dir(tmp_path_factory) -> pathlib.Path:
 
 
 @pytest.fixture(scope="module")
-def e2e(data_dir, tmp_path_factory):
-    """Started at once; the runs' results are collected by the test that needs them."""
-    root = tmp_path_factory.mktemp("runs")
-    runs = [
-        [*E2E, f"data.tfds_data_dir={data_dir}", f"run.dir={root / name}", f"train.steps={steps}"]
-        for name, steps in (("whole", 8), ("halves", 4), ("halves", 8))
-    ]
-    env = child_env(8)
-    process = subprocess.Popen(
-        [sys.executable, "-c", DRIVER, json.dumps(runs)],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    yield process
-    if process.poll() is None:
-        process.kill()
-        process.wait()
-
-
-@pytest.fixture(scope="module")
-def lines(data_dir, e2e):  # e2e: requested here so the runs start before the in-process tests
+def lines(data_dir):
     return open_tfds(DataConfig(format="tfds", tfds_name="lines", tfds_data_dir=str(data_dir), text_field="text"))
 
 
@@ -350,18 +311,20 @@ def test_cli_reports_a_missing_dataset_on_one_line_before_writing_anything(data_
 
 
 @pytest.mark.slow
-def test_tfds_run_trains_evaluates_and_resumes_exactly(e2e):
-    out, err = e2e.communicate(timeout=600)
-    assert e2e.returncode == 0, err[-3000:]
-    whole, half, resumed = json.loads(out.splitlines()[-1])
-    for run in (whole, half, resumed):
-        assert run["status"] == 0, run["stderr"]
-    losses = {r["step"]: r["loss"] for r in whole["metrics"] if "loss" in r}
-    evals = {r["step"]: r for r in whole["metrics"] if "eval_loss" in r}
+def test_tfds_run_trains_evaluates_and_resumes_exactly(data_dir, tmp_path):
+    runs = [
+        in_this_process([*E2E, f"data.tfds_data_dir={data_dir}", f"run.dir={tmp_path / name}", f"train.steps={steps}"])
+        for name, steps in (("whole", 8), ("halves", 4), ("halves", 8))
+    ]
+    for run in runs:
+        assert run.rc == 0, run.err[-3000:]
+    whole, half, resumed = (run.metrics for run in runs)
+    losses = {r["step"]: r["loss"] for r in whole if "loss" in r}
+    evals = {r["step"]: r for r in whole if "eval_loss" in r}
     assert sorted(losses) == list(range(1, 9)) and sorted(evals) == [4, 8]
     assert all(np.isfinite(r["eval_bpb"]) and 0 < r["eval_bpb"] < 12 for r in evals.values())
     assert losses[8] < losses[1]
-    assert {r["step"]: r["loss"] for r in half["metrics"] if "loss" in r} == {s: losses[s] for s in range(1, 5)}
-    after = [r for r in resumed["metrics"] if r["step"] > 4]
+    assert {r["step"]: r["loss"] for r in half if "loss" in r} == {s: losses[s] for s in range(1, 5)}
+    after = [r for r in resumed if r["step"] > 4]
     assert {r["step"]: r["loss"] for r in after if "loss" in r} == {s: losses[s] for s in range(5, 9)}
     assert [r for r in after if "eval_loss" in r] == [evals[8]]

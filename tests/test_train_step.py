@@ -56,7 +56,6 @@ def rel_diff(a, b) -> float:
 class Run:
     losses: list[float]
     state: object  # host (numpy) TrainState after the last step
-    state_at: dict  # step -> host TrainState, for the steps asked for
 
 
 @pytest.fixture(scope="module")
@@ -77,26 +76,35 @@ def cpu_mesh(sizes, devices=None):
     return make_mesh(MeshConfig(data=data, fsdp=fsdp, tensor=tensor), devices or jax.devices("cpu"))
 
 
+def one_device(setup, compute_dtype: str):
+    """(state spec, mesh, model config) of the preset with ``compute_dtype`` on one device."""
+    config, model_cfg, _ = setup
+    model_cfg = dataclasses.replace(model_cfg, compute_dtype=compute_dtype)
+    mesh = make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1), jax.devices("cpu")[:1])
+    return make_state_spec(model_cfg, config.optimizer, TOTAL_STEPS, mesh), mesh, model_cfg
+
+
+def one_device_run(setup, compute_dtype: str) -> tuple[object, Run]:
+    """STEPS steps on one device from init_state: (initial host state, run)."""
+    config, _, batches = setup
+    spec, mesh, model_cfg = one_device(setup, compute_dtype)
+    state = init_state(spec, model_cfg, config.seed)
+    return jax.device_get(state), train(spec, mesh, state, batches[:STEPS])
+
+
 @pytest.fixture(scope="module")
 def single_device_fp32(setup):
-    """fp32 on one device, 50 steps from init_state; its initial state seeds every other run."""
-    config, model_cfg, batches = setup
-    mesh = make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1), jax.devices("cpu")[:1])
-    spec = make_state_spec(model_cfg, config.optimizer, TOTAL_STEPS, mesh)
-    state = init_state(spec, model_cfg, config.seed)
-    initial = jax.device_get(state)
-    return initial, train(spec, mesh, state, batches[:BF16_STEPS], keep=(STEPS,))
+    """fp32 on one device, STEPS steps from init_state; its initial state seeds every other run."""
+    return one_device_run(setup, "float32")
 
 
-def train(spec, mesh, state, batches, grad_accum: int = 1, keep=()) -> Run:
+def train(spec, mesh, state, batches, grad_accum: int = 1) -> Run:
     step = make_train_step(spec, mesh, grad_accum)
-    losses, kept = [], {}
-    for i, batch in enumerate(batches, start=1):
+    losses = []
+    for batch in batches:
         state, metrics = step(state, batch)
         losses.append(float(metrics["loss"]))
-        if i in keep:
-            kept[i] = jax.device_get(state)
-    return Run(losses, jax.device_get(state), kept)
+    return Run(losses, jax.device_get(state))
 
 
 def train_on(setup, initial, mesh, model_cfg=None, grad_accum=1, steps=STEPS) -> Run:
@@ -113,15 +121,20 @@ def mesh_runs(setup, single_device_fp32):
 
 
 @pytest.fixture(scope="module")
-def bf16_run(setup, single_device_fp32):
-    """bf16 compute on one device, 50 steps, from its own init_state (same seed)."""
-    config, model_cfg, batches = setup
-    model_cfg = dataclasses.replace(model_cfg, compute_dtype="bfloat16")
-    mesh = make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1), jax.devices("cpu")[:1])
-    spec = make_state_spec(model_cfg, config.optimizer, TOTAL_STEPS, mesh)
-    state = init_state(spec, model_cfg, config.seed)
-    initial = jax.device_get(state)
-    return initial, train(spec, mesh, state, batches[:BF16_STEPS])
+def bf16_run(setup):
+    """bf16 compute on one device, STEPS steps, from its own init_state (same seed)."""
+    return one_device_run(setup, "bfloat16")
+
+
+@pytest.fixture(scope="module")
+def long_runs(setup, single_device_fp32, bf16_run):
+    """fp32 and bf16 compute on one device, BF16_STEPS steps each: the STEPS-step runs continued."""
+    runs = {}
+    for dtype, (_, start) in (("float32", single_device_fp32), ("bfloat16", bf16_run)):
+        spec, mesh, _ = one_device(setup, dtype)
+        rest = train(spec, mesh, jax.device_put(start.state, spec.shardings), setup[2][STEPS:BF16_STEPS])
+        runs[dtype] = Run(start.losses + rest.losses, rest.state)
+    return runs
 
 
 # --- meshes ---------------------------------------------------------------------------------
@@ -130,7 +143,7 @@ def bf16_run(setup, single_device_fp32):
 def test_loss_falls_on_real_text(single_device_fp32):
     _, run = single_device_fp32
     assert run.losses[0] == pytest.approx(np.log(384), rel=0.02)  # uniform over the vocabulary at init
-    assert np.mean(run.losses[-5:]) < 0.6 * run.losses[0]
+    assert np.mean(run.losses[-3:]) < 0.85 * run.losses[0]  # measured: 5.96 -> 4.70 over steps 8-10
     assert all(np.isfinite(run.losses))
 
 
@@ -143,7 +156,7 @@ def test_every_mesh_gives_the_single_device_losses(single_device_fp32, mesh_runs
 @pytest.mark.parametrize("mesh_name", MESHES)
 def test_every_mesh_gives_the_single_device_parameters(single_device_fp32, mesh_runs, mesh_name):
     _, reference = single_device_fp32
-    expected = jax.tree_util.tree_leaves_with_path(reference.state_at[STEPS].params)
+    expected = jax.tree_util.tree_leaves_with_path(reference.state.params)
     for (path, want), got in zip(expected, jax.tree.leaves(mesh_runs[mesh_name].state.params)):
         assert rel_diff(got, want) < 1e-5, jax.tree_util.keystr(path)
 
@@ -180,10 +193,10 @@ def test_mesh_rules_give_the_losses_of_the_default_rules(mesh_runs, embed_over_t
 def test_parameters_moved_from_their_initial_values(single_device_fp32):
     initial, run = single_device_fp32
     for (path, before), after in zip(
-        jax.tree_util.tree_leaves_with_path(initial.params), jax.tree.leaves(run.state_at[STEPS].params)
+        jax.tree_util.tree_leaves_with_path(initial.params), jax.tree.leaves(run.state.params)
     ):
         assert rel_diff(after, before) > 1e-3, f"{jax.tree_util.keystr(path)} did not train"
-    assert int(run.state_at[STEPS].step) == STEPS
+    assert int(run.state.step) == STEPS
 
 
 # --- gradient accumulation ------------------------------------------------------------------
@@ -214,13 +227,13 @@ def test_four_micro_batches_give_the_parameters_and_moments_of_one_big_batch(mes
 
 
 @pytest.mark.slow
-def test_bf16_compute_tracks_fp32_over_50_steps(single_device_fp32, bf16_run):
-    _, fp32 = single_device_fp32
-    _, bf16 = bf16_run
+def test_bf16_compute_tracks_fp32_over_50_steps(long_runs):
+    fp32, bf16 = long_runs["float32"], long_runs["bfloat16"]
     gaps = np.abs(np.subtract(bf16.losses, fp32.losses))
     assert gaps.max() < BF16_MAX_LOSS_GAP, f"max gap {gaps.max():.4f} at step {gaps.argmax() + 1}"
     assert gaps[0] > BF16_MIN_FIRST_STEP_GAP, "bf16 run gave the fp32 loss: is compute_dtype ignored?"
-    assert bf16.losses[-1] < 0.6 * bf16.losses[0]
+    for run in (fp32, bf16):
+        assert np.mean(run.losses[-5:]) < 0.6 * run.losses[0]
 
 
 def test_bf16_starts_from_the_same_fp32_weights(single_device_fp32, bf16_run):

@@ -24,8 +24,17 @@ from train.tune.__main__ import main
 from train.tune.search import EVAL_METRICS, load_search
 
 TINY = str(REPO / "configs" / "tiny-gpt2.yaml")
-# 20 steps, an eval every 5: a pruned trial stops at step 5 or 10
-FAST = ["train.steps=20", "train.eval_every=5", "train.eval_batches=2", "train.sample_tokens=0"]
+# 4 steps, an eval every 2: a pruned trial stops at step 2. Metrics to metrics.jsonl only:
+# importing TensorBoard's writer takes 2 s of CPU in each worker process.
+STEPS = 4
+FAST = [
+    f"train.steps={STEPS}",
+    "train.eval_every=2",
+    "train.log_every=2",
+    "train.eval_batches=2",
+    "train.sample_tokens=0",
+    "run.trackers=[jsonl]",
+]
 
 
 def search_file(tmp_path: pathlib.Path, study: str, space: str, name: str = "search.yaml") -> str:
@@ -57,6 +66,14 @@ def storage_study(study_dir: pathlib.Path, storage: str = "") -> optuna.Study:
     if url.startswith("journal:"):
         url = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(url.removeprefix("journal:")))
     return optuna.load_study(study_name=study_dir.name, storage=url)
+
+
+def queue(study_dir: pathlib.Path, *params: dict) -> None:
+    """Queues trials with ``params`` in the study's storage first (Optuna runs them before sampling)."""
+    study_dir.mkdir()
+    queued = optuna.create_study(study_name=study_dir.name, storage=f"sqlite:///{study_dir / 'study.db'}")
+    for p in params:
+        queued.enqueue_trial(p)
 
 
 GOOD_STUDY = "  dir: {dir}\n  metric: eval_bpb\n  trials: 2"
@@ -148,35 +165,35 @@ def test_study_prunes_bad_trials_fails_invalid_ones_and_best_yaml_reruns_the_bes
         "  optimizer.lr: {type: categorical, choices: [0.01, 1.0e-6]}\n"
         "  train.batch_size: {type: categorical, choices: [16, 12]}"
     )
-    study_dir.mkdir()
-    queued = optuna.create_study(study_name="study", storage=f"sqlite:///{study_dir / 'study.db'}")
-    for lr, batch in [(0.01, 16), (1e-6, 12), (1e-6, 16)]:
-        queued.enqueue_trial({"optimizer.lr": lr, "train.batch_size": batch})
+    queue(
+        study_dir,
+        *({"optimizer.lr": lr, "train.batch_size": batch} for lr, batch in [(0.01, 16), (1e-6, 12), (1e-6, 16)]),
+    )
     status, out, err = tune([TINY, search_file(tmp_path, study, space), *FAST])
     assert status == 0, err[-3000:]
     good, invalid, bad = rows(study_dir)
     assert [good["state"], invalid["state"], bad["state"]] == ["COMPLETE", "FAIL", "PRUNED"]
-    assert (good["optimizer.lr"], good["train.batch_size"], good["steps"]) == ("0.01", "16", "20")
+    assert (good["optimizer.lr"], good["train.batch_size"], good["steps"]) == ("0.01", "16", "4")
     assert invalid["fail_reason"].startswith(
         "invalid config: train.batch_size=12 is not divisible by the data-parallel"
     )
     assert not (study_dir / "trial-0001").exists()
-    assert (bad["optimizer.lr"], bad["steps"]) == ("1e-06", "5")  # stopped at its first eval, cleanly:
+    assert (bad["optimizer.lr"], bad["steps"]) == ("1e-06", "2")  # stopped at its first eval, cleanly:
     evals = records(study_dir / "trial-0002", "eval_loss")
-    assert [e["step"] for e in evals] == [5] and f"{evals[0]['eval_bpb']:.6g}" == bad["eval_bpb"]
-    assert (study_dir / "trial-0002" / "checkpoints" / "5").is_dir()
+    assert [e["step"] for e in evals] == [2] and f"{evals[0]['eval_bpb']:.6g}" == bad["eval_bpb"]
+    assert (study_dir / "trial-0002" / "checkpoints" / "2").is_dir()
     good_evals = records(study_dir / "trial-0000", "eval_loss")
     assert float(bad["eval_bpb"]) > good_evals[0]["eval_bpb"]
     assert set(good_evals[0]) == {"step", *EVAL_METRICS["causal_lm"]}  # what the metric check knows
     assert "trial 2 PRUNED optimizer.lr=1e-06 train.batch_size=16 eval_bpb" in out
-    assert "2 finished trials (1 pruned) ran 25 of 40 steps: pruning saved 38%" in out
+    assert "2 finished trials (1 pruned) ran 6 of 8 steps: pruning saved 25%" in out
     for name in ("history.png", "intermediate.png", "slice-optimizer.lr.png", "slice-train.batch_size.png"):
         assert (study_dir / name).stat().st_size > 1000, name
     assert "note: skipped importances.png" in out  # one complete trial is too few
 
     best = load_config(study_dir / "best.yaml")  # the full config, training into its own run.dir
     assert best.run.dir == str(study_dir / "best") and best.optimizer.lr == 0.01 and best.train.batch_size == 16
-    assert best.train.steps == 20 and best.train.eval_every == 5  # the command line's overrides too
+    assert best.train.steps == STEPS and best.train.eval_every == 2  # the command line's overrides too
     with contextlib.redirect_stdout(io.StringIO()):
         assert train_main([str(study_dir / "best.yaml")]) == 0
     rerun = records(study_dir / "best", "eval_loss")[-1]
@@ -200,9 +217,15 @@ def wait_for(predicate, proc: subprocess.Popen, log: pathlib.Path, timeout: floa
 
 @pytest.mark.slow
 def test_same_command_after_sigkill_finishes_the_study_without_repeating_trials(tmp_path):
+    """Trial 1 is queued with 5000 steps: the worker is surely training it when it is killed."""
     study_dir = tmp_path / "study"
     study = f"  dir: {study_dir}\n  metric: eval_bpb\n  trials: 2\n  sampler: random\n  seed: 0\n  pruner: none"
-    argv = [TINY, search_file(tmp_path, study, GOOD_SPACE), *FAST]
+    space = f"{GOOD_SPACE}\n  train.steps: {{type: categorical, choices: [{STEPS}, 5000]}}"
+    queue(
+        study_dir,
+        *({"optimizer.lr": lr, "train.steps": steps} for lr, steps in [(0.01, STEPS), (0.01, 5000), (0.003, STEPS)]),
+    )
+    argv = [TINY, search_file(tmp_path, study, space), *FAST]
     log = tmp_path / "killed.log"
     proc = tune_process(argv, log)
 
@@ -215,7 +238,7 @@ def test_same_command_after_sigkill_finishes_the_study_without_repeating_trials(
     proc.wait()
     before = storage_study(study_dir).get_trials()
     first_metrics = (study_dir / "trial-0000" / "metrics.jsonl").read_text()
-    assert [t.state.name for t in before] == ["COMPLETE", "RUNNING"]
+    assert [t.state.name for t in before] == ["COMPLETE", "RUNNING", "WAITING"]
 
     status, out, err = tune(argv)
     assert status == 0, err[-3000:]
@@ -229,15 +252,24 @@ def test_same_command_after_sigkill_finishes_the_study_without_repeating_trials(
 
 @pytest.mark.slow
 def test_two_workers_share_one_study_and_finish_exactly_the_trials(tmp_path):
+    """A worker process and this process work on one journal. This one joins once the other has
+    started trial 0: joining at once, it could run every trial while the other still imports jax."""
     study_dir = tmp_path / "study"
     journal = tmp_path / "shared" / "journal.log"
     study = f"  dir: {study_dir}\n  metric: eval_bpb\n  trials: 3\n  sampler: random\n  pruner: none\n"
     study += f"  storage: journal:{journal}"
     argv = [TINY, search_file(tmp_path, study, GOOD_SPACE), *FAST]
-    logs = [tmp_path / "worker-a.log", tmp_path / "worker-b.log"]
-    procs = [tune_process(argv, log) for log in logs]
-    for proc, log in zip(procs, logs):
+    log = tmp_path / "worker.log"
+    proc = tune_process(argv, log)
+    try:
+        wait_for((study_dir / "trial-0000").exists, proc, log)
+        status, _out, err = tune(argv)
+        assert status == 0, err[-3000:]
         assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     trials = storage_study(study_dir, f"journal:{journal}").get_trials()
     finished = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
     assert len(finished) == 3
@@ -246,7 +278,7 @@ def test_two_workers_share_one_study_and_finish_exactly_the_trials(tmp_path):
     assert len({t.user_attrs["worker"] for t in finished}) == 2  # both worked on the one study
     for t in finished:  # each trial trained once, in its own directory
         steps = [r["step"] for r in records(study_dir / f"trial-{t.number:04d}", "loss")]
-        assert steps == [5, 10, 15, 20]
+        assert steps == [2, STEPS]
 
 
 @pytest.mark.parametrize(
