@@ -1,16 +1,19 @@
 """Packing on the data/train side (issue 18): what a packed row holds, what a packed step computes,
 and that packed evaluation and resume are exact.
 
-Tiny models (tiny-bert, tiny-t5, tiny-gpt2, fp32) on the 8 fake CPU devices; a packed batch is
-compared with the same examples one per padded row, the way they were fed before packing.
+Tiny models (tiny-bert, tiny-t5, tiny-gpt2, fp32) on one CPU device (rows never share a segment, so
+sharding them changes nothing; tests/test_packing_model.py runs packed rows on a sharded mesh); a
+packed batch is compared with the same examples one per padded row, the way they were fed before packing.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import pathlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from cli_runs import in_this_process
@@ -31,7 +34,10 @@ from train.run.loop import resolve_model
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 TOK = ByteTokenizer()
-BATCH = 8  # rows: one per fake device
+BATCH = 8  # rows
+# the rows of the examples below: one shape per model, so the train steps of a model compile once
+SEQ_LEN = 64  # BERT and GPT-2
+T5_LENGTHS = (32, 8)  # encoder, decoder: span corruption's at train.seq_len=32, seq2seq's too
 EOS = TOK.eos_id
 
 
@@ -122,12 +128,24 @@ def _words(rng, n) -> str:
 
 def _setup(preset: str, *overrides: str):
     config = load_config(
-        REPO / "configs" / preset, ["model.compute_dtype=float32", "mesh.data=8", "mesh.fsdp=1", *overrides]
+        REPO / "configs" / preset, ["model.compute_dtype=float32", "mesh.data=1", "mesh.fsdp=1", *overrides]
     )
     model_cfg = resolve_model(config.model, TOK.vocab_size)
-    mesh = make_mesh(config.mesh, jax.devices())
-    spec = make_state_spec(model_cfg, config.optimizer, 10, mesh)
-    return config, model_cfg, mesh, spec, init_state(spec, model_cfg, config.seed)
+    return config, model_cfg, *_state(model_cfg, config.optimizer, config.mesh, config.seed)
+
+
+@functools.cache
+def _state(model_cfg, optimizer, mesh_config, seed):
+    """(mesh, spec, initial state), built once for the tests of the same model."""
+    mesh = make_mesh(mesh_config, jax.devices()[:1])
+    spec = make_state_spec(model_cfg, optimizer, 10, mesh)
+    return mesh, spec, init_state(spec, model_cfg, seed)
+
+
+def _step_loss(spec, mesh, state, batch) -> float:
+    """The loss of one train step on ``batch``, from a copy of ``state`` (the step donates its input)."""
+    _, metrics = make_train_step(spec, mesh, 1)(jax.tree.map(jnp.copy, state), global_batch(batch, mesh))
+    return float(metrics["loss"])
 
 
 TAGGING = [
@@ -145,12 +163,12 @@ def _example_arrays(objective: str):
         rows = [Row(r, "tagged.jsonl", i + 1) for i, r in enumerate(cut)]  # 2 to 5 words
         config, _, *rest = _setup("tiny-bert.yaml", *TAGGING)
         labels = examples.label_names(rows, config.data, tagged=True)
-        return tagging.tagged_arrays(rows, config.data, labels, TOK, 64).arrays, rest
+        return tagging.tagged_arrays(rows, config.data, labels, TOK, SEQ_LEN).arrays, rest
     if objective == "classification":
         texts = [TOK.encode(_words(rng, rng.integers(1, 6))) for _ in range(24)]
         m = markers(TOK)
         arrays = objectives.classification(
-            texts, rng.integers(0, 3, 24), seq_len=64, pad_id=m.pad, cls_id=m.cls, sep_id=m.sep
+            texts, rng.integers(0, 3, 24), seq_len=SEQ_LEN, pad_id=m.pad, cls_id=m.cls, sep_id=m.sep
         )
         return arrays, _setup(
             "tiny-bert.yaml",
@@ -166,13 +184,17 @@ def _example_arrays(objective: str):
         ]
         config, _, *rest = _setup("tiny-gpt2.yaml", "train.objective=sft", "data.format=jsonl")
         rows = [Row(r, "sft.jsonl", i + 1) for i, r in enumerate(records)]
-        return chat.sft_arrays(rows, config.data, TOK, 64, "assistant")[0], rest
-    pairs = [
-        (TOK.encode(_words(rng, rng.integers(1, 5))), TOK.encode(_words(rng, rng.integers(1, 3)))) for _ in range(24)
-    ]
+        return chat.sft_arrays(rows, config.data, TOK, SEQ_LEN, "assistant")[0], rest
+    pairs = [(TOK.encode(_words(rng, rng.integers(1, 5))), TOK.encode(_words(rng, 1))) for _ in range(24)]
     m = markers(TOK)
+    inputs_length, targets_length = T5_LENGTHS
     arrays = objectives.seq2seq(
-        pairs, inputs_length=48, targets_length=32, eos_id=m.eos, pad_id=m.pad, decoder_start_id=m.pad
+        pairs,
+        inputs_length=inputs_length,
+        targets_length=targets_length,
+        eos_id=m.eos,
+        pad_id=m.pad,
+        decoder_start_id=m.pad,
     )
     return arrays, _setup("tiny-t5.yaml", "train.objective=seq2seq", "data.format=jsonl")[2:]
 
@@ -194,37 +216,35 @@ def test_a_packed_train_step_loss_is_the_loss_of_its_examples_each_in_its_own_pa
     assert len(members) > BATCH  # more examples than rows: they really share rows
     alone = examples.padded_batches({k: v[members] for k, v in arrays.items()}, BATCH)
     total, weight = _summed(spec, mesh, state.params, alone)
-    _, metrics = make_train_step(spec, mesh, 1)(state, global_batch(packed[0], mesh))
-    assert float(metrics["loss"]) == pytest.approx(total / weight, rel=1e-5)
+    assert _step_loss(spec, mesh, state, packed[0]) == pytest.approx(total / weight, rel=1e-5)
 
 
 def test_a_packed_causal_lm_step_loss_is_the_loss_of_each_documents_piece_in_its_own_row():
     rng = np.random.default_rng(2)
-    docs = [_words(rng, rng.integers(1, 5)) for _ in range(40)]  # 3 to 30 bytes each
+    docs = [_words(rng, rng.integers(1, 5)) for _ in range(80)]  # 3 to 30 bytes each
     _, _, mesh, spec, state = _setup("tiny-gpt2.yaml")
-    (packed,) = eval_batches(PackedTokens(docs, TOK), 32, BATCH, max_batches=1, segments=True)
-    alone = {k: np.zeros((0, 32), v.dtype) for k, v in packed.items() if k != "segment_ids" and k != "positions"}
+    (packed,) = eval_batches(PackedTokens(docs, TOK), SEQ_LEN, BATCH, max_batches=1, segments=True)
+    alone = {k: np.zeros((0, SEQ_LEN), v.dtype) for k, v in packed.items() if k not in ("segment_ids", "positions")}
     for row in range(BATCH):
         for segment in np.unique(packed["segment_ids"][row]):
             mine = packed["segment_ids"][row] == segment
             for key, rows in alone.items():
-                piece = np.zeros((1, 32), rows.dtype)
+                piece = np.zeros((1, SEQ_LEN), rows.dtype)
                 piece[0, : mine.sum()] = packed[key][row, mine]
                 alone[key] = np.concatenate([rows, piece])
     assert len(alone["inputs"]) > 2 * BATCH  # documents share rows
     n = len(alone["inputs"])
-    alone = {k: np.concatenate([v, np.zeros((-n % BATCH, 32), v.dtype)]) for k, v in alone.items()}
+    alone = {k: np.concatenate([v, np.zeros((-n % BATCH, SEQ_LEN), v.dtype)]) for k, v in alone.items()}
     batches = [{k: v[b : b + BATCH] for k, v in alone.items()} for b in range(0, len(alone["inputs"]), BATCH)]
     total, weight = _summed(spec, mesh, state.params, batches)
-    _, metrics = make_train_step(spec, mesh, 1)(state, global_batch(packed, mesh))
-    assert float(metrics["loss"]) == pytest.approx(total / weight, rel=1e-5)
+    assert _step_loss(spec, mesh, state, packed) == pytest.approx(total / weight, rel=1e-5)
 
 
 def test_a_packed_span_corruption_step_loss_is_the_loss_of_each_documents_example_in_its_own_padded_row():
     rng = np.random.default_rng(5)
     docs = [_words(rng, rng.integers(1, 6)) for _ in range(60)]  # 2 to 36 bytes each
-    _, model_cfg, mesh, spec, state = _setup("tiny-t5.yaml", "train.seq_len=32")
-    window = objectives.raw_length("span_corruption", 32, 0.15, 3.0) - 1
+    _, model_cfg, mesh, spec, state = _setup("tiny-t5.yaml", f"train.seq_len={T5_LENGTHS[0]}")
+    window = objectives.raw_length("span_corruption", T5_LENGTHS[0], 0.15, 3.0) - 1
     (rows,) = eval_batches(PackedTokens(docs, TOK), window, BATCH, max_batches=1, segments=True)
     transform = objectives.text_objective(
         "span_corruption", vocab_size=model_cfg.vocab_size, eos_id=EOS, mask_id=0, seed=0, rate=0.15, noise_density=0.15, mean_span=3.0
@@ -236,13 +256,14 @@ def test_a_packed_span_corruption_step_loss_is_the_loss_of_each_documents_exampl
         for s in range(1, enc.max() + 1):  # each example as it is, eos included: seq2seq adds none
             pairs.append((packed["encoder_inputs"][row][enc == s], packed["targets"][row][dec == s]))
     assert len(pairs) > 2 * BATCH  # documents share rows
-    alone = objectives.seq2seq(pairs, inputs_length=32, targets_length=packed["targets"].shape[1], eos_id=None)
+    alone = objectives.seq2seq(
+        pairs, inputs_length=T5_LENGTHS[0], targets_length=packed["targets"].shape[1], eos_id=None
+    )
     n = len(pairs)
     alone = {k: np.concatenate([v, np.zeros((-n % BATCH, *v.shape[1:]), v.dtype)]) for k, v in alone.items()}
     batches = [{k: v[b : b + BATCH] for k, v in alone.items()} for b in range(0, len(alone["targets"]), BATCH)]
     total, weight = _summed(spec, mesh, state.params, batches)
-    _, metrics = make_train_step(spec, mesh, 1)(state, global_batch(packed, mesh))
-    assert float(metrics["loss"]) == pytest.approx(total / weight, rel=1e-5)
+    assert _step_loss(spec, mesh, state, packed) == pytest.approx(total / weight, rel=1e-5)
 
 
 # --- evaluation and resume stay exact -------------------------------------------------------
@@ -322,12 +343,12 @@ def test_a_packed_token_classification_run_stopped_and_continued_is_bitwise_the_
         for i, r in enumerate(synthetic_rows(96))
     ]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    fast = ["optimizer.schedule=constant", "checkpoint.every=3", "train.log_every=1"]
+    fast = ["optimizer.schedule=constant", "checkpoint.every=2", "train.log_every=1"]
     argv = [*TAGGER, *fast, f"data.train_files={data}"]
-    ref = in_this_process([*argv, f"run.dir={tmp_path / 'ref'}", "train.steps=6"])
-    stopped = in_this_process([*argv, f"run.dir={tmp_path / 'resumed'}", "train.steps=3"])
-    resumed = in_this_process([*argv, f"run.dir={tmp_path / 'resumed'}", "train.steps=6"])
+    ref = in_this_process([*argv, f"run.dir={tmp_path / 'ref'}", "train.steps=4"])
+    stopped = in_this_process([*argv, f"run.dir={tmp_path / 'resumed'}", "train.steps=2"])
+    resumed = in_this_process([*argv, f"run.dir={tmp_path / 'resumed'}", "train.steps=4"])
     assert ref.rc == stopped.rc == resumed.rc == 0, resumed.err[-2000:]
     assert "padding" in ref.out.splitlines()[0] and "(packed rows of whole examples)" in ref.out.splitlines()[0]
     assert "resumed from" in resumed.out
-    assert list(resumed.losses()) == list(range(1, 7)) and resumed.losses() == ref.losses()  # exact, every step
+    assert list(resumed.losses()) == list(range(1, 5)) and resumed.losses() == ref.losses()  # exact, every step

@@ -1,8 +1,10 @@
 """Packed rows (``segment_ids`` + per-segment ``positions``): every example gets the logits it has alone.
 
-Per family (GPT-2: learned positions; Llama: GQA + RoPE; BERT with each head; T5 v1.1 and v1.0) and
-per attention path that runs on CPU (``xla``, ``recompute``; splash through Pallas interpret mode),
-on one device and on a data x fsdp x tensor mesh of the 8 fake devices. fp32 throughout.
+Per family (GPT-2: learned positions; Llama: GQA + RoPE; BERT with an LM head and each pooling of
+the classification head; T5 v1.1) and per attention path that runs on CPU (``xla``, ``recompute``;
+splash through Pallas interpret mode), on one device and on a data x fsdp x tensor mesh of the 8 fake
+devices. fp32 throughout. A token-classification head and T5 v1.0 (ReLU, tied head) differ from these
+only in per-token layers, which cannot mix segments.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from models import build_model
+from models import abstract_model, build_model
 from models.attention import segment_mask, segment_positions
 from models.splash import splash_attention
 from sharding.mesh import make_mesh
@@ -32,11 +34,9 @@ CASES = {  # name -> (preset, model changes)
     "gpt2": ("tiny-gpt2", {}),
     "llama": ("tiny-llama", {}),
     "bert-lm": ("tiny-bert", {}),
-    "bert-tokens": ("tiny-bert", {"head": "token_classification", "num_labels": 5}),
     "bert-cls": ("tiny-bert", {"head": "classification", "num_labels": 3}),
     "bert-mean": ("tiny-bert", {"head": "classification", "num_labels": 3, "pooling": "mean"}),
     "t5-v1.1": ("tiny-t5", {}),
-    "t5-v1.0": ("tiny-t5", {"mlp": "relu", "tie_embeddings": True}),
 }
 # Three examples, each drawn from its own token range (so an embedding row belongs to one example),
 # packed into 4 rows of 32 in different orders and offsets; padding is token 0, segment 0.
@@ -94,14 +94,44 @@ def batches(cfg) -> tuple[dict, list[dict], list[tuple[int, int, int, int]]]:
     return batch, alone, decoder_placed
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def forward(graphdef: nnx.GraphDef, params: nnx.State, *batches: dict) -> list[jax.Array]:
+    """The logits of each batch, in one program."""
+    model = nnx.merge(graphdef, params)
+    return [model.forward(batch) for batch in batches]
+
+
 @functools.cache
-def model(name: str, attention: str = "xla"):
-    """(cfg, graphdef, params, jitted forward, each example's logits alone), shared by the tests."""
-    cfg = model_config(name, attention)
+def reference(name: str):
+    """(cfg, graphdef, params, each example's logits alone) of ``xla`` attention: the reference of every
+    attention path (the seed, not the path, gives the parameters)."""
+    cfg = model_config(name)
     graphdef, params = nnx.split(build_model(cfg, seed=0))
-    run = jax.jit(lambda p, batch: nnx.merge(graphdef, p).forward(batch))
     _, alone, _ = batches(cfg)
-    return cfg, graphdef, params, run, [np.asarray(run(params, b)) for b in alone]
+    return cfg, graphdef, params, [np.asarray(logits) for logits in forward(graphdef, params, *alone)]
+
+
+@functools.cache
+def packed(name: str, attention: str) -> tuple[np.ndarray, np.ndarray]:
+    """The packed batch's logits and the [vocab] sums of |d loss / d embedding row| for a loss on example 1's
+    outputs, from one compiled forward and backward pass."""
+    cfg = model_config(name, attention)
+    graphdef, _ = abstract_model(cfg)
+    params = reference(name)[2]  # the xla model's: the same seed-0 weights
+    batch, _, placed = batches(cfg)
+    lengths = TARGET_LENGTHS if cfg.family == "encoder_decoder" else LENGTHS
+    lo, hi = RANGES[1]
+
+    def loss(p):
+        logits = nnx.merge(graphdef, p).forward(batch)
+        if cfg.head == "classification":
+            return sum(logits[r, slot].sum() for r, _, slot, i in placed if i == 1), logits
+        # token logits: only example 1's vocabulary columns, so a tied head adds no other rows
+        columns = slice(lo, hi) if cfg.head == "lm" else slice(None)
+        return sum(logits[r, at : at + lengths[i], columns].sum() for r, at, _, i in placed if i == 1), logits
+
+    grads, logits = jax.jit(jax.grad(loss, has_aux=True))(params)
+    return np.asarray(logits), np.abs(np.asarray(grads["embed"]["embedding"][...])).sum(axis=1)
 
 
 def pieces(cfg, logits: np.ndarray, placed, lengths) -> list[tuple[int, np.ndarray]]:
@@ -117,42 +147,32 @@ def check_packed_equals_alone(cfg, logits, alone_logits, placed):
         np.testing.assert_allclose(piece, alone_logits[i][0], atol=TOL, rtol=0)
 
 
-@pytest.mark.parametrize("attention", ["xla", "recompute"])
-@pytest.mark.parametrize("name", list(CASES))
+# recompute (the hand-written gradient) on every case; xla only where its attention call differs: GQA +
+# causal (llama), bidirectional (BERT, whose heads and pooling come after attention), cross-attention with
+# a relative bias (T5). tests/test_attention.py compares the two paths' gradients over packed segments.
+PATHS = [(n, "recompute") for n in CASES] + [(n, "xla") for n in ("llama", "bert-lm", "t5-v1.1")]
+
+
+@pytest.mark.parametrize("name, attention", PATHS)
 def test_packed_example_has_the_logits_it_has_alone(name, attention):
-    cfg, _, params, run, alone_logits = model(name, attention)
-    batch, _, placed = batches(cfg)
-    check_packed_equals_alone(cfg, run(params, batch), alone_logits, placed)
+    cfg, _, _, alone_logits = reference(name)
+    _, _, placed = batches(cfg)
+    check_packed_equals_alone(cfg, packed(name, attention)[0], alone_logits, placed)
 
 
-# recompute's gradient is hand-written, so every family; xla's is autodiff of the mask (tests/test_attention.py
-# compares the two over packed segments), so the families with GQA + RoPE and with cross-attention
-@pytest.mark.parametrize("name, attention", [(n, "recompute") for n in CASES] + [("llama", "xla"), ("t5-v1.1", "xla")])
+@pytest.mark.parametrize("name, attention", PATHS)
 def test_a_segment_never_changes_another_segments_gradients(name, attention):
     """The gradient of a loss on example 1's outputs reaches the embedding rows of example 1's tokens only."""
-    cfg, graphdef, params, _, _ = model(name, attention)
-    batch, _, placed = batches(cfg)
-    lengths = TARGET_LENGTHS if cfg.family == "encoder_decoder" else LENGTHS
-    lo, hi = RANGES[1]
-
-    def loss(p):
-        logits = nnx.merge(graphdef, p).forward(batch)
-        if cfg.head == "classification":
-            return sum(logits[r, slot].sum() for r, _, slot, i in placed if i == 1)
-        # token logits: only example 1's vocabulary columns, so a tied head adds no other rows
-        columns = slice(lo, hi) if cfg.head == "lm" else slice(None)
-        return sum(logits[r, at : at + lengths[i], columns].sum() for r, at, _, i in placed if i == 1)
-
-    grads = jax.jit(jax.grad(loss))(params)
-    rows = np.abs(np.asarray(grads["embed"]["embedding"][...])).sum(axis=1)  # [vocab]
-    assert rows[lo:hi].any()
+    rows = packed(name, attention)[1]  # [vocab]
+    assert rows[slice(*RANGES[1])].any()
     for other in (0, 2):
         assert not rows[slice(*RANGES[other])].any(), f"example {other} got a gradient from example 1's loss"
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama", "bert-mean", "t5-v1.1"])
+# rope with GQA (Llama); learned positions and mean pooling over a sharded batch (BERT); cross-attention (T5)
+@pytest.mark.parametrize("name", ["llama", "bert-mean", "t5-v1.1"])
 def test_packed_logits_are_the_same_on_a_data_fsdp_tensor_mesh(name):
-    cfg, graphdef, params, _, alone_logits = model(name)
+    cfg, graphdef, params, alone_logits = reference(name)
     batch, _, placed = batches(cfg)
     mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2), jax.devices()[:8])
     with activation_context(mesh):
@@ -168,24 +188,25 @@ def test_positions_restart_at_each_segment_when_omitted():
     ids = jnp.asarray([[1, 1, 1, 2, 2, 3, 0, 0], [4, 4, 2, 2, 2, 2, 2, 0]])
     expected = [[0, 1, 2, 0, 1, 0, 0, 1], [0, 1, 0, 1, 2, 3, 4, 0]]
     np.testing.assert_array_equal(segment_positions(ids), expected)
-    cfg, _, params, run, _ = model("llama")
+    cfg, graphdef, params, _ = reference("llama")
     batch, _, _ = batches(cfg)
-    derived = run(params, {k: v for k, v in batch.items() if k != "positions"})
+    [derived] = forward(graphdef, params, {k: v for k, v in batch.items() if k != "positions"})
     tokens = batch["segment_ids"] > 0  # padding positions differ (the packer gives them 0)
-    np.testing.assert_allclose(np.asarray(derived)[tokens], np.asarray(run(params, batch))[tokens], atol=TOL, rtol=0)
+    given = packed("llama", "xla")[0]
+    np.testing.assert_allclose(np.asarray(derived)[tokens], given[tokens], atol=TOL, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["gpt2", "bert-cls", "t5-v1.0"])
+@pytest.mark.parametrize("name", ["gpt2", "bert-cls", "t5-v1.1"])
 def test_without_segment_ids_the_outputs_are_unchanged(name):
-    """An unpacked batch whose row is one segment gives bitwise the logits of the batch without ids."""
-    cfg, _, params, run, _ = model(name)
+    """An unpacked batch whose row is one segment gives the logits of the batch without ids."""
+    cfg, graphdef, params, alone_logits = reference(name)
     _, alone, _ = batches(cfg)
-    batch = alone[2]
+    batch, plain = alone[2], alone_logits[2]
     ids = {k.replace("inputs", "segment_ids"): np.ones_like(v) for k, v in batch.items()}
     if cfg.head == "classification":
         ids = {"segment_ids": ids["segment_ids"], "pool_positions": np.zeros((1, 1), np.int32)}
-    plain, packed = np.asarray(run(params, batch)), np.asarray(run(params, batch | ids))
-    np.testing.assert_allclose(packed.reshape(plain.shape), plain, atol=TOL, rtol=0)
+    [with_ids] = forward(graphdef, params, batch | ids)
+    np.testing.assert_allclose(np.asarray(with_ids).reshape(plain.shape), plain, atol=TOL, rtol=0)
 
 
 def test_splash_kernel_keeps_segments_apart_as_the_xla_path_does():
@@ -203,8 +224,14 @@ def test_splash_kernel_keeps_segments_apart_as_the_xla_path_does():
     def xla(q, k, v):
         return jax.nn.dot_product_attention(q, k, v, mask=segment_mask(ids, ids), is_causal=True)
 
-    np.testing.assert_allclose(splash(q, k, v), xla(q, k, v), atol=TOL, rtol=0)
     weights = jnp.asarray(rng.normal(size=(b, t, heads, d)), jnp.float32)
-    grads = [jax.grad(lambda *a, f=f: (f(*a) * weights).sum(), argnums=(0, 1, 2))(q, k, v) for f in (splash, xla)]
-    for ours, reference in zip(*grads):
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def output_and_grads(f):  # one program each: the output and the gradients of a weighted sum of it
+        out, vjp = jax.vjp(f, q, k, v)
+        return out, vjp(weights)
+
+    (out, grads), (want, want_grads) = output_and_grads(splash), output_and_grads(xla)
+    np.testing.assert_allclose(out, want, atol=TOL, rtol=0)
+    for ours, reference in zip(grads, want_grads):
         np.testing.assert_allclose(ours, reference, atol=1e-4, rtol=0)
