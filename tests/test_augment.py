@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_finetune import CLASSIFY, assert_ok, labelled_rows, run_all, write_jsonl
+from cli_runs import in_this_process
+from test_finetune import CLASSIFY, assert_ok, labelled_rows, write_jsonl
 
 from train.config.sections import AugmentConfig, ConfigError, DataConfig
 from train.data import augment, examples, tagging
@@ -151,17 +152,11 @@ def test_a_tiny_augmented_classification_run_trains_and_resumes_bitwise(tmp_path
     syn.write_text("".join(f"{w} {w[::-1]}\n" for r in labelled_rows(48) for w in r["text"].split()))
     aug = ["data.augment.swap=0.2", "data.augment.delete=0.1", "data.augment.insert=0.1",
            "data.augment.synonym=0.2", f"data.augment.synonyms={syn}"]  # fmt: skip
-    runs = run_all(
-        tmp_path,
-        {
-            "plain": [*CLASSIFY, data, "train.steps=2"],
-            "ref": [*CLASSIFY, data, *aug, "train.steps=8"],
-            "resumed": [*CLASSIFY, data, *aug, "train.steps=3"],
-            "resumed#2": [*CLASSIFY, data, *aug, "train.steps=8"],
-        },
-    )
-    plain, ref, resumed = runs["plain"], runs["ref"], runs["resumed#2"]
-    assert_ok(plain, ref, runs["resumed"], resumed)
+    plain = in_this_process([*CLASSIFY, data, "train.steps=2", f"run.dir={tmp_path / 'plain'}"])
+    ref = in_this_process([*CLASSIFY, data, *aug, "train.steps=8", f"run.dir={tmp_path / 'ref'}"])
+    stopped = in_this_process([*CLASSIFY, data, *aug, "train.steps=3", f"run.dir={tmp_path / 'resumed'}"])
+    resumed = in_this_process([*CLASSIFY, data, *aug, "train.steps=8", f"run.dir={tmp_path / 'resumed'}"])
+    assert_ok(plain, ref, stopped, resumed)
     assert "data: 36 train / 12 val examples" in ref.out  # 36 rows, batch 16: 8 steps are 3.5 epochs
     losses = list(ref.losses().values())
     assert len(losses) == 8 and np.mean(losses[-2:]) < np.mean(losses[:2]), losses

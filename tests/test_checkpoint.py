@@ -30,7 +30,7 @@ from train.checkpoints.store import (
 )
 from train.config.sections import CheckpointConfig, ConfigError, MeshConfig, OptimizerConfig
 from train.core.freeze import Freeze
-from train.core.state import init_state, make_state_spec
+from train.core.state import make_state_spec
 
 TINY = ModelConfig(vocab_size=384, d_model=64, n_layers=2, n_heads=4, d_ff=128, max_seq_len=32, compute_dtype="float32")
 CONFIG = {"model": dataclasses.asdict(TINY)}
@@ -258,22 +258,26 @@ def state_spec(mesh_name: str):
     return make_state_spec(TINY, OptimizerConfig(), 100, mesh)
 
 
+def random_state(spec, integers: int = 0):
+    """A TrainState of ``spec`` placed with its shardings: every float drawn at random (bytes that do not
+    compress, as after training), every integer (the step, the optimizer's counts) ``integers``. Made on
+    the host and put on the devices, so no program is compiled for it."""
+    rng = np.random.default_rng(0)
+
+    def value(x: jax.ShapeDtypeStruct) -> np.ndarray:
+        if jnp.issubdtype(x.dtype, jnp.floating):
+            return rng.standard_normal(x.shape, np.float32).astype(x.dtype)
+        return np.full(x.shape, integers, x.dtype)
+
+    return jax.device_put(jax.tree.map(value, spec.abstract), spec.shardings)
+
+
 @pytest.fixture(scope="module")
 def saved_run(tmp_path_factory):
     """A run dir whose step 7 holds a TrainState saved from a data=8 mesh; and that state on the host."""
     if jax.device_count() < 8:
         pytest.skip("needs 8 (fake) devices; tests/conftest.py sets XLA_FLAGS")
-    spec = state_spec("data=8")
-    state = init_state(spec, TINY, seed=3)
-    noise = jax.random.split(jax.random.key(1), len(jax.tree.leaves(state.opt_state)))
-    opt_state = jax.tree.unflatten(
-        jax.tree.structure(state.opt_state),
-        [
-            x + jax.random.normal(k, x.shape, x.dtype) if x.dtype == jnp.float32 else x + 7
-            for x, k in zip(jax.tree.leaves(state.opt_state), noise)
-        ],
-    )
-    state = state.replace(opt_state=jax.device_put(opt_state, spec.shardings.opt_state), step=state.step + 7)
+    state = random_state(state_spec("data=8"), integers=7)
     run_dir = tmp_path_factory.mktemp("run")
     checkpoints = Checkpoints(run_dir / "checkpoints", CheckpointConfig())
     checkpoints.save(7, state, {"position": 7}, CONFIG)
@@ -335,20 +339,6 @@ def test_export_writes_fp32_params_and_model_json_that_load_back(saved_run, tmp_
 # --- bytes on disk ----------------------------------------------------------------------------
 
 
-def noisy(state):
-    """``state`` with Gaussian noise on every float leaf: bytes that do not compress, as after training."""
-    leaves, treedef = jax.tree.flatten(state)
-
-    @jax.jit
-    def add(leaves, key):
-        keys = jax.random.split(key, len(leaves))
-        return [
-            x + jax.random.normal(k, x.shape, x.dtype) if x.dtype == jnp.float32 else x for x, k in zip(leaves, keys)
-        ]
-
-    return jax.tree.unflatten(treedef, add(leaves, jax.random.key(0)))
-
-
 @pytest.mark.parametrize(
     "what, mesh_name", [("full state", "data=8"), ("full state", "fsdp=8"), ("adapters", "data=8")]
 )
@@ -364,7 +354,7 @@ def test_each_array_is_on_disk_once_replicated_or_sharded(what, mesh_name, tmp_p
     mesh = make_mesh(MeshConfig(data=8, fsdp=1) if mesh_name == "data=8" else MeshConfig(data=1, fsdp=8))
     cfg = TINY if what == "full state" else dataclasses.replace(TINY, lora_rank=4, lora_targets="(.*/)?mlp/(wi|wo)")
     spec = make_state_spec(cfg, OptimizerConfig(), 100, mesh, freeze=Freeze(adapters_only=what == "adapters"))
-    state = adapters.saved_state(noisy(init_state(spec, cfg, seed=0)), spec)
+    state = adapters.saved_state(random_state(spec), spec)
     checkpoints = Checkpoints(tmp_path, CheckpointConfig(async_save=False))
     checkpoints.save(1, state, {"position": 1}, {"model": dataclasses.asdict(cfg)})
     checkpoints.close()

@@ -1,10 +1,11 @@
 """Today's decoder families from Hugging Face: Llama 3.x scaled RoPE, Mistral, Qwen2/2.5, Qwen3, Gemma.
 
 Each tiny random model (every parameter perturbed, so zero-initialised biases and unit norms are
-tested too) must give transformers' fp32 logits and greedy tokens, export back to the same
-architecture, refuse config fields we do not compute with one error line, and fine-tune (with LoRA too where
-the adapted projections differ) from ``checkpoint.init_from``. Sequences run past the sliding windows and the scaled
-RoPE's original context, so both change the numbers these tests compare.
+tested too) must give transformers' fp32 logits and (one per family and window) greedy tokens, export
+back to the same architecture and refuse config fields we do not compute with one error line. Llama
+and the families that train through code of their own fine-tune from ``checkpoint.init_from`` (with
+LoRA too where the adapters' shapes differ) and generate. Sequences run past the sliding windows and
+the scaled RoPE's original context, so both change the numbers these tests compare.
 """
 
 from __future__ import annotations
@@ -90,6 +91,12 @@ def test_imported_model_gives_transformers_logits_in_fp32(reference):
     np.testing.assert_allclose(np.asarray(ours(TOKENS)), logits(theirs), atol=TOL, rtol=0)
 
 
+# One config per family and window: the linear, YaRN and dynamic RoPEs decode as llama3.1's does, with
+# other frequency tables (their logits above)
+GENERATED = ("llama3.1", "mistral", "qwen2", "qwen2-window", "qwen3", "gemma")
+
+
+@pytest.mark.parametrize("reference", GENERATED, indirect=True)
 def test_greedy_tokens_equal_transformers_generate_on_a_ragged_batch(reference):
     name, _, theirs, ours, _ = reference
     prompts = [np.random.default_rng(1).integers(2, 90, n) for n in PROMPT_LENGTHS]
@@ -179,15 +186,20 @@ TRAIN = [
     "mesh.fsdp=2",
     "mesh.tensor=2",
 ]
-TRAINED = ("llama3.1", "mistral", "qwen2", "qwen3", "gemma")
-# LoRA also where the adapted projections differ from Llama's: biases on q, k, v and tied embeddings
-# (qwen2), heads of 16 on a 32-wide model (gemma; qwen3's qk-norm comes after the projections)
-LORA = ("qwen2", "gemma")
+# Llama (untied head) and the families whose training runs code no other test trains through: qk-norm
+# (qwen3); scaled embeddings and heads of 16 on a 32-wide model, so that q and o project 32 <-> 64 (gemma,
+# with LoRA too: adapters of those shapes). Qwen2's q, k, v biases and tied embeddings are GPT-2's, which
+# tests/test_lora.py trains on this mesh, in full and with LoRA; Mistral's window and the scaled RoPEs add
+# no parameter. All train through the forward whose logits and tokens the tests above compare.
+TRAINED = ("llama3.1", "qwen3", "gemma")
+LORA = ("gemma",)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", TRAINED)
-def test_each_family_fine_tunes_from_init_from_also_with_lora_and_generates(name, tmp_path):
+def test_the_families_fine_tune_from_init_from_also_with_lora_and_generate(name, tmp_path):
+    """Two steps from the exported checkpoint on data 2 x fsdp 2 x tensor 2, then generation from the
+    last run: a LoRA run's first loss is the full run's (its fresh adapters change nothing)."""
     from cli_runs import in_this_process
 
     from train.generate import main as generate_cli
@@ -201,10 +213,14 @@ def test_each_family_fine_tunes_from_init_from_also_with_lora_and_generates(name
     held_out.write_text("Whether 'tis nobler in the mind to suffer.\n" * 20)
     base = [str(tmp_path / "ckpt" / "config.yaml"), *TRAIN, f"data.train_files={text}", f"data.val_files={held_out}"]
     runs = [("full", []), ("lora", ["lora.rank=4", "lora.alpha=8"])]
+    losses = {}
     for run, extra in runs if name in LORA else runs[:1]:
         result = in_this_process([*base, *extra, f"run.dir={tmp_path / run}"])
         assert result.rc == 0, result.err
-        losses = result.losses()
-        assert sorted(losses) == [1, 2] and all(np.isfinite(list(losses.values())))
-        argv = [str(tmp_path / run), "--prompt", "To be", "--max-new-tokens", "8", "--temperature", "0"]
-        assert generate_cli(argv) == 0
+        losses[run] = result.losses()
+        assert sorted(losses[run]) == [1, 2] and all(np.isfinite(list(losses[run].values())))
+    if "lora" in losses:
+        assert losses["lora"][1] == pytest.approx(losses["full"][1], rel=1e-6)
+        assert losses["lora"][2] != losses["full"][2]
+    argv = [str(result.dir), "--prompt", "To be", "--max-new-tokens", "8", "--temperature", "0"]
+    assert generate_cli(argv) == 0
