@@ -29,21 +29,21 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 # starting with these lets the many short files fill in behind them instead of one long file
 # finishing alone at the end.
 LONGEST_FIRST = (
-    "test_hf_families.py",
-    "test_resume.py",
-    "test_finetune.py",
-    "test_multihost.py",
-    "test_dropout.py",
-    "test_tune.py",
-    "test_distill.py",
-    "test_sources.py",
-    "test_generate_cli.py",
-    "test_lora.py",
     "test_evaluate.py",
-    "test_cli.py",
-    "test_augment.py",
-    "test_predict.py",
-    "test_checkpoint.py",
+    "test_hf_families.py",
+    "test_finetune.py",
+    "test_tune.py",
+    "test_sources.py",
+    "test_lora.py",
+    "test_prune.py",
+    "test_peft_methods.py",
+    "test_resume.py",
+    "test_packing_data.py",
+    "test_adversarial.py",
+    "test_multihost.py",
+    "test_distill.py",
+    "test_dropout.py",
+    "test_train_step.py",
 )
 
 

@@ -221,7 +221,6 @@ def test_bad_input_as_the_real_command_exits_2_with_one_error_line_and_writes_no
     check_bad_input(REAL_BAD_INPUT, run_dir, result.returncode, result.stdout, result.stderr)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", [name for name in BAD_INPUTS if name != REAL_BAD_INPUT])
 def test_bad_input_exits_2_with_one_error_line_and_writes_nothing(root, name):
     run_dir, argv = bad_argv(root, name)
@@ -229,7 +228,6 @@ def test_bad_input_exits_2_with_one_error_line_and_writes_nothing(root, name):
     check_bad_input(name, run_dir, run.rc, run.out, run.err)
 
 
-@pytest.mark.slow
 def test_help_exits_0_and_shows_usage(capsys):
     assert main(["--help"]) == 0
     assert capsys.readouterr().out.startswith("usage: python -m train [CONFIG.yaml]")

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import functools
 import json
-import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from cli_runs import in_this_process
+from cli_runs import REPO, in_this_process
 from test_token_classification import TRAIN as TAGGER
 from test_token_classification import synthetic_rows
 
@@ -32,7 +31,6 @@ from train.data.tokenizer import ByteTokenizer, markers
 from train.evaluation.evaluators import make_evaluator
 from train.run.loop import resolve_model
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
 TOK = ByteTokenizer()
 BATCH = 8  # rows
 # the rows of the examples below: one shape per model, so the train steps of a model compile once

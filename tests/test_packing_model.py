@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from cli_runs import REPO
 from flax import nnx
 
 from models import abstract_model, build_model
@@ -28,7 +28,6 @@ from train.config.sections import MeshConfig, load_config
 from train.data.tokenizer import ByteTokenizer
 from train.run.loop import resolve_model
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
 TOL = 1e-5
 CASES = {  # name -> (preset, model changes)
     "gpt2": ("tiny-gpt2", {}),

@@ -133,13 +133,11 @@ def test_two_slices_put_data_parallelism_across_dcn(compiled):
     assert "verdict: fits" in result.stdout
 
 
-@pytest.mark.slow
 def test_unknown_topology_lists_the_known_ones():
     line = error_line(here(GPT2, "topology=v9z-8"))
     assert "unknown TPU topology 'v9z-8'" in line and "v5e-8" in line and "v5p-64" in line
 
 
-@pytest.mark.slow
 def test_missing_topology_says_how_to_give_one():
     assert "topology=NAME" in error_line(here(GPT2))
 
@@ -168,6 +166,5 @@ def test_slices_that_disagree_with_the_dcn_mesh_are_refused(compiled):
     assert "slices=2" in line
 
 
-@pytest.mark.slow
 def test_bad_override_is_a_config_error():
     assert "did you mean 'n_layers'" in error_line(here(GPT2, "topology=v5e-8", "model.n_layer=2"))
