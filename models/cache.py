@@ -18,18 +18,20 @@ import jax.numpy as jnp
 from models.config import ModelConfig
 from models.layers import DTYPES, constrain
 
-CACHE_AXES = ("layers", "batch", "length", "act_kv_heads", None)  # k, v, cross_k, cross_v
+CACHE_AXES = ("layers", "batch", "act_kv_heads", "length", None)  # k, v, cross_k, cross_v
 VALID_AXES = ("batch", "length")
 
 
 class KVCache(NamedTuple):
     """Keys and values of every layer of a stack, and where the next tokens go.
 
-    k, v: [layers, B, S, kv_heads, head_dim] self-attention keys/values (rope applied).
+    k, v: [layers, B, kv_heads, S, head_dim] self-attention keys/values (rope applied): heads before
+    slots, so a layer's keys are the [B, kv_heads, S, head_dim] operand attention multiplies by as
+    they lie (slots before heads cost a transposing copy of the whole layer's cache per token).
     valid: bool [B, S], slots that hold a token (False: padding or not yet written).
     index: int32 [], the slot the next token is written to (the same for every row).
     cross_k, cross_v, cross_valid: an encoder-decoder's cross-attention keys/values
-    [layers, B, S_enc, kv_heads, head_dim] of the encoder output, computed once, and its
+    [layers, B, kv_heads, S_enc, head_dim] of the encoder output, computed once, and its
     padding mask bool [B, S_enc]; None for decoder-only models.
     """
 
@@ -43,12 +45,12 @@ class KVCache(NamedTuple):
 
     @property
     def length(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
 
 
 def init_cache(cfg: ModelConfig, n_layers: int, batch: int, length: int) -> KVCache:
     """An empty cache of ``length`` slots for ``n_layers`` layers, in the compute dtype."""
-    shape = (n_layers, batch, length, cfg.kv_heads, cfg.dim_per_head)
+    shape = (n_layers, batch, cfg.kv_heads, length, cfg.dim_per_head)
     zeros = constrain(jnp.zeros(shape, DTYPES[cfg.compute_dtype]), CACHE_AXES)
     valid = constrain(jnp.zeros((batch, length), bool), VALID_AXES)
     return KVCache(zeros, zeros, valid, jnp.zeros((), jnp.int32))

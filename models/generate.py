@@ -40,6 +40,7 @@ from flax import nnx
 
 from models.cache import KVCache, init_cache
 from models.config import ModelConfig
+from models.transformer import split_layers
 from models.layers import constrain
 
 NO_EOS = -1
@@ -129,7 +130,7 @@ def _feed(model, tokens: jax.Array, positions: jax.Array, cache: KVCache) -> tup
 )
 def _decode(graphdef, state, decoding: Decoding, key, s: Sampling, *, steps: int, top_k: int, greedy: bool, nucleus):
     """``steps`` tokens per row [B, steps] (pad after eos) and the decoding state after them."""
-    model = nnx.merge(graphdef, state)
+    model = split_layers(nnx.merge(graphdef, state))
     out = jnp.full((decoding.logits.shape[0], steps), s.pad, jnp.int32)
 
     def body(carry):

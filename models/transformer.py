@@ -117,7 +117,7 @@ class Block(nnx.Module):
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Decoding from a cache: x [B, T, embed] are the tokens of slots ``at[1]`` on.
 
-        kv: the stack's cache (k, v) [layers, B, S, kv_heads, head_dim]; this block writes its new keys
+        kv: the stack's cache (k, v) [layers, B, kv_heads, S, head_dim]; this block writes its new keys
         and values at ``at`` = (layer, slot) and attends over its layer's S slots with ``mask``
         [B, 1, T, S] (and ``bias`` [1, heads, T, S]). cross: this layer's encoder keys/values
         [B, S_enc, kv_heads, head_dim] with ``cross_mask`` [B, 1, 1, S_enc]; prefix: as ``__call__``.
@@ -127,14 +127,15 @@ class Block(nnx.Module):
         new_k, new_v = self.attn.keys_values(h, positions)
         layer, slot = at
 
-        def write(cache, new):
-            cache = jax.lax.dynamic_update_slice(cache, new[None].astype(cache.dtype), (layer, 0, slot, 0, 0))
-            return constrain(cache, CACHE_AXES)
+        def write(cache, new):  # new [B, T, kv_heads, head_dim] into slots slot.. of this layer
+            new = new.swapaxes(1, 2)[None].astype(cache.dtype)
+            return constrain(jax.lax.dynamic_update_slice(cache, new, (layer, 0, 0, slot, 0)), CACHE_AXES)
 
         k, v = write(kv[0], new_k), write(kv[1], new_v)
+        keys, values = k[layer].swapaxes(1, 2), v[layer].swapaxes(1, 2)  # [B, S, kv_heads, head_dim]
         q = self.attn.queries(h, positions)
         y = self.attn.attend(
-            q, k[layer], v[layer], causal=False, mask=mask, bias=bias, implementation="recompute", prefix=prefix
+            q, keys, values, causal=False, mask=mask, bias=bias, implementation="recompute", prefix=prefix
         )
         x = self._add(x, self.attn_norm, self._adapted(self.attn_adapter, y))
         if cross is not None:
@@ -161,6 +162,7 @@ class Stack(nnx.Module):
     """
 
     prompt = None  # models.peft attaches it
+    layers = None  # split_layers attaches it: nnx.List of one Block per layer
 
     def __init__(self, cfg: ModelConfig, *, n_layers: int | None = None, cross: bool = False, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -231,35 +233,54 @@ class Stack(nnx.Module):
         """x [B, T, embed] at slots ``cache.index`` on -> ([B, T, embed], the cache with their keys/values).
 
         mask [B, 1, T, S] and bias [1, heads, T, S] are shared by every layer (see ``Block.extend``);
-        an encoder-decoder's cache also carries the cross-attention keys/values.
+        an encoder-decoder's cache also carries the cross-attention keys/values. With ``layers``
+        attached (``split_layers``) the layers run unrolled from those blocks.
         """
         graphdef, stacked = nnx.split(self.blocks)
         cross_mask = padding_mask(cache.cross_valid)
 
-        def layer(carry, inputs):
+        def layer(carry, block, inputs):
             x, k, v = carry
-            layer_state, i, cross_k, cross_v, prefix = inputs
-            block = nnx.merge(graphdef, layer_state)
-            cross = None if cross_k is None else (cross_k, cross_v)
-            return block.extend(x, positions, (k, v), (i, cache.index), mask, bias, cross, cross_mask, prefix), None
+            i, cross_k, cross_v, prefix = inputs
+            cross = None if cross_k is None else (cross_k.swapaxes(1, 2), cross_v.swapaxes(1, 2))
+            return block.extend(x, positions, (k, v), (i, cache.index), mask, bias, cross, cross_mask, prefix)
 
         carry = (x, cache.k, cache.v)
         prompt = self.prompt_keys_values(graphdef, stacked, causal=True)
-        inputs = (stacked, jnp.arange(self.n_layers), cache.cross_k, cache.cross_v, prompt)
-        if self.cfg.scan_layers:
-            carry, _ = jax.lax.scan(layer, carry, inputs)
+        inputs = (jnp.arange(self.n_layers), cache.cross_k, cache.cross_v, prompt)
+        if self.layers is None and self.cfg.scan_layers:
+            scanned = lambda carry, xs: (layer(carry, nnx.merge(graphdef, xs[0]), xs[1:]), None)
+            carry, _ = jax.lax.scan(scanned, carry, (stacked, *inputs))
         else:
             for i in range(self.n_layers):
-                carry, _ = layer(carry, jax.tree.map(lambda a, i=i: a[i], inputs))
+                block = nnx.merge(graphdef, jax.tree.map(lambda a: a[i], stacked)) if self.layers is None else self.layers[i]
+                carry = layer(carry, block, (i, *jax.tree.map(lambda a: a[i], inputs[1:])))
         x, k, v = carry
         return x, cache._replace(k=k, v=v)
 
     def cross_keys_values(self, context: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Every layer's cross-attention keys/values of ``context`` [B, S, embed] -> 2 x [layers, B, S, kv_heads, head_dim]."""
+        """Every layer's cross-attention keys/values of ``context`` [B, S, embed] -> 2 x [layers, B, kv_heads, S, head_dim]."""
         graphdef, stacked = nnx.split(self.blocks)
 
         def layer(_, layer_state):
             return None, nnx.merge(graphdef, layer_state).cross.keys_values(context)
 
         _, (k, v) = jax.lax.scan(layer, None, stacked)
-        return constrain(k, CACHE_AXES), constrain(v, CACHE_AXES)
+        return constrain(k.swapaxes(2, 3), CACHE_AXES), constrain(v.swapaxes(2, 3), CACHE_AXES)
+
+
+def split_layers(model: nnx.Module) -> nnx.Module:
+    """Attaches to every float ``Stack`` of ``model`` its blocks one per layer (``Stack.layers``), their
+    weights sliced out of the stacked arrays here, once; returns the model. A decoding loop calls it
+    before the loop: scanned, ``Stack.extend`` slices every layer's weights out of the stack at every
+    token, and XLA:CPU copies each slice. An int8 stack stays stacked: split, XLA hoists each
+    kernel's float copy out of the loop and every token reads 4x the bytes (a slice is an int8 copy)."""
+    for _, stack in list(nnx.iter_modules(model)):
+        if not isinstance(stack, Stack):
+            continue
+        graphdef, stacked = nnx.split(stack.blocks)
+        if any(a.dtype == jnp.int8 for a in jax.tree.leaves(stacked)):
+            continue
+        per_layer = [nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], stacked)) for i in range(stack.n_layers)]
+        stack.layers = nnx.List(per_layer)
+    return model

@@ -165,7 +165,7 @@ def test_sharded_generation_equals_one_device_and_the_cache_is_sharded(tmp_path)
     transformers.AutoModelForSeq2SeqLM.from_config(CONFIGS["t5-v1.1"]()).save_pretrained(tmp_path / "t5")
     mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2), jax.devices()[:8])
     prompts = [np.arange(2, 2 + n) for n in (3, 9, 6, 5)]  # 4 rows over data x fsdp
-    kv = P(None, ("data", "fsdp"), None, "tensor", None)  # [layers, B, S, kv_heads, head_dim]
+    kv = P(None, ("data", "fsdp"), "tensor", None, None)  # [layers, B, kv_heads, S, head_dim]
     for name in ("llama", "t5"):
         single, _ = hf.load(tmp_path / name, compute_dtype="float32")
         sharded, _ = hf.load(tmp_path / name, mesh=mesh, rules=RULES, compute_dtype="float32")
@@ -232,6 +232,30 @@ def test_post_norm_decoders_decode_from_the_cache_as_a_full_forward_does():
         tokens[0, i] = np.argmax(forward(tokens)[0, i - 1])
     np.testing.assert_array_equal(cached[1], tokens[0, n:])
     assert len(set(cached[1].tolist())) > 1  # not a constant row
+
+
+def test_the_compiled_decode_loop_copies_no_weights_and_transposes_no_cache():
+    """Per token, XLA:CPU copies what the loop slices: a scanned stack's weights (models.transformer.split_layers
+    slices them once, before the loop) and, with slots before heads, each layer's cache transposed for the
+    score matmul (models/cache.py keeps heads before slots)."""
+    from models import generate as decoding
+
+    cfg = ModelConfig(vocab_size=50, d_model=24, n_layers=3, n_heads=2, d_ff=40, max_seq_len=32, compute_dtype="float32")
+    model, batch, slots = build_model(cfg, 0), 3, 16
+    tokens, mask = pad_prompts([np.arange(2, 6)] * batch, None, 0, left=True)
+    graphdef, state = nnx.split(model)
+    start = decoding._prefill(graphdef, state, tokens, mask, 0, slots)
+    greedy = Sampling(np.float32(1.0), np.float32(1.0), np.array([-1], np.int32), np.int32(0))
+    static = {"steps": 4, "top_k": 0, "greedy": True, "nucleus": False}
+    hlo = decoding._decode.lower(graphdef, state, start, jax.random.key(0), greedy, **static).compile().as_text()
+    in_loop = [line for line in hlo.splitlines() if "jit(_decode)/while/body" in line and " = " in line]
+    kernels = ("f32[24,40]", "f32[40,24]", "f32[24,24]")  # a layer's MLP and attention kernels
+    slices = [line for line in in_loop if "slice" in line and any(f" = {k}" in line for k in kernels)]
+    layer_cache = f"f32[{batch},2,{slots},12]"  # [B, kv_heads, S, head_dim]
+    transposes = [line for line in in_loop if "transpose" in line.split("metadata")[0] and layer_cache in line]
+    assert not slices, slices[:2]
+    assert not transposes, transposes[:2]
+    assert any(layer_cache in line for line in in_loop)  # the search looks at the right shapes
 
 
 @pytest.mark.slow
