@@ -54,16 +54,30 @@ def best_eval(evals: list[dict], config: dict) -> dict:
     return max(evals, key=lambda r: (sign * r[metric], -r["step"]))
 
 
+# eval record key -> the name it has in a row, for classifiers and taggers
+EVAL_FIELDS = {
+    "eval_accuracy": "accuracy",
+    "eval_macro_f1": "macro_f1",
+    "eval_token_accuracy": "token_accuracy",
+    "eval_token_macro_f1": "token_macro_f1",
+    "eval_entity_f1": "entity_f1",
+    "eval_loss": "eval_loss",
+}
+
+
 def record(name: str, run_dir: pathlib.Path) -> dict:
-    """The JSON record of a finished run directory."""
+    """The JSON record of a finished run directory: its scores at the best eval step (classifier:
+    accuracy, macro_f1; tagger: token_accuracy, token_macro_f1, entity_f1) and at the last one."""
     import yaml
 
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    evals = [r for r in records if "eval_accuracy" in r]
+    evals = [r for r in records if "eval_loss" in r]
     train = [r for r in records if "loss" in r]
     best = best_eval(evals, config)
     first = next(r for r in train if "trainable_params" in r)
+    scores = {field: round(best[key], 4) for key, field in EVAL_FIELDS.items() if key in best}
+    headline = "macro_f1" if "eval_macro_f1" in best else "entity_f1"
     return {
         "run": name,
         "params": first["params"],
@@ -71,10 +85,8 @@ def record(name: str, run_dir: pathlib.Path) -> dict:
         "trainable_pct": round(100 * first["trainable_params"] / first["params"], 3),
         "steps": train[-1]["step"],
         "best_step": best["step"],
-        "accuracy": round(best["eval_accuracy"], 4),
-        "macro_f1": round(best["eval_macro_f1"], 4),
-        "eval_loss": round(best["eval_loss"], 4),
-        "final_macro_f1": round(evals[-1]["eval_macro_f1"], 4),
+        **scores,
+        f"final_{headline}": round(evals[-1][f"eval_{headline}"], 4),
         "step_ms": round(sum(r["step_ms"] for r in train[1:]) / max(len(train) - 1, 1), 1),
     }
 

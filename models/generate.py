@@ -40,8 +40,8 @@ from flax import nnx
 
 from models.cache import KVCache, init_cache
 from models.config import ModelConfig
-from models.transformer import split_layers
 from models.layers import constrain
+from models.transformer import split_layers
 
 NO_EOS = -1
 

@@ -252,9 +252,11 @@ class Stack(nnx.Module):
             scanned = lambda carry, xs: (layer(carry, nnx.merge(graphdef, xs[0]), xs[1:]), None)
             carry, _ = jax.lax.scan(scanned, carry, (stacked, *inputs))
         else:
-            for i in range(self.n_layers):
-                block = nnx.merge(graphdef, jax.tree.map(lambda a: a[i], stacked)) if self.layers is None else self.layers[i]
-                carry = layer(carry, block, (i, *jax.tree.map(lambda a: a[i], inputs[1:])))
+            blocks = self.layers
+            if blocks is None:
+                blocks = [nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], stacked)) for i in range(self.n_layers)]
+            for i, block in enumerate(blocks):
+                carry = layer(carry, block, (i, *jax.tree.map(lambda a, i=i: a[i], inputs[1:])))
         x, k, v = carry
         return x, cache._replace(k=k, v=v)
 

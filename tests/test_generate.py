@@ -240,7 +240,9 @@ def test_the_compiled_decode_loop_copies_no_weights_and_transposes_no_cache():
     score matmul (models/cache.py keeps heads before slots)."""
     from models import generate as decoding
 
-    cfg = ModelConfig(vocab_size=50, d_model=24, n_layers=3, n_heads=2, d_ff=40, max_seq_len=32, compute_dtype="float32")
+    cfg = ModelConfig(
+        vocab_size=50, d_model=24, n_layers=3, n_heads=2, d_ff=40, max_seq_len=32, compute_dtype="float32"
+    )
     model, batch, slots = build_model(cfg, 0), 3, 16
     tokens, mask = pad_prompts([np.arange(2, 6)] * batch, None, 0, left=True)
     graphdef, state = nnx.split(model)
