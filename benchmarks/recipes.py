@@ -90,6 +90,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     score, table = TASKS[args.task]
+    unknown = sorted(set(args.rows or []) - set(table))
+    if unknown:
+        parser.error(f"--rows {' '.join(unknown)}: not a row of --task {args.task}; its rows: {' '.join(table)}")
+    missing = [path for path in args.summarize or [] if not pathlib.Path(path).is_file()]
+    if missing:
+        parser.error(f"--summarize {' '.join(missing)}: no such file (the JSON lines a run of this script printed)")
     if args.summarize:
         lines = [json.loads(line) for path in args.summarize for line in pathlib.Path(path).read_text().splitlines()]
         rows = {}
