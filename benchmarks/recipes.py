@@ -2,15 +2,15 @@
 
     python benchmarks/recipes.py --task speakers                        # scratch and minilm, seeds 0 1
     python benchmarks/recipes.py --task genre --rows scratch minilm lora --seeds 0 1 2
-    python benchmarks/recipes.py --task genre --rows minilm train.epochs=2   # overrides before the options
+    python benchmarks/recipes.py train.epochs=2 --task genre --rows minilm   # overrides before the options
     python benchmarks/recipes.py --task genre --summarize a.jsonl b.jsonl     # the summary of rows run apart
 
 Each (row, seed) trains one shipped config through the real ``python -m train`` in a fresh run
 directory (benchmarks/genre_classification.py ``run``) and prints its JSON line: the scores at the
 best eval step (genre: macro-F1 over a fixed seed-0 sample of ``--val-examples`` validation passages,
 the sample finetune_methods.py scores on; speakers: exact-span entity F1 over the four held-out
-plays), steps, step time and wall seconds. Then one summary line per row (mean, min, max of the
-headline score over the seeds) and a verdict: the best pre-trained row's mean minus scratch's, and
+plays), steps, step time and wall seconds. Then one summary line per row (the headline score of each
+seed, their mean and spread) and a verdict: the best pre-trained row's mean minus scratch's, and
 whether it is more than either row's spread (max - min over the seeds). ``key=value`` arguments go
 to every run.
 """
@@ -96,25 +96,22 @@ def main(argv: list[str] | None = None) -> None:
     missing = [path for path in args.summarize or [] if not pathlib.Path(path).is_file()]
     if missing:
         parser.error(f"--summarize {' '.join(missing)}: no such file (the JSON lines a run of this script printed)")
-    if args.summarize:
-        lines = [json.loads(line) for path in args.summarize for line in pathlib.Path(path).read_text().splitlines()]
-        rows = {}
-        for line in lines:
-            if line.get("task") == args.task:
-                rows.setdefault(line["row"], []).append(line)
-        for line in summary(rows, score):
-            print(json.dumps(line))
-        return
-    runs_dir = pathlib.Path(args.runs_dir) / args.task
-    subset = val_subset(args.val_examples, runs_dir / "val.jsonl") if args.task == "genre" else []
     rows = {}
-    for name in args.rows or list(table):
-        config, overrides = table[name]
-        rows[name] = []
-        for seed in args.seeds:
-            result = run(f"{name}-seed{seed}", config, [*overrides, *subset, *args.overrides, f"seed={seed}"], runs_dir)
-            print(json.dumps({"task": args.task, "row": name, "seed": seed, **result}), flush=True)
-            rows[name].append(result)
+    if args.summarize:
+        for path in args.summarize:
+            for line in map(json.loads, pathlib.Path(path).read_text().splitlines()):
+                if line.get("task") == args.task:
+                    rows.setdefault(line["row"], []).append(line)
+    else:
+        runs_dir = pathlib.Path(args.runs_dir) / args.task
+        subset = val_subset(args.val_examples, runs_dir / "val.jsonl") if args.task == "genre" else []
+        for name in args.rows or list(table):
+            config, overrides = table[name]
+            for seed in args.seeds:
+                run_overrides = [*overrides, *subset, *args.overrides, f"seed={seed}"]
+                result = run(f"{name}-seed{seed}", config, run_overrides, runs_dir)
+                print(json.dumps({"task": args.task, "row": name, "seed": seed, **result}), flush=True)
+                rows.setdefault(name, []).append(result)
     for line in summary(rows, score):
         print(json.dumps(line), flush=True)
 
